@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A fake vLLM OpenAI-compatible server for sparkd's tests.
+r"""A fake vLLM OpenAI-compatible server for sparkd's tests.
 
 It speaks the parts of vLLM's HTTP API that sparkd uses, deterministically and
 with no GPU, so the daemon can be tested against real containers. Standard
@@ -35,7 +35,7 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     worker_id             worker: its id at the head (default hostname-pid)
 
 Tokenizer (deterministic, documented so tests can predict counts):
-    tokens = re.findall(r"<\\|\\w+\\|>|\\w+|[^\\w\\s]", text): special markers such as
+    tokens = re.findall(r"<\|\w+\|>|\w+|[^\w\s]", text): special markers such as
     <|user|>, runs of word characters, and every other non-space character alone.
     id(token) = 1000 + crc32(token) % 100000. /detokenize maps ids back through
     the tokens this process has seen (plus the filler vocabulary), joined by single
@@ -44,12 +44,26 @@ Tokenizer (deterministic, documented so tests can predict counts):
     tokens (text parts of a content array are joined by spaces), then <|assistant|>
     when add_generation_prompt (default true). Tools are not counted.
 
-Generated text: the word tokens (\\w+) of the last user message (chat), of the
+Generated text: the word tokens (\w+) of the last user message (chat), of the
 prompt (completions) or of the input (responses), then the filler words
 "lorem ipsum dolor ..." cycled, joined by spaces. Its length in tokens is
 min(max_completion_tokens or max_tokens, the ``tokens`` knob); without a limit
 it is the knob. finish_reason is "length" when the request's limit cut it,
 otherwise "stop". A stream sends one SSE event per token.
+
+SSE events are counted from 1 for crash_mid_stream and hold_after_chunk: in a
+chat stream event 1 is the role chunk, then one per token, then the finish chunk,
+then the usage chunk (stream_options.include_usage); [DONE] is not counted.
+
+API key (--api-key or VLLM_API_KEY): required as "Authorization: Bearer <key>" on
+/v1/*, /tokenize, /detokenize and the sleep endpoints (vLLM itself guards /v1 only);
+/health, /ping, /metrics, /version and /fake/* stay open. A refusal is a 401 with
+{"error": {"message", "type": "AuthenticationError", "param": null, "code": 401}}.
+
+Test-control endpoints:
+    GET  /fake/state     counters, last inference request's body/headers/path, argv, env
+    POST /fake/release   let every stream held by hold_after_chunk go on
+    POST /fake/register  (head role) a worker announces itself: {"worker_id": ...}
 
 Requests are logged one line each on stdout, uvicorn-style.
 """
@@ -362,18 +376,24 @@ class FakeEngine:
 
     # ------------------------------------------------------------ request plumbing
 
-    async def read_inference_body(self, request: web.Request) -> dict:
-        """Parse and record the body; refuse while sleeping or not ready; honour hang."""
-        self.inference_requests += 1
-        raw = await request.read()
+    async def record(self, request: web.Request) -> None:
+        """Remember what reached the engine, before any check: a request refused for its
+        key or its body still shows which key and which body the daemon sent."""
+        raw = await request.read()  # aiohttp caches it; the handler reads it again
         try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
+            self.last_request_body = json.loads(raw or b"{}")
+        except ValueError:
             self.last_request_body = raw.decode(errors="replace")
-            raise bad_request(f"Invalid JSON body: {exc}") from None
-        self.last_request_body = body
         self.last_request_path = request.path
         self.last_request_headers = dict(request.headers)
+
+    async def read_inference_body(self, request: web.Request) -> dict:
+        """Parse the body; refuse while sleeping or not ready; honour hang."""
+        self.inference_requests += 1
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError as exc:
+            raise bad_request(f"Invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
         if self.cfg.hang:
@@ -887,6 +907,8 @@ def make_middleware(engine: FakeEngine):
         engine.requests[key] = engine.requests.get(key, 0) + 1
         status = 500
         try:
+            if request.path in INFERENCE_PATHS:
+                await engine.record(request)
             if api_key is not None and request.path.startswith(PROTECTED_PREFIXES):
                 given = request.headers.get("Authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):

@@ -296,6 +296,8 @@ async def test_api_key_guards_v1_and_admin_but_not_health_metrics(aiohttp_client
         assert resp.status == 401, path
     assert (await client.get("/health")).status == 200
     assert (await client.get("/metrics")).status == 200
+    state = await (await client.get("/fake/state")).json()
+    assert state["last_request_headers"]["Authorization"] == "Bearer wrong"  # refused, but seen
     ok = await client.post("/v1/chat/completions", json=chat_body(),
                            headers={"Authorization": "Bearer sekret"})
     assert ok.status == 200
@@ -373,6 +375,22 @@ async def test_token_rate_paces_the_stream(aiohttp_client):
     await read_sse(await client.post("/v1/chat/completions", json=chat_body(max_tokens=10, stream=True)))
     # role + 10 tokens + finish = 12 events, 11 gaps of 20 ms
     assert time.monotonic() - start >= 0.2
+
+
+async def test_hang_never_answers_but_health_does(aiohttp_client):
+    engine, client = make_client(aiohttp_client, "--fake-hang")
+    client = await client
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.post("/v1/chat/completions", json=chat_body()), 0.3)
+    assert (await client.get("/health")).status == 200
+    assert engine.inference_requests == 1 and engine.answered_requests == 0
+
+
+async def test_hang_health_hangs_health_too(aiohttp_client):
+    _, client = make_client(aiohttp_client, "--fake-hang", "--fake-hang-health")
+    client = await client
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.get("/health"), 0.3)
 
 
 # ---------------------------------------------------------------- roles

@@ -152,6 +152,20 @@ def tag_image(source: str, target: str) -> None:
     run(["podman", "tag", source, target], capture_output=True, text=True)
 
 
+def prune_old_tags(repo: str, keep: str) -> None:
+    """Untag this repo's older content-hash tags so stale builds don't pile up.
+
+    Plain `podman rmi` (no --force) refuses an image a container still uses or one
+    that another image is built on, so nothing in use is removed; errors are ignored.
+    """
+    proc = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                           "--filter", f"reference={repo}"],
+                          capture_output=True, text=True)
+    old = [t for t in proc.stdout.split() if t not in (keep, f"{repo}:latest")]
+    for tag in old:
+        subprocess.run(["podman", "rmi", tag], capture_output=True, text=True)
+
+
 def timed(name: str):
     """Decorator: print how long a build step took, even when it was a cache hit."""
     def wrap(fn):
@@ -221,6 +235,7 @@ def build_base() -> str:
          "--change", "ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
          "--change", "CMD=/bin/bash",
          str(tarball), tag], capture_output=True, text=True)
+    prune_old_tags(BASE_REPO, tag)
     return f"{tag} built"
 
 
@@ -243,6 +258,7 @@ def build_engine() -> str:
              "-f", str(Path(ctx) / "Containerfile"), "-t", tag, ctx],
             capture_output=True, text=True)
     tag_image(tag, latest)
+    prune_old_tags(ENGINE_REPO, tag)
     return f"{tag} built"
 
 
