@@ -1,0 +1,286 @@
+"""Read ``sparkd.toml`` and its ``models.d/*.toml`` drop-ins into a ``Config``.
+
+Loading is all-or-nothing: either every file is valid and a complete ``Config``
+comes back, or ``ConfigError`` lists every problem found in every file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from .schema import Config, ContainerDefaults, GpuConfig, LifecycleConfig, LogConfig, ModelConfig, PodmanConfig, ServerConfig
+from .validate import ConfigError, Problem, build, describe, key_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_PATH = Path("/etc/sparkd/sparkd.toml")
+DROPIN_DIR = "models.d"
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHM_SIZE = re.compile(r"^[0-9]+[kmgKMG]?$")
+KNOWN_ULIMITS = frozenset({"core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"})
+SECTIONS = {
+    "server": ServerConfig,
+    "log": LogConfig,
+    "podman": PodmanConfig,
+    "gpu": GpuConfig,
+    "lifecycle": LifecycleConfig,
+    "defaults": ContainerDefaults,
+}
+# Keys a model inherits from [defaults]; env and volumes are merged, the rest replaced.
+INHERITED = ("engine_port", "readiness_path", "shm_size", "ulimits")
+
+
+def load_config(path: str | Path = DEFAULT_PATH) -> Config:
+    """Load and validate the configuration at ``path`` plus its drop-ins."""
+    path = Path(path)
+    problems: list[Problem] = []
+    main = _read_toml(path, problems)
+    if main is None:
+        raise ConfigError(problems)
+
+    sections: dict[str, Any] = {}
+    for name, table in main.items():
+        if name == "models":
+            continue
+        if name not in SECTIONS:
+            problems.append(
+                Problem(str(path), key_path(name), "one of the sections " + ", ".join(sorted([*SECTIONS, "models"])), f"unknown section {name!r}")
+            )
+            continue
+        sections[name] = build(SECTIONS[name], table, file=str(path), path=(name,), problems=problems)
+
+    defaults = sections.get("defaults") or ContainerDefaults()
+    model_tables = _collect_model_tables(path, main, problems)
+    models: dict[str, ModelConfig] = {}
+    for name, (file, table) in model_tables.items():
+        model = _build_model(name, table, defaults, file, problems)
+        if model is not None:
+            models[name] = model
+
+    # Cross-field checks run on every part that was built, so one pass reports
+    # type mistakes and semantic ones together.
+    config = Config(
+        **{name: section for name, section in sections.items() if section is not None},
+        models=models,
+        source=str(path),
+    )
+    problems.extend(check(config, {name: file for name, (file, _) in model_tables.items()}))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _read_toml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        problems.append(Problem(str(path), "(file)", "a readable TOML file", "no such file"))
+    except PermissionError:
+        problems.append(Problem(str(path), "(file)", "a readable TOML file", "permission denied"))
+    except IsADirectoryError:
+        problems.append(Problem(str(path), "(file)", "a readable TOML file", "a directory"))
+    except tomllib.TOMLDecodeError as error:
+        problems.append(Problem(str(path), "(syntax)", "valid TOML", str(error)))
+    except UnicodeDecodeError as error:
+        problems.append(Problem(str(path), "(file)", "UTF-8 text", str(error)))
+    return None
+
+
+def _collect_model_tables(path: Path, main: dict[str, Any], problems: list[Problem]) -> dict[str, tuple[str, Any]]:
+    """Model tables from the main file and the drop-ins, each with the file it came from."""
+    found: dict[str, tuple[str, Any]] = {}
+    sources = [(str(path), main)]
+    dropins = path.parent / DROPIN_DIR
+    if dropins.is_dir():
+        for dropin in sorted(dropins.glob("*.toml")):
+            document = _read_toml(dropin, problems)
+            if document is None:
+                continue
+            for name in document:
+                if name != "models":
+                    problems.append(Problem(str(dropin), key_path(name), "only [models.<name>] tables in a drop-in", f"section {name!r}"))
+            sources.append((str(dropin), document))
+    for file, document in sources:
+        tables = document.get("models", {})
+        if not isinstance(tables, dict):
+            problems.append(Problem(file, "models", "tables [models.<name>]", describe(tables)))
+            continue
+        for name, table in tables.items():
+            if name in found:
+                problems.append(
+                    Problem(file, key_path("models", name), "each model defined once", f"a second definition (first in {found[name][0]})")
+                )
+                continue
+            found[name] = (file, table)
+    return found
+
+
+def _build_model(name: str, table: Any, defaults: ContainerDefaults, file: str, problems: list[Problem]) -> ModelConfig | None:
+    path = ("models", name)
+    if not MODEL_NAME.match(name):
+        problems.append(
+            Problem(file, key_path(*path), "a model name of letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)", describe(name))
+        )
+        return None
+    if not isinstance(table, dict):
+        problems.append(Problem(file, key_path(*path), "a table", describe(table)))
+        return None
+    merged = dict(table)
+    for key in INHERITED:
+        merged.setdefault(key, getattr(defaults, key))
+    model = build(ModelConfig, merged, file=file, path=path, problems=problems, fixed={"name": name})
+    if model is None:
+        return None
+    return dataclasses.replace(
+        model,
+        env={**defaults.env, **model.env},
+        volumes=tuple(dict.fromkeys(defaults.volumes + model.volumes)),
+    )
+
+
+def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
+    """Checks across fields and sections, after every value has its type."""
+    problems: list[Problem] = []
+    main = config.source
+
+    def add(key: str, expected: str, found: str, file: str = main) -> None:
+        problems.append(Problem(file, key, expected, found))
+
+    listen_ports = set()
+    if not config.server.listen:
+        add("server.listen", "at least one host:port address", "an empty array")
+    for index, address in enumerate(config.server.listen):
+        try:
+            listen_ports.add(parse_listen(address)[1])
+        except ValueError as error:
+            add(f"server.listen[{index}]", "host:port, e.g. 127.0.0.1:8009 or [::1]:8009", f"{address!r} ({error})")
+    if len(set(config.server.listen)) != len(config.server.listen):
+        add("server.listen", "distinct addresses", "the same address twice")
+    for index, origin in enumerate(config.server.cors_origins):
+        if not origin or " " in origin:
+            add(f"server.cors_origins[{index}]", "an origin pattern like http://localhost:*", describe(origin))
+    _positive(add, "server.max_body_bytes", config.server.max_body_bytes)
+    _at_least_zero(add, "server.shutdown_grace_s", config.server.shutdown_grace_s)
+    for key in ("state_dir", "runtime_dir"):
+        if not getattr(config.server, key).startswith("/"):
+            add(f"server.{key}", "an absolute path", describe(getattr(config.server, key)))
+
+    if not re.match(r"^(unix|http|https|tcp)://.+", config.podman.url):
+        add("podman.url", "unix:///path/to/podman.sock or http(s)://host:port", describe(config.podman.url))
+    _positive(add, "podman.timeout_s", config.podman.timeout_s)
+
+    budget = config.gpu.memory_budget
+    if not 0 < budget <= 1:
+        add("gpu.memory_budget", "a fraction of GPU memory in (0, 1]", describe(budget))
+    _positive(add, "gpu.reclaim_timeout_s", config.gpu.reclaim_timeout_s)
+
+    lifecycle = config.lifecycle
+    for key in ("idle_stop_s", "start_timeout_s", "stop_timeout_s", "probe_interval_s", "queue_timeout_s"):
+        _positive(add, f"lifecycle.{key}", getattr(lifecycle, key))
+    for key in ("min_uptime_s", "failure_backoff_s"):
+        _at_least_zero(add, f"lifecycle.{key}", getattr(lifecycle, key))
+    _positive(add, "lifecycle.queue_size", lifecycle.queue_size)
+
+    port_range = config.defaults.port_range
+    if len(port_range) != 2 or not all(1 <= p <= 65535 for p in port_range) or port_range[0] > port_range[1]:
+        add("defaults.port_range", "[first, last] host ports within 1-65535", describe(list(port_range)))
+
+    ports: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for name, model in config.models.items():
+        file = model_files.get(name, main)
+        path = ("models", name)
+
+        def model_add(key: str, expected: str, found: str) -> None:
+            add(f"{key_path(*path)}.{key}", expected, found, file)
+
+        if not model.image.strip():
+            model_add("image", "an image reference, e.g. localhost/sparkd/vllm-gb10:v1", "an empty string")
+        if model.gpu_memory < 0 or (0 < budget <= 1 and model.gpu_memory > budget):
+            model_add("gpu_memory", f"a fraction between 0 and gpu.memory_budget ({budget})", describe(model.gpu_memory))
+        if not 0 <= model.sleep_gpu_memory <= max(model.gpu_memory, 0):
+            model_add("sleep_gpu_memory", f"between 0 and the model's gpu_memory ({model.gpu_memory})", describe(model.sleep_gpu_memory))
+        if model.port is not None:
+            if not 1 <= model.port <= 65535:
+                model_add("port", "a port within 1-65535", describe(model.port))
+            elif model.port in ports:
+                model_add("port", "a host port no other model uses", f"{model.port}, already used by model {ports[model.port]!r}")
+            elif model.port in listen_ports:
+                model_add("port", "a host port sparkd itself does not listen on", describe(model.port))
+            else:
+                ports[model.port] = name
+        if not 1 <= model.engine_port <= 65535:
+            model_add("engine_port", "a port within 1-65535", describe(model.engine_port))
+        if model.max_model_len is not None and model.max_model_len <= 0:
+            model_add("max_model_len", "a positive number of tokens", describe(model.max_model_len))
+        if not model.readiness_path.startswith("/"):
+            model_add("readiness_path", "an absolute URL path such as /health", describe(model.readiness_path))
+        if not SHM_SIZE.match(model.shm_size):
+            model_add("shm_size", "a size like 16g, 512m or 1073741824", describe(model.shm_size))
+        for limit, value in model.ulimits.items():
+            if limit not in KNOWN_ULIMITS:
+                model_add(f"ulimits.{limit}", "one of " + ", ".join(sorted(KNOWN_ULIMITS)), f"unknown ulimit {limit!r}")
+            elif value < -1:
+                model_add(f"ulimits.{limit}", "a limit >= 0, or -1 for unlimited", describe(value))
+        for index, volume in enumerate(model.volumes):
+            error = volume_error(volume)
+            if error:
+                model_add(f"volumes[{index}]", "host_path:/container/path[:ro|rw]", f"{volume!r} ({error})")
+        for alias in (name, *model.aliases):
+            if alias in names and names[alias] != name:
+                model_add("aliases", "names no other model or alias uses", f"{alias!r}, already the name of {names[alias]!r}")
+            elif not MODEL_NAME.match(alias):
+                model_add("aliases", "names of letters, digits, '.', '_' or '-'", describe(alias))
+            names[alias] = name
+    return problems
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``host:port`` → (host, port); IPv6 hosts are written in brackets."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError("missing host or port")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not within 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{host!r} is not an IP address") from None
+    return host, int(port_text)
+
+
+def volume_error(volume: str) -> str | None:
+    parts = volume.split(":")
+    if len(parts) not in (2, 3):
+        return "expected two or three ':'-separated parts"
+    source, target = parts[0], parts[1]
+    if not source:
+        return "empty host path"
+    if not target.startswith("/"):
+        return "the container path must be absolute"
+    if len(parts) == 3 and not set(parts[2].split(",")) <= {"ro", "rw", "z", "Z"}:
+        return f"unknown option {parts[2]!r}"
+    return None
+
+
+def _positive(add: Any, key: str, value: float) -> None:
+    if value <= 0:
+        add(key, "a positive number", describe(value))
+
+
+def _at_least_zero(add: Any, key: str, value: float) -> None:
+    if value < 0:
+        add(key, "zero or a positive number", describe(value))

@@ -1,0 +1,159 @@
+"""The configuration as typed, frozen dataclasses.
+
+Every field here is a key a user can write in ``sparkd.toml`` (section = dataclass,
+key = field name).  Defaults are the shipped defaults; the seed project's values are
+kept where they were sound (idle stop 20 min, min uptime 30 s, start timeout 15 min,
+64 MiB bodies, the CORS origins of its nginx gateway).
+
+``validate.py`` reads these annotations to check a TOML document, so the annotation
+of a field *is* its schema: keep them to the small set of types it understands
+(bool, int, float, str, Literal, Optional, tuple[X, ...], dict[str, X], nested
+dataclasses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+MIB = 1024 * 1024
+
+QueuePolicy = Literal["queue", "reject"]
+LifecycleClass = Literal["normal", "exclusive", "utility", "pinned"]
+ToolSupport = Literal["full", "none", "force-required"]
+OnShutdown = Literal["stop", "keep"]
+LogFormat = Literal["auto", "console", "journal", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+MemoryProbe = Literal["auto", "nvidia-smi", "meminfo", "none"]
+AnonymousAccess = Literal["off", "loopback", "any"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:8009",)
+    """``host:port`` addresses; ``0.0.0.0:8009`` (or a LAN address) exposes sparkd to the LAN."""
+    keys_file: str = "/etc/sparkd/keys.toml"
+    anonymous: AnonymousAccess = "off"
+    """Requests without a key: refused (off), allowed from loopback only, or from anywhere."""
+    cors_origins: tuple[str, ...] = (
+        "http://localhost:*",
+        "http://127.0.0.1:*",
+        "vscode-webview://*",
+    )
+    max_body_bytes: int = 64 * MIB
+    state_dir: str = "/var/lib/sparkd"
+    runtime_dir: str = "/run/sparkd"
+    shutdown_grace_s: float = 30.0
+    on_shutdown: OnShutdown = "stop"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: LogFormat = "auto"
+    """auto = journal priority prefixes under systemd (JOURNAL_STREAM set), console otherwise."""
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True)
+class PodmanConfig:
+    url: str = "unix:///run/podman/podman.sock"
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    devices: tuple[str, ...] = ("nvidia.com/gpu=all",)
+    """CDI device names given to models with ``gpu = true``."""
+    memory_budget: float = 0.94
+    """Fraction of GPU memory the models may claim together."""
+    memory_probe: MemoryProbe = "auto"
+    reclaim_timeout_s: float = 30.0
+    """Upper bound on waiting for memory to come back after a model stopped."""
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    idle_stop_s: float = 1200.0
+    min_uptime_s: float = 30.0
+    start_timeout_s: float = 900.0
+    stop_timeout_s: float = 5.0
+    probe_interval_s: float = 0.1
+    failure_backoff_s: float = 5.0
+    """After a failed start, requests get the failure at once for this long instead of a new start."""
+    policy: QueuePolicy = "queue"
+    queue_size: int = 1024
+    queue_timeout_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class ContainerDefaults:
+    """Values every model container gets unless its own table overrides them.
+
+    ``env`` and ``volumes`` are merged with the model's own (the model wins on a clash);
+    the other keys are replaced by the model's value when it sets one.
+    """
+
+    port_range: tuple[int, ...] = (18000, 18999)
+    """Host ports (published on 127.0.0.1 only) for models without an explicit ``port``."""
+    engine_port: int = 8000
+    readiness_path: str = "/health"
+    shm_size: str = "16g"
+    ulimits: dict[str, int] = field(default_factory=lambda: {"memlock": -1, "stack": 67108864})
+    env: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    """Tokens before ``args`` (e.g. ``["vllm", "serve"]``); empty = the image's entrypoint."""
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[str, ...] = ()
+    """``host_path:container_path[:ro]`` entries, added to the defaults' volumes."""
+    devices: tuple[str, ...] = ()
+    gpu: bool = True
+    """Attach ``gpu.devices`` (CDI) to the container."""
+    port: Optional[int] = None
+    """Host port on 127.0.0.1; unset = the first free port of ``defaults.port_range``."""
+    engine_port: int = 8000
+    """The port the engine listens on inside the container (its ``--port``)."""
+    readiness_path: str = "/health"
+    engine_key_env: str = "VLLM_API_KEY"
+    """The env variable through which the engine reads its internal API key."""
+    shm_size: str = "16g"
+    ulimits: dict[str, int] = field(default_factory=dict)
+    gpu_memory: float = 0.0
+    """The model's claim on the GPU lease (its ``--gpu-memory-utilization``)."""
+    max_model_len: Optional[int] = None
+    lifecycle: LifecycleClass = "normal"
+    sleep_mode: bool = False
+    sleep_gpu_memory: float = 0.0
+    profile: Optional[str] = None
+    tools: ToolSupport = "full"
+    aliases: tuple[str, ...] = ()
+    hf_model: Optional[str] = None
+    enabled: bool = True
+    experimental: bool = False
+    experimental_reason: Optional[str] = None
+    disabled_reason: Optional[str] = None
+    notes: tuple[str, ...] = ()
+    idle_stop_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    podman: PodmanConfig = field(default_factory=PodmanConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    defaults: ContainerDefaults = field(default_factory=ContainerDefaults)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    source: str = "<defaults>"
+    """The file the configuration was read from (not a TOML key)."""
+
+    def enabled_models(self) -> list[ModelConfig]:
+        return [m for m in self.models.values() if m.enabled]

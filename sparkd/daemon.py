@@ -1,0 +1,196 @@
+"""The daemon's lifespan: start-up, serving, reload on SIGHUP, graceful shutdown.
+
+Start-up order matters to systemd: take the GPU lock, bind the listeners,
+reach Podman, adopt running containers, and only then send READY=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from . import logs
+from .config import Config, ConfigError, load_config, parse_listen
+from .engine.client import EngineClient
+from .http.app import build_app
+from .http.routing import ModelDirectory
+from .lock import GpuLock
+from .notify import Notifier, run_watchdog, watchdog_interval
+from .runtime.events import EventStream
+from .runtime.podman import PodmanRuntime
+from .scheduler.lifecycle import Lifecycle
+from .scheduler.loadtimes import LoadTimes
+from .scheduler.memory import MemoryGauge
+from .scheduler.scheduler import Scheduler
+from .scheduler.status import status_line
+
+log = structlog.get_logger("sparkd")
+
+STATUS_REFRESH_S = 1.0
+
+
+class StartupError(Exception):
+    """sparkd cannot start; the message says why and what to do."""
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.directory = ModelDirectory(config)
+        self.runtime = PodmanRuntime(config.podman.url, config.podman.timeout_s)
+        self.notifier = Notifier()
+        self.reconciled = False
+        self.engine: EngineClient
+        self.scheduler: Scheduler
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._background: list[asyncio.Task[Any]] = []
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT; raises ``StartupError`` when it cannot start."""
+        config = self.config
+        lock = GpuLock(Path(config.server.runtime_dir) / "gpu.lock")
+        try:
+            lock.acquire()
+        except Exception as error:
+            raise StartupError(str(error)) from error
+        loop = asyncio.get_running_loop()
+        self.engine = EngineClient()
+        memory = MemoryGauge(config.gpu.memory_probe)
+        await memory.resolve()
+        load_times = LoadTimes(Path(config.server.state_dir) / "load-times.json")
+        await asyncio.to_thread(load_times.load)
+        self.scheduler = Scheduler(config, Lifecycle(config, self.runtime, self.engine, memory, load_times))
+        self.scheduler.subscribe(self._publish_status)
+        events = EventStream(config.podman.url, loop, self.scheduler.on_container_event)
+        runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        sites: list[web.TCPSite] = []
+        try:
+            for address in config.server.listen:
+                host, port = parse_listen(address)
+                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+                try:
+                    await site.start()
+                except OSError as error:
+                    raise StartupError(
+                        f"cannot listen on {address}: {error.strerror or error}. Is another service using the port? "
+                        "Change server.listen in the configuration"
+                    ) from error
+                sites.append(site)
+            log.info("listening", addresses=list(config.server.listen))
+            try:
+                version = await self.runtime.version()
+            except Exception as error:
+                raise StartupError(str(error)) from error
+            log.info("podman_connected", url=config.podman.url, version=version)
+            events.start()
+            await self.scheduler.adopt_running()
+            self.reconciled = True
+            for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
+                loop.add_signal_handler(signum, handler)
+            self._start_background()
+            self.notifier.ready(status_line(self.scheduler))
+            log.info("sparkd_ready", models=len(self.scheduler.runners), config=str(self.config_path))
+            await self._stop.wait()
+            await self._shutdown(sites)
+        finally:
+            for task in self._background:
+                task.cancel()
+            events.stop()
+            await runner.cleanup()
+            await self.engine.close()
+            self.runtime.close()
+            lock.release()
+            log.info("sparkd_stopped")
+
+    def _start_background(self) -> None:
+        tasks = [self.scheduler.run_reaper(), self._refresh_status()]
+        interval = watchdog_interval()
+        if interval:
+            tasks.append(run_watchdog(self.notifier, interval))
+        self._background = [asyncio.get_running_loop().create_task(t) for t in tasks]
+
+    def _publish_status(self) -> None:
+        self.notifier.status(status_line(self.scheduler))
+
+    async def _refresh_status(self) -> None:
+        """Queue depth changes without a state change: refresh STATUS= now and then."""
+        while True:
+            await asyncio.sleep(STATUS_REFRESH_S)
+            self._publish_status()
+
+    # -- reload ----------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> bool:
+        """Re-read the configuration; keep the running one when the new one is invalid."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as error:
+                for problem in error.problems:
+                    log.error("config_problem", file=problem.file, key=problem.key, expected=problem.expected, found=problem.found)
+                log.error("reload_rejected", problems=len(error.problems), config=str(self.config_path))
+                self.notifier.ready(
+                    f"reload failed ({len(error.problems)} problems, first: {error.problems[0].key}); "
+                    f"serving the previous configuration | {status_line(self.scheduler)}"
+                )
+                return False
+            self._apply(new)
+            self.notifier.ready(status_line(self.scheduler))
+            log.info("config_reloaded", models=len(new.models), config=str(self.config_path))
+            return True
+
+    def _apply(self, new: Config) -> None:
+        for section in ("listen",):
+            if getattr(new.server, section) != getattr(self.config.server, section):
+                log.warning("config_needs_restart", key=f"server.{section}", hint="systemctl restart sparkd")
+        if new.podman != self.config.podman or new.server.runtime_dir != self.config.server.runtime_dir:
+            log.warning("config_needs_restart", key="podman/server.runtime_dir", hint="systemctl restart sparkd")
+        if new.log != self.config.log:
+            logs.configure(new.log.format, new.log.level)
+        self.scheduler.apply_config(new)
+        self.directory = ModelDirectory(new)
+        self.config = new
+
+    # -- shutdown --------------------------------------------------------------
+
+    async def _shutdown(self, sites: list[web.TCPSite]) -> None:
+        self.notifier.stopping(f"stopping | {status_line(self.scheduler)}")
+        log.info("sparkd_stopping", on_shutdown=self.config.server.on_shutdown)
+        for site in sites:
+            await site.stop()
+        await self.scheduler.drain(self.config.server.shutdown_grace_s)
+        if self.config.server.on_shutdown == "stop":
+            await self.scheduler.stop_all()
+        else:
+            log.info("containers_kept", models=[r.name for r in self.scheduler.runners.values() if r.endpoint])
+
+
+def serve(config_path: Path) -> int:
+    """Run the daemon in the foreground; the exit code for the CLI."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        logs.configure()
+        for problem in error.problems:
+            log.error("config_problem", file=problem.file, key=problem.key, expected=problem.expected, found=problem.found)
+        log.error("startup_failed", reason=f"{len(error.problems)} problem(s) in {config_path}; run `sparkd check-config`")
+        return 1
+    logs.configure(config.log.format, config.log.level)
+    try:
+        asyncio.run(Daemon(config, config_path).run())
+    except StartupError as error:
+        log.error("startup_failed", reason=str(error))
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""What a model's container looks like: rendered from its config, hashed, labelled.
+
+The spec hash covers everything that changes the engine's behaviour (image,
+command, env, mounts, devices, limits, ports).  It deliberately leaves out the
+engine's internal API key and a dynamically allocated host port: both are chosen
+when the container is created and read back from it, so they never make a
+container look stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import Config, ModelConfig
+
+LABEL_MANAGED = "io.sparkd.managed"
+LABEL_MODEL = "io.sparkd.model"
+LABEL_SPEC = "io.sparkd.spec"
+LABEL_KEY_ENV = "io.sparkd.key_env"
+CONTAINER_PREFIX = "sparkd-"
+UNLIMITED = 2**64 - 1  # Podman rejects -1 for "unlimited" ulimits.
+
+
+def container_name(model: str) -> str:
+    return CONTAINER_PREFIX + model
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    model: str
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str]
+    engine_port: int
+    host_port: int | None
+    """None: allocated from ``defaults.port_range`` when the container is created."""
+    key_env: str
+    """The env variable through which the engine receives its internal API key."""
+    mounts: tuple[Mount, ...] = ()
+    devices: tuple[str, ...] = ()
+    shm_size: str | None = None
+    ulimits: tuple[tuple[str, int], ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spec_hash(self) -> str:
+        canonical = asdict(self)
+        canonical.pop("labels")
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def all_labels(self) -> dict[str, str]:
+        return {
+            **self.labels,
+            LABEL_MANAGED: "true",
+            LABEL_MODEL: self.model,
+            LABEL_SPEC: self.spec_hash,
+            LABEL_KEY_ENV: self.key_env,
+        }
+
+    def create_kwargs(self, host_port: int, engine_key: str) -> dict[str, Any]:
+        """Keyword arguments for podman-py's ``containers.create``."""
+        kwargs: dict[str, Any] = {
+            "image": self.image,
+            "name": self.name,
+            "labels": self.all_labels(),
+            "environment": {**self.env, self.key_env: engine_key},
+            "ports": {f"{self.engine_port}/tcp": ("127.0.0.1", host_port)},
+            "volumes": {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in self.mounts},
+            "devices": list(self.devices),
+            "ulimits": [{"Name": name, "Soft": value, "Hard": value} for name, value in self.ulimits],
+        }
+        if self.command:
+            kwargs["command"] = list(self.command)
+        if self.shm_size:
+            kwargs["shm_size"] = self.shm_size
+        return kwargs
+
+
+def parse_volume(volume: str) -> Mount:
+    parts = volume.split(":")
+    read_only = len(parts) == 3 and "ro" in parts[2].split(",")
+    return Mount(source=parts[0], target=parts[1], read_only=read_only)
+
+
+def render(config: Config, model: ModelConfig) -> ContainerSpec:
+    """The container spec of ``model`` under ``config``."""
+    devices = tuple(config.gpu.devices) if model.gpu else ()
+    return ContainerSpec(
+        name=container_name(model.name),
+        model=model.name,
+        image=model.image,
+        command=tuple(model.command) + tuple(model.args),
+        env=dict(sorted(model.env.items())),
+        engine_port=model.engine_port,
+        host_port=model.port,
+        key_env=model.engine_key_env,
+        mounts=tuple(parse_volume(v) for v in model.volumes),
+        devices=devices + tuple(model.devices),
+        shm_size=model.shm_size or None,
+        ulimits=tuple(sorted((name, UNLIMITED if value == -1 else value) for name, value in model.ulimits.items())),
+    )

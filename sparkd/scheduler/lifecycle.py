@@ -1,0 +1,232 @@
+"""Carrying out one model's start, stop, sleep, wake and adoption.
+
+The scheduler decides *what* happens (and holds the lease); this module does
+it, driving Podman and the engine, and moves the model's state machine.  Each
+action records failures on the model (``runner.fail``) instead of raising, so a
+caller can always just await it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from ..config import Config
+from ..engine.client import EngineClient, EngineError, Endpoint
+from ..engine.progress import parse_line
+from ..runtime.errors import RuntimeFailure
+from ..runtime.logs import LogFollower
+from ..runtime.podman import ContainerInfo, PodmanRuntime
+from .loadtimes import LoadTimes
+from .memory import MemoryGauge
+from .runner import ModelRunner
+from .state import ModelState
+
+log = structlog.get_logger("sparkd.scheduler")
+
+INSPECT_EVERY_S = 2.0
+LOG_LINES_ON_FAILURE = 20
+
+
+class StartFailed(Exception):
+    def __init__(self, message: str, log_lines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.log_lines = log_lines or []
+
+
+@dataclass
+class Lifecycle:
+    config: Config
+    runtime: PodmanRuntime
+    engine: EngineClient
+    memory: MemoryGauge
+    load_times: LoadTimes
+
+    # -- start ----------------------------------------------------------------
+
+    async def start(self, runner: ModelRunner, reason: str) -> None:
+        """Bring the model's container up and wait until its engine is ready (or failed)."""
+        runner.start_requested_at = time.time()
+        runner.died.clear()
+        runner.transition(ModelState.STARTING, reason=reason)
+        began = time.monotonic()
+        try:
+            await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
+            info = await self.runtime.ensure(runner.spec, _port_range(self.config))
+            if not info.running:
+                await self.runtime.start(runner.spec.name, image=runner.spec.image)
+                info = await self.runtime.inspect(runner.spec.name) or info
+            runner.stale_spec = False
+            self._attach(runner, info)
+        except (StartFailed, RuntimeFailure) as error:
+            await self._record_failure(runner, str(error), getattr(error, "log_lines", []))
+            return
+        await self._finish_start(runner, began, reason, record_load_time=True)
+
+    async def adopt(self, runner: ModelRunner, info: ContainerInfo) -> bool:
+        """Take over a container left running by an earlier sparkd.
+
+        True: it serves (READY).  False: it is still loading (STARTING; finish
+        with ``await_ready``) or cannot be adopted (state unchanged).
+        """
+        try:
+            self._attach(runner, info)
+        except StartFailed as error:
+            log.warning("container_not_adoptable", model=runner.name, error=str(error))
+            return False
+        runner.start_requested_at = info.started_at or time.time()
+        assert runner.endpoint is not None
+        if await self.engine.is_ready(runner.endpoint, runner.config.readiness_path, timeout=5.0):
+            runner.transition(ModelState.READY, reason="adopted running container", container=info.name)
+            return True
+        runner.transition(ModelState.STARTING, reason="adopted a container that is still loading", container=info.name)
+        return False
+
+    async def await_ready(self, runner: ModelRunner, reason: str) -> None:
+        """Finish the start of an adopted, still-loading container."""
+        await self._finish_start(runner, time.monotonic(), reason, record_load_time=False)
+
+    async def _finish_start(self, runner: ModelRunner, began: float, reason: str, record_load_time: bool) -> None:
+        follower = self._follow_progress(runner)
+        try:
+            await self._wait_ready(runner, began)
+        except StartFailed as error:
+            await self._record_failure(runner, str(error), error.log_lines)
+            return
+        finally:
+            follower.stop()
+        took = time.monotonic() - began
+        runner.transition(ModelState.READY, reason=reason, load_s=round(took, 3))
+        if record_load_time:
+            await self.load_times.record(runner.name, took)
+
+    async def _record_failure(self, runner: ModelRunner, message: str, log_lines: list[str]) -> None:
+        lines = log_lines or await self.tail_logs(runner)
+        await self._clean_up_failed(runner)
+        runner.fail(message, lines)
+
+    def _attach(self, runner: ModelRunner, info: ContainerInfo) -> None:
+        if info.host_port is None or info.engine_key is None:
+            raise StartFailed(
+                f"container {info.name} has no published port or engine key; remove it with "
+                f"`podman rm -f {info.name}` and sparkd re-creates it"
+            )
+        runner.endpoint = Endpoint(port=info.host_port, key=info.engine_key)
+        runner.started_at = info.started_at or time.time()
+
+    def _follow_progress(self, runner: ModelRunner) -> LogFollower:
+        def on_line(line: str) -> None:
+            progress = parse_line(line)
+            if progress is not None and runner.state == ModelState.STARTING:
+                runner.progress = progress
+                runner.on_change(runner)
+
+        follower = LogFollower(
+            self.runtime.url,
+            runner.spec.name,
+            asyncio.get_running_loop(),
+            on_line,
+            since=runner.start_requested_at - 1,
+        )
+        follower.start()
+        return follower
+
+    async def _wait_ready(self, runner: ModelRunner, began: float) -> None:
+        lifecycle = self.config.lifecycle
+        deadline = began + lifecycle.start_timeout_s
+        last_inspect = time.monotonic()
+        assert runner.endpoint is not None
+        while True:
+            if runner.died.is_set():
+                raise StartFailed(await self._exit_message(runner))
+            if await self.engine.is_ready(runner.endpoint, runner.config.readiness_path):
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise StartFailed(
+                    f"model {runner.name} was not ready after {lifecycle.start_timeout_s:.0f}s "
+                    f"(lifecycle.start_timeout_s); its engine never answered {runner.config.readiness_path}"
+                )
+            if now - last_inspect >= INSPECT_EVERY_S:
+                # The event stream tells us about deaths at once; this covers a lost stream.
+                last_inspect = now
+                info = await self.runtime.inspect(runner.spec.name)
+                if info is None or not info.running:
+                    raise StartFailed(await self._exit_message(runner, info))
+            try:
+                await asyncio.wait_for(runner.died.wait(), lifecycle.probe_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _exit_message(self, runner: ModelRunner, info: ContainerInfo | None = None) -> str:
+        if info is None:
+            try:
+                info = await self.runtime.inspect(runner.spec.name)
+            except RuntimeFailure:
+                info = None
+        code = info.exit_code if info is not None else None
+        return f"model {runner.name}: its container exited during start" + (f" with code {code}" if code is not None else "")
+
+    async def tail_logs(self, runner: ModelRunner) -> list[str]:
+        """The engine's last log lines, quoted in failure messages."""
+        try:
+            return await self.runtime.tail_logs(runner.spec.name, LOG_LINES_ON_FAILURE)
+        except RuntimeFailure:
+            return []
+
+    async def _clean_up_failed(self, runner: ModelRunner) -> None:
+        """Make sure a failed model's container is not left running (it may hold GPU memory)."""
+        try:
+            await self.runtime.stop(runner.spec.name, self.config.lifecycle.stop_timeout_s)
+        except RuntimeFailure as error:
+            log.warning("container_stop_failed", model=runner.name, error=str(error))
+
+    # -- stop -----------------------------------------------------------------
+
+    async def stop(self, runner: ModelRunner, reason: str) -> bool:
+        """Stop the model's container; True once it is really gone from the GPU."""
+        runner.transition(ModelState.STOPPING, reason=reason)
+        try:
+            info = await self.runtime.stop(runner.spec.name, self.config.lifecycle.stop_timeout_s)
+        except RuntimeFailure as error:
+            runner.fail(f"could not stop model {runner.name}: {error}")
+            return False
+        if info is not None and info.running:
+            runner.fail(f"model {runner.name}: container still running after stop")
+            return False
+        runner.transition(ModelState.STOPPED, reason=reason)
+        return True
+
+    # -- sleep / wake (vLLM sleep mode) -----------------------------------------
+
+    async def sleep(self, runner: ModelRunner, reason: str) -> bool:
+        """Put the engine to sleep (weights offloaded, KV cache freed); True on success."""
+        assert runner.endpoint is not None
+        try:
+            await self.engine.post_json(runner.endpoint, "/sleep?level=1", timeout=self.config.lifecycle.start_timeout_s)
+        except EngineError as error:
+            log.warning("model_sleep_failed", model=runner.name, error=str(error))
+            return False
+        runner.transition(ModelState.SLEEPING, reason=reason)
+        return True
+
+    async def wake(self, runner: ModelRunner, reason: str) -> None:
+        runner.transition(ModelState.WAKING, reason=reason)
+        began = time.monotonic()
+        assert runner.endpoint is not None
+        try:
+            await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
+            await self.engine.post_json(runner.endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
+            await self._wait_ready(runner, began)
+        except (EngineError, StartFailed) as error:
+            await self._record_failure(runner, f"model {runner.name} failed to wake up: {error}", [])
+            return
+        runner.transition(ModelState.READY, reason=reason, wake_s=round(time.monotonic() - began, 3))
+
+
+def _port_range(config: Config) -> tuple[int, int]:
+    first, last = config.defaults.port_range
+    return first, last

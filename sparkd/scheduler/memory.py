@@ -1,0 +1,128 @@
+"""How much GPU memory is really available, so a swap waits for it instead of sleeping.
+
+* discrete GPUs: ``nvidia-smi`` reports used/total memory per GPU;
+* unified-memory machines (DGX Spark): ``nvidia-smi`` prints ``[N/A]`` for GPU
+  memory, and the GPU allocates from system RAM, so ``MemAvailable`` in
+  /proc/meminfo is the measure;
+* neither (no NVIDIA driver, e.g. CI): nothing to measure; a stopped container
+  being gone is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("sparkd.scheduler")
+
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Reading:
+    available: float
+    total: float
+
+    @property
+    def fraction(self) -> float:
+        return self.available / self.total if self.total else 0.0
+
+
+class MemoryGauge:
+    def __init__(self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = None) -> None:
+        self.mode = mode
+        self._meminfo = Path(meminfo)
+        self._nvidia_smi = nvidia_smi or shutil.which("nvidia-smi")
+
+    async def resolve(self) -> str:
+        """Settle ``auto`` to the source that works on this machine."""
+        if self.mode != "auto":
+            return self.mode
+        if self._nvidia_smi is None:
+            self.mode = "none"
+        elif await self._read_nvidia_smi() is not None:
+            self.mode = "nvidia-smi"
+        else:
+            self.mode = "meminfo"  # driver present, no per-GPU memory: unified memory
+        log.info("memory_probe_selected", probe=self.mode)
+        return self.mode
+
+    async def read(self) -> Reading | None:
+        if self.mode == "nvidia-smi":
+            return await self._read_nvidia_smi()
+        if self.mode == "meminfo":
+            return await asyncio.to_thread(self._read_meminfo)
+        return None
+
+    async def wait_for(self, fraction: float, timeout: float) -> float:
+        """Wait until ``fraction`` of the memory is available (bounded); returns seconds waited."""
+        started = time.monotonic()
+        if fraction <= 0:
+            return 0.0
+        while True:
+            reading = await self.read()
+            waited = time.monotonic() - started
+            if reading is None or reading.fraction >= fraction:
+                return waited
+            if waited >= timeout:
+                log.warning(
+                    "memory_reclaim_timeout",
+                    wanted_fraction=round(fraction, 3),
+                    available_fraction=round(reading.fraction, 3),
+                    waited_s=round(waited, 1),
+                )
+                return waited
+            await asyncio.sleep(POLL_S)
+
+    async def _read_nvidia_smi(self) -> Reading | None:
+        if self._nvidia_smi is None:
+            return None
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self._nvidia_smi,
+                "--query-gpu=memory.used,memory.total",
+                "--format=csv,noheader,nounits",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            output, _ = await asyncio.wait_for(process.communicate(), timeout=5)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        return parse_nvidia_smi(output.decode(errors="replace"))
+
+    def _read_meminfo(self) -> Reading | None:
+        try:
+            return parse_meminfo(self._meminfo.read_text())
+        except OSError:
+            return None
+
+
+def parse_nvidia_smi(text: str) -> Reading | None:
+    """First GPU's ``used, total`` (MiB); None when the driver reports no numbers (``[N/A]``)."""
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2:
+            continue
+        try:
+            used, total = float(parts[0]), float(parts[1])
+        except ValueError:
+            return None
+        return Reading(available=total - used, total=total)
+    return None
+
+
+def parse_meminfo(text: str) -> Reading | None:
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            values[name] = float(fields[0])
+    if "MemAvailable" not in values or "MemTotal" not in values:
+        return None
+    return Reading(available=values["MemAvailable"], total=values["MemTotal"])

@@ -1,0 +1,111 @@
+"""One model's live state: its state machine, in-flight count, engine endpoint.
+
+``transition`` is the only place a model's state changes; it checks the move
+against ``state.ALLOWED`` and logs it as one structured event
+(``model_starting``, ``model_ready``, ``model_failed``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from ..config import ModelConfig
+from ..engine.client import Endpoint
+from ..engine.progress import LoadProgress
+from ..runtime.spec import ContainerSpec
+from .state import ALLOWED, ModelState
+
+log = structlog.get_logger("sparkd.scheduler")
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Failure:
+    message: str
+    log_lines: tuple[str, ...]
+    at: float
+    """time.monotonic() of the failure."""
+
+
+@dataclass(eq=False)
+class ModelRunner:
+    config: ModelConfig
+    spec: ContainerSpec
+    on_change: Callable[["ModelRunner"], None]
+    state: ModelState = ModelState.STOPPED
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    """Wall-clock time the container started (from Podman), for uptime."""
+    ready_at: float | None = None
+    """time.monotonic() when the model last became ready."""
+    start_requested_at: float = 0.0
+    """Wall-clock time of the current start; older container events are stale."""
+    endpoint: Endpoint | None = None
+    progress: LoadProgress | None = None
+    failure: Failure | None = None
+    consecutive_failures: int = 0
+    stale_spec: bool = False
+    """The running container was made from an older spec: re-create it at the next start."""
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def transition(self, new: ModelState, reason: str, **fields: Any) -> None:
+        old = self.state
+        if new == old:
+            return
+        if new not in ALLOWED[old]:
+            raise TransitionError(f"model {self.name}: {old} -> {new} is not allowed ({reason})")
+        self.state = new
+        now = time.monotonic()
+        if new == ModelState.READY:
+            self.ready_at = now
+            self.last_used = now
+            self.progress = None
+            self.failure = None
+            self.consecutive_failures = 0
+        elif new == ModelState.STARTING:
+            self.progress = None
+        elif new in (ModelState.STOPPED, ModelState.FAILED):
+            self.endpoint = None
+            self.started_at = None
+            self.ready_at = None
+            self.progress = None
+        method = log.error if new == ModelState.FAILED else log.info
+        method(f"model_{new.value}", model=self.name, previous=old.value, reason=reason, **fields)
+        self.on_change(self)
+
+    def fail(self, message: str, log_lines: list[str] | tuple[str, ...] = ()) -> None:
+        self.failure = Failure(message=message, log_lines=tuple(log_lines), at=time.monotonic())
+        self.consecutive_failures += 1
+        self.transition(ModelState.FAILED, reason=message, last_log=list(log_lines[-3:]))
+
+    def uptime(self, now_wall: float | None = None) -> float | None:
+        if self.started_at is None:
+            return None
+        return max(0.0, (now_wall or time.time()) - self.started_at)
+
+    def idle_for(self, now: float | None = None) -> float:
+        if self.in_flight:
+            return 0.0
+        return max(0.0, (now or time.monotonic()) - self.last_used)
+
+    @property
+    def claim(self) -> float:
+        return self.config.gpu_memory
+
+    @property
+    def sleep_claim(self) -> float:
+        return self.config.sleep_gpu_memory

@@ -1,0 +1,503 @@
+"""Where requests wait for their model, and where swaps are decided.
+
+``acquire`` returns once the model is ready and the request is counted in
+flight; ``release`` ends it.  Every change (a request queued or gone, a model
+ready, stopped or failed) calls ``_pump``, a synchronous pass over the queue
+that grants, starts, drains and evicts; the slow work it decides runs in tasks
+(``Lifecycle``), which call ``_pump`` again when they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Coroutine
+
+import structlog
+
+from ..config import Config, ModelConfig
+from ..errors import ApiError, GatewayTimeout, ServiceUnavailable
+from ..runtime.events import ContainerEvent
+from ..runtime.spec import render
+from .lease import Eviction, Holder, Lease, plan
+from .lifecycle import Lifecycle
+from .queue import QueueFull, Waiter, WaitQueue
+from .runner import ModelRunner
+from .state import ModelState
+from .status import busy_refusal
+
+log = structlog.get_logger("sparkd.scheduler")
+S = ModelState
+
+REAPER_PERIOD_S = 1.0
+
+
+class Scheduler:
+    def __init__(self, config: Config, lifecycle: Lifecycle) -> None:
+        self.config = config
+        self.lifecycle = lifecycle
+        self.lease = Lease(config.gpu.memory_budget)
+        self.queue = WaitQueue(config.lifecycle.queue_size)
+        self.runners: dict[str, ModelRunner] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+        self._closing = False
+        self._operator_requests: dict[str, str] = {}
+        """Models an operator asked to stop or sleep: drained, then stopped/slept."""
+        for model in config.enabled_models():
+            self.runners[model.name] = self._new_runner(model)
+
+    def _new_runner(self, model: ModelConfig) -> ModelRunner:
+        return ModelRunner(config=model, spec=render(self.config, model), on_change=self._on_runner_change)
+
+    def apply_config(self, config: Config) -> None:
+        """Switch to a reloaded configuration without killing anything.
+
+        New models get runners; a running model whose container spec changed
+        keeps serving and is re-created at its next start; a model that was
+        removed or disabled is stopped once idle.
+        """
+        self.config = config
+        self.lease.budget = config.gpu.memory_budget
+        self.queue.limit = config.lifecycle.queue_size
+        enabled = {m.name: m for m in config.enabled_models()}
+        for name, runner in list(self.runners.items()):
+            model = enabled.get(name)
+            if model is None:
+                self._fail_waiters(runner, ServiceUnavailable(f"model {name} was removed or disabled by a configuration reload"))
+                self._operator_requests[name] = "stop"
+                self._forget_if_gone(runner)
+                continue
+            spec = render(config, model)
+            if spec.spec_hash != runner.spec.spec_hash and runner.state is not S.STOPPED:
+                runner.stale_spec = True
+                log.info("model_spec_changed", model=name, state=runner.state.value, applies="at its next start")
+            runner.config, runner.spec = model, spec
+        for name, model in enabled.items():
+            if name not in self.runners:
+                self.runners[name] = self._new_runner(model)
+        self._pump()
+
+    # -- observers ---------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after any model changes state (sd_notify STATUS, metrics, status page)."""
+        self._listeners.append(listener)
+
+    def _on_runner_change(self, _runner: ModelRunner) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in self._listeners:
+            listener()
+
+    # -- the request path ----------------------------------------------------------
+
+    async def acquire(self, name: str) -> ModelRunner:
+        """Wait until model ``name`` is ready and count one request in flight on it."""
+        runner = self.runners[name]
+        if runner.state is S.READY:
+            runner.in_flight += 1
+            return runner
+        if self._closing:
+            raise ServiceUnavailable("sparkd is shutting down and takes no new requests; retry shortly", retry_after=5)
+        if self.config.lifecycle.policy == "reject":
+            self._refuse_if_busy(runner)
+        waiter = Waiter(name)
+        try:
+            self.queue.push(waiter)
+        except QueueFull:
+            raise ServiceUnavailable(
+                f"the wait queue is full ({self.queue.limit} requests waiting for models); retry later "
+                "or raise lifecycle.queue_size",
+                retry_after=self.retry_after(name),
+                code="queue_full",
+            ) from None
+        log.debug("request_queued", model=name, depth=len(self.queue))
+        self._pump()
+        timeout = self.config.lifecycle.queue_timeout_s
+        try:
+            done, _ = await asyncio.wait((waiter.future,), timeout=timeout)
+        except asyncio.CancelledError:
+            self._abandon(waiter, runner)
+            raise
+        if not done:
+            if self.queue.remove(waiter):
+                self._pump()
+                raise GatewayTimeout(
+                    f"model {name} was not ready after waiting {timeout:.0f}s (lifecycle.queue_timeout_s): "
+                    f"{self._why_waiting(runner)}",
+                    retry_after=self.retry_after(name),
+                    code="queue_timeout",
+                )
+        waiter.future.result()  # raises the model's failure, if it failed
+        return runner
+
+    def _abandon(self, waiter: Waiter, runner: ModelRunner) -> None:
+        """The client went away while waiting: leave the queue, or hand back a grant."""
+        if self.queue.remove(waiter):
+            log.debug("request_left_queue", model=runner.name)
+            self._pump()
+        elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            self.release(runner)
+
+    def release(self, runner: ModelRunner) -> None:
+        runner.in_flight -= 1
+        runner.last_used = time.monotonic()
+        if runner.in_flight == 0 and runner.state is not S.READY:
+            self._pump()
+
+    # -- decisions -------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Grant, start, drain and evict so the queue moves; never awaits."""
+        victims: dict[str, Eviction] = {}
+        head: str | None = None
+        for name in self.queue.models():
+            runner = self.runners[name]
+            if runner.state is S.READY:
+                self._grant(runner)
+                continue
+            if self._busy(runner) or runner.state not in (S.STOPPED, S.FAILED, S.SLEEPING):
+                continue  # starting, waking, draining or stopping: wait for the change
+            if head is not None:
+                continue  # first come, first served: one model makes room at a time
+            if runner.state is S.FAILED and self._in_backoff(runner):
+                self._fail_waiters(runner, self._failure_error(runner))
+                continue
+            decision = plan(
+                name,
+                runner.claim,
+                runner.config.lifecycle,
+                self.lease.holders.get(name, 0.0),
+                self._holders(),
+                self.lease.budget,
+            )
+            if decision.verdict == "admit":
+                self._admit(runner, reason="requested")
+            elif decision.verdict == "impossible":
+                self._fail_waiters(runner, ServiceUnavailable(f"model {name} cannot be loaded: {decision.reason}"))
+            else:
+                head = name
+                victims = {e.name: e for e in decision.evictions}
+        self._apply_evictions(victims, head)
+        if head is None:
+            self._keep_utility_models()
+
+    def _apply_evictions(self, victims: dict[str, Eviction], head: str | None) -> None:
+        for runner in self.runners.values():
+            if runner.state is S.DRAINING and runner.name not in victims and runner.name not in self._operator_requests:
+                runner.transition(S.READY, reason="swap called off")
+                self._grant(runner)
+        for name, eviction in victims.items():
+            runner = self.runners[name]
+            if runner.state is S.READY:
+                runner.transition(S.DRAINING, reason=f"making room for {head}", in_flight=runner.in_flight)
+            if self._busy(runner):
+                continue
+            if runner.state is S.DRAINING and runner.in_flight == 0:
+                if eviction.action == "sleep":
+                    self._spawn(runner, self._run_sleep(runner, f"swapped out for {head}"))
+                else:
+                    self._spawn(runner, self._run_stop(runner, f"swapped out for {head}"))
+            elif runner.state is S.SLEEPING and eviction.action == "stop":
+                self._spawn(runner, self._run_stop(runner, f"swapped out for {head}"))
+        for name, action in self._operator_requests.items():
+            runner = self.runners.get(name)
+            if runner and runner.state is S.READY:
+                runner.transition(S.DRAINING, reason=f"{action} requested by an operator", in_flight=runner.in_flight)
+            if runner and runner.state is S.DRAINING and runner.in_flight == 0 and not self._busy(runner):
+                if action == "sleep":
+                    self._spawn(runner, self._run_sleep(runner, "put to sleep by an operator"))
+                else:
+                    self._spawn(runner, self._run_stop(runner, "stopped by an operator"))
+
+    def _keep_utility_models(self) -> None:
+        """Utility models run whenever no exclusive model holds or wants the GPU."""
+        exclusive_wanted = any(
+            self.runners[name].config.lifecycle == "exclusive" for name in [*self.lease.holders, *self.queue.models()]
+        )
+        if exclusive_wanted or self._closing:
+            return
+        for runner in self.runners.values():
+            if runner.config.lifecycle != "utility" or self._busy(runner) or runner.name in self._operator_requests:
+                continue
+            if runner.state is S.STOPPED or (runner.state is S.FAILED and not self._in_backoff(runner)):
+                if self.lease.fits(runner.claim):
+                    self._admit(runner, reason="utility model kept running")
+
+    def _admit(self, runner: ModelRunner, reason: str) -> None:
+        self.lease.grant(runner.name, runner.claim)
+        if runner.state is S.SLEEPING:
+            self._spawn(runner, self._run_wake(runner, reason))
+        else:
+            self._spawn(runner, self._run_start(runner, reason))
+
+    def _grant(self, runner: ModelRunner) -> None:
+        for waiter in self.queue.take(runner.name):
+            if not waiter.future.done():
+                runner.in_flight += 1
+                waiter.future.set_result(None)
+
+    def _fail_waiters(self, runner: ModelRunner, error: ApiError) -> None:
+        for waiter in self.queue.take(runner.name):
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    def _holders(self) -> list[Holder]:
+        holders = []
+        for name, claim in self.lease.holders.items():
+            runner = self.runners[name]
+            settling = runner.state in (S.STARTING, S.WAKING)
+            holders.append(
+                Holder(
+                    name=name,
+                    claim=claim,
+                    lifecycle=runner.config.lifecycle,
+                    in_flight=runner.in_flight + (1 if settling else 0),
+                    last_used=runner.last_used,
+                    leaving=runner.state is S.STOPPING,
+                    sleep_claim=runner.sleep_claim if runner.config.sleep_mode and runner.state is not S.SLEEPING else None,
+                )
+            )
+        return holders
+
+    def _busy(self, runner: ModelRunner) -> bool:
+        return runner.task is not None and not runner.task.done()
+
+    def _in_backoff(self, runner: ModelRunner) -> bool:
+        failure = runner.failure
+        if failure is None:
+            return False
+        backoff = self.config.lifecycle.failure_backoff_s * min(2 ** (runner.consecutive_failures - 1), 12)
+        return time.monotonic() - failure.at < backoff
+
+    def _failure_error(self, runner: ModelRunner) -> ApiError:
+        failure = runner.failure
+        message = failure.message if failure else f"model {runner.name} failed"
+        lines = list(failure.log_lines[-5:]) if failure else []
+        text = message + (". Last engine log lines: " + " | ".join(lines) if lines else "")
+        return ServiceUnavailable(text, retry_after=self.config.lifecycle.failure_backoff_s, code="model_failed", extra={"log_lines": lines})
+
+    # -- tasks -----------------------------------------------------------------------
+
+    def _spawn(self, runner: ModelRunner, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        runner.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("scheduler_task_crashed", error=repr(task.exception()), exc_info=task.exception())
+        if not self._closing:
+            self._pump()
+
+    async def _run_start(self, runner: ModelRunner, reason: str) -> None:
+        await self.lifecycle.start(runner, reason)
+        self._after_start(runner)
+
+    async def _run_adopted(self, runner: ModelRunner) -> None:
+        await self.lifecycle.await_ready(runner, "adopted container finished loading")
+        self._after_start(runner)
+
+    def _after_start(self, runner: ModelRunner) -> None:
+        if runner.state is S.READY:
+            self._grant(runner)
+        else:
+            self.lease.release(runner.name)
+            self._fail_waiters(runner, self._failure_error(runner))
+
+    async def _run_stop(self, runner: ModelRunner, reason: str) -> None:
+        if await self.lifecycle.stop(runner, reason):
+            self.lease.release(runner.name)
+        else:
+            info = await self.lifecycle.runtime.inspect(runner.spec.name)
+            if info is None or not info.running:
+                self.lease.release(runner.name)
+        self._operator_requests.pop(runner.name, None)
+        self._forget_if_gone(runner)
+
+    def _forget_if_gone(self, runner: ModelRunner) -> None:
+        """Drop the runner of a model the configuration no longer enables, once it is stopped."""
+        enabled = runner.name in self.config.models and self.config.models[runner.name].enabled
+        if not enabled and runner.state is S.STOPPED and runner.name not in self.lease.holders:
+            self.runners.pop(runner.name, None)
+            self._operator_requests.pop(runner.name, None)
+
+    async def _run_sleep(self, runner: ModelRunner, reason: str) -> None:
+        self._operator_requests.pop(runner.name, None)
+        if await self.lifecycle.sleep(runner, reason):
+            self.lease.grant(runner.name, runner.sleep_claim)
+        else:
+            await self._run_stop(runner, reason + " (sleep failed)")
+
+    async def _run_wake(self, runner: ModelRunner, reason: str) -> None:
+        await self.lifecycle.wake(runner, reason)
+        self._after_start(runner)
+
+    # -- container events --------------------------------------------------------------
+
+    def on_container_event(self, event: ContainerEvent) -> None:
+        runner = self.runners.get(event.model or "")
+        if runner is None or event.action not in ("died", "oom"):
+            return
+        if event.time < runner.start_requested_at - 1:
+            return  # an event from before the current start (replayed after a reconnect)
+        runner.died.set()
+        if runner.state in (S.READY, S.DRAINING, S.SLEEPING) and not self._busy(runner):
+            self._spawn(runner, self._run_died(runner, event))
+
+    async def _run_died(self, runner: ModelRunner, event: ContainerEvent) -> None:
+        lines = await self.lifecycle.tail_logs(runner)
+        code = f" with code {event.exit_code}" if event.exit_code is not None else ""
+        runner.fail(f"model {runner.name}: its engine container exited{code} while serving", lines)
+        self.lease.release(runner.name)
+
+    # -- restart safety ------------------------------------------------------------------
+
+    async def adopt_running(self) -> None:
+        """Adopt containers an earlier sparkd left running; stop the ones that no longer fit.
+
+        Matching, healthy containers keep serving (no cold start after a restart);
+        strays, stale-spec ones and those beyond the budget (the most recently
+        started are kept) are stopped — nothing is in flight on them yet.
+        """
+        runtime = self.lifecycle.runtime
+        infos = sorted(
+            (i for i in await runtime.list_managed() if i.running),
+            key=lambda i: i.started_at or 0.0,
+            reverse=True,
+        )
+        adopting: list[tuple[ModelRunner, Any]] = []
+        leftovers: list[tuple[Any, str]] = []
+        for info in infos:
+            runner = self.runners.get(info.model or "")
+            if runner is None:
+                leftovers.append((info, "no enabled model of that name"))
+            elif info.spec_hash != runner.spec.spec_hash:
+                leftovers.append((info, "made from an older spec"))
+            elif not self.lease.fits(runner.claim):
+                leftovers.append((info, "beyond the GPU budget"))
+            else:
+                self.lease.grant(runner.name, runner.claim)
+                adopting.append((runner, info))
+        results = await asyncio.gather(*(self.lifecycle.adopt(runner, info) for runner, info in adopting))
+        for (runner, info), ready in zip(adopting, results):
+            if ready:
+                continue
+            if runner.state is S.STARTING:
+                self._spawn(runner, self._run_adopted(runner))
+            else:
+                self.lease.release(runner.name)
+                leftovers.append((info, "not adoptable"))
+        for info, why in leftovers:
+            log.info("container_not_adopted", container=info.name, reason=why)
+        await asyncio.gather(*(runtime.stop(info.name, self.config.lifecycle.stop_timeout_s) for info, _ in leftovers))
+        self._pump()
+
+    # -- idle reaper ---------------------------------------------------------------------
+
+    async def run_reaper(self) -> None:
+        while True:
+            await asyncio.sleep(REAPER_PERIOD_S)
+            self.reap_idle()
+
+    def reap_idle(self) -> None:
+        now = time.monotonic()
+        lifecycle = self.config.lifecycle
+        for runner in self.runners.values():
+            if self._busy(runner) or runner.in_flight or runner.config.lifecycle in ("pinned", "utility"):
+                continue
+            idle_limit = runner.config.idle_stop_s or lifecycle.idle_stop_s
+            if runner.state is S.READY:
+                uptime = now - (runner.ready_at or now)
+                if runner.idle_for(now) >= idle_limit and uptime >= lifecycle.min_uptime_s:
+                    self._spawn(runner, self._run_stop(runner, f"idle for {idle_limit:.0f}s"))
+            elif runner.state is S.SLEEPING and runner.idle_for(now) >= idle_limit:
+                self._spawn(runner, self._run_stop(runner, f"asleep and idle for {idle_limit:.0f}s"))
+            elif runner.state is S.FAILED and runner.name in self.lease.holders:
+                self._spawn(runner, self._run_stop(runner, "clean up after a failure"))
+
+    # -- operator actions ------------------------------------------------------------------
+
+    async def start_model(self, name: str) -> ModelRunner:
+        runner = await self.acquire(name)
+        self.release(runner)
+        return runner
+
+    async def stop_model(self, name: str, timeout: float) -> ModelRunner:
+        """Drain the model (in-flight requests finish), then stop it."""
+        return await self._operator_request(name, "stop", {S.STOPPED, S.FAILED}, timeout)
+
+    async def sleep_model(self, name: str, timeout: float) -> ModelRunner:
+        """Drain the model, then put its engine to sleep (vLLM sleep mode)."""
+        return await self._operator_request(name, "sleep", {S.SLEEPING, S.STOPPED, S.FAILED}, timeout)
+
+    async def _operator_request(self, name: str, action: str, done: set[ModelState], timeout: float) -> ModelRunner:
+        runner = self.runners[name]
+        if runner.state in (S.READY, S.DRAINING, S.SLEEPING, S.FAILED, S.STARTING, S.WAKING):
+            if action == "sleep" and runner.state is S.SLEEPING:
+                return runner
+            self._operator_requests[name] = action
+            if runner.state in (S.SLEEPING, S.FAILED) and not self._busy(runner):
+                self._spawn(runner, self._run_stop(runner, "stopped by an operator"))
+            self._pump()
+        await self.wait_for_state(runner, done, timeout)
+        return runner
+
+    async def wait_for_state(self, runner: ModelRunner, states: set[ModelState], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while runner.state not in states or self._busy(runner):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GatewayTimeout(f"model {runner.name} is still {runner.state} after {timeout:.0f}s")
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    # -- reject policy and ETAs ----------------------------------------------------------
+
+    def _refuse_if_busy(self, runner: ModelRunner) -> None:
+        """Reject policy: refuse at once (429) when another model would have to go first."""
+        if runner.state in (S.STARTING, S.WAKING):
+            return
+        decision = plan(
+            runner.name, runner.claim, runner.config.lifecycle, self.lease.holders.get(runner.name, 0.0),
+            self._holders(), self.lease.budget,
+        )
+        if decision.verdict in ("evict", "wait"):
+            busy = [e.name for e in decision.evictions] or [n for n in self.lease.holders if n != runner.name]
+            raise busy_refusal(runner, self.runners[busy[0]], self.config.lifecycle.idle_stop_s)
+
+    def retry_after(self, name: str) -> float:
+        eta = self.lifecycle.load_times.eta(name)
+        return eta if eta is not None else 30.0
+
+    def _why_waiting(self, runner: ModelRunner) -> str:
+        if runner.state in (S.STARTING, S.WAKING):
+            return f"it is still {runner.state}" + (f" ({runner.progress.describe()})" if runner.progress else "")
+        holders = [n for n in self.lease.holders if n != runner.name]
+        return "the GPU is busy with " + ", ".join(holders) if holders else f"it is {runner.state}"
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new work, fail queued requests, let in-flight ones finish (bounded by ``grace``)."""
+        self._closing = True
+        for name in self.queue.models():
+            self._fail_waiters(self.runners[name], ServiceUnavailable("sparkd is shutting down; retry shortly", retry_after=5))
+        deadline = time.monotonic() + grace
+        while any(r.in_flight for r in self.runners.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def stop_all(self) -> None:
+        """Stop every model whose container may be running (``on_shutdown = "stop"``)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(self._run_stop(r, "sparkd is shutting down") for r in self.runners.values() if r.state is not S.STOPPED)
+        )
