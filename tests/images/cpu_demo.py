@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Build the sparkd CPU demo model image (SmolLM2-135M on llama-cpp-python).
+
+No container registry is reachable on the development and CI machines, so the
+public base images the Containerfile defaults to cannot be pulled. This script
+makes the two Debian bookworm bases it needs with debootstrap, imports them
+into Podman, and builds ``containerfiles/smollm2-cpu`` on top of them:
+
+    localhost/sparkd-cpu-base:<hash>      runtime base (python3, venv; no compiler)
+    localhost/sparkd-cpu-builder:<hash>   wheel-building base (+ gcc, g++, cmake, ninja)
+    localhost/sparkd/smollm2-cpu:<hash>   the demo image, also tagged :latest
+
+Everything is keyed by a content hash of its inputs, and nothing is rebuilt
+when its tag exists. The slow parts are also cached on disk, under
+``/var/cache/sparkd-test`` (``SPARKD_TEST_CACHE`` overrides), so a machine whose
+Podman storage was wiped rebuilds in about a minute:
+
+    debootstrap/<name>-<hash>.tar        the root file systems
+    debootstrap/debs/                    debootstrap's package cache
+    wheels/<hash>/llama_cpp_python-*.whl the compiled llama.cpp (minutes on 2 cores)
+
+pip inside the build reaches PyPI through this machine's TLS-inspecting proxy:
+the host CA bundle (``SPARKD_BUILD_CA``, else ``PIP_CERT``, else
+``/etc/ssl/certs/ca-certificates.crt``) is bind-mounted into the build steps
+only; it is never copied into an image.
+
+Usage: python3 tests/images/cpu_demo.py [--force] [--print-tag]
+Stdlib only; drives the ``podman`` CLI. Importable: ``ensure_image()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONTEXT = REPO / "containerfiles" / "smollm2-cpu"
+CONTEXT_FILES = ("Containerfile", "serve.py", "constraints.txt")
+
+IMAGE_REPO = "localhost/sparkd/smollm2-cpu"
+IMAGE_LATEST = f"{IMAGE_REPO}:latest"
+WHEELS_REPO = "localhost/sparkd/smollm2-cpu-wheels"
+
+# Bump when the way the bases are made changes (not only their package lists).
+RECIPE_VERSION = 1
+SUITE = "bookworm"
+MIRROR = os.environ.get("SPARKD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+RUNTIME_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+BUILDER_PACKAGES = RUNTIME_PACKAGES + (
+    "python3-dev",
+    "build-essential",
+    "cmake",
+    "ninja-build",
+)
+BASES = {
+    # name: (repository, package list)
+    "runtime": ("localhost/sparkd-cpu-base", RUNTIME_PACKAGES),
+    "builder": ("localhost/sparkd-cpu-builder", BUILDER_PACKAGES),
+}
+
+CA_IN_BUILD = "/run/sparkd-build-ca.pem"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARKD_TEST_CACHE", "/var/cache/sparkd-test"))
+
+
+def log(msg: str) -> None:
+    print(f"[cpu_demo] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    log("$ " + " ".join(cmd))
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def image_exists(ref: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", ref]).returncode == 0
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def base_hash(name: str) -> str:
+    _, packages = BASES[name]
+    spec = {
+        "recipe": RECIPE_VERSION,
+        "suite": SUITE,
+        "variant": "minbase",
+        "mirror": MIRROR,
+        "arch": platform.machine(),
+        "packages": sorted(packages),
+    }
+    return _sha(json.dumps(spec, sort_keys=True).encode())
+
+
+def context_digest() -> str:
+    h = hashlib.sha256()
+    for name in CONTEXT_FILES:
+        h.update(name.encode() + b"\0" + (CONTEXT / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def image_hash() -> str:
+    spec = {
+        "context": context_digest(),
+        "runtime": base_hash("runtime"),
+        "builder": base_hash("builder"),
+    }
+    return _sha(json.dumps(spec, sort_keys=True).encode())
+
+
+def wheel_hash() -> str:
+    # The compiled wheel depends on the builder base and the recipe of the
+    # wheels stage (versions, CMAKE_ARGS, constraints); keyed conservatively
+    # on the whole Containerfile and constraints.
+    h = hashlib.sha256()
+    h.update(base_hash("builder").encode())
+    for name in ("Containerfile", "constraints.txt"):
+        h.update((CONTEXT / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- bases
+
+def _unmount_below(root: Path) -> None:
+    """debootstrap mounts /proc and /sys in the target; make sure none is left."""
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/mounts") as f:
+        points = [line.split()[1] for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+def make_rootfs_tarball(name: str, tarball: Path) -> None:
+    _, packages = BASES[name]
+    debs = cache_dir() / "debootstrap" / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"rootfs-{name}-", dir=cache_dir() / "debootstrap"))
+    root = work / "root"
+    try:
+        run([
+            "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
+            f"--cache-dir={debs}", SUITE, str(root), MIRROR,
+        ], stdout=subprocess.DEVNULL)
+        _unmount_below(root)
+        # Smaller and reproducible-ish: no package cache, no apt lists.
+        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for p in (root / sub).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
+        tmp = tarball.with_suffix(".tar.partial")
+        run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tmp), "."])
+        tmp.rename(tarball)
+    finally:
+        _unmount_below(root)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_base(name: str, timings: dict) -> str:
+    repo, _ = BASES[name]
+    h = base_hash(name)
+    ref = f"{repo}:{h}"
+    if image_exists(ref):
+        log(f"{ref} exists")
+        return ref
+    tarball = cache_dir() / "debootstrap" / f"{name}-{h}.tar"
+    if not tarball.exists():
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        make_rootfs_tarball(name, tarball)
+        timings[f"debootstrap {name}"] = time.monotonic() - t
+    t = time.monotonic()
+    run([
+        "podman", "import",
+        "--change", "ENV LANG=C.UTF-8",
+        "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--change", 'CMD ["/bin/bash"]',
+        str(tarball), ref,
+    ], stdout=subprocess.DEVNULL)
+    timings[f"import {name}"] = time.monotonic() - t
+    return ref
+
+
+# ---------------------------------------------------------------- image
+
+def _ca_file() -> str | None:
+    for cand in (
+        os.environ.get("SPARKD_BUILD_CA"),
+        os.environ.get("PIP_CERT"),
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+def _build(tag: str, runtime: str, builder: str, wheels_dir: Path, target: str | None) -> None:
+    cmd = [
+        "podman", "build", "--pull=never", "--layers",
+        "--build-arg", f"BASE_IMAGE={runtime}",
+        "--build-arg", f"BUILDER_IMAGE={builder}",
+        "-v", f"{wheels_dir}:/opt/prebuilt-wheels:ro",
+        "-t", tag,
+    ]
+    ca = _ca_file()
+    if ca:
+        cmd += ["-v", f"{ca}:{CA_IN_BUILD}:ro", "--build-arg", f"PIP_CA_FILE={CA_IN_BUILD}"]
+    if target:
+        cmd += ["--target", target]
+    cmd.append(str(CONTEXT))
+    run(cmd)
+
+
+def _harvest_wheel(wheels_image: str, wheels_dir: Path) -> None:
+    """Copy the compiled llama_cpp_python wheel out of the wheels stage."""
+    cid = subprocess.run(
+        ["podman", "create", wheels_image, "true"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    try:
+        with tempfile.TemporaryDirectory(dir=wheels_dir.parent) as tmp:
+            run(["podman", "cp", f"{cid}:/wheels/.", tmp])
+            found = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
+            if not found:
+                raise RuntimeError("no llama_cpp_python wheel in the wheels stage")
+            for whl in found:
+                shutil.copy2(whl, wheels_dir / (whl.name + ".partial"))
+                os.replace(wheels_dir / (whl.name + ".partial"), wheels_dir / whl.name)
+                log(f"cached {wheels_dir / whl.name}")
+    finally:
+        subprocess.run(["podman", "rm", "-f", cid], check=False, capture_output=True)
+
+
+def ensure_image(force: bool = False) -> str:
+    """Build (if needed) and return ``localhost/sparkd/smollm2-cpu:<hash>``;
+    ``:latest`` points at it afterwards."""
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    h = image_hash()
+    ref = f"{IMAGE_REPO}:{h}"
+    if not force and image_exists(ref):
+        log(f"{ref} exists, nothing to build")
+        run(["podman", "tag", ref, IMAGE_LATEST])
+        return ref
+
+    runtime = ensure_base("runtime", timings)
+    builder = ensure_base("builder", timings)
+
+    wheels_dir = cache_dir() / "wheels" / wheel_hash()
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    if not any(wheels_dir.glob("llama_cpp_python-*.whl")):
+        t = time.monotonic()
+        wheels_image = f"{WHEELS_REPO}:{h}"
+        _build(wheels_image, runtime, builder, wheels_dir, target="wheels")
+        timings["wheels stage (compile llama.cpp)"] = time.monotonic() - t
+        _harvest_wheel(wheels_image, wheels_dir)
+        subprocess.run(["podman", "rmi", wheels_image], check=False, capture_output=True)
+    else:
+        log(f"using cached wheel(s) in {wheels_dir}")
+
+    t = time.monotonic()
+    _build(ref, runtime, builder, wheels_dir, target=None)
+    timings["final image"] = time.monotonic() - t
+    run(["podman", "tag", ref, IMAGE_LATEST])
+    timings["total"] = time.monotonic() - t0
+
+    size = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Size}}", ref],
+        capture_output=True, text=True,
+    ).stdout.strip()
+    for k, v in timings.items():
+        log(f"time {k}: {v:.1f}s")
+    if size.isdigit():
+        log(f"size {ref}: {int(size) / 1e6:.0f} MB")
+    return ref
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="rebuild the image even if its tag exists")
+    ap.add_argument("--print-tag", action="store_true", help="print the content-hash tag and exit")
+    args = ap.parse_args()
+    if args.print_tag:
+        print(f"{IMAGE_REPO}:{image_hash()}")
+        return 0
+    if shutil.which("podman") is None:
+        print("podman is not installed", file=sys.stderr)
+        return 1
+    print(ensure_image(force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
