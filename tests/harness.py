@@ -219,7 +219,7 @@ def unique_prefix() -> str:
 
 def remove_containers(client: Any, prefix: str) -> None:
     """Remove every container of the test's models (label io.sparkd.model=<prefix>-*)."""
-    for container in client.containers.list(all=True, filters={"label": ["io.sparkd.managed=true"]}):
+    for container in client.containers.list(all=True, filters={"label": "io.sparkd.managed=true"}):
         model = (container.labels or {}).get("io.sparkd.model", "")
         if model.startswith(prefix + "-"):
             try:
@@ -231,7 +231,7 @@ def remove_containers(client: Any, prefix: str) -> None:
 def container_events(client: Any, since: float, prefix: str, actions: set[str] | None = None) -> list[tuple[float, str, str]]:
     """Podman events of the test's containers since ``since``: (time, action, model)."""
     events = []
-    for raw in client.events(since=int(since) - 1, until=int(time.time()) + 1, filters={"label": ["io.sparkd.managed=true"]}, decode=True):
+    for raw in client.events(since=int(since) - 1, until=int(time.time()) + 1, filters={"label": "io.sparkd.managed=true"}, decode=True):
         if raw.get("Type") != "container":
             continue
         attributes = (raw.get("Actor") or {}).get("Attributes") or {}

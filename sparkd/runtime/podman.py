@@ -27,7 +27,8 @@ from .spec import LABEL_KEY_ENV, LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC, Contain
 
 log = structlog.get_logger("sparkd.runtime")
 
-MANAGED_FILTER = {"label": [f"{LABEL_MANAGED}=true"]}
+# podman-py stringifies dict values: a list here would become "[...]" and match nothing.
+MANAGED_FILTER = {"label": f"{LABEL_MANAGED}=true"}
 
 
 @dataclass(frozen=True)

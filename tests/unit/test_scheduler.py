@@ -1,0 +1,286 @@
+"""Scheduling decisions with an in-process fake of the container lifecycle.
+
+The fake moves each model's state machine exactly as the real Lifecycle does,
+with short sleeps instead of containers, and records what ran when; the
+integration tests repeat the important cases on real Podman.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
+from sparkd.engine.client import Endpoint
+from sparkd.errors import GatewayTimeout, ModelBusy, ServiceUnavailable
+from sparkd.scheduler.loadtimes import LoadTimes
+from sparkd.scheduler.scheduler import Scheduler
+from sparkd.scheduler.state import ModelState
+
+
+class FakeRuntime:
+    async def inspect(self, name):
+        return None
+
+    async def list_managed(self):
+        return []
+
+    async def stop(self, name, timeout):
+        return None
+
+
+class FakeLifecycle:
+    def __init__(self, tmp: Path, start_delay: float = 0.02) -> None:
+        self.runtime = FakeRuntime()
+        self.load_times = LoadTimes(tmp / "load-times.json")
+        self.start_delay = start_delay
+        self.running: set[str] = set()
+        self.timeline: list[tuple[str, str]] = []
+        self.overlaps: list[set[str]] = []
+        self.failing: dict[str, str] = {}
+        self.exclusive_pairs: list[tuple[str, str]] = []
+
+    def _record(self, action: str, name: str) -> None:
+        self.timeline.append((action, name))
+        self.overlaps.append(set(self.running))
+
+    async def start(self, runner, reason):
+        runner.transition(ModelState.STARTING, reason=reason)
+        self.running.add(runner.name)
+        self._record("start", runner.name)
+        await asyncio.sleep(self.start_delay)
+        if runner.name in self.failing:
+            self.running.discard(runner.name)
+            runner.fail(f"model {runner.name}: its container exited during start with code 1", [self.failing[runner.name]])
+            return
+        runner.endpoint = Endpoint(port=1, key="k")
+        runner.transition(ModelState.READY, reason=reason)
+
+    async def stop(self, runner, reason):
+        runner.transition(ModelState.STOPPING, reason=reason)
+        await asyncio.sleep(0.005)
+        self.running.discard(runner.name)
+        self._record("stop", runner.name)
+        runner.transition(ModelState.STOPPED, reason=reason)
+        return True
+
+    async def sleep(self, runner, reason):
+        await asyncio.sleep(0.005)
+        self._record("sleep", runner.name)
+        runner.transition(ModelState.SLEEPING, reason=reason)
+        return True
+
+    async def wake(self, runner, reason):
+        runner.transition(ModelState.WAKING, reason=reason)
+        await asyncio.sleep(0.005)
+        self._record("wake", runner.name)
+        runner.transition(ModelState.READY, reason=reason)
+
+    async def tail_logs(self, runner):
+        return []
+
+    def starts(self, name: str | None = None) -> int:
+        return sum(1 for action, model in self.timeline if action == "start" and (name is None or model == name))
+
+
+def config_with(models: list[ModelConfig], **lifecycle: object) -> Config:
+    return Config(
+        gpu=GpuConfig(devices=(), memory_budget=0.94),
+        lifecycle=replace(LifecycleConfig(min_uptime_s=0, failure_backoff_s=0, queue_timeout_s=5), **lifecycle),
+        models={m.name: m for m in models},
+    )
+
+
+def model(name: str, claim: float, lifecycle: str = "normal", **fields: object) -> ModelConfig:
+    return ModelConfig(name=name, image="img", gpu_memory=claim, lifecycle=lifecycle, **fields)  # type: ignore[arg-type]
+
+
+async def serve(scheduler: Scheduler, name: str, hold: float = 0.01) -> str:
+    runner = await scheduler.acquire(name)
+    try:
+        await asyncio.sleep(hold)
+        return runner.name
+    finally:
+        scheduler.release(runner)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakeLifecycle(tmp_path)
+
+
+async def test_cold_stampede_starts_the_model_once(fake):
+    scheduler = Scheduler(config_with([model("a", 0.5)]), fake)
+    results = await asyncio.gather(*(serve(scheduler, "a") for _ in range(200)))
+    assert results == ["a"] * 200
+    assert fake.starts("a") == 1
+
+
+async def test_alternating_requests_cost_one_swap(fake):
+    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    names = ["a", "b"] * 6
+    results = await asyncio.gather(*(serve(scheduler, n) for n in names))
+    assert sorted(results) == sorted(names)
+    assert fake.starts() == 2  # a, then one swap to b
+    assert not any({"a", "b"} <= running for running in fake.overlaps)
+
+
+async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
+    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    await serve(scheduler, "a")
+    stop = asyncio.Event()
+
+    async def steady_a():
+        while not stop.is_set():
+            asyncio.create_task(serve(scheduler, "a", hold=0.03))
+            await asyncio.sleep(0.01)
+
+    feeder = asyncio.create_task(steady_a())
+    await asyncio.sleep(0.05)
+    served = await asyncio.wait_for(serve(scheduler, "b"), timeout=2)
+    stop.set()
+    await feeder
+    assert served == "b"
+
+
+async def test_in_flight_request_is_never_cut_by_a_swap(fake):
+    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    runner_a = await scheduler.acquire("a")
+    b_task = asyncio.create_task(serve(scheduler, "b"))
+    await asyncio.sleep(0.1)
+    assert runner_a.state is ModelState.DRAINING
+    assert not b_task.done()
+    assert fake.starts("b") == 0
+    scheduler.release(runner_a)
+    assert await asyncio.wait_for(b_task, 2) == "b"
+    assert fake.timeline.index(("stop", "a")) < fake.timeline.index(("start", "b"))
+
+
+async def test_queue_full_gives_503_with_retry_after(fake):
+    fake.start_delay = 0.3
+    scheduler = Scheduler(config_with([model("a", 0.5)], queue_size=2), fake)
+    waiting = [asyncio.create_task(serve(scheduler, "a")) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(ServiceUnavailable) as caught:
+        await serve(scheduler, "a")
+    assert caught.value.retry_after and caught.value.code == "queue_full"
+    await asyncio.gather(*waiting)
+
+
+async def test_queue_timeout_gives_504_and_leaves_the_queue(fake):
+    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)], queue_timeout_s=0.2), fake)
+    holder = await scheduler.acquire("a")
+    with pytest.raises(GatewayTimeout) as caught:
+        await serve(scheduler, "b")
+    assert "busy with a" in caught.value.message
+    assert len(scheduler.queue) == 0
+    await asyncio.sleep(0.05)
+    assert holder.state is ModelState.READY  # the swap was called off
+    scheduler.release(holder)
+
+
+async def test_disconnected_waiter_leaves_the_queue(fake):
+    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    holder = await scheduler.acquire("a")
+    waiter = asyncio.create_task(serve(scheduler, "b"))
+    await asyncio.sleep(0.02)
+    assert scheduler.queue.depth("b") == 1
+    waiter.cancel()
+    await asyncio.sleep(0.02)
+    assert scheduler.queue.depth("b") == 0
+    assert holder.state is ModelState.READY
+    scheduler.release(holder)
+
+
+async def test_exclusive_model_stops_utility_which_comes_back_after(fake):
+    scheduler = Scheduler(
+        config_with([model("u", 0.05, "utility"), model("x", 0.94, "exclusive"), model("a", 0.5)]),
+        fake,
+    )
+    scheduler._pump()  # start-up: the utility model is brought up
+    await asyncio.sleep(0.1)
+    assert scheduler.runners["u"].state is ModelState.READY
+    await serve(scheduler, "x")
+    assert fake.timeline.index(("stop", "u")) < fake.timeline.index(("start", "x"))
+    assert not any({"u", "x"} <= running for running in fake.overlaps)
+    await scheduler.stop_model("x", timeout=2)
+    await asyncio.sleep(0.1)
+    assert scheduler.runners["u"].state is ModelState.READY
+    assert fake.starts("u") == 2
+
+
+async def test_failed_start_fails_waiters_with_the_log_line(fake):
+    fake.failing["a"] = "RuntimeError: CUDA error: fake crash at start"
+    scheduler = Scheduler(config_with([model("a", 0.5)]), fake)
+    results = await asyncio.gather(*(serve(scheduler, "a") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ServiceUnavailable) for r in results)
+    assert "fake crash at start" in results[0].message
+    assert scheduler.lease.holders == {}
+    del fake.failing["a"]
+    assert await serve(scheduler, "a") == "a"  # the next request retries
+
+
+async def test_failure_backoff_answers_at_once(fake):
+    fake.failing["a"] = "boom"
+    scheduler = Scheduler(config_with([model("a", 0.5)], failure_backoff_s=30), fake)
+    with pytest.raises(ServiceUnavailable):
+        await serve(scheduler, "a")
+    with pytest.raises(ServiceUnavailable) as caught:
+        await asyncio.wait_for(serve(scheduler, "a"), 0.5)
+    assert "boom" in caught.value.message
+    assert fake.starts("a") == 1
+
+
+async def test_reject_policy_names_the_busy_model(fake):
+    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)], policy="reject"), fake)
+    holder = await scheduler.acquire("a")
+    with pytest.raises(ModelBusy) as caught:
+        await serve(scheduler, "b")
+    error = caught.value
+    assert error.status == 429 and error.retry_after
+    assert error.headers["X-Busy-Model"] == "a"
+    assert error.extra["busy_model"] == "a" and error.extra["releases"] is True
+    assert "busy_model_uptime_s" in error.extra and "busy_model_idle_s" in error.extra
+    scheduler.release(holder)
+
+
+async def test_sleep_capable_models_swap_by_sleeping(fake):
+    sleepy = {"sleep_mode": True, "sleep_gpu_memory": 0.05}
+    scheduler = Scheduler(config_with([model("a", 0.8, **sleepy), model("b", 0.8, **sleepy)]), fake)
+    await serve(scheduler, "a")
+    await serve(scheduler, "b")
+    assert scheduler.runners["a"].state is ModelState.SLEEPING
+    assert scheduler.lease.holders["a"] == pytest.approx(0.05)
+    await serve(scheduler, "a")
+    assert ("wake", "a") in fake.timeline
+    assert fake.starts() == 2  # each container started once; swaps were sleeps and wakes
+
+
+async def test_idle_models_are_stopped_after_idle_time(fake):
+    scheduler = Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.05), fake)
+    await serve(scheduler, "a")
+    await asyncio.sleep(0.1)
+    scheduler.reap_idle()
+    await asyncio.sleep(0.05)
+    assert scheduler.runners["a"].state is ModelState.STOPPED
+    assert scheduler.lease.holders == {}
+
+
+async def test_min_uptime_protects_a_fresh_model(fake):
+    scheduler = Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.01, min_uptime_s=60), fake)
+    await serve(scheduler, "a")
+    await asyncio.sleep(0.05)
+    scheduler.reap_idle()
+    await asyncio.sleep(0.02)
+    assert scheduler.runners["a"].state is ModelState.READY
+
+
+async def test_impossible_claim_is_refused(fake):
+    scheduler = Scheduler(config_with([model("p", 0.5, "pinned"), model("a", 0.8)]), fake)
+    await serve(scheduler, "p")
+    with pytest.raises(ServiceUnavailable) as caught:
+        await serve(scheduler, "a")
+    assert "pinned" in caught.value.message
