@@ -43,7 +43,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.directory = ModelDirectory(config)
-        self.runtime = PodmanRuntime(config.podman.url, config.podman.timeout_s)
+        self.runtime = PodmanRuntime(config.podman.url, config.podman.timeout_s, config.server.instance)
         self.notifier = Notifier()
         self.reconciled = False
         self.engine: EngineClient
@@ -68,7 +68,7 @@ class Daemon:
         await asyncio.to_thread(load_times.load)
         self.scheduler = Scheduler(config, Lifecycle(config, self.runtime, self.engine, memory, load_times))
         self.scheduler.subscribe(self._publish_status)
-        events = EventStream(config.podman.url, loop, self.scheduler.on_container_event)
+        events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
         runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
         await runner.setup()
         sites: list[web.TCPSite] = []

@@ -103,7 +103,7 @@ class Sparkd:
         return f"{self.prefix}-{key}"
 
     def container(self, key: str) -> str:
-        return "sparkd-" + self.model(key)
+        return f"sparkd-{self.prefix}-{self.model(key)}"
 
     @property
     def base_url(self) -> str:
@@ -116,6 +116,7 @@ class Sparkd:
         server.setdefault("state_dir", str(self.workdir / "state"))
         server.setdefault("runtime_dir", str(self.workdir / "run"))
         server.setdefault("shutdown_grace_s", 10)
+        server.setdefault("instance", self.prefix)  # concurrent test daemons never touch each other
         settings.setdefault("log", {}).setdefault("format", "console")
         settings["log"].setdefault("level", "debug")
         settings.setdefault("gpu", {}).setdefault("devices", [])
@@ -238,6 +239,6 @@ def container_events(client: Any, since: float, prefix: str, actions: set[str] |
         model = attributes.get("io.sparkd.model", "")
         action = raw.get("Action") or raw.get("status")
         stamp = (raw.get("timeNano") or 0) / 1e9 or float(raw.get("time", 0))
-        if model.startswith(prefix + "-") and stamp >= since - 0.5 and (actions is None or action in actions):
+        if model.startswith(prefix + "-") and stamp >= since and (actions is None or action in actions):
             events.append((stamp, action, model))
     return sorted(events)

@@ -169,6 +169,8 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
     for index, origin in enumerate(config.server.cors_origins):
         if not origin or " " in origin:
             add(f"server.cors_origins[{index}]", "an origin pattern like http://localhost:*", describe(origin))
+    if not MODEL_NAME.match(config.server.instance):
+        add("server.instance", "a name of letters, digits, '.', '_' or '-'", describe(config.server.instance))
     _positive(add, "server.max_body_bytes", config.server.max_body_bytes)
     _at_least_zero(add, "server.shutdown_grace_s", config.server.shutdown_grace_s)
     for key in ("state_dir", "runtime_dir"):

@@ -41,6 +41,9 @@ class ServerConfig:
         "vscode-webview://*",
     )
     max_body_bytes: int = 64 * MIB
+    instance: str = "default"
+    """Names this daemon's containers (``sparkd-<model>``, or ``sparkd-<instance>-<model>``
+    otherwise) so several sparkd on one Podman never touch each other's containers."""
     state_dir: str = "/var/lib/sparkd"
     runtime_dir: str = "/run/sparkd"
     shutdown_grace_s: float = 30.0

@@ -18,8 +18,7 @@ from typing import Any, Callable
 import structlog
 from podman import PodmanClient
 
-from .podman import MANAGED_FILTER
-from .spec import LABEL_MODEL
+from .spec import LABEL_MODEL, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")
 
@@ -54,10 +53,13 @@ def parse_event(raw: dict[str, Any]) -> ContainerEvent | None:
 
 
 class EventStream:
-    """A daemon thread relaying sparkd containers' events to ``callback`` on ``loop``."""
+    """A daemon thread relaying this instance's container events to ``callback`` on ``loop``."""
 
-    def __init__(self, url: str, loop: asyncio.AbstractEventLoop, callback: Callable[[ContainerEvent], None]) -> None:
+    def __init__(
+        self, url: str, instance: str, loop: asyncio.AbstractEventLoop, callback: Callable[[ContainerEvent], None]
+    ) -> None:
         self._url = url
+        self._filters = instance_filter(instance)
         self._loop = loop
         self._callback = callback
         self._stopped = threading.Event()
@@ -78,7 +80,7 @@ class EventStream:
         while not self._stopped.is_set():
             try:
                 self._client = PodmanClient(base_url=self._url, timeout=None)
-                for raw in self._client.events(since=since, filters=MANAGED_FILTER, decode=True):
+                for raw in self._client.events(since=since, filters=self._filters, decode=True):
                     if self._stopped.is_set():
                         return
                     event = parse_event(raw)

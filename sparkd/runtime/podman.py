@@ -23,12 +23,10 @@ from podman import PodmanClient
 from podman.errors import NotFound
 
 from .errors import RuntimeFailure, translate
-from .spec import LABEL_KEY_ENV, LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC, ContainerSpec
+from .spec import LABEL_KEY_ENV, LABEL_MODEL, LABEL_SPEC, ContainerSpec, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")
 
-# podman-py stringifies dict values: a list here would become "[...]" and match nothing.
-MANAGED_FILTER = {"label": f"{LABEL_MANAGED}=true"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,9 @@ class ContainerInfo:
 class PodmanRuntime:
     """Async facade over podman-py for the containers sparkd manages."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, instance: str) -> None:
         self.url = url
+        self.instance = instance
         self._timeout = timeout
         self._local = threading.local()
 
@@ -99,11 +98,11 @@ class PodmanRuntime:
         return _info_from_inspect(container.attrs)
 
     async def list_managed(self) -> list[ContainerInfo]:
-        """Every container sparkd manages, running or not, with its engine key."""
+        """Every container this sparkd instance manages, running or not, with its engine key."""
         return await self._call("list sparkd's containers", self._list_managed_sync)
 
     def _list_managed_sync(self) -> list[ContainerInfo]:
-        containers = self._client().containers.list(all=True, filters=MANAGED_FILTER)
+        containers = self._client().containers.list(all=True, filters=instance_filter(self.instance))
         infos = []
         for container in containers:
             try:

@@ -20,12 +20,18 @@ LABEL_MANAGED = "io.sparkd.managed"
 LABEL_MODEL = "io.sparkd.model"
 LABEL_SPEC = "io.sparkd.spec"
 LABEL_KEY_ENV = "io.sparkd.key_env"
-CONTAINER_PREFIX = "sparkd-"
+LABEL_INSTANCE = "io.sparkd.instance"
+DEFAULT_INSTANCE = "default"
 UNLIMITED = 2**64 - 1  # Podman rejects -1 for "unlimited" ulimits.
 
 
-def container_name(model: str) -> str:
-    return CONTAINER_PREFIX + model
+def container_name(model: str, instance: str = DEFAULT_INSTANCE) -> str:
+    return f"sparkd-{model}" if instance == DEFAULT_INSTANCE else f"sparkd-{instance}-{model}"
+
+
+def instance_filter(instance: str) -> dict[str, str]:
+    """Podman filter for one daemon's containers (podman-py stringifies dict values, so no lists)."""
+    return {"label": f"{LABEL_INSTANCE}={instance}"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Mount:
 class ContainerSpec:
     name: str
     model: str
+    instance: str
     image: str
     command: tuple[str, ...]
     env: dict[str, str]
@@ -64,6 +71,7 @@ class ContainerSpec:
         return {
             **self.labels,
             LABEL_MANAGED: "true",
+            LABEL_INSTANCE: self.instance,
             LABEL_MODEL: self.model,
             LABEL_SPEC: self.spec_hash,
             LABEL_KEY_ENV: self.key_env,
@@ -98,8 +106,9 @@ def render(config: Config, model: ModelConfig) -> ContainerSpec:
     """The container spec of ``model`` under ``config``."""
     devices = tuple(config.gpu.devices) if model.gpu else ()
     return ContainerSpec(
-        name=container_name(model.name),
+        name=container_name(model.name, config.server.instance),
         model=model.name,
+        instance=config.server.instance,
         image=model.image,
         command=tuple(model.command) + tuple(model.args),
         env=dict(sorted(model.env.items())),
