@@ -34,10 +34,10 @@ class Reading:
 
 
 class MemoryGauge:
-    def __init__(self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = None) -> None:
+    def __init__(self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi") -> None:
         self.mode = mode
         self._meminfo = Path(meminfo)
-        self._nvidia_smi = nvidia_smi or shutil.which("nvidia-smi")
+        self._nvidia_smi = shutil.which(nvidia_smi) if nvidia_smi else None
 
     async def resolve(self) -> str:
         """Settle ``auto`` to the source that works on this machine."""

@@ -241,3 +241,26 @@ async def test_second_daemon_on_the_same_gpu_lock_refuses(sparkd_factory, engine
     assert await asyncio.to_thread(second.process.wait, 15) == 1
     assert "already manages this GPU" in second.logs()
     assert "gpu.lock" in second.logs()
+
+
+async def test_load_progress_and_eta_from_past_loads(sparkd_factory, engine_image):
+    sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "3"})}, {"lifecycle": {"idle_stop_s": 1}})
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(sparkd.chat(session, "a"))
+        seen = set()
+        while not first.done():
+            status = await sparkd.model_status("a")
+            if status["progress"]:
+                seen.add(status["progress"]["phase"])
+            await asyncio.sleep(0.1)
+        assert (await first)[0] == 200
+        assert "loading weights" in seen, seen
+        eta = (await sparkd.model_status("a"))["eta_s"]
+        assert 2.5 <= eta <= 6
+        assert (sparkd.workdir / "state" / "load-times.json").exists()
+        await sparkd.wait_state("a", "stopped", timeout=10)
+        second = asyncio.create_task(sparkd.chat(session, "a"))
+        starting = await sparkd.wait_state("a", "starting")
+        assert starting["eta_s"] == eta and starting["loading_for_s"] is not None
+        assert (await second)[0] == 200

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian 12 machine, as root: this is README's test command.
+#
+# It installs what it needs itself (apt packages, Podman and its test-machine
+# settings, a Python venv with the dependencies, the locally built test images),
+# then runs every test. Slow artefacts are cached by a content hash of their
+# inputs under /var/cache/sparkd-test, so a warm run only runs the tests.
+#
+#   sudo tests/run-all.sh [pytest args...]
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${SPARKD_TEST_CACHE:-/var/cache/sparkd-test}
+python=${PYTHON:-python3}
+export SPARKD_TEST_CACHE=$cache
+mkdir -p "$cache"
+started=$(date +%s)
+step() { printf '\n== %s (%ss)\n' "$1" "$(( $(date +%s) - started ))"; }
+
+step "host: packages, Podman service"
+"$repo/tests/setup/host.sh"
+
+step "python: venv with sparkd's dependencies"
+venv_key=$({ cat "$repo/pyproject.toml"; "$python" --version; } | sha256sum | cut -c1-16)
+venv="$cache/venv-$venv_key"
+if [ ! -x "$venv/bin/python" ]; then
+    rm -rf "$venv.tmp"
+    "$python" -m venv "$venv.tmp"
+    # Dependencies only: the tests run the checkout itself (PYTHONPATH), so a cached
+    # venv never holds a stale copy of sparkd.
+    "$venv.tmp/bin/python" - "$repo/pyproject.toml" > "$venv.tmp/requirements.txt" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+PY
+    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check -r "$venv.tmp/requirements.txt"
+    mv "$venv.tmp" "$venv"
+else
+    echo "cached: $venv"
+fi
+export PATH="$venv/bin:$PATH"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+step "images: test engine, systemd test image, CPU demo model"
+"$venv/bin/python" "$repo/tests/images/build.py" all
+"$venv/bin/python" "$repo/tests/images/cpu_demo.py"
+
+step "tests"
+cd "$repo"
+export SPARKD_REQUIRE_PODMAN=1
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+step "done"

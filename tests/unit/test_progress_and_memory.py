@@ -1,0 +1,76 @@
+"""Load progress parsing and the memory gauge used to wait for reclaimed memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from sparkd.engine.progress import parse_line
+from sparkd.scheduler.memory import MemoryGauge, parse_meminfo, parse_nvidia_smi
+
+
+@pytest.mark.parametrize(
+    "line, phase, fraction",
+    [
+        ("Loading safetensors checkpoint shards:  50% Completed | 2/4 [00:02<00:02,  1.00s/it]", "loading weights", 0.5),
+        ("Loading safetensors checkpoint shards: 100% Completed | 15/15 [01:02<00:00]", "loading weights", 1.0),
+        ("Capturing CUDA graphs (mixed prefill-decode, PIECEWISE):  37%|███▋      | 25/67 [00:03<00:05]", "capturing CUDA graphs", 25 / 67),
+        ("INFO 11-27 [gpu_worker.py] Available KV cache memory: 61.2 GiB", "profiling memory", None),
+        ("INFO:     Application startup complete.", "ready", None),
+        ("Downloading 'model-00001-of-00004.safetensors'", "downloading weights", None),
+    ],
+)
+def test_vllm_log_lines_give_progress(line, phase, fraction):
+    progress = parse_line(line)
+    assert progress is not None and progress.phase == phase
+    if fraction is None:
+        assert progress.fraction is None
+    else:
+        assert progress.fraction == pytest.approx(fraction)
+
+
+def test_unrelated_lines_say_nothing():
+    assert parse_line("INFO 11-27 12:00:00 [api_server.py] vLLM API server version 0.11") is None
+
+
+def test_nvidia_smi_parsing_discrete_and_unified():
+    reading = parse_nvidia_smi("1024, 81920\n")
+    assert reading is not None and reading.fraction == pytest.approx((81920 - 1024) / 81920)
+    assert parse_nvidia_smi("[N/A], [N/A]\n") is None  # GB10: no per-GPU memory numbers
+
+
+def test_meminfo_parsing():
+    reading = parse_meminfo("MemTotal:       131072000 kB\nMemFree: 1 kB\nMemAvailable:    65536000 kB\n")
+    assert reading is not None and reading.fraction == pytest.approx(0.5)
+    assert parse_meminfo("garbage") is None
+
+
+async def test_wait_for_returns_once_memory_is_back(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 1000 kB\nMemAvailable: 100 kB\n")
+    gauge = MemoryGauge("meminfo", meminfo=str(meminfo))
+
+    async def release_later():
+        await asyncio.sleep(0.3)
+        meminfo.write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
+
+    began = time.monotonic()
+    releaser = asyncio.create_task(release_later())
+    waited = await gauge.wait_for(0.8, timeout=5)
+    await releaser
+    assert 0.25 <= waited < 2 and time.monotonic() - began < 2
+
+
+async def test_wait_for_is_bounded(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 1000 kB\nMemAvailable: 100 kB\n")
+    waited = await MemoryGauge("meminfo", meminfo=str(meminfo)).wait_for(0.8, timeout=0.3)
+    assert 0.3 <= waited < 1.0
+
+
+async def test_no_probe_means_no_wait():
+    gauge = MemoryGauge("auto", nvidia_smi=None)
+    assert await gauge.resolve() == "none"
+    assert await gauge.wait_for(0.9, timeout=5) < 0.05
