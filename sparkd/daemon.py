@@ -26,6 +26,7 @@ from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle
 from .scheduler.loadtimes import LoadTimes
 from .scheduler.memory import MemoryGauge
+from .scheduler.reconcile import adopt_running
 from .scheduler.scheduler import Scheduler
 from .scheduler.status import status_line
 
@@ -91,7 +92,7 @@ class Daemon:
                 raise StartupError(str(error)) from error
             log.info("podman_connected", url=config.podman.url, version=version)
             events.start()
-            await self.scheduler.adopt_running()
+            await adopt_running(self.scheduler)
             self.reconciled = True
             for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
                 loop.add_signal_handler(signum, handler)

@@ -357,44 +357,19 @@ class Scheduler:
 
     # -- restart safety ------------------------------------------------------------------
 
-    async def adopt_running(self) -> None:
-        """Adopt containers an earlier sparkd left running; stop the ones that no longer fit.
+    def hold(self, runner: ModelRunner) -> bool:
+        """Give an adopted model its lease share; False when it does not fit the budget."""
+        if not self.lease.fits(runner.claim):
+            return False
+        self.lease.grant(runner.name, runner.claim)
+        return True
 
-        Matching, healthy containers keep serving (no cold start after a restart);
-        strays, stale-spec ones and those beyond the budget (the most recently
-        started are kept) are stopped — nothing is in flight on them yet.
-        """
-        runtime = self.lifecycle.runtime
-        infos = sorted(
-            (i for i in await runtime.list_managed() if i.running),
-            key=lambda i: i.started_at or 0.0,
-            reverse=True,
-        )
-        adopting: list[tuple[ModelRunner, Any]] = []
-        leftovers: list[tuple[Any, str]] = []
-        for info in infos:
-            runner = self.runners.get(info.model or "")
-            if runner is None:
-                leftovers.append((info, "no enabled model of that name"))
-            elif info.spec_hash != runner.spec.spec_hash:
-                leftovers.append((info, "made from an older spec"))
-            elif not self.lease.fits(runner.claim):
-                leftovers.append((info, "beyond the GPU budget"))
-            else:
-                self.lease.grant(runner.name, runner.claim)
-                adopting.append((runner, info))
-        results = await asyncio.gather(*(self.lifecycle.adopt(runner, info) for runner, info in adopting))
-        for (runner, info), ready in zip(adopting, results):
-            if ready:
-                continue
-            if runner.state is S.STARTING:
-                self._spawn(runner, self._run_adopted(runner))
-            else:
-                self.lease.release(runner.name)
-                leftovers.append((info, "not adoptable"))
-        for info, why in leftovers:
-            log.info("container_not_adopted", container=info.name, reason=why)
-        await asyncio.gather(*(runtime.stop(info.name, self.config.lifecycle.stop_timeout_s) for info, _ in leftovers))
+    def adopted(self, runner: ModelRunner) -> None:
+        """An adopted model is serving, still loading, or could not be adopted."""
+        if runner.state is S.STARTING:
+            self._spawn(runner, self._run_adopted(runner))
+        elif runner.state is not S.READY:
+            self.lease.release(runner.name)
         self._pump()
 
     # -- idle reaper ---------------------------------------------------------------------

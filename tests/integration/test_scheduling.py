@@ -264,3 +264,29 @@ async def test_load_progress_and_eta_from_past_loads(sparkd_factory, engine_imag
         starting = await sparkd.wait_state("a", "starting")
         assert starting["eta_s"] == eta and starting["loading_for_s"] is not None
         assert (await second)[0] == 200
+
+
+async def test_restart_stops_strays_stale_specs_and_what_exceeds_the_budget(sparkd_factory, engine_image, podman):
+    models = {key: engine_model(engine_image, claim=0.2) for key in ("a", "b", "stray", "stale")}
+    sparkd = sparkd_factory(models, BUDGET)
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        for key in ("a", "b", "stray", "stale"):
+            assert (await sparkd.chat(session, key))[0] == 200
+    sparkd.kill()
+    del sparkd.models["stray"]
+    sparkd.models["a"] = engine_model(engine_image, claim=0.6)  # a claim is not part of the container spec
+    sparkd.models["b"] = engine_model(engine_image, claim=0.6)
+    sparkd.models["stale"] = engine_model(engine_image, claim=0.2, args=["--fake-tokens", "2"])
+    sparkd.write_config()
+    await sparkd.start()
+    states = {key: (await sparkd.model_status(key))["state"] for key in ("a", "b", "stale")}
+    # b started after a: it is kept; a would exceed the budget beside it.
+    assert states == {"a": "stopped", "b": "ready", "stale": "stopped"}
+    listed = podman.containers.list(all=True, filters={"label": f"io.sparkd.instance={sparkd.prefix}"})
+    status = {c.name: c.attrs["State"] for c in listed}  # the list API gives the state as a word
+    assert status[sparkd.container("stray")] == "exited"
+    assert status[sparkd.container("stale")] == "exited"
+    assert status[sparkd.container("a")] == "exited"
+    assert status[sparkd.container("b")] == "running"
+    assert "container_not_adopted" in sparkd.logs()

@@ -1,0 +1,53 @@
+"""Restart safety: adopt the containers an earlier sparkd left running.
+
+Matching, healthy containers keep serving, so a restart costs no model reload.
+Strays (no enabled model of that name), stale-spec containers and those beyond
+the budget (the most recently started are kept) are stopped: after a restart
+nothing is in flight on them, so they are idle by definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ..runtime.podman import ContainerInfo
+from .runner import ModelRunner
+from .state import ModelState
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+log = structlog.get_logger("sparkd.scheduler")
+
+
+async def adopt_running(scheduler: "Scheduler") -> None:
+    lifecycle = scheduler.lifecycle
+    runtime = lifecycle.runtime
+    running = sorted(
+        (info for info in await runtime.list_managed() if info.running),
+        key=lambda info: info.started_at or 0.0,
+        reverse=True,
+    )
+    adopting: list[tuple[ModelRunner, ContainerInfo]] = []
+    leftovers: list[tuple[ContainerInfo, str]] = []
+    for info in running:
+        runner = scheduler.runners.get(info.model or "")
+        if runner is None:
+            leftovers.append((info, "no enabled model of that name"))
+        elif info.spec_hash != runner.spec.spec_hash:
+            leftovers.append((info, "made from an older spec"))
+        elif not scheduler.hold(runner):
+            leftovers.append((info, "beyond the GPU budget"))
+        else:
+            adopting.append((runner, info))
+    ready = await asyncio.gather(*(lifecycle.adopt(runner, info) for runner, info in adopting))
+    for (runner, info), serving in zip(adopting, ready):
+        if not serving and runner.state is ModelState.STOPPED:
+            leftovers.append((info, "its engine cannot be reached"))
+        scheduler.adopted(runner)
+    for info, why in leftovers:
+        log.info("container_not_adopted", container=info.name, reason=why)
+    await asyncio.gather(*(runtime.stop(info.name, scheduler.config.lifecycle.stop_timeout_s) for info, _ in leftovers))
