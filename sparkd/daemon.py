@@ -68,7 +68,7 @@ class Daemon:
         load_times = LoadTimes(Path(config.server.state_dir) / "load-times.json")
         await asyncio.to_thread(load_times.load)
         self.scheduler = Scheduler(config, Lifecycle(config, self.runtime, self.engine, memory, load_times))
-        self.scheduler.subscribe(self._publish_status)
+        self.scheduler.subscribe(lambda _runner, _previous: self._publish_status())
         events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
         runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
         await runner.setup()

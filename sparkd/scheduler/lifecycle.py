@@ -122,7 +122,7 @@ class Lifecycle:
             progress = parse_line(line)
             if progress is not None and runner.state == ModelState.STARTING:
                 runner.progress = progress
-                runner.on_change(runner)
+                runner.on_change(runner, None)
 
         follower = LogFollower(
             self.runtime.url,

@@ -39,7 +39,8 @@ class Failure:
 class ModelRunner:
     config: ModelConfig
     spec: ContainerSpec
-    on_change: Callable[["ModelRunner"], None]
+    on_change: Callable[["ModelRunner", "ModelState | None"], None]
+    """Called with the previous state after a transition, with None after other news (progress)."""
     state: ModelState = ModelState.STOPPED
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -85,7 +86,7 @@ class ModelRunner:
             self.progress = None
         method = log.error if new == ModelState.FAILED else log.info
         method(f"model_{new.value}", model=self.name, previous=old.value, reason=reason, **fields)
-        self.on_change(self)
+        self.on_change(self, old)
 
     def fail(self, message: str, log_lines: list[str] | tuple[str, ...] = ()) -> None:
         self.failure = Failure(message=message, log_lines=tuple(log_lines), at=time.monotonic())

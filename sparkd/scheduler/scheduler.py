@@ -81,15 +81,17 @@ class Scheduler:
 
     # -- observers ---------------------------------------------------------------
 
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` after any model changes state (sd_notify STATUS, metrics, status page)."""
+    def subscribe(self, listener: Callable[[ModelRunner, ModelState | None], None]) -> None:
+        """Call ``listener(runner, previous_state)`` after a model changes state, or with
+        ``previous_state=None`` after other news such as load progress (sd_notify STATUS,
+        metrics, history, the status page)."""
         self._listeners.append(listener)
 
-    def _on_runner_change(self, _runner: ModelRunner) -> None:
+    def _on_runner_change(self, runner: ModelRunner, previous: ModelState | None) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
         for listener in self._listeners:
-            listener()
+            listener(runner, previous)
 
     # -- the request path ----------------------------------------------------------
 
