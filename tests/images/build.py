@@ -6,7 +6,7 @@ need is built here from a Debian root made with debootstrap:
 
   base     localhost/sparkd-test-base:<hash>     Debian bookworm + python3-aiohttp + systemd
   engine   localhost/sparkd-test-engine:<hash>   base + tests/engine/fake_vllm.py (also :latest)
-  systemd  localhost/sparkd-test-systemd:<hash>  for now the base under another name
+  systemd  localhost/sparkd-test-systemd:<hash>  base + podman, adduser: systemd as PID 1 for tests/e2e
 
 Each tag is a hash of everything that goes into the image, so an unchanged
 recipe is never rebuilt: a warm run only asks podman whether the tags exist.
@@ -52,6 +52,7 @@ CACHE_DIR = Path(os.environ.get("SPARKD_TEST_CACHE", "/var/cache/sparkd-test"))
 HERE = Path(__file__).resolve().parent
 ENGINE_SOURCE = HERE.parent / "engine" / "fake_vllm.py"
 ENGINE_CONTAINERFILE = HERE / "engine" / "Containerfile"
+SYSTEMD_CONTAINERFILE = HERE / "systemd" / "Containerfile"
 
 BASE_REPO = "localhost/sparkd-test-base"
 ENGINE_REPO = "localhost/sparkd-test-engine"
@@ -94,8 +95,7 @@ def engine_hash() -> str:
 
 
 def systemd_hash() -> str:
-    # An alias of the base for now; others will give it its own recipe.
-    return _sha12(base_hash().encode(), b"systemd-alias", RECIPE_VERSION.encode())
+    return _sha12(base_hash().encode(), SYSTEMD_CONTAINERFILE.read_bytes(), RECIPE_VERSION.encode())
 
 
 def base_tag() -> str:
@@ -264,12 +264,21 @@ def build_engine() -> str:
 
 @timed("systemd")
 def build_systemd() -> str:
+    """base + the sparkd .deb's dependencies (apt-get inside the build; about 20 s)."""
     tag, base = systemd_tag(), base_tag()
     if image_exists(tag):
         return f"{tag} exists"
     build_base()
-    tag_image(base, tag)
-    return f"{tag} tagged from {base}"
+    with tempfile.TemporaryDirectory(prefix="sparkd-systemd-ctx-") as ctx:
+        shutil.copy2(SYSTEMD_CONTAINERFILE, Path(ctx) / "Containerfile")
+        log(f"podman build -> {tag} (apt-get install from the Debian mirror)")
+        run(["podman", "build", "--pull=never", "--layers=false", "--network=host",
+             "--build-arg", f"BASE={base}",
+             "--label", f"io.sparkd.test.hash={systemd_hash()}",
+             "-f", str(Path(ctx) / "Containerfile"), "-t", tag, ctx],
+            capture_output=True, text=True)
+    prune_old_tags(SYSTEMD_REPO, tag)
+    return f"{tag} built"
 
 
 STEPS = {"base": [build_base], "engine": [build_engine], "systemd": [build_systemd],
