@@ -52,6 +52,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: list[asyncio.Task[Any]] = []
+        # Shown in front of STATUS= until the next successful reload ("reload failed: ...").
+        self._status_note: str | None = None
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; raises ``StartupError`` when it cannot start."""
@@ -97,7 +99,7 @@ class Daemon:
             for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
                 loop.add_signal_handler(signum, handler)
             self._start_background()
-            self.notifier.ready(status_line(self.scheduler))
+            self.notifier.ready(self._status_text())
             log.info("sparkd_ready", models=len(self.scheduler.runners), config=str(self.config_path))
             await self._stop.wait()
             await self._shutdown(sites)
@@ -118,8 +120,12 @@ class Daemon:
             tasks.append(run_watchdog(self.notifier, interval))
         self._background = [asyncio.get_running_loop().create_task(t) for t in tasks]
 
+    def _status_text(self) -> str:
+        line = status_line(self.scheduler)
+        return f"{self._status_note} | {line}" if self._status_note else line
+
     def _publish_status(self) -> None:
-        self.notifier.status(status_line(self.scheduler))
+        self.notifier.status(self._status_text())
 
     async def _refresh_status(self) -> None:
         """Queue depth changes without a state change: refresh STATUS= now and then."""
@@ -130,6 +136,9 @@ class Daemon:
     # -- reload ----------------------------------------------------------------
 
     def _on_sighup(self) -> None:
+        if self._stop.is_set():
+            log.info("reload_ignored", reason="sparkd is stopping")
+            return  # no RELOADING=1/READY=1 after STOPPING=1
         asyncio.get_running_loop().create_task(self.reload())
 
     async def reload(self) -> bool:
@@ -142,13 +151,16 @@ class Daemon:
                 for problem in error.problems:
                     log.error("config_problem", file=problem.file, key=problem.key, expected=problem.expected, found=problem.found)
                 log.error("reload_rejected", problems=len(error.problems), config=str(self.config_path))
-                self.notifier.ready(
-                    f"reload failed ({len(error.problems)} problems, first: {error.problems[0].key}); "
-                    f"serving the previous configuration | {status_line(self.scheduler)}"
+                first = error.problems[0]
+                self._status_note = (
+                    f"reload failed: {len(error.problems)} problem(s), first {first.key} in {first.file}; "
+                    "serving the previous configuration"
                 )
+                self.notifier.ready(self._status_text())
                 return False
             self._apply(new)
-            self.notifier.ready(status_line(self.scheduler))
+            self._status_note = None
+            self.notifier.ready(self._status_text())
             log.info("config_reloaded", models=len(new.models), config=str(self.config_path))
             return True
 
@@ -167,7 +179,9 @@ class Daemon:
     # -- shutdown --------------------------------------------------------------
 
     async def _shutdown(self, sites: list[web.TCPSite]) -> None:
-        self.notifier.stopping(f"stopping | {status_line(self.scheduler)}")
+        # Kept in STATUS= while in-flight requests drain.
+        self._status_note = "stopping"
+        self.notifier.stopping(self._status_text())
         log.info("sparkd_stopping", on_shutdown=self.config.server.on_shutdown)
         for site in sites:
             await site.stop()

@@ -19,11 +19,15 @@ class Notifier:
         # sdnotify reads NOTIFY_SOCKET when the notifier is built.
         self._notifier = sdnotify.SystemdNotifier()
         self._last_status: str | None = None
+        self._stopping = False
 
     def _send(self, message: str) -> None:
         self._notifier.notify(message)
 
     def ready(self, status: str) -> None:
+        if self._stopping:  # a reload that ends after SIGTERM: no READY=1 after STOPPING=1
+            self.status(status)
+            return
         self._last_status = status
         self._send(f"READY=1\nSTATUS={status}")
 
@@ -37,6 +41,7 @@ class Notifier:
         self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def stopping(self, status: str = "stopping") -> None:
+        self._stopping = True
         self._last_status = status
         self._send(f"STOPPING=1\nSTATUS={status}")
 
