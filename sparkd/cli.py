@@ -1,4 +1,4 @@
-"""The ``sparkd`` command: ``serve`` the daemon, ``check-config`` a configuration."""
+"""The ``sparkd`` command: run the daemon, and the operator tools around it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEFAULT_PATH, ConfigError, load_config
+from .config import DEFAULT_PATH, Config, ConfigError, load_config
 
 
 def check_config(path: Path) -> int:
@@ -28,29 +28,79 @@ def check_config(path: Path) -> int:
         kind = "experimental" if model.experimental else "disabled"
         reason = model.disabled_reason or model.experimental_reason or "no reason given"
         print(f"  off: {model.name} ({kind}): {reason}")
+    for model in enabled:
+        for note in model.notes:
+            print(f"  note: {model.name}: {note}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparkd", description="Serve many vLLM models on one GPU box, on demand.")
     parser.add_argument("--version", action="version", version=f"sparkd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("serve", "run the daemon in the foreground (systemd runs this)"),
-        ("check-config", "validate the configuration and list every problem"),
-    ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+        return sub
+
+    command("serve", "run the daemon in the foreground (systemd runs this)")
+    command("check-config", "validate the configuration and list every problem")
+    command("doctor", "check Podman, the GPU's CDI spec, images, encodings, disk and the listen port")
+    encodings = command("encodings", "fetch or check the tiktoken encodings GPT-OSS models need")
+    encodings.add_argument("action", choices=("fetch", "check"))
+    encodings.add_argument("--from", dest="source", default=None, help="mirror URL holding the .tiktoken files")
+    images = command("images", "list or build the engine images through Podman")
+    images.add_argument("action", choices=("list", "build"))
+    images.add_argument("names", nargs="*", help="recipes to build (default: those the enabled models use)")
+    images.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+    images.add_argument("--containerfiles", type=Path, default=None, help="directory holding the recipes")
+    clients = command("clients", "print OpenCode or Cline configuration for the enabled models")
+    clients.add_argument("client", choices=("opencode", "cline"))
+    clients.add_argument("--base-url", default=None, help="URL clients use (default: the first listen address)")
     return parser
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(f"{path} is invalid ({len(error.problems)} problem(s)); run `sparkd check-config` first", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
-    from .daemon import serve  # aiohttp and podman load only when serving
+    if args.command == "serve":
+        from .daemon import serve  # aiohttp and podman load only when serving
 
-    return serve(args.config)
+        return serve(args.config)
+    config = _load(args.config)
+    if config is None:
+        return 1
+    if args.command == "doctor":
+        from .commands import doctor
+
+        return doctor.run(config)
+    if args.command == "encodings":
+        from .commands import encodings
+
+        if args.action == "check":
+            return encodings.check(config.server.state_dir)
+        return encodings.fetch(config.server.state_dir, *([args.source] if args.source else []))
+    if args.command == "images":
+        from .commands import images
+
+        if args.action == "list":
+            return images.list_images(config)
+        build_args = dict(item.split("=", 1) for item in args.build_arg if "=" in item)
+        return images.build(config, args.names, build_args, args.containerfiles)
+    from .commands import clients
+
+    base_url = args.base_url or f"http://{config.server.listen[0]}/v1"
+    return clients.run(config, args.client, base_url)
 
 
 if __name__ == "__main__":

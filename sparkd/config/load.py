@@ -223,6 +223,9 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
                 ports[model.port] = name
         if not 1 <= model.engine_port <= 65535:
             model_add("engine_port", "a port within 1-65535", describe(model.engine_port))
+        for key in ("idle_stop_s", "start_timeout_s"):
+            if getattr(model, key) is not None and getattr(model, key) <= 0:
+                model_add(key, "a positive number of seconds", describe(getattr(model, key)))
         if model.max_model_len is not None and model.max_model_len <= 0:
             model_add("max_model_len", "a positive number of tokens", describe(model.max_model_len))
         if not model.readiness_path.startswith("/"):

@@ -136,6 +136,8 @@ class ModelConfig:
     sleep_gpu_memory: float = 0.0
     profile: Optional[str] = None
     tools: ToolSupport = "full"
+    multimodal: bool = False
+    """Accepts images (vision models): client configs advertise image support."""
     aliases: tuple[str, ...] = ()
     hf_model: Optional[str] = None
     enabled: bool = True
@@ -144,6 +146,10 @@ class ModelConfig:
     disabled_reason: Optional[str] = None
     notes: tuple[str, ...] = ()
     idle_stop_s: Optional[float] = None
+    start_timeout_s: Optional[float] = None
+    """Overrides ``lifecycle.start_timeout_s`` for a model known to load slowly."""
+    encodings: bool = False
+    """Mount the tiktoken encodings GPT-OSS needs (``sparkd encodings fetch``) read-only."""
 
 
 @dataclass(frozen=True)

@@ -202,8 +202,8 @@ def _prepare_mounts(spec: ContainerSpec) -> None:
             continue
         if mount.read_only:
             raise RuntimeFailure(
-                f"cannot create container {spec.name}: its read-only volume source {mount.source} does not exist "
-                "(for GPT-OSS encodings run `sparkd encodings fetch`)"
+                f"cannot create container {spec.name}: its read-only volume source {mount.source} does not exist"
+                + (": run `sparkd encodings fetch`" if mount.source.endswith(".tiktoken") else "")
             )
         source.mkdir(parents=True, exist_ok=True)
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .. import encodings
 from ..config import Config, ModelConfig
 
 LABEL_MANAGED = "io.sparkd.managed"
@@ -105,17 +106,23 @@ def parse_volume(volume: str) -> Mount:
 def render(config: Config, model: ModelConfig) -> ContainerSpec:
     """The container spec of ``model`` under ``config``."""
     devices = tuple(config.gpu.devices) if model.gpu else ()
+    mounts = [parse_volume(v) for v in model.volumes]
+    env = dict(model.env)
+    if model.encodings:
+        source = encodings.directory(config.server.state_dir)
+        mounts += [Mount(str(source / e.file), f"{encodings.CONTAINER_DIR}/{e.file}", read_only=True) for e in encodings.ENCODINGS]
+        env.setdefault(encodings.ENV, encodings.CONTAINER_DIR)
     return ContainerSpec(
         name=container_name(model.name, config.server.instance),
         model=model.name,
         instance=config.server.instance,
         image=model.image,
         command=tuple(model.command) + tuple(model.args),
-        env=dict(sorted(model.env.items())),
+        env=dict(sorted(env.items())),
         engine_port=model.engine_port,
         host_port=model.port,
         key_env=model.engine_key_env,
-        mounts=tuple(parse_volume(v) for v in model.volumes),
+        mounts=tuple(mounts),
         devices=devices + tuple(model.devices),
         shm_size=model.shm_size or None,
         ulimits=tuple(sorted((name, UNLIMITED if value == -1 else value) for name, value in model.ulimits.items())),

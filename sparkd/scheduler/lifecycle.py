@@ -136,7 +136,8 @@ class Lifecycle:
 
     async def _wait_ready(self, runner: ModelRunner, began: float) -> None:
         lifecycle = self.config.lifecycle
-        deadline = began + lifecycle.start_timeout_s
+        timeout = runner.config.start_timeout_s or lifecycle.start_timeout_s
+        deadline = began + timeout
         last_inspect = time.monotonic()
         assert runner.endpoint is not None
         while True:
@@ -147,8 +148,8 @@ class Lifecycle:
             now = time.monotonic()
             if now >= deadline:
                 raise StartFailed(
-                    f"model {runner.name} was not ready after {lifecycle.start_timeout_s:.0f}s "
-                    f"(lifecycle.start_timeout_s); its engine never answered {runner.config.readiness_path}"
+                    f"model {runner.name} was not ready after {timeout:.0f}s (start_timeout_s); "
+                    f"its engine never answered {runner.config.readiness_path}"
                 )
             if now - last_inspect >= INSPECT_EVERY_S:
                 # The event stream tells us about deaths at once; this covers a lost stream.

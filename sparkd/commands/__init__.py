@@ -1,0 +1,1 @@
+"""``sparkd`` subcommands besides ``serve``: operator tools that run and exit."""

@@ -1,0 +1,193 @@
+"""``sparkd doctor``: check the host before (or while) sparkd serves.
+
+Each check says what it found; a failing one says what to run to fix it.  The
+exit code is 1 when any check failed, so scripts and the installer can rely on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import encodings
+from ..config import Config, parse_listen
+
+MIN_FREE_DISK_GB = 50
+CDI_SPEC_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    message: str
+    fix: str = ""
+    warning: bool = False
+    """A finding that does not stop sparkd from serving (e.g. low disk)."""
+
+    def render(self) -> str:
+        word = "PASS" if self.ok else ("WARN" if self.warning else "FAIL")
+        line = f"{word:<5} {self.name:<10} {self.message}"
+        return line + (f"\n{'':16} fix: {self.fix}" if self.fix and not self.ok else "")
+
+
+def check_podman(config: Config) -> list[Check]:
+    from podman import PodmanClient
+
+    try:
+        with PodmanClient(base_url=config.podman.url, timeout=10) as client:
+            version = client.version().get("Version", "?")
+    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+        return [
+            Check(
+                "podman",
+                False,
+                f"Podman does not answer at {config.podman.url} ({type(error).__name__}: {error})",
+                "sudo systemctl enable --now podman.socket (or fix [podman] url in sparkd.toml)",
+            )
+        ]
+    return [Check("podman", True, f"Podman {version} answers at {config.podman.url}")]
+
+
+def cdi_devices(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> tuple[set[str], str]:
+    """CDI device names Podman can resolve, and where they were read from."""
+    tool = shutil.which("nvidia-ctk")
+    if tool:
+        result = run([tool, "cdi", "list"], capture_output=True, text=True, timeout=30)
+        if result.returncode == 0:
+            return {line.strip() for line in result.stdout.splitlines() if "=" in line}, "nvidia-ctk cdi list"
+    names: set[str] = set()
+    for spec_dir in CDI_SPEC_DIRS:
+        for spec in sorted(spec_dir.glob("*.y*ml")) + sorted(spec_dir.glob("*.json")):
+            text = spec.read_text(errors="replace")
+            if "nvidia.com/gpu" in text:
+                names.add("nvidia.com/gpu=all")
+    return names, "CDI spec files in " + " and ".join(str(d) for d in CDI_SPEC_DIRS)
+
+
+def check_gpu(config: Config) -> list[Check]:
+    gpu_models = [m.name for m in config.enabled_models() if m.gpu]
+    if not gpu_models:
+        return [Check("gpu", True, "no enabled model needs a GPU")]
+    known, source = cdi_devices()
+    missing = [d for d in config.gpu.devices if d not in known]
+    if not missing:
+        return [Check("gpu", True, f"CDI devices {', '.join(config.gpu.devices)} are known ({source})")]
+    fix = "install the NVIDIA Container Toolkit, then: sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
+    return [
+        Check(
+            "gpu",
+            False,
+            f"no NVIDIA CDI spec provides {', '.join(missing)} ({source} found {len(known)} device(s)); "
+            f"{len(gpu_models)} enabled model(s) need it, e.g. {gpu_models[0]}",
+            fix + "; or disable GPU models and use the CPU demo model smollm2-135m-cpu",
+        )
+    ]
+
+
+def check_images(config: Config) -> list[Check]:
+    from podman import PodmanClient
+
+    needed: dict[str, list[str]] = {}
+    for model in config.enabled_models():
+        needed.setdefault(model.image, []).append(model.name)
+    checks = []
+    try:
+        with PodmanClient(base_url=config.podman.url, timeout=10) as client:
+            for image, models in sorted(needed.items()):
+                if client.images.exists(image):
+                    checks.append(Check("image", True, f"{image} is present (used by {', '.join(models)})"))
+                else:
+                    checks.append(Check("image", False, f"{image} is missing (needed by {', '.join(models)})", image_fix(image)))
+    except Exception as error:  # noqa: BLE001
+        checks.append(Check("image", False, f"cannot list images: {error}", "fix the podman check first"))
+    return checks
+
+
+def image_fix(image: str) -> str:
+    from ..images import recipe_for
+
+    recipe = recipe_for(image)
+    if recipe is not None:
+        return f"sparkd images build {recipe.name}   (about {recipe.build_minutes} min)"
+    if image.startswith("nvcr.io/"):
+        return f"podman login nvcr.io (NGC API key), then: podman pull {image}"
+    return f"podman pull {image}"
+
+
+def check_encodings(config: Config) -> list[Check]:
+    users = [m.name for m in config.enabled_models() if m.encodings]
+    if not users:
+        return []
+    found = encodings.problems(config.server.state_dir)
+    if found:
+        return [Check("encodings", False, "; ".join(found) + f" (needed by {', '.join(users)})", "sudo sparkd encodings fetch")]
+    return [Check("encodings", True, f"tiktoken encodings verified in {encodings.directory(config.server.state_dir)}")]
+
+
+def check_disk(config: Config) -> list[Check]:
+    path = Path(config.server.state_dir)
+    while not path.exists():
+        path = path.parent
+    free_gb = shutil.disk_usage(path).free / 1e9
+    ok = free_gb >= MIN_FREE_DISK_GB
+    return [
+        Check(
+            "disk",
+            ok,
+            f"{free_gb:.0f} GB free under {config.server.state_dir} (model weights and caches)",
+            f"free space: models need tens of GB each (at least {MIN_FREE_DISK_GB} GB recommended)",
+            warning=not ok,
+        )
+    ]
+
+
+def check_listen(config: Config) -> list[Check]:
+    checks = []
+    for address in config.server.listen:
+        host, port = parse_listen(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    checks.append(Check("port", False, f"cannot listen on {address}: {error.strerror}", "fix server.listen"))
+                elif _answers_as_sparkd(host, port):
+                    checks.append(Check("port", True, f"{address} is served by a running sparkd"))
+                else:
+                    checks.append(
+                        Check("port", False, f"{address} is in use by another program", f"sudo ss -ltnp 'sport = :{port}' shows which; free it or change server.listen")
+                    )
+                continue
+        checks.append(Check("port", True, f"{address} is free to listen on"))
+    return checks
+
+
+def _answers_as_sparkd(host: str, port: int) -> bool:
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{shown}:{port}/healthz", timeout=3) as response:  # noqa: S310
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+CHECKS: tuple[Callable[[Config], list[Check]], ...] = (check_podman, check_gpu, check_images, check_encodings, check_disk, check_listen)
+
+
+def run(config: Config) -> int:
+    results = [check for probe in CHECKS for check in probe(config)]
+    for check in results:
+        print(check.render())
+    failed = [c for c in results if not c.ok and not c.warning]
+    print(f"\n{len(results) - len(failed)} of {len(results)} checks passed" + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
