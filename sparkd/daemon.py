@@ -21,6 +21,7 @@ from .http.app import build_app
 from .http.routing import ModelDirectory
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
+from .runtime import cdi
 from .runtime.events import EventStream
 from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle
@@ -94,6 +95,7 @@ class Daemon:
                 raise StartupError(str(error)) from error
             log.info("podman_connected", url=config.podman.url, version=version)
             events.start()
+            await self._check_gpu_devices()
             await adopt_running(self.scheduler)
             self.reconciled = True
             for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
@@ -112,6 +114,18 @@ class Daemon:
             self.runtime.close()
             lock.release()
             log.info("sparkd_stopped")
+
+    async def _check_gpu_devices(self) -> None:
+        """Note when no CDI spec provides the GPU devices (GPU utility models then wait for a request)."""
+        devices = self.config.gpu.devices
+        if not devices or not any(m.gpu for m in self.config.enabled_models()):
+            self.scheduler.gpu_missing = None
+            return
+        known, source = await asyncio.to_thread(cdi.known_devices)
+        missing = [d for d in devices if d not in known]
+        self.scheduler.gpu_missing = f"no CDI spec provides {', '.join(missing)} ({source})" if missing else None
+        if missing:
+            log.warning("gpu_devices_missing", devices=missing, source=source, fix="sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml")
 
     def _start_background(self) -> None:
         tasks = [self.scheduler.run_reaper(), self._refresh_status()]
@@ -159,6 +173,7 @@ class Daemon:
                 self.notifier.ready(self._status_text())
                 return False
             self._apply(new)
+            await self._check_gpu_devices()
             self._status_note = None
             self.notifier.ready(self._status_text())
             log.info("config_reloaded", models=len(new.models), config=str(self.config_path))

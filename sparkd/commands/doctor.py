@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
-import subprocess
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from typing import Callable
 
 from .. import encodings
 from ..config import Config, parse_listen
+from ..runtime import cdi
 
 MIN_FREE_DISK_GB = 50
-CDI_SPEC_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
 
 
 @dataclass(frozen=True)
@@ -56,27 +55,11 @@ def check_podman(config: Config) -> list[Check]:
     return [Check("podman", True, f"Podman {version} answers at {config.podman.url}")]
 
 
-def cdi_devices(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> tuple[set[str], str]:
-    """CDI device names Podman can resolve, and where they were read from."""
-    tool = shutil.which("nvidia-ctk")
-    if tool:
-        result = run([tool, "cdi", "list"], capture_output=True, text=True, timeout=30)
-        if result.returncode == 0:
-            return {line.strip() for line in result.stdout.splitlines() if "=" in line}, "nvidia-ctk cdi list"
-    names: set[str] = set()
-    for spec_dir in CDI_SPEC_DIRS:
-        for spec in sorted(spec_dir.glob("*.y*ml")) + sorted(spec_dir.glob("*.json")):
-            text = spec.read_text(errors="replace")
-            if "nvidia.com/gpu" in text:
-                names.add("nvidia.com/gpu=all")
-    return names, "CDI spec files in " + " and ".join(str(d) for d in CDI_SPEC_DIRS)
-
-
 def check_gpu(config: Config) -> list[Check]:
     gpu_models = [m.name for m in config.enabled_models() if m.gpu]
     if not gpu_models:
         return [Check("gpu", True, "no enabled model needs a GPU")]
-    known, source = cdi_devices()
+    known, source = cdi.known_devices()
     missing = [d for d in config.gpu.devices if d not in known]
     if not missing:
         return [Check("gpu", True, f"CDI devices {', '.join(config.gpu.devices)} are known ({source})")]

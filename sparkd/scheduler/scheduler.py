@@ -45,6 +45,8 @@ class Scheduler:
         self._closing = False
         self._operator_requests: dict[str, str] = {}
         """Models an operator asked to stop or sleep: drained, then stopped/slept."""
+        self.gpu_missing: str | None = None
+        """Why the GPU devices look unavailable (no CDI spec), if they do: GPU utility models wait."""
         for model in config.enabled_models():
             self.runners[model.name] = self._new_runner(model)
 
@@ -224,9 +226,11 @@ class Scheduler:
         for runner in self.runners.values():
             if runner.config.lifecycle != "utility" or self._busy(runner) or runner.name in self._operator_requests:
                 continue
-            if runner.state is S.STOPPED or (runner.state is S.FAILED and not self._in_backoff(runner)):
-                if self.lease.fits(runner.claim):
-                    self._admit(runner, reason="utility model kept running")
+            if runner.config.gpu and self.gpu_missing:
+                continue  # it would only fail; it still starts on its first request
+            # A failed utility model is not retried on its own: its next request retries it.
+            if runner.state is S.STOPPED and self.lease.fits(runner.claim):
+                self._admit(runner, reason="utility model kept running")
 
     def _admit(self, runner: ModelRunner, reason: str) -> None:
         self.lease.grant(runner.name, runner.claim)
