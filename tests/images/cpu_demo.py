@@ -31,6 +31,8 @@ Stdlib only; drives the ``podman`` CLI. Importable: ``ensure_image()``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -51,7 +53,7 @@ IMAGE_LATEST = f"{IMAGE_REPO}:latest"
 WHEELS_REPO = "localhost/sparkd/smollm2-cpu-wheels"
 
 # Bump when the way the bases are made changes (not only their package lists).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SUITE = "bookworm"
 MIRROR = os.environ.get("SPARKD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 RUNTIME_PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -154,11 +156,19 @@ def make_rootfs_tarball(name: str, tarball: Path) -> None:
             f"--cache-dir={debs}", SUITE, str(root), MIRROR,
         ], stdout=subprocess.DEVNULL)
         _unmount_below(root)
-        # Smaller and reproducible-ish: no package cache, no apt lists.
+        # Smaller: no package cache, apt lists, docs, man pages, translations.
         for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for p in (root / sub).glob("*"):
                 if p.is_file():
                     p.unlink()
+        for sub in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"):
+            for p in (root / sub).glob("*"):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        for p in list((root / "var/cache/debconf").glob("*-old")) + list((root / "var/log").glob("*.log")):
+            p.unlink()
         (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
         tmp = tarball.with_suffix(".tar.partial")
         run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tmp), "."])
@@ -243,9 +253,49 @@ def _harvest_wheel(wheels_image: str, wheels_dir: Path) -> None:
         subprocess.run(["podman", "rm", "-f", cid], check=False, capture_output=True)
 
 
+def prune_stale(keep: dict[str, str]) -> None:
+    """Drop this script's older tags and cache entries (other hashes).
+
+    Plain `podman rmi` (no --force): an image a container still uses stays.
+    """
+    for repo, tag in keep.items():
+        out = subprocess.run(
+            ["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={repo}"],
+            capture_output=True, text=True,
+        ).stdout.split()
+        for ref in sorted(set(out) - {tag, IMAGE_LATEST}):
+            if ref.startswith(repo + ":"):
+                subprocess.run(["podman", "rmi", ref], capture_output=True)
+    current = {f"{n}-{base_hash(n)}.tar" for n in BASES}
+    for tar in (cache_dir() / "debootstrap").glob("*.tar"):
+        if tar.name not in current and tar.name.split("-")[0] in BASES:
+            tar.unlink()
+    for d in (cache_dir() / "wheels").glob("*"):
+        if d.is_dir() and d.name != wheel_hash():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _build_lock():
+    """One build at a time per machine: a second caller (another test run)
+    waits here, then finds the tag built."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / "cpu_demo.lock", "w") as f:
+        t = time.monotonic()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if time.monotonic() - t > 1:
+            log(f"waited {time.monotonic() - t:.0f}s for another build")
+        yield
+
+
 def ensure_image(force: bool = False) -> str:
     """Build (if needed) and return ``localhost/sparkd/smollm2-cpu:<hash>``;
     ``:latest`` points at it afterwards."""
+    with _build_lock():
+        return _ensure_image(force)
+
+
+def _ensure_image(force: bool) -> str:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     h = image_hash()
@@ -275,6 +325,11 @@ def ensure_image(force: bool = False) -> str:
     timings["final image"] = time.monotonic() - t
     run(["podman", "tag", ref, IMAGE_LATEST])
     timings["total"] = time.monotonic() - t0
+    prune_stale({
+        IMAGE_REPO: ref,
+        BASES["runtime"][0]: runtime,
+        BASES["builder"][0]: builder,
+    })
 
     size = subprocess.run(
         ["podman", "image", "inspect", "--format", "{{.Size}}", ref],
