@@ -2,9 +2,9 @@
 
 ``acquire`` returns once the model is ready and the request is counted in
 flight; ``release`` ends it.  Every change (a request queued or gone, a model
-ready, stopped or failed) calls ``_pump``, a synchronous pass over the queue
+ready, stopped or failed) calls ``pump``, a synchronous pass over the queue
 that grants, starts, drains and evicts; the slow work it decides runs in tasks
-(``Lifecycle``), which call ``_pump`` again when they finish.
+(``Lifecycle``), which call ``pump`` again when they finish.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Scheduler:
         for name, model in enabled.items():
             if name not in self.runners:
                 self.runners[name] = self._new_runner(model)
-        self._pump()
+        self.pump()
 
     # -- observers ---------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class Scheduler:
                 code="queue_full",
             ) from None
         log.debug("request_queued", model=name, depth=len(self.queue))
-        self._pump()
+        self.pump()
         timeout = self.config.lifecycle.queue_timeout_s
         try:
             done, _ = await asyncio.wait((waiter.future,), timeout=timeout)
@@ -127,7 +127,7 @@ class Scheduler:
             raise
         if not done:
             if self.queue.remove(waiter):
-                self._pump()
+                self.pump()
                 raise GatewayTimeout(
                     f"model {name} was not ready after waiting {timeout:.0f}s (lifecycle.queue_timeout_s): "
                     f"{self._why_waiting(runner)}",
@@ -141,7 +141,7 @@ class Scheduler:
         """The client went away while waiting: leave the queue, or hand back a grant."""
         if self.queue.remove(waiter):
             log.debug("request_left_queue", model=runner.name)
-            self._pump()
+            self.pump()
         elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
             self.release(runner)
 
@@ -149,12 +149,15 @@ class Scheduler:
         runner.in_flight -= 1
         runner.last_used = time.monotonic()
         if runner.in_flight == 0 and runner.state is not S.READY:
-            self._pump()
+            self.pump()
 
     # -- decisions -------------------------------------------------------------------
 
-    def _pump(self) -> None:
-        """Grant, start, drain and evict so the queue moves; never awaits."""
+    def pump(self) -> None:
+        """Grant, start, drain and evict so the queue moves; never awaits.
+
+        Called after every change; safe to call any time (it only acts on what changed).
+        """
         victims: dict[str, Eviction] = {}
         head: str | None = None
         for name in self.queue.models():
@@ -298,7 +301,7 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("scheduler_task_crashed", error=repr(task.exception()), exc_info=task.exception())
         if not self._closing:
-            self._pump()
+            self.pump()
 
     async def _run_start(self, runner: ModelRunner, reason: str) -> None:
         await self.lifecycle.start(runner, reason)
@@ -376,7 +379,6 @@ class Scheduler:
             self._spawn(runner, self._run_adopted(runner))
         elif runner.state is not S.READY:
             self.lease.release(runner.name)
-        self._pump()
 
     # -- idle reaper ---------------------------------------------------------------------
 
@@ -424,7 +426,7 @@ class Scheduler:
             self._operator_requests[name] = action
             if runner.state in (S.SLEEPING, S.FAILED) and not self._busy(runner):
                 self._spawn(runner, self._run_stop(runner, "stopped by an operator"))
-            self._pump()
+            self.pump()
         await self.wait_for_state(runner, done, timeout)
         return runner
 

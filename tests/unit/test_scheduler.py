@@ -200,7 +200,7 @@ async def test_exclusive_model_stops_utility_which_comes_back_after(fake):
         config_with([model("u", 0.05, "utility"), model("x", 0.94, "exclusive"), model("a", 0.5)]),
         fake,
     )
-    scheduler._pump()  # start-up: the utility model is brought up
+    scheduler.pump()  # start-up: the utility model is brought up
     await asyncio.sleep(0.1)
     assert scheduler.runners["u"].state is ModelState.READY
     await serve(scheduler, "x")
