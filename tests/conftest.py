@@ -63,3 +63,17 @@ async def sparkd_factory(tmp_path: Path, podman: Any) -> AsyncIterator[Callable[
     remove_containers(podman, prefix)
     for daemon in daemons:
         print(f"--- sparkd log ({daemon.workdir}) ---\n{daemon.logs()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def cpu_demo_image(podman: Any) -> str:
+    """The SmolLM2 CPU demo image (built by tests/images/cpu_demo.py, cached by content hash)."""
+    spec = importlib.util.spec_from_file_location("sparkd_cpu_demo_build", REPO / "tests" / "images" / "cpu_demo.py")
+    assert spec and spec.loader
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if os.environ.get("SPARKD_TEST_NO_BUILD") == "1":
+        if not podman.images.exists(build.IMAGE_LATEST):
+            pytest.fail(f"image {build.IMAGE_LATEST} is missing; run: python3 tests/images/cpu_demo.py")
+        return build.IMAGE_LATEST
+    return build.ensure_image()

@@ -72,7 +72,8 @@ def engine_model(
     """A model table backed by the fake engine; knobs go in as ``env`` (``FAKE_LOAD_DELAY`` ...)."""
     table: dict[str, Any] = {
         "image": image,
-        "args": ["--port", "8000"] + (["--enable-sleep-mode"] if sleep else []) + list(args or []),
+        # "{name}" becomes the model's real (prefixed) name when the config is written.
+        "args": ["--port", "8000", "--served-model-name", "{name}"] + (["--enable-sleep-mode"] if sleep else []) + list(args or []),
         "gpu": False,
         "gpu_memory": claim,
         "lifecycle": lifecycle,
@@ -130,8 +131,8 @@ class Sparkd:
         for key, table in self.models.items():
             name = self.model(key)
             table = json.loads(json.dumps(table))
-            if "--served-model-name" not in table.get("args", []):
-                table["args"] = list(table.get("args", [])) + ["--served-model-name", name]
+            if "args" in table:
+                table["args"] = [name if arg == "{name}" else arg for arg in table["args"]]
             models[name] = table
         return {**settings, "models": models}
 

@@ -74,7 +74,7 @@ def podman_client():
 
 
 def _remove_test_containers(client) -> None:
-    for c in client.containers.list(all=True, filters={"label": [f"{TEST_LABEL}={TEST_LABEL_VALUE}"]}):
+    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_LABEL_VALUE}"}):
         try:
             c.remove(force=True)
         except Exception:
