@@ -43,6 +43,8 @@ die() { echo "build-deb: error: $*" >&2; exit 1; }
 INPUTS=(pyproject.toml sparkd systemd packaging/debian packaging/README.md packaging/build-deb.sh)
 [ -f "$REPO/README.md" ] && INPUTS+=(README.md)
 [ -f "$REPO/LICENSE" ] && INPUTS+=(LICENSE)
+# Image recipes for `sparkd images build` (installed to /usr/share/sparkd/containerfiles).
+[ -d "$REPO/containerfiles" ] && INPUTS+=(containerfiles)
 if [ -f "$REPO/etc/sparkd.toml" ]; then
     INPUTS+=(etc/sparkd.toml)
     CONFIG_SOURCE=etc/sparkd.toml
@@ -95,6 +97,7 @@ trap 'rm -rf "$WORK"' EXIT
 TREE=$WORK/sparkd-$VERSION
 mkdir -p "$TREE"
 (cd "$REPO" && tar --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' -cf - "${INPUTS[@]}") | tar -C "$TREE" -xf -
+mkdir -p "$TREE/containerfiles"
 mv "$TREE/packaging/debian" "$TREE/debian"
 cp "$TREE/systemd/sparkd.service" "$TREE/debian/sparkd.service"
 if [ "$CONFIG_SOURCE" != etc/sparkd.toml ]; then
