@@ -104,8 +104,10 @@ if [ "$CONFIG_SOURCE" != etc/sparkd.toml ]; then
     say "warning: etc/sparkd.toml is missing; shipping $CONFIG_SOURCE as /etc/sparkd/sparkd.toml"
     mkdir -p "$TREE/etc" && cp "$TREE/$CONFIG_SOURCE" "$TREE/etc/sparkd.toml"
 fi
-# pyproject names README.md as the long description.
+# pyproject names README.md as the long description; packaging/README.md is the
+# package's README.Debian (/usr/share/doc/sparkd/).
 [ -f "$TREE/README.md" ] || cp "$TREE/packaging/README.md" "$TREE/README.md"
+cp "$TREE/packaging/README.md" "$TREE/debian/README.Debian"
 
 cat > "$TREE/debian/changelog" <<EOF
 sparkd ($DEB_VERSION) unstable; urgency=medium
