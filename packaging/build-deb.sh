@@ -45,6 +45,8 @@ INPUTS=(pyproject.toml sparkd systemd packaging/debian packaging/README.md packa
 [ -f "$REPO/LICENSE" ] && INPUTS+=(LICENSE)
 # Image recipes for `sparkd images build` (installed to /usr/share/sparkd/containerfiles).
 [ -d "$REPO/containerfiles" ] && INPUTS+=(containerfiles)
+# The shipped model catalog: /etc/sparkd/models.d/*.toml (conffiles).
+[ -d "$REPO/etc/models.d" ] && INPUTS+=(etc/models.d)
 if [ -f "$REPO/etc/sparkd.toml" ]; then
     INPUTS+=(etc/sparkd.toml)
     CONFIG_SOURCE=etc/sparkd.toml
@@ -97,7 +99,13 @@ trap 'rm -rf "$WORK"' EXIT
 TREE=$WORK/sparkd-$VERSION
 mkdir -p "$TREE"
 (cd "$REPO" && tar --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' -cf - "${INPUTS[@]}") | tar -C "$TREE" -xf -
-mkdir -p "$TREE/containerfiles"
+# dh_install wants a match for every line of sparkd.install: drop the lines of
+# optional parts this tree lacks.
+for optional in containerfiles etc/models.d; do
+    if [ -z "$(ls -A "$TREE/$optional" 2>/dev/null)" ]; then
+        sed -i "\#^$optional/#d" "$TREE/packaging/debian/sparkd.install"
+    fi
+done
 mv "$TREE/packaging/debian" "$TREE/debian"
 cp "$TREE/systemd/sparkd.service" "$TREE/debian/sparkd.service"
 if [ "$CONFIG_SOURCE" != etc/sparkd.toml ]; then

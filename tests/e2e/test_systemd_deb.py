@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from harness import free_port, to_toml
+from harness import REPO, free_port, to_toml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 
@@ -34,6 +34,7 @@ ENGINE_PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 # A stream of 40 tokens at 10 tokens/s: 4 s, long enough to stop sparkd during it.
 STREAM_TOKENS = 40
+CATALOG = sorted(path.name for path in (REPO / "etc" / "models.d").glob("*.toml"))
 
 
 def config(engine_image: str, **model_overrides: Any) -> str:
@@ -77,6 +78,11 @@ class Timer:
 def installed(machine: Any, deb_path: Any, engine_image: str, podman: Any) -> Any:
     """sparkd installed with `apt install ./sparkd_*.deb` over a pre-seeded configuration."""
     machine.write("/etc/sparkd/sparkd.toml", config(engine_image))
+    # The shipped catalog's drop-ins, pre-seeded empty: this machine shares the
+    # host's Podman, where the catalog's utility model must not start. (The
+    # catalog itself is exercised by test_install_script.py on its own Podman.)
+    for dropin in CATALOG:
+        machine.write(f"/etc/sparkd/models.d/{dropin}", "# pre-seeded empty by the end-to-end test\n")
     subprocess_copy(machine, deb_path)
     with Timer("apt install"):
         result = machine.sh(
@@ -158,7 +164,15 @@ def test_install_creates_user_keys_and_starts_the_service(installed: Any) -> Non
     assert denied.returncode != 0 and denied.stdout != "OK"
     # Our pre-seeded configuration was kept; the shipped one is beside it and valid.
     assert "end-to-end test configuration" in machine.out("cat /etc/sparkd/sparkd.toml")
-    print(machine.out("sparkd check-config --config /etc/sparkd/sparkd.toml.dpkg-dist"))
+    # The shipped configuration and catalog (kept beside ours as .dpkg-dist) are valid.
+    shipped = " && ".join(
+        [f"cp /etc/sparkd/sparkd.toml.dpkg-dist /root/shipped/sparkd.toml"]
+        + [f"cp /etc/sparkd/models.d/{name}.dpkg-dist /root/shipped/models.d/{name}" for name in CATALOG]
+    )
+    machine.sh(f"mkdir -p /root/shipped/models.d && {shipped}")
+    print(machine.out("sparkd check-config --config /root/shipped/sparkd.toml"))
+    assert machine.out("curl -s -o /dev/null -w '%{http_code}' " + BASE + "/readyz") == "200"
+    assert "failed:" not in machine.show("StatusText")["StatusText"]
     for script in ("sparkd",):
         assert machine.out(f"readlink -f /usr/bin/{script}") == f"/opt/venvs/sparkd/bin/{script}"
 
