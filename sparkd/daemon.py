@@ -18,6 +18,7 @@ from . import logs
 from .config import Config, ConfigError, load_config, parse_listen
 from .engine.client import EngineClient
 from .http.app import build_app
+from .http.auth import KeyRing, KeysFileError, load_keys
 from .http.routing import ModelDirectory
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
@@ -45,6 +46,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.directory = ModelDirectory(config)
+        self.keys = KeyRing()
         self.runtime = PodmanRuntime(config.podman.url, config.podman.timeout_s, config.server.instance)
         self.notifier = Notifier()
         self.reconciled = False
@@ -59,6 +61,11 @@ class Daemon:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; raises ``StartupError`` when it cannot start."""
         config = self.config
+        try:
+            self.keys = await asyncio.to_thread(load_keys, config)
+        except KeysFileError as error:
+            raise StartupError(str(error)) from error
+        _log_keys(self.keys, config)
         lock = GpuLock(Path(config.server.runtime_dir) / "gpu.lock")
         try:
             lock.acquire()
@@ -161,6 +168,14 @@ class Daemon:
             self.notifier.reloading()
             try:
                 new = await asyncio.to_thread(load_config, self.config_path)
+                keys = await asyncio.to_thread(load_keys, new)
+            except KeysFileError as error:
+                for problem in error.problems:
+                    log.error("keys_problem", file=error.path, problem=problem)
+                log.error("reload_rejected", problems=len(error.problems), keys_file=error.path)
+                self._status_note = f"reload failed: keys file {error.path}: {error.problems[0]}; serving the previous configuration"
+                self.notifier.ready(self._status_text())
+                return False
             except ConfigError as error:
                 for problem in error.problems:
                     log.error("config_problem", file=problem.file, key=problem.key, expected=problem.expected, found=problem.found)
@@ -172,14 +187,15 @@ class Daemon:
                 )
                 self.notifier.ready(self._status_text())
                 return False
-            self._apply(new)
+            self._apply(new, keys)
+            _log_keys(keys, new)
             await self._check_gpu_devices()
             self._status_note = None
             self.notifier.ready(self._status_text())
             log.info("config_reloaded", models=len(new.models), config=str(self.config_path))
             return True
 
-    def _apply(self, new: Config) -> None:
+    def _apply(self, new: Config, keys: KeyRing) -> None:
         for section in ("listen",):
             if getattr(new.server, section) != getattr(self.config.server, section):
                 log.warning("config_needs_restart", key=f"server.{section}", hint="systemctl restart sparkd")
@@ -189,6 +205,7 @@ class Daemon:
             logs.configure(new.log.format, new.log.level)
         self.scheduler.apply_config(new)
         self.directory = ModelDirectory(new)
+        self.keys = keys
         self.config = new
 
     # -- shutdown --------------------------------------------------------------
@@ -205,6 +222,11 @@ class Daemon:
             await self.scheduler.stop_all()
         else:
             log.info("containers_kept", models=[r.name for r in self.scheduler.runners.values() if r.endpoint])
+
+
+def _log_keys(keys: KeyRing, config: Config) -> None:
+    """Which keys are in force (their names only) and how keyless requests are treated."""
+    log.info("keys_loaded", file=config.server.keys_file, count=len(keys), names=keys.names, anonymous=config.server.anonymous)
 
 
 def serve(config_path: Path) -> int:

@@ -82,6 +82,12 @@ class MethodNotAllowed(ApiError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ModelDisabled(ApiError):
     status = 409
     type = "invalid_request_error"

@@ -96,6 +96,8 @@ class Sparkd:
         self.log_path = workdir / "sparkd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.settings = settings or {}
+        self.admin_key: str | None = None
+        """Sent to the admin API by ``status()`` when a test configures keys."""
         self.models = models
         self.write_config()
 
@@ -118,6 +120,9 @@ class Sparkd:
         server.setdefault("runtime_dir", str(self.workdir / "run"))
         server.setdefault("shutdown_grace_s", 10)
         server.setdefault("instance", self.prefix)  # concurrent test daemons never touch each other
+        # Keyless from loopback unless a test configures keys (see write_keys).
+        server.setdefault("keys_file", str(self.workdir / "keys.toml"))
+        server.setdefault("anonymous", "loopback")
         settings.setdefault("log", {}).setdefault("format", "console")
         settings["log"].setdefault("level", "debug")
         settings.setdefault("gpu", {}).setdefault("devices", [])
@@ -190,8 +195,9 @@ class Sparkd:
             return ""
 
     async def status(self) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
         async with aiohttp.ClientSession() as session:
-            async with session.get(self.base_url + "/api/status") as response:
+            async with session.get(self.base_url + "/api/status", headers=headers) as response:
                 return await response.json()
 
     async def model_status(self, key: str) -> dict[str, Any]:
@@ -213,6 +219,18 @@ class Sparkd:
         async with session.post(self.base_url + "/v1/chat/completions", json=body) as response:
             payload = await response.json(content_type=None)
             return response.status, payload
+
+
+def write_keys(path: Path, keys: dict[str, dict[str, Any]], mode: int = 0o600) -> None:
+    """A keys file: ``{name: {"key": ..., "role": ..., "models": [...]}}``, owner-only by default."""
+    lines = []
+    for name, table in keys.items():
+        lines.append(f"[keys.{json.dumps(name)}]")
+        lines.extend(f"{field} = {toml_value(value)}" for field, value in table.items())
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    path.chmod(mode)
 
 
 def unique_prefix() -> str:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..fixups.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE, Profile, expand_tables
+from ..http.cors import pattern_error
 from .schema import Config, ContainerDefaults, GpuConfig, LifecycleConfig, LogConfig, ModelConfig, PodmanConfig, ServerConfig
 from .validate import ConfigError, Problem, build, describe, key_path
 
@@ -49,11 +51,13 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
 
     sections: dict[str, Any] = {}
     for name, table in main.items():
-        if name == "models":
+        if name in ("models", "profiles"):
             continue
         if name not in SECTIONS:
             problems.append(
-                Problem(str(path), key_path(name), "one of the sections " + ", ".join(sorted([*SECTIONS, "models"])), f"unknown section {name!r}")
+                Problem(
+                    str(path), key_path(name), "one of the sections " + ", ".join(sorted([*SECTIONS, "models", "profiles"])), f"unknown section {name!r}"
+                )
             )
             continue
         sections[name] = build(SECTIONS[name], table, file=str(path), path=(name,), problems=problems)
@@ -71,6 +75,7 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
     config = Config(
         **{name: section for name, section in sections.items() if section is not None},
         models=models,
+        profiles=_build_profiles(path, main.get("profiles", {}), problems),
         source=str(path),
     )
     problems.extend(check(config, {name: file for name, (file, _) in model_tables.items()}))
@@ -125,6 +130,25 @@ def _collect_model_tables(path: Path, main: dict[str, Any], problems: list[Probl
     return found
 
 
+def _build_profiles(path: Path, tables: Any, problems: list[Problem]) -> dict[str, Profile]:
+    """The built-in profiles plus the ``[profiles.<name>]`` tables (which may replace a built-in)."""
+    profiles = dict(BUILTIN_PROFILES)
+    if not isinstance(tables, dict):
+        problems.append(Problem(str(path), "profiles", "tables [profiles.<name>]", describe(tables)))
+        return profiles
+    expanded, failures = expand_tables(tables)
+    for name, reason in failures.items():
+        problems.append(Problem(str(path), key_path("profiles", name, "extends"), "a known profile, without cycles", reason))
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            problems.append(Problem(str(path), key_path("profiles", name), "a table", describe(table)))
+        elif name in expanded:
+            profile = build(Profile, expanded[name], file=str(path), path=("profiles", name), problems=problems)
+            if profile is not None:
+                profiles[name] = profile
+    return profiles
+
+
 def _build_model(name: str, table: Any, defaults: ContainerDefaults, file: str, problems: list[Problem]) -> ModelConfig | None:
     path = ("models", name)
     if not MODEL_NAME.match(name):
@@ -167,11 +191,22 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
     if len(set(config.server.listen)) != len(config.server.listen):
         add("server.listen", "distinct addresses", "the same address twice")
     for index, origin in enumerate(config.server.cors_origins):
-        if not origin or " " in origin:
-            add(f"server.cors_origins[{index}]", "an origin pattern like http://localhost:*", describe(origin))
+        error = pattern_error(origin)
+        if error:
+            add(f"server.cors_origins[{index}]", "an origin pattern like http://localhost:* or vscode-webview://*", f"{origin!r} ({error})")
     if not MODEL_NAME.match(config.server.instance):
         add("server.instance", "a name of letters, digits, '.', '_' or '-'", describe(config.server.instance))
     _positive(add, "server.max_body_bytes", config.server.max_body_bytes)
+    _positive(add, "server.body_timeout_s", config.server.body_timeout_s)
+    for name, profile in config.profiles.items():
+        if profile.context_margin < 0:
+            add(f"{key_path('profiles', name)}.context_margin", "zero or a positive number of tokens", describe(profile.context_margin))
+        if profile.default_max_tokens is not None and profile.default_max_tokens < 1:
+            add(f"{key_path('profiles', name)}.default_max_tokens", "a positive number of tokens", describe(profile.default_max_tokens))
+        if profile.thinking_default is not None and not profile.thinking_flag:
+            add(f"{key_path('profiles', name)}.thinking_default", "thinking_flag set too (e.g. \"enable_thinking\")", "thinking_flag unset")
+        if profile.thinking_flag is not None and not profile.thinking_flag.strip():
+            add(f"{key_path('profiles', name)}.thinking_flag", "a chat_template_kwargs key such as enable_thinking", "an empty string")
     _at_least_zero(add, "server.shutdown_grace_s", config.server.shutdown_grace_s)
     for key in ("state_dir", "runtime_dir"):
         if not getattr(config.server, key).startswith("/"):
@@ -228,6 +263,12 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
                 model_add(key, "a positive number of seconds", describe(getattr(model, key)))
         if model.max_model_len is not None and model.max_model_len <= 0:
             model_add("max_model_len", "a positive number of tokens", describe(model.max_model_len))
+        if model.profile is not None and model.profile not in config.profiles:
+            model_add(
+                "profile",
+                f"one of the profiles {', '.join(sorted(config.profiles))} (or a [profiles.<name>] table); no profile means {DEFAULT_PROFILE!r}",
+                describe(model.profile),
+            )
         if not model.readiness_path.startswith("/"):
             model_add("readiness_path", "an absolute URL path such as /health", describe(model.readiness_path))
         if not SHM_SIZE.match(model.shm_size):

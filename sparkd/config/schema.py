@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..fixups.profiles import BUILTIN_PROFILES, Profile
+
 MIB = 1024 * 1024
 
 QueuePolicy = Literal["queue", "reject"]
@@ -34,13 +36,15 @@ class ServerConfig:
     """``host:port`` addresses; ``0.0.0.0:8009`` (or a LAN address) exposes sparkd to the LAN."""
     keys_file: str = "/etc/sparkd/keys.toml"
     anonymous: AnonymousAccess = "off"
-    """Requests without a key: refused (off), allowed from loopback only, or from anywhere."""
+    """Requests without a valid key: refused (off), served from loopback only, or from anywhere (see http/auth.py)."""
     cors_origins: tuple[str, ...] = (
         "http://localhost:*",
         "http://127.0.0.1:*",
         "vscode-webview://*",
     )
     max_body_bytes: int = 64 * MIB
+    body_timeout_s: float = 120.0
+    """A request body must arrive within this time (slow or stalled uploads get a 408); answers are not limited."""
     instance: str = "default"
     """Names this daemon's containers (``sparkd-<model>``, or ``sparkd-<instance>-<model>``
     otherwise) so several sparkd on one Podman never touch each other's containers."""
@@ -161,6 +165,8 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     defaults: ContainerDefaults = field(default_factory=ContainerDefaults)
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=lambda: dict(BUILTIN_PROFILES))
+    """Fixup profiles by name: the built-in ones plus the ``[profiles.<name>]`` tables."""
     source: str = "<defaults>"
     """The file the configuration was read from (not a TOML key)."""
 

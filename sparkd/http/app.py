@@ -1,17 +1,24 @@
-"""The aiohttp application: routes plus the middleware that turns every error into OpenAI's shape."""
+"""The aiohttp application: routes plus the middlewares, outermost first:
+
+- CORS (``cors.py``): answers preflights, refuses origins off the allowlist;
+- errors: every error becomes OpenAI's JSON shape;
+- auth (``auth.py``): who is calling; ``/api/*`` needs the admin role.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from ..errors import ApiError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge
+from ..errors import ApiError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
+from . import cors
 from .admin import AdminRoutes
+from .auth import PRINCIPAL, authenticate
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
+from .routing import shown
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -19,14 +26,21 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sparkd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+# Answer without a key: liveness and readiness checks.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Request line and each header at most 16 KiB, at most 100 headers: beyond, aiohttp answers 400 itself.
+HANDLER_ARGS = {"max_field_size": 16 * 1024, "max_line_size": 16 * 1024, "max_headers": 100}
 
 
 def build_app(daemon: "Daemon") -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, admin_guard],
+        middlewares=[cors.cors_middleware(lambda: daemon.config.server.cors_origins), error_middleware, auth_middleware(daemon)],
         client_max_size=daemon.config.server.max_body_bytes,
-        handler_args={"max_field_size": 16 * 1024, "max_line_size": 16 * 1024},
+        handler_args=HANDLER_ARGS,
     )
+    app.on_response_prepare.append(cors.on_response_prepare)
     HealthRoutes(daemon).add_to(app)
     OpenAIRoutes(daemon).add_to(app)
     AdminRoutes(daemon).add_to(app)
@@ -55,20 +69,45 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         refusal.status = error.status
         refusal.type = "invalid_request_error" if error.status < 500 else "server_error"
         return refusal.response()
+    except ConnectionError:
+        raise  # the client went away: nobody to answer
+    except Exception:  # noqa: BLE001 - a bug must cost one request a 500, never the daemon
+        log.exception("request_failed", method=request.method, path=shown(request.path))
+        if request.writer is not None and request.writer.output_size > 0:
+            raise  # an answer is under way already: aiohttp closes the connection
+        return ApiError(
+            "sparkd failed on this request (an internal error, logged as request_failed); "
+            "retry, and report it if it happens again"
+        ).response()
 
 
-@web.middleware
-async def admin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Until admin keys are configured, the admin API answers loopback clients only."""
-    if request.path.startswith("/api/") and not is_loopback(request.remote):
-        raise Forbidden("the admin API answers only on the local machine; use sparkctl or an SSH tunnel")
-    return await handler(request)
+def auth_middleware(daemon: "Daemon") -> Middleware:
+    """Who is calling (``request[PRINCIPAL]``); 401 without a valid key, 403 on the admin API without the admin role."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS:
+            return await handler(request)
+        admin = is_admin_route(request)
+        try:
+            principal = authenticate(daemon.keys, daemon.config.server.anonymous, request, admin_route=admin)
+        except Unauthorized as refusal:
+            log.info("auth_refused", reason=refusal.code, remote=request.remote, path=shown(request.path))
+            raise
+        if admin and not principal.is_admin:
+            log.info("auth_refused", reason="admin_role_required", key=principal.name, path=shown(request.path))
+            raise Forbidden(
+                f"the admin API needs a key with role \"admin\"; the key {principal.name!r} has role \"{principal.role}\"",
+                code="admin_role_required",
+            )
+        request[PRINCIPAL] = principal
+        return await handler(request)
+
+    return middleware
 
 
-def is_loopback(remote: str | None) -> bool:
-    if not remote:
-        return False
-    try:
-        return ipaddress.ip_address(remote).is_loopback
-    except ValueError:
-        return False
+def is_admin_route(request: web.Request) -> bool:
+    if request.path.startswith("/api/"):
+        return True
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical.startswith("/api/")

@@ -1,21 +1,36 @@
 """The OpenAI-compatible endpoint: ``/v1/models`` and every ``POST /v1/...``.
 
-The request path, in order: parse → resolve the model (body or path form) →
-``scheduler.acquire`` (may start the model, queue, or refuse) → proxy to the
-engine, streaming → ``scheduler.release``.
+The request path, in order (the key was checked by the auth middleware already):
+read the body (size and time limits) → parse → resolve the model (body or path
+form) → may this key use it → validate the body's shape → the model's fixups
+(pure, profile-driven) → ``scheduler.acquire`` (may start the model, queue, or
+refuse) → fit the context (exact token count, only when the cap could matter)
+→ proxy to the engine, streaming → ``scheduler.release``.
+
+The body is re-serialized only when a fixup (or the model's canonical name)
+changed it; otherwise the client's bytes go to the engine as they came.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..config import Config, ModelConfig, ServerConfig
 from ..engine.proxy import forward
-from ..errors import BadRequest
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
+from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
+from . import context
+from .auth import PRINCIPAL
 from .routing import ModelDirectory, target
+from .validation import validate_body
+
+FIXUPS_HEADER = "X-Sparkd-Fixups"
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -25,6 +40,18 @@ class OpenAIRoutes:
     def __init__(self, daemon: "Daemon") -> None:
         self._daemon = daemon
         self._created = int(time.time())
+        self._fixups: tuple[Config | None, dict[str, Fixups]] = (None, {})
+
+    def fixups(self, config: Config, model: ModelConfig) -> Fixups:
+        """The model's compiled profile; compiled once per configuration (reload swaps the config)."""
+        compiled_for, table = self._fixups
+        if compiled_for is not config:
+            table = {
+                name: compile_profile(m.profile or DEFAULT_PROFILE, config.profiles[m.profile or DEFAULT_PROFILE], m.tools)
+                for name, m in config.models.items()
+            }
+            self._fixups = (config, table)
+        return table[model.name]
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self.list_models)
@@ -47,7 +74,8 @@ class OpenAIRoutes:
             "max_model_len": model.max_model_len,
             "aliases": list(model.aliases),
             "lifecycle": model.lifecycle,
-            "tools": model.tools,
+            "tools": self.fixups(daemon.config, model).tools,
+            "profile": model.profile or DEFAULT_PROFILE,
         }
         if model.notes:
             entry["notes"] = list(model.notes)
@@ -58,53 +86,106 @@ class OpenAIRoutes:
         return entry
 
     async def list_models(self, request: web.Request) -> web.Response:
+        """The models this key may use."""
         config = self._daemon.config
+        principal = request[PRINCIPAL]
+        usable = [m for m in config.models.values() if principal.may_use(m)]
         return web.json_response(
             {
                 "object": "list",
-                "data": [self._model_entry(m.name) for m in config.enabled_models()],
+                "data": [self._model_entry(m.name) for m in usable if m.enabled],
                 # Off models stay out of "data" so clients do not offer them; their reasons are here.
-                "unavailable": [self._model_entry(n) for n, m in config.models.items() if not m.enabled],
+                "unavailable": [self._model_entry(m.name) for m in usable if not m.enabled],
             }
         )
 
     async def get_model(self, request: web.Request) -> web.Response:
         model = self._daemon.directory.resolve(request.match_info["model"])
+        request[PRINCIPAL].check_model(model)
         return web.json_response(self._model_entry(model.name))
 
     async def list_models_path_form(self, request: web.Request) -> web.Response:
         model = self._daemon.directory.resolve(request.match_info["model"])
+        request[PRINCIPAL].check_model(model)
         return web.json_response({"object": "list", "data": [self._model_entry(model.name)]})
 
     # -- inference -------------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         daemon = self._daemon
-        raw = await request.read()
+        config = daemon.config
+        raw = await read_body(request, config.server)
         payload = parse_json_object(raw)
         directory: ModelDirectory = daemon.directory
         route = target(directory, request.match_info["tail"], payload.get("model"))
-        name = route.model.name
-        if payload.get("model") != name:
-            payload["model"] = name  # aliases and the path form reach the engine by its served name
-            raw = json.dumps(payload).encode()
-        runner = await daemon.scheduler.acquire(name)
+        model = route.model
+        request[PRINCIPAL].check_model(model)
+        validate_body(route.path, payload)
+        fixups = self.fixups(config, model)
+        body, applied = fixups.apply(payload)
+        if body.get("model") != model.name:
+            body = {**body, "model": model.name}  # aliases and the path form reach the engine by its served name
+        headers = {FIXUPS_HEADER: ",".join(applied)} if applied else {}
+        runner = await daemon.scheduler.acquire(model.name)
         try:
             assert runner.endpoint is not None
-            return await forward(request, daemon.engine.session, runner.endpoint, route.path, raw, name)
+            if context.needs_fitting(fixups, model, route.path, body):
+                body, capped = await context.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
+                headers.update(capped)
+            if body is not payload:
+                raw = json.dumps(body, separators=(",", ":")).encode()
+            return await forward(request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None)
         finally:
             daemon.scheduler.release(runner)
+
+
+async def read_body(request: web.Request, server: ServerConfig) -> bytes:
+    """The request body, within ``server.max_body_bytes`` (413) and ``server.body_timeout_s`` (408)."""
+    limit = server.max_body_bytes
+    too_large = f"the request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(too_large)
+    try:
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(server.body_timeout_s):
+                return await _read_within(request, limit, too_large)
+        else:  # pragma: no cover - 3.10
+            return await asyncio.wait_for(_read_within(request, limit, too_large), server.body_timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise RequestTimeout(
+            f"the request body did not arrive within {server.body_timeout_s:g} s (server.body_timeout_s); "
+            "check the network, or send a smaller body"
+        ) from None
+
+
+async def _read_within(request: web.Request, limit: int, too_large: str) -> bytes:
+    """Read the body, refusing it as soon as it passes ``limit`` (a chunked body has no length up front)."""
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(too_large)
+    return bytes(body)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (use a number or null)")
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("the request body is empty: send a JSON object such as {\"model\": ..., \"messages\": [...]}", code="empty_body")
     try:
-        payload = json.loads(raw)
+        payload = json.loads(raw, parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         raise BadRequest("the request body is not UTF-8 text", code="invalid_json") from None
     except json.JSONDecodeError as error:
         raise BadRequest(f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}", code="invalid_json") from None
+    except ValueError as error:  # NaN, Infinity
+        raise BadRequest(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("the request body is not acceptable JSON: it is nested too deeply", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"the request body must be a JSON object, found a JSON {type(payload).__name__}", code="invalid_json")
     return payload

@@ -19,6 +19,8 @@ ENDPOINT_ROOTS = frozenset(
     {"chat", "completions", "embeddings", "responses", "models", "audio", "images", "moderations", "rerank", "score",
      "classify", "pooling", "messages", "tokenize", "detokenize", "files", "batches"}
 )
+# The ones sparkd forwards with POST (/v1/models is answered by sparkd itself).
+PROXIED_ROOTS = ENDPOINT_ROOTS - {"models"}
 MAX_SHOWN = 64
 
 
@@ -73,20 +75,34 @@ class ModelDirectory:
 
 
 def target(directory: ModelDirectory, tail: str, body_model: object) -> Target:
-    """Resolve ``/v1/<tail>`` and the body's model into the model and the engine path."""
+    """Resolve ``/v1/<tail>`` and the body's model into the model and the engine path.
+
+    Only the engine endpoints in ``PROXIED_ROOTS`` are forwarded: anything else is a
+    404 here and never reaches an engine.
+    """
     segments = tail.split("/")
     for segment in segments:
         if not _SEGMENT.match(segment) or segment in (".", ".."):
             raise NotFound(f"no such endpoint: /v1/{shown(tail)}", code="unknown_endpoint")
     if len(segments) >= 2 and segments[0] not in ENDPOINT_ROOTS:
         model = directory.resolve(segments[0])
+        _check_endpoint(segments[1:], tail)
         return Target(model=model, path="/v1/" + "/".join(segments[1:]), from_path=True)
+    _check_endpoint(segments, tail)
     if body_model is None:
         raise BadRequest(
             "the request names no model: set 'model' in the JSON body, or use the path form /v1/<model>/...",
             code="missing_model",
         )
     return Target(model=directory.resolve(body_model), path="/v1/" + tail, from_path=False)
+
+
+def _check_endpoint(segments: list[str], tail: str) -> None:
+    if segments[0] not in PROXIED_ROOTS:
+        raise NotFound(
+            f"no such endpoint: POST /v1/{shown(tail)}; sparkd forwards /v1/" + ", /v1/".join(sorted(PROXIED_ROOTS)) + " (and their sub-paths)",
+            code="unknown_endpoint",
+        )
 
 
 def shown(text: str) -> str:

@@ -1,0 +1,303 @@
+"""Client keys: the keys file, and who a request is.
+
+The keys file (``server.keys_file``, TOML, readable by its owner only)::
+
+    [keys.alice]
+    key = "sk-sparkd-..."     # at least 16 characters, no whitespace
+    role = "admin"            # "admin" (models and the admin API) or "user" (default)
+
+    [keys.ci]
+    key = "sk-sparkd-..."
+    models = ["qwen2.5-1.5b-instruct"]   # optional: only these models (names or aliases)
+
+A client sends its key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
+Checking costs one SHA-256 of the presented key and one dict lookup, however
+many keys there are; the stored digest is then compared with
+``hmac.compare_digest``. Only digests are kept in memory; a key never appears in
+a log line, an error or the status output (only its name does).
+
+Anonymous access (``server.anonymous``): a request without a key, or with a key
+that is not in the file, is served as the ``anonymous`` principal when the
+setting allows it for the peer: ``loopback`` = from this machine only, ``any``
+= from anywhere. Clients that insist on sending some key (the OpenAI SDK,
+OpenCode, Cline) thus work with a keyless server. A key that is in the file
+always decides: its role and its model list apply.
+
+The admin API (``/api/*``): a key with the admin role; or, without one, a client
+on this machine when anonymous access is on or while the keys file holds no
+admin key (as before keys existed, the admin API answers loopback clients);
+a unix-socket client always (the socket's file permissions decide). Anonymous
+clients on this machine have the admin role, elsewhere the user role.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from aiohttp import web
+
+from ..config import Config, ModelConfig
+from ..errors import Forbidden, Unauthorized
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ADMIN = "admin"
+USER = "user"
+ROLES = (ADMIN, USER)
+MIN_KEY_LENGTH = 16
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENTRY_FIELDS = frozenset({"key", "role", "models"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a named key, or the anonymous client."""
+
+    name: str
+    role: str
+    models: Optional[frozenset[str]] = None
+    """Model names/aliases this key may use; None = all."""
+    anonymous: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+    def may_use(self, model: ModelConfig) -> bool:
+        allowed = self.models
+        return allowed is None or model.name in allowed or not allowed.isdisjoint(model.aliases)
+
+    def check_model(self, model: ModelConfig) -> None:
+        if not self.may_use(model):
+            allowed = ", ".join(sorted(self.models or ())) or "none"
+            raise Forbidden(
+                f"the key {self.name!r} may not use model {model.name}; it may use: {allowed}. "
+                "Ask the operator to add the model to the key's models list in the keys file",
+                code="model_not_allowed",
+            )
+
+
+ANONYMOUS_LOCAL = Principal("anonymous", ADMIN, anonymous=True)
+ANONYMOUS_REMOTE = Principal("anonymous", USER, anonymous=True)
+PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "principal"
+
+
+class KeysFileError(Exception):
+    """The keys file cannot be used; ``problems`` say why (never quoting a key)."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.path = path
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return f"keys file {self.path}: " + "; ".join(self.problems)
+
+
+class KeyRing:
+    """The client keys, by the SHA-256 digest of each key."""
+
+    def __init__(self, entries: Mapping[str, tuple[str, str, Optional[frozenset[str]]]] | None = None, source: str = "") -> None:
+        """``entries``: name → (key, role, models or None)."""
+        self.source = source
+        self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
+        for name, (key, role, models) in (entries or {}).items():
+            digest = _digest(key)
+            self._by_digest[digest] = (digest, Principal(name, role, models))
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    @property
+    def has_admin(self) -> bool:
+        return any(principal.is_admin for _, principal in self._by_digest.values())
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(principal.name for _, principal in self._by_digest.values())
+
+    def check(self, presented: str) -> Principal | None:
+        """The principal whose key this is, or None."""
+        digest = _digest(presented)
+        found = self._by_digest.get(digest)
+        if found is None or not hmac.compare_digest(digest, found[0]):
+            return None
+        return found[1]
+
+    @classmethod
+    def load(cls, path: str | Path, *, required: bool) -> "KeyRing":
+        """Read and check the keys file. A missing file is an empty ring unless ``required``.
+
+        Raises ``KeysFileError`` for a file that is group/world-accessible, unreadable,
+        not valid TOML or holds an invalid entry.
+        """
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                if mode & 0o077:
+                    raise KeysFileError(
+                        str(path),
+                        [
+                            f"it is readable or writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                            f"keys must stay secret: run `chmod 600 {path}` (owner: the user sparkd runs as)"
+                        ],
+                    )
+                document = tomllib.load(handle)
+        except FileNotFoundError:
+            if required:
+                raise KeysFileError(
+                    str(path),
+                    [
+                        "no such file, and server.anonymous = \"off\" would refuse every request; create it with "
+                        "[keys.<name>] tables (key, role, models) and mode 600, or set server.anonymous"
+                    ],
+                ) from None
+            return cls(source=str(path))
+        except PermissionError:
+            raise KeysFileError(str(path), ["permission denied: it must be readable by the user sparkd runs as"]) from None
+        except IsADirectoryError:
+            raise KeysFileError(str(path), ["it is a directory, not a TOML file"]) from None
+        except tomllib.TOMLDecodeError as error:
+            raise KeysFileError(str(path), [f"not valid TOML: {error}"]) from None
+        except UnicodeDecodeError:
+            raise KeysFileError(str(path), ["not UTF-8 text"]) from None
+        entries, problems = parse_keys(document)
+        if not problems and required and not entries:
+            problems.append(
+                "it holds no [keys.<name>] table, and server.anonymous = \"off\" would refuse every request; add a key or set server.anonymous"
+            )
+        if problems:
+            raise KeysFileError(str(path), problems)
+        return cls(entries, source=str(path))
+
+
+def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Optional[frozenset[str]]]], list[str]]:
+    """Entries of a parsed keys file and the problems found (which never quote a key)."""
+    problems: list[str] = []
+    entries: dict[str, tuple[str, str, Optional[frozenset[str]]]] = {}
+    for section in document:
+        if section != "keys":
+            problems.append(f"unknown section {section!r}: only [keys.<name>] tables belong here")
+    tables = document.get("keys", {})
+    if not isinstance(tables, dict):
+        return {}, problems + ["'keys' must hold tables [keys.<name>]"]
+    seen: dict[bytes, str] = {}
+    for name, table in tables.items():
+        where = f"keys.{name}"
+        if not KEY_NAME.match(name):
+            problems.append(f"{where}: a key name is letters, digits, '.', '_' or '-' (at most 64)")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{where}: expected a table with key, role and models")
+            continue
+        for unknown in sorted(set(table) - ENTRY_FIELDS):
+            problems.append(f"{where}.{unknown}: unknown field (known: key, role, models)")
+        key = table.get("key")
+        if not isinstance(key, str):
+            problems.append(f"{where}.key: expected a string" + (" (missing)" if key is None else f", found a {type(key).__name__}"))
+            continue
+        if len(key) < MIN_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
+            problems.append(f"{where}.key: expected at least {MIN_KEY_LENGTH} printable characters without whitespace")
+            continue
+        digest = _digest(key)
+        if digest in seen:
+            problems.append(f"{where}.key: the same key as keys.{seen[digest]}; every key must be distinct")
+            continue
+        seen[digest] = name
+        role = table.get("role", USER)
+        if role not in ROLES:
+            problems.append(f"{where}.role: expected \"admin\" or \"user\", found {role!r}")
+            continue
+        models = table.get("models")
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            problems.append(f"{where}.models: expected an array of model names")
+            continue
+        entries[name] = (key, role, frozenset(models) if models is not None else None)
+    return entries, problems
+
+
+def load_keys(config: Config) -> KeyRing:
+    """The keys file of ``config``; required (non-empty) unless anonymous access is on."""
+    return KeyRing.load(config.server.keys_file, required=config.server.anonymous == "off")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries (Bearer or x-api-key), None when it carries none."""
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
+            raise Unauthorized(
+                "the Authorization header must be 'Bearer <key>' (or send the key as x-api-key: <key>)",
+                code="invalid_authorization_header",
+            )
+        return value
+    key = headers.get("X-Api-Key")
+    if key is not None:
+        key = key.strip()
+        if not key:
+            raise Unauthorized("the x-api-key header is empty: send your sparkd key", code="invalid_api_key")
+        return key
+    return None
+
+
+def via_unix_socket(request: Any) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and getattr(sock, "family", None) == getattr(socket, "AF_UNIX", None)
+
+
+def is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def authenticate(keys: KeyRing, anonymous: str, request: Any, admin_route: bool = False) -> Principal:
+    """Who sent ``request`` (see the module docstring), or a 401 in OpenAI's shape."""
+    key = presented_key(request.headers)
+    if key is not None:
+        principal = keys.check(key)
+        if principal is not None:
+            return principal
+    if via_unix_socket(request):
+        return ANONYMOUS_LOCAL
+    if anonymous != "off" or admin_route:
+        if is_loopback(request.remote):
+            if anonymous != "off" or not keys.has_admin:
+                return ANONYMOUS_LOCAL
+        elif anonymous == "any":
+            return ANONYMOUS_REMOTE
+    if key is None:
+        where = " (keyless access is allowed from the sparkd machine itself only)" if anonymous == "loopback" else ""
+        raise Unauthorized(
+            f"no API key{where}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>' with a key from the sparkd keys file",
+            code="missing_api_key",
+        )
+    raise Unauthorized(
+        "the API key is not valid: it is not in the sparkd keys file (it may have been revoked); "
+        "check the key your client sends",
+        code="invalid_api_key",
+    )
