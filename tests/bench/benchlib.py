@@ -153,6 +153,21 @@ class Bench:
             await asyncio.to_thread(remove_containers, self.podman, prefix)
 
 
+async def first_event(bench: "Bench", sparkd: Sparkd, key: str, action: str, since: float) -> tuple[float, list[tuple[float, str, str]]]:
+    """The time of model ``key``'s first Podman ``action`` event after ``since``, and all its events since then.
+
+    Asked up to 10 times: an events query right after the fact now and then comes back empty.
+    """
+    events: list[tuple[float, str, str]] = []
+    for _ in range(10):
+        events = await asyncio.to_thread(container_events, bench.podman, since - 1, sparkd.prefix)
+        found = next((t for t, a, m in events if m == sparkd.model(key) and a == action and t >= since), None)
+        if found is not None:
+            return found, events
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"no Podman {action} event for {sparkd.model(key)} after {since}: {events}")
+
+
 def sparkd_events(daemon: Sparkd, since: float, prefix: str = "model_") -> list[tuple[float, str, str]]:
     """(wall time, event, model) of the daemon's JSON log events named ``prefix...`` since ``since``."""
     from datetime import datetime
@@ -285,30 +300,6 @@ async def direct_endpoint(sparkd: Sparkd, podman: Any, key: str) -> Direct:
     return Direct(url=f"http://127.0.0.1:{port}", key=env["VLLM_API_KEY"], pid=int(attrs["State"]["Pid"]))
 
 
-def engine_log(podman: Any, container: str, since: float) -> list[tuple[float, str]]:
-    """(conmon timestamp, line) of a container's log since ``since`` (epoch seconds).
-
-    conmon stamps each line when it reads it from the engine's stdout (ns precision);
-    for a line printed right after ``bind()`` that is the moment the engine listens,
-    give or take a fraction of a millisecond.
-    """
-    from datetime import datetime
-
-    raw = podman.containers.get(container).logs(stdout=True, stderr=True, timestamps=True, since=int(since) - 1)
-    text = b"".join(raw if not isinstance(raw, bytes) else [raw]).decode(errors="replace")
-    out = []
-    for line in text.splitlines():
-        stamp, _, rest = line.partition(" ")
-        try:
-            # 2026-11-27T12:42:35.927723209Z: keep the microseconds.
-            head, _, frac = stamp.rstrip("Z").partition(".")
-            moment = datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac or "0"))
-        except ValueError:
-            continue
-        out.append((moment, rest))
-    return out
-
-
 async def first_byte_request(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[float, float, int, bytes]:
     """One HTTP/1.1 POST on a fresh connection: (wall time of the first response byte, of the last, status, body).
 
@@ -400,7 +391,7 @@ class Profiler:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = await asyncio.create_subprocess_exec(
-            spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--threads", "--nonblocking",
+            spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--threads", "--gil",
             "--output", str(self.directory / f"{self.name}.txt"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )

@@ -27,7 +27,7 @@ import time
 
 import aiohttp
 
-from benchlib import Bench, Result, container_events, engine_model, first_byte_request, percentile, summary
+from benchlib import Bench, Result, engine_model, first_byte_request, first_event, percentile, summary
 from harness import free_port
 
 ITERATIONS = 12
@@ -84,8 +84,10 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
                 if watcher.ready_at is None:
                     raise RuntimeError(f"the engine's port {port} never accepted a connection before the answer")
                 ready = [watcher.ready_at]
-                starts = await asyncio.to_thread(container_events, bench.podman, requested, sparkd.prefix, {"start"})
-                started = next((stamp for stamp, _, m in starts if m == model and stamp >= requested), None)
+                try:
+                    started, _ = await first_event(bench, sparkd, "c", "start", requested)
+                except RuntimeError:
+                    started = None  # only the breakdown columns need it
                 gap = (t_first - ready[0]) * 1000
                 gaps.append(gap)
                 start_ms = f"{(started - requested) * 1000:14.1f}" if started else f"{'?':>14}"

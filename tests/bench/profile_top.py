@@ -63,26 +63,22 @@ def main() -> None:
     inclusive: Counter[str] = Counter()
     by_package: Counter[str] = Counter()
     for body, n in samples.items():
-        if not body:
+        if not body or "select (selectors.py" in body[-1] or "epoll" in body[-1]:
             continue
         self_time[body[-1]] += n
         match = FRAME.match(body[-1])
         by_package[package(match.group("file")) if match else "?"] += n
         for frame in set(body):
             inclusive[frame] += n
-    busy = total - idle or 1
+    busy = sum(self_time.values()) or 1
     print("self time (share of non-idle samples):")
-    for frame, n in self_time.most_common(args.top + 1):
-        if "select (selectors.py" in frame:
-            continue
+    for frame, n in self_time.most_common(args.top):
         print(f"  {n / busy:6.1%}  {frame}")
     print("\nself time by package:")
     for name, n in by_package.most_common(args.top):
         print(f"  {n / busy:6.1%}  {name}")
     print("\ninclusive time (share of non-idle samples):")
     for frame, n in inclusive.most_common(args.top * 2):
-        if "select (selectors.py" in frame:
-            continue
         print(f"  {n / busy:6.1%}  {frame}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from benchlib import Bench, LoadGen, Result, container_events, engine_model, memory_kb, percentile, sparkd_events, summary
+from benchlib import Bench, LoadGen, Result, engine_model, first_event, memory_kb, percentile, sparkd_events, summary
 
 REQUESTS = 1000
 LOAD_DELAY_S = 2.0
@@ -45,7 +45,7 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
             stop.set()
             await sampler
         after = memory_kb(pid)
-        events = await asyncio.to_thread(container_events, bench.podman, began_wall, sparkd.prefix)
+        _, events = await first_event(bench, sparkd, "s", "start", began_wall)
         transitions = sparkd_events(sparkd, began_wall)
     starts = [t for t, action, m in events if m == model and action == "start"]
     answered = answer["statuses"].get("200", 0)

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from benchlib import Bench, Result, container_events, direct_endpoint, engine_model, first_byte_request, percentile, sparkd_events, summary
+from benchlib import Bench, Result, container_events, direct_endpoint, engine_model, first_byte_request, first_event, percentile, sparkd_events, summary
 
 ROUNDS = 8
 STREAM_TOKENS = 20
@@ -59,21 +59,6 @@ async def one_round(sparkd: Any, session: aiohttp.ClientSession, a: str, b: str)
     return last_a, t_first
 
 
-async def start_event(bench: Bench, sparkd: Any, key: str, since: float) -> tuple[float, list[tuple[float, str, str]]]:
-    """The time of ``key``'s first Podman start event after ``since``, and all events since then.
-
-    Asked a few times: an events query right after the fact now and then comes back empty.
-    """
-    events: list[tuple[float, str, str]] = []
-    for _ in range(10):
-        events = await asyncio.to_thread(container_events, bench.podman, since - 1, sparkd.prefix)
-        started = next((t for t, action, m in events if m == sparkd.model(key) and action == "start" and t >= since), None)
-        if started is not None:
-            return started, events
-        await asyncio.sleep(0.3)
-    raise RuntimeError(f"no Podman start event for {key} after {since}: {events}")
-
-
 async def stop_start(bench: Bench, rounds: int) -> list[float]:
     env = {"FAKE_TOKEN_RATE": "100", "FAKE_LOAD_DELAY": "0.2"}
     models = {key: engine_model(bench.image, claim=0.8, env=env) for key in ("a", "b")}
@@ -88,7 +73,7 @@ async def stop_start(bench: Bench, rounds: int) -> list[float]:
             current, other = "a", "b"
             for i in range(rounds):
                 last_a, first_b = await one_round(sparkd, session, current, other)
-                started, events = await start_event(bench, sparkd, other, last_a)
+                started, events = await first_event(bench, sparkd, other, "start", last_a)
                 gap = (started - last_a) * 1000
                 gaps.append(gap)
                 events += [(t, "sparkd:" + e.removeprefix("model_"), m) for t, e, m in sparkd_events(sparkd, last_a - 1)]
