@@ -16,6 +16,9 @@ from aiohttp import web
 
 from . import logs
 from .config import Config, ConfigError, load_config, parse_listen
+from .cluster.head import HeadCoordinator
+from .cluster.peers import PeerClient, PeerError, load_peers
+from .cluster.workers import WorkerLeases
 from .engine.client import EngineClient
 from .http.app import build_app
 from .http.auth import KeyRing, KeysFileError, load_keys
@@ -77,7 +80,19 @@ class Daemon:
         await memory.resolve()
         load_times = LoadTimes(Path(config.server.state_dir) / "load-times.json")
         await asyncio.to_thread(load_times.load)
-        self.scheduler = Scheduler(config, Lifecycle(config, self.runtime, self.engine, memory, load_times))
+        try:
+            peers = await asyncio.to_thread(load_peers, config.peers)
+        except PeerError as error:
+            raise StartupError(str(error)) from error
+        self.peer_client = PeerClient()
+        coordinator = (
+            HeadCoordinator(config, peers, self.peer_client, lambda model, reason: self.scheduler.model_lost(model, reason))
+            if peers
+            else None
+        )
+        lifecycle = Lifecycle(config, self.runtime, self.engine, memory, load_times, cluster=coordinator)
+        self.scheduler = Scheduler(config, lifecycle)
+        self.workers = WorkerLeases(self.scheduler)
         self.scheduler.subscribe(lambda _runner, _previous: self._publish_status())
         events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
         runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
@@ -117,6 +132,7 @@ class Daemon:
                 task.cancel()
             events.stop()
             await runner.cleanup()
+            await self.peer_client.close()
             await self.engine.close()
             self.runtime.close()
             lock.release()
@@ -135,7 +151,7 @@ class Daemon:
             log.warning("gpu_devices_missing", devices=missing, source=source, fix="sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml")
 
     def _start_background(self) -> None:
-        tasks = [self.scheduler.run_reaper(), self._refresh_status()]
+        tasks = [self.scheduler.run_reaper(), self._refresh_status(), self.workers.run_expiry()]
         interval = watchdog_interval()
         if interval:
             tasks.append(run_watchdog(self.notifier, interval))
@@ -199,6 +215,8 @@ class Daemon:
         for section in ("listen",):
             if getattr(new.server, section) != getattr(self.config.server, section):
                 log.warning("config_needs_restart", key=f"server.{section}", hint="systemctl restart sparkd")
+        if new.peers != self.config.peers or new.cluster != self.config.cluster:
+            log.warning("config_needs_restart", key="peers/cluster", hint="systemctl restart sparkd")
         if new.podman != self.config.podman or new.server.runtime_dir != self.config.server.runtime_dir:
             log.warning("config_needs_restart", key="podman/server.runtime_dir", hint="systemctl restart sparkd")
         if new.log != self.config.log:
@@ -218,9 +236,12 @@ class Daemon:
         for site in sites:
             await site.stop()
         await self.scheduler.drain(self.config.server.shutdown_grace_s)
+        # Workers granted to other heads go either way: their leases cannot outlive this daemon.
+        await self.workers.release_all("sparkd is stopping")
         if self.config.server.on_shutdown == "stop":
             await self.scheduler.stop_all()
         else:
+            await self.scheduler.stop_multi_node()  # their worker leases end with this daemon
             log.info("containers_kept", models=[r.name for r in self.scheduler.runners.values() if r.endpoint])
 
 

@@ -7,15 +7,18 @@ exit code is 1 when any check failed, so scripts and the installer can rely on i
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import encodings
+from .. import __version__, encodings
+from ..cluster.peers import PeerError, load_peers
 from ..config import Config, parse_listen
 from ..runtime import cdi
 
@@ -164,7 +167,42 @@ def _answers_as_sparkd(host: str, port: int) -> bool:
         return False
 
 
-CHECKS: tuple[Callable[[Config], list[Check]], ...] = (check_podman, check_gpu, check_images, check_encodings, check_disk, check_listen)
+def check_peers(config: Config) -> list[Check]:
+    """Every peer answers with our version and accepts its admin key."""
+    checks = []
+    for name, peer_config in config.peers.items():
+        try:
+            peer = load_peers({name: peer_config})[name]
+        except PeerError as error:
+            checks.append(Check("peer", False, str(error), f"write peer {name}'s admin key into {peer_config.key_file} (mode 0600)"))
+            continue
+        context = None
+        if not peer_config.tls_verify:
+            context = ssl._create_unverified_context()  # noqa: S323 - the operator turned verification off
+        elif peer_config.tls_ca:
+            context = ssl.create_default_context(cafile=peer_config.tls_ca)
+        request = urllib.request.Request(peer_config.url.rstrip("/") + "/api/version", headers={"Authorization": f"Bearer {peer.key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            fix = "the key is not an admin key of that peer: copy one of its admin keys" if error.code in (401, 403) else "check the peer's journal"
+            checks.append(Check("peer", False, f"peer {name} at {peer_config.url} answered {error.code}", fix))
+            continue
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            checks.append(Check("peer", False, f"peer {name} at {peer_config.url} is unreachable: {error}", "check the URL, the network and that sparkd runs there"))
+            continue
+        version = answer.get("sparkd")
+        if version != __version__:
+            checks.append(Check("peer", False, f"peer {name} runs sparkd {version}, this node {__version__}", "install the same sparkd version on every node"))
+        else:
+            checks.append(Check("peer", True, f"peer {name} at {peer_config.url} runs sparkd {version} and accepts its key"))
+    return checks
+
+
+CHECKS: tuple[Callable[[Config], list[Check]], ...] = (
+    check_podman, check_gpu, check_images, check_encodings, check_disk, check_listen, check_peers,
+)
 
 
 def run(config: Config) -> int:

@@ -1,11 +1,23 @@
 """Configuration: schema (typed dataclasses), loading, validation."""
 
 from .load import DEFAULT_PATH, load_config, parse_listen
-from .schema import Config, ContainerDefaults, GpuConfig, LifecycleConfig, LogConfig, ModelConfig, PodmanConfig, ServerConfig
+from .schema import (
+    ClusterConfig,
+    Config,
+    ContainerDefaults,
+    GpuConfig,
+    LifecycleConfig,
+    LogConfig,
+    ModelConfig,
+    PeerConfig,
+    PodmanConfig,
+    ServerConfig,
+)
 from .validate import ConfigError, Problem
 
 __all__ = [
     "DEFAULT_PATH",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "ContainerDefaults",
@@ -13,6 +25,7 @@ __all__ = [
     "LifecycleConfig",
     "LogConfig",
     "ModelConfig",
+    "PeerConfig",
     "PodmanConfig",
     "Problem",
     "ServerConfig",

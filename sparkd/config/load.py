@@ -15,7 +15,18 @@ from typing import Any
 
 from ..fixups.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE, Profile, expand_tables
 from ..http.cors import pattern_error
-from .schema import Config, ContainerDefaults, GpuConfig, LifecycleConfig, LogConfig, ModelConfig, PodmanConfig, ServerConfig
+from .schema import (
+    ClusterConfig,
+    Config,
+    ContainerDefaults,
+    GpuConfig,
+    LifecycleConfig,
+    LogConfig,
+    ModelConfig,
+    PeerConfig,
+    PodmanConfig,
+    ServerConfig,
+)
 from .validate import ConfigError, Problem, build, describe, key_path
 
 if sys.version_info >= (3, 11):
@@ -36,7 +47,11 @@ SECTIONS = {
     "gpu": GpuConfig,
     "lifecycle": LifecycleConfig,
     "defaults": ContainerDefaults,
+    "cluster": ClusterConfig,
 }
+# Sections made of named tables ([peers.<name>]), besides [models.<name>].
+NAMED_TABLES = {"peers": PeerConfig}
+LOCAL_NODE = "local"
 # Keys a model inherits from [defaults]; env and volumes are merged, the rest replaced.
 INHERITED = ("engine_port", "readiness_path", "shm_size", "ulimits")
 
@@ -50,15 +65,16 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
         raise ConfigError(problems)
 
     sections: dict[str, Any] = {}
+    named: dict[str, dict[str, Any]] = {}
     for name, table in main.items():
         if name in ("models", "profiles"):
             continue
+        if name in NAMED_TABLES:
+            named[name] = _build_named(NAMED_TABLES[name], name, table, str(path), problems)
+            continue
         if name not in SECTIONS:
-            problems.append(
-                Problem(
-                    str(path), key_path(name), "one of the sections " + ", ".join(sorted([*SECTIONS, "models", "profiles"])), f"unknown section {name!r}"
-                )
-            )
+            known = sorted([*SECTIONS, *NAMED_TABLES, "models", "profiles"])
+            problems.append(Problem(str(path), key_path(name), "one of the sections " + ", ".join(known), f"unknown section {name!r}"))
             continue
         sections[name] = build(SECTIONS[name], table, file=str(path), path=(name,), problems=problems)
 
@@ -74,6 +90,7 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
     # type mistakes and semantic ones together.
     config = Config(
         **{name: section for name, section in sections.items() if section is not None},
+        **named,
         models=models,
         profiles=_build_profiles(path, main.get("profiles", {}), problems),
         source=str(path),
@@ -82,6 +99,21 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _build_named(cls: type, section: str, tables: Any, file: str, problems: list[Problem]) -> dict[str, Any]:
+    if not isinstance(tables, dict):
+        problems.append(Problem(file, section, f"tables [{section}.<name>]", describe(tables)))
+        return {}
+    built = {}
+    for name, table in tables.items():
+        if not MODEL_NAME.match(name) or name == LOCAL_NODE:
+            problems.append(Problem(file, key_path(section, name), f"a name of letters, digits, '.', '_' or '-' (not {LOCAL_NODE!r})", describe(name)))
+            continue
+        item = build(cls, table, file=file, path=(section, name), problems=problems, fixed={"name": name})
+        if item is not None:
+            built[name] = item
+    return built
 
 
 def _read_toml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
@@ -228,6 +260,18 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
         _at_least_zero(add, f"lifecycle.{key}", getattr(lifecycle, key))
     _positive(add, "lifecycle.queue_size", lifecycle.queue_size)
 
+    for name, peer in config.peers.items():
+        if not re.match(r"^https?://[^/\s]+", peer.url):
+            add(f"{key_path('peers', name)}.url", "the peer sparkd's URL, e.g. http://spark2:8009", describe(peer.url))
+        if not peer.address:
+            add(f"{key_path('peers', name)}.address", "the peer's cluster-network address", "an empty string")
+    cluster = config.cluster
+    if not 1 <= cluster.ray_port <= 65535:
+        add("cluster.ray_port", "a port within 1-65535", describe(cluster.ray_port))
+    _positive(add, "cluster.heartbeat_s", cluster.heartbeat_s)
+    if cluster.lease_timeout_s <= cluster.heartbeat_s:
+        add("cluster.lease_timeout_s", f"more than cluster.heartbeat_s ({cluster.heartbeat_s})", describe(cluster.lease_timeout_s))
+
     port_range = config.defaults.port_range
     if len(port_range) != 2 or not all(1 <= p <= 65535 for p in port_range) or port_range[0] > port_range[1]:
         add("defaults.port_range", "[first, last] host ports within 1-65535", describe(list(port_range)))
@@ -258,6 +302,18 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
                 ports[model.port] = name
         if not 1 <= model.engine_port <= 65535:
             model_add("engine_port", "a port within 1-65535", describe(model.engine_port))
+        if model.nodes:
+            unknown = [n for n in model.nodes if n != LOCAL_NODE and n not in config.peers]
+            if unknown or LOCAL_NODE not in model.nodes or len(set(model.nodes)) != len(model.nodes):
+                model_add(
+                    "nodes",
+                    f"distinct node names: {LOCAL_NODE!r} (this node, the head) and [peers.<name>] entries",
+                    describe(list(model.nodes)) + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+                )
+            if len(model.nodes) > 1 and model.port is None:
+                model_add("port", "a host port (a multi-node model's head runs on the host network)", "nothing")
+            if len(model.nodes) > 1 and not cluster.address:
+                add("cluster.address", f"this node's cluster-network address (model {name} spans nodes)", "an empty string")
         for key in ("idle_stop_s", "start_timeout_s"):
             if getattr(model, key) is not None and getattr(model, key) <= 0:
                 model_add(key, "a positive number of seconds", describe(getattr(model, key)))

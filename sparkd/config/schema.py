@@ -28,6 +28,7 @@ LogFormat = Literal["auto", "console", "journal", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 MemoryProbe = Literal["auto", "nvidia-smi", "meminfo", "none"]
 AnonymousAccess = Literal["off", "loopback", "any"]
+Parallelism = Literal["tensor", "pipeline"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class ContainerDefaults:
 class ModelConfig:
     name: str
     image: str
+    entrypoint: tuple[str, ...] = ()
+    """Replaces the image's entrypoint (empty: keep it)."""
     command: tuple[str, ...] = ()
     """Tokens before ``args`` (e.g. ``["vllm", "serve"]``); empty = the image's entrypoint."""
     args: tuple[str, ...] = ()
@@ -149,11 +152,51 @@ class ModelConfig:
     experimental_reason: Optional[str] = None
     disabled_reason: Optional[str] = None
     notes: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    """Nodes a model spans (``["local", "<peer>", ...]``): vLLM over a Ray cluster, one worker per peer."""
+    parallel: Parallelism = "tensor"
+    """How a multi-node model is split: ``--tensor-parallel-size N`` or ``--pipeline-parallel-size N``."""
+    worker_image: Optional[str] = None
+    """Image of the Ray workers on the peers (default: ``image``)."""
+    worker_command: tuple[str, ...] = (
+        "ray", "start", "--block", "--address={head_address}:{ray_port}", "--node-ip-address={node_address}",
+    )
+    """Command of each Ray worker; ``{head_address}``, ``{ray_port}``, ``{node_address}`` are filled in."""
     idle_stop_s: Optional[float] = None
     start_timeout_s: Optional[float] = None
     """Overrides ``lifecycle.start_timeout_s`` for a model known to load slowly."""
     encodings: bool = False
     """Mount the tiktoken encodings GPT-OSS needs (``sparkd encodings fetch``) read-only."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    url: str
+    """The peer sparkd's URL, e.g. ``http://spark2:8009``."""
+    key_file: str
+    """File holding the peer's admin key (root-only)."""
+    address: str
+    """The peer's address on the cluster network (its ConnectX-7 link)."""
+    tls_ca: Optional[str] = None
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """This node's part in models that span several Sparks."""
+
+    address: str = ""
+    """This node's cluster-network address (VLLM_HOST_IP; the Ray head address for the peers)."""
+    interface: str = ""
+    """Cluster network interface (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, UCX_NET_DEVICES)."""
+    ib_hca: str = ""
+    """InfiniBand/RoCE device for NCCL (NCCL_IB_HCA)."""
+    devices: tuple[str, ...] = ("/dev/infiniband",)
+    ray_port: int = 6379
+    heartbeat_s: float = 5.0
+    lease_timeout_s: float = 30.0
+    """A worker lease whose head sent no heartbeat for this long is released (and vice versa)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +210,8 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=lambda: dict(BUILTIN_PROFILES))
     """Fixup profiles by name: the built-in ones plus the ``[profiles.<name>]`` tables."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    peers: dict[str, PeerConfig] = field(default_factory=dict)
     source: str = "<defaults>"
     """The file the configuration was read from (not a TOML key)."""
 

@@ -22,7 +22,16 @@ class AdminRoutes:
         app.router.add_post("/api/models/{model}/{action:start|stop|sleep|wake}", self.act)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(snapshot(self._daemon.scheduler))
+        daemon = self._daemon
+        status = snapshot(daemon.scheduler)
+        coordinator = daemon.scheduler.lifecycle.cluster
+        if coordinator is not None:
+            for model in status["models"]:
+                config = daemon.config.models.get(model["name"])
+                if config is not None and len(config.nodes) > 1:
+                    model["nodes"] = coordinator.nodes_view(config)
+        status["worker_leases"] = [lease.view() for lease in daemon.workers.leases()]
+        return web.json_response(status)
 
     async def act(self, request: web.Request) -> web.Response:
         daemon = self._daemon

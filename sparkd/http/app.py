@@ -16,6 +16,7 @@ from ..errors import ApiError, Forbidden, MethodNotAllowed, NotFound, PayloadToo
 from . import cors
 from .admin import AdminRoutes
 from .auth import PRINCIPAL, authenticate
+from .cluster import ClusterRoutes
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
 from .routing import shown
@@ -44,6 +45,7 @@ def build_app(daemon: "Daemon") -> web.Application:
     HealthRoutes(daemon).add_to(app)
     OpenAIRoutes(daemon).add_to(app)
     AdminRoutes(daemon).add_to(app)
+    ClusterRoutes(daemon).add_to(app)
     return app
 
 

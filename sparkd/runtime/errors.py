@@ -22,6 +22,10 @@ class ContainerNotFound(RuntimeFailure):
     pass
 
 
+class PortInUse(RuntimeFailure):
+    pass
+
+
 def translate(error: Exception, *, action: str, url: str, name: str = "", image: str = "") -> RuntimeFailure:
     """Turn a podman-py / requests exception into a ``RuntimeFailure`` with advice."""
     if isinstance(error, RuntimeFailure):
@@ -48,7 +52,7 @@ def translate(error: Exception, *, action: str, url: str, name: str = "", image:
             "or set gpu = false for a CPU-only model"
         )
     if "address already in use" in lowered or "port is already allocated" in lowered:
-        return RuntimeFailure(
+        return PortInUse(
             f"cannot {action}: its host port is already in use ({text}). Free the port or give the model another "
             "`port` (or change defaults.port_range)"
         )

@@ -141,7 +141,7 @@ class PodmanRuntime:
             log.info("container_recreating", container=spec.name, old_spec=existing.spec_hash, new_spec=spec.spec_hash)
             client.containers.get(spec.name).remove(force=True)
         _prepare_mounts(spec)
-        host_port = spec.host_port or self._free_port(port_range, exclude_model=spec.model)
+        host_port = spec.host_port if spec.network == "host" else spec.host_port or self._free_port(port_range, spec.model)
         engine_key = secrets.token_urlsafe(32)
         container = client.containers.create(**spec.create_kwargs(host_port, engine_key))
         container.reload()
@@ -149,6 +149,7 @@ class PodmanRuntime:
         return _info_from_inspect(container.attrs)
 
     def _free_port(self, port_range: tuple[int, int], exclude_model: str) -> int:
+        """The first port of the range no other container of this instance uses and nothing listens on."""
         taken = {
             info.host_port
             for info in self._list_managed_sync()

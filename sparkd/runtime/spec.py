@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import encodings
+from ..cluster.render import for_cluster
 from ..config import Config, ModelConfig
 
 LABEL_MANAGED = "io.sparkd.managed"
@@ -59,6 +60,11 @@ class ContainerSpec:
     devices: tuple[str, ...] = ()
     shm_size: str | None = None
     ulimits: tuple[tuple[str, int], ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    """Replaces the image's entrypoint when set."""
+    network: str = "bridge"
+    """``host`` for multi-node containers: Ray and NCCL need the cluster network itself."""
+    cap_add: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -78,18 +84,25 @@ class ContainerSpec:
             LABEL_KEY_ENV: self.key_env,
         }
 
-    def create_kwargs(self, host_port: int, engine_key: str) -> dict[str, Any]:
+    def create_kwargs(self, host_port: int | None, engine_key: str) -> dict[str, Any]:
         """Keyword arguments for podman-py's ``containers.create``."""
         kwargs: dict[str, Any] = {
             "image": self.image,
             "name": self.name,
             "labels": self.all_labels(),
             "environment": {**self.env, self.key_env: engine_key},
-            "ports": {f"{self.engine_port}/tcp": ("127.0.0.1", host_port)},
             "volumes": {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in self.mounts},
             "devices": list(self.devices),
             "ulimits": [{"Name": name, "Soft": value, "Hard": value} for name, value in self.ulimits],
         }
+        if self.network == "host":
+            kwargs["network_mode"] = "host"  # the engine listens on host_port itself
+        else:
+            kwargs["ports"] = {f"{self.engine_port}/tcp": ("127.0.0.1", host_port)}
+        if self.cap_add:
+            kwargs["cap_add"] = list(self.cap_add)
+        if self.entrypoint:
+            kwargs["entrypoint"] = list(self.entrypoint)
         if self.command:
             kwargs["command"] = list(self.command)
         if self.shm_size:
@@ -103,8 +116,12 @@ def parse_volume(volume: str) -> Mount:
     return Mount(source=parts[0], target=parts[1], read_only=read_only)
 
 
-def render(config: Config, model: ModelConfig) -> ContainerSpec:
-    """The container spec of ``model`` under ``config``."""
+def render(config: Config, model: ModelConfig, role: str | None = None) -> ContainerSpec:
+    """The container spec of ``model`` under ``config``.
+
+    ``role`` is ``head`` for a model spanning several nodes (the default when its
+    ``nodes`` name more than one) or ``worker`` for a peer's Ray worker.
+    """
     devices = tuple(config.gpu.devices) if model.gpu else ()
     mounts = [parse_volume(v) for v in model.volumes]
     env = dict(model.env)
@@ -112,7 +129,7 @@ def render(config: Config, model: ModelConfig) -> ContainerSpec:
         source = encodings.directory(config.server.state_dir)
         mounts += [Mount(str(source / e.file), f"{encodings.CONTAINER_DIR}/{e.file}", read_only=True) for e in encodings.ENCODINGS]
         env.setdefault(encodings.ENV, encodings.CONTAINER_DIR)
-    return ContainerSpec(
+    fields: dict[str, Any] = dict(
         name=container_name(model.name, config.server.instance),
         model=model.name,
         instance=config.server.instance,
@@ -125,5 +142,11 @@ def render(config: Config, model: ModelConfig) -> ContainerSpec:
         mounts=tuple(mounts),
         devices=devices + tuple(model.devices),
         shm_size=model.shm_size or None,
-        ulimits=tuple(sorted((name, UNLIMITED if value == -1 else value) for name, value in model.ulimits.items())),
+        ulimits={name: UNLIMITED if value == -1 else value for name, value in model.ulimits.items()},
+        entrypoint=tuple(model.entrypoint),
     )
+    role = role or ("head" if len(model.nodes) > 1 else None)
+    if role is not None:
+        fields = for_cluster(fields, config, model, role)
+    fields["ulimits"] = tuple(sorted(fields["ulimits"].items()))
+    return ContainerSpec(**fields)

@@ -17,8 +17,10 @@ import structlog
 from ..config import Config
 from ..engine.client import EngineClient, EngineError, Endpoint
 from ..engine.progress import parse_line
-from ..runtime.errors import RuntimeFailure
+from ..runtime.errors import PortInUse, RuntimeFailure
 from ..runtime.logs import LogFollower
+from ..cluster.head import HeadCoordinator, WorkersUnavailable
+from ..cluster.render import worker_command
 from ..runtime.podman import ContainerInfo, PodmanRuntime
 from .loadtimes import LoadTimes
 from .memory import MemoryGauge
@@ -28,6 +30,7 @@ from .state import ModelState
 log = structlog.get_logger("sparkd.scheduler")
 
 INSPECT_EVERY_S = 2.0
+PORT_ATTEMPTS = 3
 LOG_LINES_ON_FAILURE = 20
 
 
@@ -44,6 +47,8 @@ class Lifecycle:
     engine: EngineClient
     memory: MemoryGauge
     load_times: LoadTimes
+    cluster: HeadCoordinator | None = None
+    """Worker leases on the peers, for models that span several nodes."""
 
     # -- start ----------------------------------------------------------------
 
@@ -55,16 +60,41 @@ class Lifecycle:
         began = time.monotonic()
         try:
             await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
-            info = await self.runtime.ensure(runner.spec, _port_range(self.config))
-            if not info.running:
-                await self.runtime.start(runner.spec.name, image=runner.spec.image)
-                info = await self.runtime.inspect(runner.spec.name) or info
+            if len(runner.config.nodes) > 1:
+                await self._acquire_workers(runner)
+            info = await self._create_and_start(runner)
             runner.stale_spec = False
             self._attach(runner, info)
-        except (StartFailed, RuntimeFailure) as error:
+        except (StartFailed, RuntimeFailure, WorkersUnavailable) as error:
             await self._record_failure(runner, str(error), getattr(error, "log_lines", []))
             return
         await self._finish_start(runner, began, reason, record_load_time=True)
+
+    async def _create_and_start(self, runner: ModelRunner) -> ContainerInfo:
+        attempts = 0
+        while True:
+            info = await self.runtime.ensure(runner.spec, _port_range(self.config))
+            if info.running:
+                return info
+            try:
+                await self.runtime.start(runner.spec.name, image=runner.spec.image)
+                return await self.runtime.inspect(runner.spec.name) or info
+            except PortInUse:
+                # Something took the allocated port between its check and this start: pick another.
+                attempts += 1
+                if runner.spec.host_port is not None or attempts >= PORT_ATTEMPTS:
+                    raise
+                log.warning("container_port_taken", model=runner.name, port=info.host_port, attempt=attempts)
+                await self.runtime.remove(runner.spec.name)
+
+    async def _acquire_workers(self, runner: ModelRunner) -> None:
+        if self.cluster is None:
+            raise WorkersUnavailable(f"model {runner.name} spans nodes but this sparkd has no [peers] configured")
+        await self.cluster.acquire(runner.config, worker_command(self.config, runner.config))
+
+    async def release_workers(self, runner: ModelRunner, reason: str) -> None:
+        if self.cluster is not None and len(runner.config.nodes) > 1:
+            await self.cluster.release(runner.name, reason)
 
     async def adopt(self, runner: ModelRunner, info: ContainerInfo) -> bool:
         """Take over a container left running by an earlier sparkd.
@@ -106,16 +136,21 @@ class Lifecycle:
     async def _record_failure(self, runner: ModelRunner, message: str, log_lines: list[str]) -> None:
         lines = log_lines or await self.tail_logs(runner)
         await self._clean_up_failed(runner)
+        await self.release_workers(runner, "the model failed")
         runner.fail(message, lines)
 
     def _attach(self, runner: ModelRunner, info: ContainerInfo) -> None:
-        if info.host_port is None or info.engine_key is None:
+        # A host-network container (multi-node) publishes nothing: its engine listens on the port itself.
+        port = info.host_port or runner.spec.host_port
+        runner.started_at = info.started_at or time.time()
+        if not runner.config.readiness_path:
+            return  # no engine API (a Ray worker): nothing to call
+        if port is None or info.engine_key is None:
             raise StartFailed(
                 f"container {info.name} has no published port or engine key; remove it with "
                 f"`podman rm -f {info.name}` and sparkd re-creates it"
             )
-        runner.endpoint = Endpoint(port=info.host_port, key=info.engine_key)
-        runner.started_at = info.started_at or time.time()
+        runner.endpoint = Endpoint(port=port, key=info.engine_key)
 
     def _follow_progress(self, runner: ModelRunner) -> LogFollower:
         def on_line(line: str) -> None:
@@ -139,10 +174,15 @@ class Lifecycle:
         timeout = runner.config.start_timeout_s or lifecycle.start_timeout_s
         deadline = began + timeout
         last_inspect = time.monotonic()
-        assert runner.endpoint is not None
         while True:
             if runner.died.is_set():
                 raise StartFailed(await self._exit_message(runner))
+            if runner.endpoint is None:
+                # No readiness path (a Ray worker): a running container is ready.
+                info = await self.runtime.inspect(runner.spec.name)
+                if info is None or not info.running:
+                    raise StartFailed(await self._exit_message(runner, info))
+                return
             if await self.engine.is_ready(runner.endpoint, runner.config.readiness_path):
                 return
             now = time.monotonic()
@@ -198,8 +238,16 @@ class Lifecycle:
         if info is not None and info.running:
             runner.fail(f"model {runner.name}: container still running after stop")
             return False
+        await self.release_workers(runner, reason)
         runner.transition(ModelState.STOPPED, reason=reason)
         return True
+
+    async def stop_after_loss(self, runner: ModelRunner, reason: str) -> None:
+        """Fail a model whose peer went away: stop its container, return the other leases."""
+        lines = await self.tail_logs(runner)
+        await self._clean_up_failed(runner)
+        await self.release_workers(runner, reason)
+        runner.fail(reason, lines)
 
     # -- sleep / wake (vLLM sleep mode) -----------------------------------------
 

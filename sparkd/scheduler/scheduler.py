@@ -18,7 +18,7 @@ import structlog
 from ..config import Config, ModelConfig
 from ..errors import ApiError, GatewayTimeout, ServiceUnavailable
 from ..runtime.events import ContainerEvent
-from ..runtime.spec import render
+from ..runtime.spec import ContainerSpec, render
 from .lease import Eviction, Holder, Lease, plan
 from .lifecycle import Lifecycle
 from .queue import QueueFull, Waiter, WaitQueue
@@ -45,6 +45,8 @@ class Scheduler:
         self._closing = False
         self._operator_requests: dict[str, str] = {}
         """Models an operator asked to stop or sleep: drained, then stopped/slept."""
+        self._transient: set[str] = set()
+        """Runners of models outside the configuration: worker leases granted to a head sparkd."""
         self.gpu_missing: str | None = None
         """Why the GPU devices look unavailable (no CDI spec), if they do: GPU utility models wait."""
         for model in config.enabled_models():
@@ -52,6 +54,31 @@ class Scheduler:
 
     def _new_runner(self, model: ModelConfig) -> ModelRunner:
         return ModelRunner(config=model, spec=render(self.config, model), on_change=self._on_runner_change)
+
+    def add_transient(self, model: ModelConfig, spec: ContainerSpec) -> ModelRunner:
+        """A model that is not in the configuration (a peer's worker lease) until ``remove_transient``."""
+        runner = ModelRunner(config=model, spec=spec, on_change=self._on_runner_change)
+        self.runners[model.name] = runner
+        self._transient.add(model.name)
+        return runner
+
+    async def remove_transient(self, name: str) -> None:
+        runner = self.runners[name]
+        if runner.state is not S.STOPPED or name in self.lease.holders:
+            await self.stop_model(name, self.config.lifecycle.stop_timeout_s + 30)
+        self._transient.discard(name)
+        self.runners.pop(name, None)
+        self.pump()
+
+    def model_lost(self, name: str, reason: str) -> None:
+        """Something the model depends on is gone (a peer's worker): fail it and free its share."""
+        runner = self.runners.get(name)
+        if runner is not None and runner.state in (S.STARTING, S.READY, S.DRAINING, S.WAKING, S.SLEEPING):
+            self._spawn(runner, self._run_lost(runner, reason))
+
+    async def _run_lost(self, runner: ModelRunner, reason: str) -> None:
+        await self.lifecycle.stop_after_loss(runner, reason)
+        self.lease.release(runner.name)
 
     def apply_config(self, config: Config) -> None:
         """Switch to a reloaded configuration without killing anything.
@@ -65,6 +92,8 @@ class Scheduler:
         self.queue.limit = config.lifecycle.queue_size
         enabled = {m.name: m for m in config.enabled_models()}
         for name, runner in list(self.runners.items()):
+            if name in self._transient:
+                continue
             model = enabled.get(name)
             if model is None:
                 self._fail_waiters(runner, ServiceUnavailable(f"model {name} was removed or disabled by a configuration reload"))
@@ -352,8 +381,8 @@ class Scheduler:
         runner = self.runners.get(event.model or "")
         if runner is None or event.action not in ("died", "oom"):
             return
-        if event.time < runner.start_requested_at - 1:
-            return  # an event from before the current start (replayed after a reconnect)
+        if event.time < runner.start_requested_at:
+            return  # from before the current start: the previous stop's death, or replayed after a reconnect
         runner.died.set()
         if runner.state in (S.READY, S.DRAINING, S.SLEEPING) and not self._busy(runner):
             self._spawn(runner, self._run_died(runner, event))
@@ -475,6 +504,12 @@ class Scheduler:
         deadline = time.monotonic() + grace
         while any(r.in_flight for r in self.runners.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+
+    async def stop_multi_node(self) -> None:
+        """Stop the models that span nodes (``on_shutdown = "keep"`` cannot keep their worker leases)."""
+        await asyncio.gather(
+            *(self._run_stop(r, "sparkd is stopping") for r in self.runners.values() if len(r.config.nodes) > 1 and r.state is not S.STOPPED)
+        )
 
     async def stop_all(self) -> None:
         """Stop every model whose container may be running (``on_shutdown = "stop"``)."""
