@@ -216,7 +216,8 @@ class Sparkd:
 
     async def chat(self, session: aiohttp.ClientSession, key: str, text: str = "hello", **fields: Any) -> tuple[int, Any]:
         body = {"model": self.model(key), "messages": [{"role": "user", "content": text}], **fields}
-        async with session.post(self.base_url + "/v1/chat/completions", json=body) as response:
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        async with session.post(self.base_url + "/v1/chat/completions", json=body, headers=headers) as response:
             payload = await response.json(content_type=None)
             return response.status, payload
 

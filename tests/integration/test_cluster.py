@@ -14,10 +14,11 @@ import time
 import aiohttp
 import pytest
 
-from harness import container_events, engine_model, free_port
+from harness import container_events, engine_model, free_port, write_keys
 
 pytestmark = pytest.mark.podman
 
+PEER_ADMIN_KEY = "sk-sparkd-peer-admin-0123456789"
 FAST_CLUSTER = {"address": "127.0.0.1", "devices": [], "heartbeat_s": 0.5, "lease_timeout_s": 3}
 # Multi-node containers raise memlock (unlimited on a Spark); this test machine's hard limits are
 # 8 MiB memlock, 20000 open files and 4096 processes (once any ulimit is set, Podman drops
@@ -37,10 +38,13 @@ def two_nodes(sparkd_factory, engine_image, tmp_path, peer_models=None, peer_lif
         },
         name="peer",
     )
-    peer.settings["server"] = {"instance": peer.prefix + "b"}  # its own container labels, apart from the head's
+    # Its own container labels, apart from the head's; and keys: the head must present the peer's admin key.
+    peer.settings["server"] = {"instance": peer.prefix + "b", "anonymous": "off"}
     peer.write_config()
+    write_keys(peer.workdir / "keys.toml", {"head-spark1": {"key": PEER_ADMIN_KEY, "role": "admin"}})
+    peer.admin_key = PEER_ADMIN_KEY
     key_file = tmp_path / "peer-b.key"
-    key_file.write_text("peer-admin-key\n")
+    key_file.write_text(PEER_ADMIN_KEY + "\n")
     key_file.chmod(0o600)
     head_port, worker_port = free_port(), free_port()
     big = engine_model(
@@ -117,7 +121,9 @@ async def test_busy_peer_model_is_drained_before_the_worker_starts(sparkd_factor
     body = {"model": peer.model("p"), "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 30}
     async with aiohttp.ClientSession() as session:
         assert (await peer.chat(session, "p"))[0] == 200
-        async with session.post(peer.base_url + "/v1/chat/completions", json=body) as stream:
+        auth = {"Authorization": f"Bearer {PEER_ADMIN_KEY}"}
+        async with session.post(peer.base_url + "/v1/chat/completions", json=body, headers=auth) as stream:
+            assert stream.status == 200
             await stream.content.readuntil(b"\n\n")
             big = asyncio.create_task(head.chat(session, "big"))
             await asyncio.sleep(0.5)
