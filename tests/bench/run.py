@@ -14,6 +14,7 @@ import asyncio
 import importlib
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,9 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
             print(result.line(), flush=True)
         all_results += results
     client.close()
+    if source is not None:
+        shutil.rmtree(source, ignore_errors=True)
+    print(f"# daemon logs and configs: {bench.workdir}")
     if failed:
         print(f"# failed: {', '.join(failed)}")
     return 1 if failed else 0
