@@ -45,8 +45,9 @@ async def main() -> int:
                         help="record sparkd with py-spy during the hot phases (perturbs the figures: profile and measure in separate runs)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply request/iteration counts (e.g. 0.2 for a quick check)")
     parser.add_argument("--rev", metavar="REV",
-                        help="run the sparkd of this git revision (git archive into a temporary directory) instead of the "
-                             "working tree: compare commits, or measure while sparkd/ is being edited")
+                        help="run the sparkd of this git revision (git archive into a temporary directory), or of a directory "
+                             "holding a sparkd/ package, instead of the working tree: compare commits or patches, or "
+                             "measure while sparkd/ is being edited")
     parser.add_argument("--uvloop", action="store_true",
                         help="experiment: run the sparkd daemons under test on uvloop (sparkd does not use it itself)")
     parser.add_argument("--retries", type=int, default=1,
@@ -70,9 +71,13 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
         print(f"no Podman service at {PODMAN_URL} ({error}); run tests/setup/host.sh as root", file=sys.stderr)
         return 2
     image = benchlib.engine_image(client)
-    if args.rev:
+    exported = False
+    if args.rev and (Path(args.rev) / "sparkd" / "__main__.py").exists():
+        source, sources = Path(args.rev).resolve(), f"the sparkd package in {Path(args.rev).resolve()}"
+    elif args.rev:
         source, commit = benchlib.export_sources(args.rev)
         sources = f"commit {commit} ({args.rev}), exported to {source}"
+        exported = True
     else:
         source, sources = None, benchlib.describe_sources()
     bench = Bench(podman=client, image=image, workdir=benchlib.new_workdir(), profile_dir=args.profile, source=source,
@@ -113,7 +118,7 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
             print(result.line(), flush=True)
         all_results += results
     client.close()
-    if source is not None:
+    if exported:
         shutil.rmtree(source, ignore_errors=True)
     print(f"# daemon logs and configs: {bench.workdir}")
     if failed:
