@@ -28,6 +28,7 @@ class LogFollower:
         on_line: Callable[[str], None],
         since: float | None = None,
         tail: int | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self._url = url
         self._container = container
@@ -35,6 +36,8 @@ class LogFollower:
         self._on_line = on_line
         self._since = since
         self._tail = tail
+        self._on_end = on_end
+        """Called on the loop when the log ends by itself (the container stopped or is gone)."""
         self._stopped = threading.Event()
         self._client: PodmanClient | None = None
         self._thread = threading.Thread(target=self._run, name=f"logs-{container}", daemon=True)
@@ -82,3 +85,12 @@ class LogFollower:
                     pass  # the loop is already closed
             if self._client is not None:
                 self._client.close()
+            if self._on_end is not None and not self._stopped.is_set():
+                try:
+                    self._loop.call_soon_threadsafe(self._ended)
+                except RuntimeError:
+                    pass  # the loop is already closed
+
+    def _ended(self) -> None:
+        if self._on_end is not None and not self._stopped.is_set():
+            self._on_end()

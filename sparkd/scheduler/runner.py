@@ -54,6 +54,11 @@ class ModelRunner:
     progress: LoadProgress | None = None
     failure: Failure | None = None
     consecutive_failures: int = 0
+    reason: str = ""
+    """Why the model entered its current state (``transition``'s reason): "idle for 1200s",
+    "swapped out for b", "stopped by an operator", ... (status, metrics, history)."""
+    state_since: float = field(default_factory=time.time)
+    """Wall-clock time of the last transition."""
     stale_spec: bool = False
     """The running container was made from an older spec: re-create it at the next start."""
     died: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,6 +75,8 @@ class ModelRunner:
         if new not in ALLOWED[old]:
             raise TransitionError(f"model {self.name}: {old} -> {new} is not allowed ({reason})")
         self.state = new
+        self.reason = reason
+        self.state_since = time.time()
         now = time.monotonic()
         if new == ModelState.READY:
             self.ready_at = now

@@ -439,6 +439,23 @@ class Scheduler:
         self.release(runner)
         return runner
 
+    async def while_stopped(self, name: str, work: Callable[[ModelRunner], Coroutine[Any, Any, Any]]) -> Any:
+        """Run ``work(runner)`` as the model's task if it is stopped or failed and idle (``sparkctl
+        prepare``): no start of it overlaps, a request arriving meanwhile waits for it.
+        Returns None without running it when the model is busy or its container may be running."""
+        runner = self.runners[name]
+        if self._busy(runner) or runner.state not in (S.STOPPED, S.FAILED) or self._closing:
+            return None
+        result: list[Any] = []
+
+        async def run() -> None:
+            result.append(await work(runner))
+
+        self._spawn(runner, run())
+        assert runner.task is not None
+        await asyncio.shield(runner.task)
+        return result[0] if result else None
+
     async def stop_model(self, name: str, timeout: float) -> ModelRunner:
         """Drain the model (in-flight requests finish), then stop it."""
         return await self._operator_request(name, "stop", {S.STOPPED, S.FAILED}, timeout)

@@ -21,6 +21,8 @@ def model_status(scheduler: "Scheduler", runner: ModelRunner, now: float, now_wa
     return {
         "name": runner.name,
         "state": runner.state.value,
+        "reason": runner.reason,
+        "state_since": round(runner.state_since, 3),
         "lifecycle": runner.config.lifecycle,
         "claim": runner.claim,
         "holds": scheduler.lease.holders.get(runner.name, 0.0),
