@@ -25,6 +25,7 @@ from .http.auth import KeyRing, KeysFileError, load_keys
 from .http.routing import ModelDirectory
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
+from .ops import Operations
 from .runtime import cdi
 from .runtime.events import EventStream
 from .runtime.podman import PodmanRuntime
@@ -55,6 +56,7 @@ class Daemon:
         self.reconciled = False
         self.engine: EngineClient
         self.scheduler: Scheduler
+        self.ops: Operations
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: list[asyncio.Task[Any]] = []
@@ -94,10 +96,12 @@ class Daemon:
         self.scheduler = Scheduler(config, lifecycle)
         self.workers = WorkerLeases(self.scheduler)
         self.scheduler.subscribe(lambda _runner, _previous: self._publish_status())
+        self.ops = Operations(self, memory)  # metrics, history, live status, the admin socket
+        await self.ops.open()
         events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
         runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
         await runner.setup()
-        sites: list[web.TCPSite] = []
+        sites: list[web.BaseSite] = []
         try:
             for address in config.server.listen:
                 host, port = parse_listen(address)
@@ -111,6 +115,9 @@ class Daemon:
                     ) from error
                 sites.append(site)
             log.info("listening", addresses=list(config.server.listen))
+            admin_site = await self.ops.start_socket(runner)
+            if admin_site is not None:
+                sites.append(admin_site)
             try:
                 version = await self.runtime.version()
             except Exception as error:
@@ -119,6 +126,7 @@ class Daemon:
             events.start()
             await self._check_gpu_devices()
             await adopt_running(self.scheduler)
+            await self.ops.adopted()
             self.reconciled = True
             for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
                 loop.add_signal_handler(signum, handler)
@@ -131,6 +139,7 @@ class Daemon:
             for task in self._background:
                 task.cancel()
             events.stop()
+            await self.ops.close()
             await runner.cleanup()
             await self.peer_client.close()
             await self.engine.close()
@@ -228,11 +237,12 @@ class Daemon:
 
     # -- shutdown --------------------------------------------------------------
 
-    async def _shutdown(self, sites: list[web.TCPSite]) -> None:
+    async def _shutdown(self, sites: list[web.BaseSite]) -> None:
         # Kept in STATUS= while in-flight requests drain.
         self._status_note = "stopping"
         self.notifier.stopping(self._status_text())
         log.info("sparkd_stopping", on_shutdown=self.config.server.on_shutdown)
+        self.ops.stopping()
         for site in sites:
             await site.stop()
         await self.scheduler.drain(self.config.server.shutdown_grace_s)

@@ -2,7 +2,8 @@
 
 - CORS (``cors.py``): answers preflights, refuses origins off the allowlist;
 - errors: every error becomes OpenAI's JSON shape;
-- auth (``auth.py``): who is calling; ``/api/*`` needs the admin role.
+- auth (``auth.py``): who is calling; ``/api/*`` and ``/metrics`` need the admin role (the status
+  page's shell at ``/`` is static and public: its data comes from ``/api/events``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .auth import PRINCIPAL, authenticate
 from .cluster import ClusterRoutes
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
+from .ops import OpsRoutes
+from .page import PAGE_PATHS, PageRoutes
 from .routing import shown
 
 if TYPE_CHECKING:
@@ -30,7 +33,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 # Answer without a key: liveness and readiness checks.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", *PAGE_PATHS})
+"""Also the status page's shell: static HTML/JS/CSS without data (its data comes from /api/events)."""
 # Request line and each header at most 16 KiB, at most 100 headers: beyond, aiohttp answers 400 itself.
 HANDLER_ARGS = {"max_field_size": 16 * 1024, "max_line_size": 16 * 1024, "max_headers": 100}
 
@@ -46,6 +50,8 @@ def build_app(daemon: "Daemon") -> web.Application:
     OpenAIRoutes(daemon).add_to(app)
     AdminRoutes(daemon).add_to(app)
     ClusterRoutes(daemon).add_to(app)
+    OpsRoutes(daemon).add_to(app)
+    PageRoutes(daemon).add_to(app)
     return app
 
 
@@ -109,7 +115,7 @@ def auth_middleware(daemon: "Daemon") -> Middleware:
 
 
 def is_admin_route(request: web.Request) -> bool:
-    if request.path.startswith("/api/"):
+    if request.path.startswith(("/api/", "/metrics")):
         return True
     resource = request.match_info.route.resource
     return resource is not None and resource.canonical.startswith("/api/")

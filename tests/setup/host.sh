@@ -8,7 +8,7 @@ set -euo pipefail
 SOCK=${SPARKD_TEST_PODMAN_SOCK:-/run/podman/podman.sock}
 LOG=${SPARKD_TEST_PODMAN_LOG:-/var/log/sparkd-test-podman.log}
 PACKAGES=(podman runc debootstrap busybox-static curl python3-venv python3-dev
-          dh-virtualenv debhelper dpkg-dev)
+          dh-virtualenv debhelper dpkg-dev chromium chromium-driver)
 
 die() { echo "host.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts podman's service)"

@@ -1,0 +1,350 @@
+"""Usage history in an embedded SQLite database in the state directory.
+
+What the seed's ``gpu-monitor`` tried to collect in a CSV, kept across restarts:
+
+* ``loads``: every start (and wake) of a model: when, how long it took, whether
+  it became ready or failed (with the message);
+* ``sessions``: every time a model's container ran: start, stop, why it stopped,
+  the requests it served, and the peak memory seen while it ran (host memory in
+  use, which on a DGX Spark's unified memory includes the GPU's; the container's
+  own memory from Podman; GPU memory where nvidia-smi reports it);
+* ``usage_daily``: requests, errors and tokens per model per day.
+
+sqlite3 blocks, so the database lives in one dedicated thread (a single-worker
+executor): the event loop only queues work for it (writes are fire-and-forget,
+reads are awaited), and that thread alone ever touches the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import structlog
+
+from .scheduler.state import ModelState
+
+if TYPE_CHECKING:
+    from .scheduler.runner import ModelRunner
+
+log = structlog.get_logger("sparkd.history")
+
+S = ModelState
+SCHEMA_VERSION = 1
+KEEP_DAYS = 400
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS loads (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    kind TEXT NOT NULL,              -- start | wake
+    started_at REAL NOT NULL,        -- epoch seconds
+    duration_s REAL NOT NULL,
+    outcome TEXT NOT NULL,           -- ready | failed
+    message TEXT                     -- why it started ("requested", ...) or the failure
+);
+CREATE INDEX IF NOT EXISTS loads_model_time ON loads (model, started_at);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,                   -- NULL while it runs
+    end_state TEXT,                  -- stopped | failed
+    end_reason TEXT,                 -- "idle for 1200s", "swapped out for b", the failure, ...
+    last_seen_at REAL NOT NULL,      -- last time a running sparkd saw it (closes sessions after a crash)
+    requests INTEGER NOT NULL DEFAULT 0,
+    peak_host_used_bytes INTEGER,
+    peak_container_bytes INTEGER,
+    peak_gpu_used_bytes INTEGER
+);
+CREATE INDEX IF NOT EXISTS sessions_model_time ON sessions (model, started_at);
+CREATE TABLE IF NOT EXISTS usage_daily (
+    day TEXT NOT NULL,               -- local date, YYYY-MM-DD
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, model)
+);
+"""
+
+
+class HistoryUnavailable(Exception):
+    pass
+
+
+class History:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkd-history")
+        self._db: sqlite3.Connection | None = None  # touched only by the executor's thread
+        self._open: dict[str, int] = {}  # model -> open session row id; executor's thread only
+        self._wake_began: dict[str, float] = {}  # event loop only
+        self.problem: str | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    def _submit(self, func: Callable[..., Any], *args: Any) -> None:
+        """Queue a write; never blocks the event loop."""
+        if self.problem is not None:
+            return
+        try:
+            self._executor.submit(self._guarded, func, *args)
+        except RuntimeError:
+            pass  # shut down already
+
+    def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
+        try:
+            func(*args)
+        except sqlite3.Error as error:
+            log.warning("history_write_failed", path=str(self.path), error=str(error))
+
+    # -- lifespan -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            await self._run(self._open_sync)
+        except (sqlite3.Error, OSError) as error:
+            self.problem = f"the usage history at {self.path} cannot be used: {error}"
+            log.error("history_unavailable", path=str(self.path), error=str(error))
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=5)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if found is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(found[0]) > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"it was written by a newer sparkd (schema {found[0]} > {SCHEMA_VERSION})")
+            horizon = time.time() - KEEP_DAYS * 86400
+            db.execute("DELETE FROM loads WHERE started_at < ?", (horizon,))
+            db.execute("DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?", (horizon,))
+            db.execute("DELETE FROM usage_daily WHERE day < ?", (time.strftime("%Y-%m-%d", time.localtime(horizon)),))
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        self._open = {model: row_id for row_id, model in db.execute("SELECT id, model FROM sessions WHERE ended_at IS NULL")}
+
+    async def close_stale(self, running: set[str]) -> None:
+        """After adoption: end the sessions left open by an earlier sparkd whose container is gone."""
+        if self.problem is None:
+            await self._run(self._guarded, self._close_stale_sync, running)
+
+    def _close_stale_sync(self, running: set[str]) -> None:
+        assert self._db is not None
+        for model, row_id in list(self._open.items()):
+            if model in running:
+                continue
+            self._db.execute(
+                "UPDATE sessions SET ended_at = last_seen_at, end_state = 'stopped', "
+                "end_reason = 'gone when sparkd restarted (sparkd stopped while it ran)' WHERE id = ?",
+                (row_id,),
+            )
+            del self._open[model]
+
+    async def close(self, usage: dict[str, list[int]] | None = None) -> None:
+        """Write what is pending and close the database (sessions still running stay open)."""
+        if self.problem is None:
+            if usage:
+                await self._run(self._guarded, self._flush_sync, usage, time.time())
+            await self._run(self._guarded, self._touch_sync, time.time())
+            await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- recording --------------------------------------------------------------------
+
+    def on_transition(self, runner: "ModelRunner", previous: ModelState | None) -> None:
+        """Scheduler listener: sessions and loads (runs on the loop, queues the writes)."""
+        if previous is None:
+            return
+        now = time.time()
+        name, state = runner.name, runner.state
+        if state in (S.STARTING, S.READY) and previous in (S.STOPPED, S.FAILED):
+            # A start, or a container adopted at start-up: an open session continues.
+            self._submit(self._begin_sync, name, runner.start_requested_at or runner.started_at or now, now)
+        if state is S.WAKING:
+            self._wake_began[name] = now
+        if state is S.READY and previous is S.STARTING and runner.start_requested_at:
+            started = runner.start_requested_at
+            self._submit(self._load_sync, name, "start", started, now - started, "ready", runner.reason)
+        elif state is S.READY and previous is S.WAKING:
+            began = self._wake_began.pop(name, now)
+            self._submit(self._load_sync, name, "wake", began, now - began, "ready", runner.reason)
+        elif state is S.FAILED and previous in (S.STARTING, S.WAKING):
+            kind = "start" if previous is S.STARTING else "wake"
+            began = runner.start_requested_at if kind == "start" else self._wake_began.pop(name, now)
+            message = runner.failure.message if runner.failure else runner.reason
+            self._submit(self._load_sync, name, kind, began or now, now - (began or now), "failed", message)
+        if state in (S.STOPPED, S.FAILED):
+            reason = runner.failure.message if state is S.FAILED and runner.failure else runner.reason
+            self._submit(self._end_sync, name, now, state.value, reason)
+
+    def _begin_sync(self, model: str, started_at: float, now: float) -> None:
+        assert self._db is not None
+        if model in self._open:
+            return
+        cursor = self._db.execute(
+            "INSERT INTO sessions (model, started_at, last_seen_at) VALUES (?, ?, ?)", (model, started_at, now)
+        )
+        self._open[model] = int(cursor.lastrowid or 0)
+
+    def _end_sync(self, model: str, now: float, end_state: str, reason: str) -> None:
+        assert self._db is not None
+        row_id = self._open.pop(model, None)
+        if row_id is None:
+            return
+        self._db.execute(
+            "UPDATE sessions SET ended_at = ?, last_seen_at = ?, end_state = ?, end_reason = ? WHERE id = ?",
+            (now, now, end_state, reason, row_id),
+        )
+
+    def _load_sync(self, model: str, kind: str, started_at: float, duration: float, outcome: str, message: str) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "INSERT INTO loads (model, kind, started_at, duration_s, outcome, message) VALUES (?, ?, ?, ?, ?, ?)",
+            (model, kind, started_at, round(duration, 3), outcome, message),
+        )
+
+    def record_memory(self, model: str, host_used: int | None, container: int | None, gpu_used: int | None) -> None:
+        """Raise the running session's peaks to what was just measured."""
+        self._submit(self._memory_sync, model, host_used, container, gpu_used)
+
+    def _memory_sync(self, model: str, host_used: int | None, container: int | None, gpu_used: int | None) -> None:
+        assert self._db is not None
+        row_id = self._open.get(model)
+        if row_id is None:
+            return
+        self._db.execute(
+            "UPDATE sessions SET "
+            "peak_host_used_bytes = MAX(COALESCE(peak_host_used_bytes, 0), COALESCE(?, 0)), "
+            "peak_container_bytes = MAX(COALESCE(peak_container_bytes, 0), COALESCE(?, 0)), "
+            "peak_gpu_used_bytes = CASE WHEN ? IS NULL THEN peak_gpu_used_bytes "
+            "ELSE MAX(COALESCE(peak_gpu_used_bytes, 0), ?) END WHERE id = ?",
+            (host_used, container, gpu_used, gpu_used, row_id),
+        )
+
+    def add_usage(self, usage: dict[str, list[int]]) -> None:
+        """Like ``flush`` without waiting (a session is about to end: count its last requests)."""
+        self._submit(self._flush_sync, usage, time.time())
+
+    async def flush(self, usage: dict[str, list[int]]) -> None:
+        """Add per-model [requests, errors, prompt, completion] to today's row; mark open sessions seen."""
+        if self.problem is None:
+            await self._run(self._guarded, self._flush_sync, usage, time.time())
+
+    def _flush_sync(self, usage: dict[str, list[int]], now: float) -> None:
+        assert self._db is not None
+        day = time.strftime("%Y-%m-%d", time.localtime(now))
+        with self._db:  # one transaction
+            self._db.execute("BEGIN")
+            for model, (requests, errors, prompt, completion) in usage.items():
+                self._db.execute(
+                    "INSERT INTO usage_daily (day, model, requests, errors, prompt_tokens, completion_tokens) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, model) DO UPDATE SET "
+                    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                    "completion_tokens = completion_tokens + excluded.completion_tokens",
+                    (day, model, requests, errors, prompt, completion),
+                )
+                row_id = self._open.get(model)
+                if row_id is not None:
+                    self._db.execute("UPDATE sessions SET requests = requests + ? WHERE id = ?", (requests, row_id))
+            self._touch_sync(now)
+
+    def _touch_sync(self, now: float) -> None:
+        assert self._db is not None
+        for row_id in self._open.values():
+            self._db.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (now, row_id))
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def query(self, model: str | None = None, days: int = 30, limit: int = 20) -> dict[str, Any]:
+        if self.problem is not None:
+            raise HistoryUnavailable(self.problem)
+        return await self._run(self._query_sync, model, days, limit, time.time())
+
+    def _query_sync(self, model: str | None, days: int, limit: int, now: float) -> dict[str, Any]:
+        assert self._db is not None
+        db = self._db
+        where, args = ("WHERE model = ?", [model]) if model else ("", [])
+        since = now - days * 86400
+        summary: dict[str, dict[str, Any]] = {}
+        for name, duration, outcome in db.execute(
+            f"SELECT model, duration_s, outcome FROM loads {where} {'AND' if where else 'WHERE'} kind = 'start' "
+            "ORDER BY started_at", args
+        ):
+            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "_ok": []})
+            entry["loads"] += 1
+            if outcome == "ready":
+                entry["_ok"].append(duration)
+            else:
+                entry["failed_loads"] += 1
+        for name, entry in summary.items():
+            ok = entry.pop("_ok")
+            entry["load_s"] = (
+                {"median": round(statistics.median(ok), 1), "min": round(min(ok), 1), "max": round(max(ok), 1),
+                 "last": round(ok[-1], 1)}
+                if ok else None
+            )
+        for name, count, seconds, peak_host, peak_container, peak_gpu in db.execute(
+            f"SELECT model, COUNT(*), SUM(COALESCE(ended_at, ?) - started_at), MAX(peak_host_used_bytes), "
+            f"MAX(peak_container_bytes), MAX(peak_gpu_used_bytes) FROM sessions {where} GROUP BY model",
+            [now, *args],
+        ):
+            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
+            entry.update(
+                sessions=count, running_s=round(seconds or 0.0, 1), peak_host_used_bytes=peak_host,
+                peak_container_bytes=peak_container, peak_gpu_used_bytes=peak_gpu,
+            )
+        for name, requests, tokens in db.execute(
+            f"SELECT model, SUM(requests), SUM(prompt_tokens + completion_tokens) FROM usage_daily {where} GROUP BY model", args
+        ):
+            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
+            entry.update(requests=requests, tokens=tokens)
+        loads = [
+            {"model": m, "kind": k, "started_at": s, "duration_s": d, "outcome": o, "message": msg}
+            for m, k, s, d, o, msg in db.execute(
+                f"SELECT model, kind, started_at, duration_s, outcome, message FROM loads {where} "
+                "ORDER BY started_at DESC LIMIT ?", [*args, limit]
+            )
+        ]
+        sessions = [
+            {
+                "model": m, "started_at": s, "ended_at": e, "duration_s": round((e or now) - s, 1), "running": e is None,
+                "end_state": st, "end_reason": r, "requests": q, "peak_host_used_bytes": ph,
+                "peak_container_bytes": pc, "peak_gpu_used_bytes": pg,
+            }
+            for m, s, e, st, r, q, ph, pc, pg in db.execute(
+                "SELECT model, started_at, ended_at, end_state, end_reason, requests, peak_host_used_bytes, "
+                f"peak_container_bytes, peak_gpu_used_bytes FROM sessions {where} ORDER BY started_at DESC LIMIT ?",
+                [*args, limit],
+            )
+        ]
+        daily = [
+            {"day": d, "model": m, "requests": q, "errors": e, "prompt_tokens": p, "completion_tokens": c}
+            for d, m, q, e, p, c in db.execute(
+                f"SELECT day, model, requests, errors, prompt_tokens, completion_tokens FROM usage_daily {where} "
+                f"{'AND' if where else 'WHERE'} day >= ? ORDER BY day DESC, model",
+                [*args, time.strftime("%Y-%m-%d", time.localtime(since))],
+            )
+        ]
+        return {"path": str(self.path), "days": days, "models": summary, "loads": loads, "sessions": sessions, "daily": daily}

@@ -1,0 +1,246 @@
+"""Admin endpoints for operators: live events, catalog, container logs, prepare, history, metrics.
+
+``/api/*`` and ``/metrics`` are admin-only (see ``access.py``): the local unix socket,
+loopback, or an admin key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..config import ModelConfig
+from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..history import HistoryUnavailable
+from ..metrics import CONTENT_TYPE
+from ..runtime.errors import RuntimeFailure
+from ..runtime.logs import LogFollower
+from ..runtime.spec import container_name
+from .routing import shown
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+TEXT_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_TAIL = 10000
+COALESCE_S = 0.05
+
+
+class OpsRoutes:
+    def __init__(self, daemon: "Daemon") -> None:
+        self._daemon = daemon
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/api/events", self.events)
+        app.router.add_get("/api/models", self.models)
+        app.router.add_get("/api/models/{model}/logs", self.logs)
+        app.router.add_post("/api/prepare", self.prepare)
+        app.router.add_get("/api/history", self.history)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _configured(self, name: str) -> ModelConfig:
+        model = self._daemon.directory.lookup(name)
+        if model is None:
+            raise NotFound(f"model {shown(name)} is not configured on this server; `sparkctl models` lists them", code="model_not_found")
+        return model
+
+    @staticmethod
+    def _int(request: web.Request, key: str, default: int, low: int, high: int) -> int:
+        raw = request.query.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise BadRequest(f"query parameter {key} must be a whole number, found {shown(raw)}", code="invalid_parameter") from None
+        return max(low, min(high, value))
+
+    # -- metrics --------------------------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self._daemon.ops.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    # -- live status (status page, sparkctl top) -------------------------------------------
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: a ``status`` event with the full live status on every change
+        (coalesced) and at least every ``interval`` seconds (default 1)."""
+        ops = self._daemon.ops
+        try:
+            interval = min(60.0, max(0.2, float(request.query.get("interval", "1"))))
+        except ValueError:
+            raise BadRequest("query parameter interval must be a number of seconds", code="invalid_parameter") from None
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        while not ops.hub.closing:
+            data = json.dumps(ops.live(), separators=(",", ":")).encode()
+            await response.write(b"event: status\ndata: " + data + b"\n\n")
+            await ops.hub.wait(interval)
+            await asyncio.sleep(COALESCE_S)  # one update for a burst of transitions
+        return response
+
+    # -- catalog ----------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        daemon = self._daemon
+        runners = daemon.scheduler.runners
+        entries = []
+        for name, model in daemon.config.models.items():
+            runner = runners.get(name)
+            entries.append(
+                {
+                    "name": name,
+                    "enabled": model.enabled,
+                    "experimental": model.experimental,
+                    "reason": None if model.enabled else (model.disabled_reason or model.experimental_reason or "disabled in the configuration"),
+                    "state": runner.state.value if runner else "disabled",
+                    "lifecycle": model.lifecycle,
+                    "claim": model.gpu_memory,
+                    "max_model_len": model.max_model_len,
+                    "image": model.image,
+                    "gpu": model.gpu,
+                    "sleep_mode": model.sleep_mode,
+                    "aliases": list(model.aliases),
+                    "profile": model.profile,
+                    "tools": model.tools,
+                    "hf_model": model.hf_model,
+                    "notes": list(model.notes),
+                    "container": runner.spec.name if runner else container_name(name, daemon.config.server.instance),
+                }
+            )
+        return web.json_response({"models": entries})
+
+    # -- container logs ------------------------------------------------------------------------
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """The model's container log: the last ``tail`` lines, then (``follow=1``) new lines live,
+        across restarts of the container, until the client leaves."""
+        daemon = self._daemon
+        model = self._configured(request.match_info["model"])
+        runner = daemon.scheduler.runners.get(model.name)
+        name = runner.spec.name if runner else container_name(model.name, daemon.config.server.instance)
+        tail = self._int(request, "tail", 100, 0, MAX_TAIL)
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        try:
+            info = await daemon.runtime.inspect(name)
+        except RuntimeFailure as error:
+            raise ServiceUnavailable(str(error), code="podman_unavailable") from None
+        if info is None and not follow:
+            raise NotFound(
+                f"model {model.name} has no container yet: it was never started or prepared (`sparkctl prepare {model.name}`)",
+                code="no_container",
+            )
+        response = web.StreamResponse(headers=TEXT_HEADERS)
+        await response.prepare(request)
+        if not follow:
+            lines = await daemon.runtime.tail_logs(name, tail) if tail else []
+            await response.write("".join(line + "\n" for line in lines).encode())
+            await response.write_eof()
+            return response
+        await self._follow(response, name, info, tail)
+        return response
+
+    async def _follow(self, response: web.StreamResponse, name: str, info: Any, tail: int) -> None:
+        daemon = self._daemon
+        hub = daemon.ops.hub
+        loop = asyncio.get_running_loop()
+        since: float | None = None
+        shown_start = info.started_at if info is not None else None
+        if info is None:
+            await response.write(f"--- sparkd: container {name} does not exist yet; waiting for it ---\n".encode())
+        while not hub.closing:
+            if info is not None:
+                queue: asyncio.Queue[str | None] = asyncio.Queue()
+                follower = LogFollower(
+                    daemon.runtime.url, name, loop, queue.put_nowait, since=since, tail=tail if since is None else None,
+                    on_end=lambda q=queue: q.put_nowait(None),
+                )
+                follower.start()
+                try:
+                    ended = False
+                    while not ended and not hub.closing:
+                        try:
+                            line = await asyncio.wait_for(queue.get(), 1.0)
+                        except asyncio.TimeoutError:
+                            continue
+                        batch = []
+                        while True:
+                            if line is None:
+                                ended = True
+                                break
+                            batch.append(line + "\n")
+                            if queue.empty():
+                                break
+                            line = queue.get_nowait()
+                        if batch:
+                            await response.write("".join(batch).encode())
+                finally:
+                    follower.stop()
+                if hub.closing:
+                    break
+                await response.write(f"--- sparkd: container {name} stopped; waiting for it to start again ---\n".encode())
+            # Wait for a (re)start of the container.
+            while not hub.closing:
+                await hub.wait(1.0)
+                try:
+                    info = await daemon.runtime.inspect(name)
+                except RuntimeFailure:
+                    info = None
+                if info is not None and info.running and info.started_at != shown_start:
+                    shown_start = info.started_at
+                    since = (info.started_at or time.time()) - 1
+                    await response.write(f"--- sparkd: container {name} started ---\n".encode())
+                    break
+
+    # -- prepare ---------------------------------------------------------------------------------
+
+    async def prepare(self, request: web.Request) -> web.Response:
+        """Create the containers of the named (default: every enabled) model ahead of time."""
+        daemon = self._daemon
+        raw = await request.read()
+        names: list[str]
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest("the body must be JSON: {\"models\": [\"name\", ...]}", code="invalid_json") from None
+            requested = body.get("models") if isinstance(body, dict) else None
+            if requested is not None and (not isinstance(requested, list) or not all(isinstance(n, str) for n in requested)):
+                raise BadRequest("'models' must be a list of model names", code="invalid_parameter")
+        else:
+            requested = None
+        if requested:
+            names = []
+            for name in requested:
+                model = daemon.directory.resolve(name)  # 404 unknown, 409 disabled
+                if model.name not in names:
+                    names.append(model.name)
+        else:
+            names = [m.name for m in daemon.config.enabled_models()]
+        names = [n for n in names if n in daemon.scheduler.runners]
+        results = await daemon.ops.prepare(names)
+        ok = all(r["result"] in ("created", "recreated", "exists", "running") for r in results)
+        return web.json_response({"ok": ok, "results": results})
+
+    # -- history ------------------------------------------------------------------------------------
+
+    async def history(self, request: web.Request) -> web.Response:
+        name = request.query.get("model") or None
+        if name is not None:
+            name = self._configured(name).name
+        days = self._int(request, "days", 30, 1, 3660)
+        limit = self._int(request, "limit", 20, 1, 1000)
+        try:
+            data: dict[str, Any] = await self._daemon.ops.history.query(name, days, limit)
+        except HistoryUnavailable as error:
+            raise ServiceUnavailable(str(error), code="history_unavailable") from None
+        return web.json_response(data)
