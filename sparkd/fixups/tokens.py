@@ -41,8 +41,15 @@ def valid_limit(value: Any) -> Optional[int]:
 
 def requested_limit(body: dict[str, Any]) -> Optional[int]:
     """The smallest valid limit the client sent, or None."""
-    values = [v for v in (valid_limit(body.get(k)) for k in LIMIT_KEYS) if v is not None]
-    return min(values) if values else None
+    first = valid_limit(body.get("max_tokens"))
+    second = valid_limit(body.get("max_completion_tokens"))
+    if first is None or second is None:
+        return second if first is None else first
+    return min(first, second)
+
+
+def _clean(value: Any) -> bool:
+    return value is None or (type(value) is int and value >= 1)
 
 
 def normalize_max_tokens(body: dict[str, Any]) -> dict[str, Any]:
@@ -50,12 +57,11 @@ def normalize_max_tokens(body: dict[str, Any]) -> dict[str, Any]:
 
     ``null`` means "no limit" in OpenAI's API and is kept as sent.
     """
+    first, second = body.get("max_tokens"), body.get("max_completion_tokens")
+    if _clean(first) and _clean(second) and (first is None or second is None or first == second):
+        return body  # the common case, without allocating anything
     present = [k for k in LIMIT_KEYS if body.get(k) is not None]
-    if not present:
-        return body
     target = requested_limit(body)
-    if all(type(body[k]) is int and body[k] == target for k in present):
-        return body
     out = {k: v for k, v in body.items() if k not in present}
     for key in present:
         if valid_limit(body[key]) is not None:

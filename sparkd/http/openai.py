@@ -19,7 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from ..config import Config, ModelConfig, ServerConfig
 from ..engine.proxy import forward
@@ -140,18 +140,23 @@ class OpenAIRoutes:
 
 
 async def read_body(request: web.Request, server: ServerConfig) -> bytes:
-    """The request body, within ``server.max_body_bytes`` (413) and ``server.body_timeout_s`` (408)."""
+    """The request body, within ``server.max_body_bytes`` (413) and ``server.body_timeout_s`` (408).
+
+    A body that arrived with the headers (most requests) is taken without a timer.
+    """
     limit = server.max_body_bytes
-    too_large = f"the request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
     length = request.content_length
     if length is not None and length > limit:
-        raise PayloadTooLarge(too_large)
+        raise PayloadTooLarge(_too_large(limit))
+    content = request.content
+    if content.is_eof():
+        return await _read_within(content, limit)
     try:
         if sys.version_info >= (3, 11):
             async with asyncio.timeout(server.body_timeout_s):
-                return await _read_within(request, limit, too_large)
+                return await _read_within(content, limit)
         else:  # pragma: no cover - 3.10
-            return await asyncio.wait_for(_read_within(request, limit, too_large), server.body_timeout_s)
+            return await asyncio.wait_for(_read_within(content, limit), server.body_timeout_s)
     except (asyncio.TimeoutError, TimeoutError):
         raise RequestTimeout(
             f"the request body did not arrive within {server.body_timeout_s:g} s (server.body_timeout_s); "
@@ -159,25 +164,39 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
         ) from None
 
 
-async def _read_within(request: web.Request, limit: int, too_large: str) -> bytes:
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+
+
+async def _read_within(content: StreamReader, limit: int) -> bytes:
     """Read the body, refusing it as soon as it passes ``limit`` (a chunked body has no length up front)."""
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(too_large)
-    return bytes(body)
+    body = await content.readany()
+    chunk = await content.readany() if body else b""
+    if chunk:
+        buffer = bytearray(body)
+        while chunk:
+            buffer += chunk
+            if len(buffer) > limit:
+                raise PayloadTooLarge(_too_large(limit))
+            chunk = await content.readany()
+        body = bytes(buffer)
+    if len(body) > limit:
+        raise PayloadTooLarge(_too_large(limit))
+    return body
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value (use a number or null)")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("the request body is empty: send a JSON object such as {\"model\": ..., \"messages\": [...]}", code="empty_body")
     try:
-        payload = json.loads(raw, parse_constant=_refuse_constant)
+        payload = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except UnicodeDecodeError:
         raise BadRequest("the request body is not UTF-8 text", code="invalid_json") from None
     except json.JSONDecodeError as error:

@@ -62,10 +62,10 @@ COMMON = {
 
 def validate_body(path: str, body: dict[str, Any]) -> None:
     """Raise a precise 400 when ``body`` cannot be a valid request for engine path ``path``."""
-    for name, (test, expected) in COMMON.items():
-        value = body.get(name)
-        if value is not None and not test(value):
-            raise _fail(name, expected, value)
+    for name, value in body.items():
+        rule = COMMON.get(name)
+        if rule is not None and value is not None and not rule[0](value):
+            raise _fail(name, rule[1], value)
     if path.endswith("/chat/completions"):
         _messages(body)
     elif path.endswith("/completions"):
