@@ -1,15 +1,16 @@
 """Streaming pass-through from a client to an engine and back.
 
-Server-sent events are written to the client chunk by chunk as they arrive
-(never buffered).  If the client goes away, the handler is cancelled and
-leaving ``session.request``'s context closes the upstream connection, which
-is how vLLM learns to stop generating.
+Answers that are not streamed go through a pooled aiohttp client.  Streams
+(server-sent events) take the raw relay of ``stream.py``, chunk by chunk as they
+arrive, never buffered.  If the client goes away, the handler is cancelled and
+the upstream connection is closed, which is how vLLM learns to stop generating.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Mapping
 
 import aiohttp
 import structlog
@@ -17,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import BadGateway
+from . import stream
 from .client import Endpoint
 
 log = structlog.get_logger("sparkd.proxy")
@@ -42,8 +44,8 @@ def _request_headers(request: web.Request, endpoint: Endpoint) -> CIMultiDict[st
     return headers
 
 
-def _response_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str] | None) -> CIMultiDict[str]:
-    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE)
+def _response_headers(upstream: Mapping[str, str], extra: dict[str, str] | None) -> CIMultiDict[str]:
+    headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE)
     if extra:
         headers.update(extra)
     return headers
@@ -57,23 +59,49 @@ async def forward(
     body: bytes,
     model: str,
     extra_headers: dict[str, str] | None = None,
+    streaming: bool = False,
 ) -> web.StreamResponse:
-    """Send ``body`` to the engine at ``path`` and relay its answer to the client."""
-    url = endpoint.base_url + path
-    if request.query_string:
-        url += "?" + request.query_string
+    """Send ``body`` to the engine at ``path`` and relay its answer to the client.
+
+    ``streaming``: the client asked for a stream (``"stream": true``); the answer
+    then takes the raw relay (``stream.py``) instead of the pooled HTTP client.
+    """
+    target = path + ("?" + request.query_string if request.query_string else "")
     try:
-        upstream_cm = session.request(request.method, url, data=body, headers=_request_headers(request, endpoint))
-        async with upstream_cm as upstream:
+        if streaming:
+            return await _forward_stream(request, endpoint, target, body, model, extra_headers)
+        async with session.request(request.method, endpoint.base_url + target, data=body, headers=_request_headers(request, endpoint)) as upstream:
             if upstream.content_type == "text/event-stream":
                 return await _stream(request, upstream, model, extra_headers)
             payload = await upstream.read()
-            return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream, extra_headers))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream.headers, extra_headers))
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
         raise BadGateway(
             f"model {model}: the engine did not answer ({type(error).__name__}: {error}); "
-            "it may have crashed: see `sparkctl logs " + model + "` or `journalctl -u sparkd`",
+            f"it may have crashed: see `sparkctl logs {model}` or `journalctl -u sparkd`",
         ) from error
+
+
+async def _forward_stream(
+    request: web.Request, endpoint: Endpoint, target: str, body: bytes, model: str, extra_headers: dict[str, str] | None
+) -> web.StreamResponse:
+    raw_request = stream.request_bytes(request.method, target, f"{endpoint.host}:{endpoint.port}", _request_headers(request, endpoint), body)
+    transport, upstream = await stream.open_upstream(endpoint.host, endpoint.port, raw_request)
+    try:
+        status, headers = await upstream.head
+        response_headers = _response_headers(headers, extra_headers)
+        if status == 200 and headers.get("Content-Type", "").startswith("text/event-stream"):
+            return await stream.relay(request, upstream, response_headers, status, lambda: broken_stream_event(model, "closed"))
+        return web.Response(status=status, body=await upstream.body(), headers=response_headers)
+    finally:
+        transport.close()
+
+
+def broken_stream_event(model: str, how: str) -> bytes:
+    """The last SSE event of a stream the engine broke off: the OpenAI SDKs raise it as an APIError."""
+    message = f"model {model}: the engine stopped in the middle of the answer (connection {how}); retry the request"
+    event = {"error": {"message": message, "type": "server_error", "param": None, "code": "engine_error"}}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 async def _stream(
@@ -82,17 +110,14 @@ async def _stream(
     model: str,
     extra_headers: dict[str, str] | None,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, extra_headers))
+    """An SSE answer to a request that did not ask for a stream (rare): relayed through aiohttp."""
+    response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream.headers, extra_headers))
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError) as error:
-        # The engine died mid-answer: the headers are gone already, so the error
-        # travels as a final SSE event the OpenAI SDKs raise as an APIError.
         log.warning("engine_stream_broken", model=model, error=type(error).__name__)
-        message = f"model {model}: the engine stopped in the middle of the answer ({type(error).__name__}); retry the request"
-        event = {"error": {"message": message, "type": "server_error", "param": None, "code": "engine_error"}}
-        await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await response.write(broken_stream_event(model, type(error).__name__))
     await response.write_eof()
     return response

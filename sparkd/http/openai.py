@@ -134,7 +134,8 @@ class OpenAIRoutes:
                 headers.update(capped)
             if body is not payload:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            return await forward(request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None)
+            streaming = body.get("stream") is True
+            return await forward(request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None, streaming)
         finally:
             daemon.scheduler.release(runner)
 

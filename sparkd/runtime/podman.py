@@ -173,7 +173,7 @@ class PodmanRuntime:
     def _stop_sync(self, name: str, timeout: float) -> ContainerInfo | None:
         try:
             container = self._client().containers.get(name)
-            container.stop(timeout=max(1, round(timeout)))
+            container.stop(timeout=max(1, round(timeout)), ignore=True)  # already stopped is fine
         except NotFound:
             return None
         return self._inspect_sync(name)
