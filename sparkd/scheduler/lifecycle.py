@@ -243,7 +243,7 @@ class Lifecycle:
         return True
 
     async def stop_after_loss(self, runner: ModelRunner, reason: str) -> None:
-        """Fail a model whose peer went away: stop its container, return the other leases."""
+        """Fail a model whose container or peer went away: make sure it is stopped, return its worker leases."""
         lines = await self.tail_logs(runner)
         await self._clean_up_failed(runner)
         await self.release_workers(runner, reason)

@@ -39,7 +39,7 @@ class Scheduler:
         self.lease = Lease(config.gpu.memory_budget)
         self.queue = WaitQueue(config.lifecycle.queue_size)
         self.runners: dict[str, ModelRunner] = {}
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[ModelRunner, ModelState | None], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
         self._closing = False
@@ -77,6 +77,7 @@ class Scheduler:
             self._spawn(runner, self._run_lost(runner, reason))
 
     async def _run_lost(self, runner: ModelRunner, reason: str) -> None:
+        """The container died, or a peer it needs: fail it, clean up, free its share."""
         await self.lifecycle.stop_after_loss(runner, reason)
         self.lease.release(runner.name)
 
@@ -385,13 +386,8 @@ class Scheduler:
             return  # from before the current start: the previous stop's death, or replayed after a reconnect
         runner.died.set()
         if runner.state in (S.READY, S.DRAINING, S.SLEEPING) and not self._busy(runner):
-            self._spawn(runner, self._run_died(runner, event))
-
-    async def _run_died(self, runner: ModelRunner, event: ContainerEvent) -> None:
-        lines = await self.lifecycle.tail_logs(runner)
-        code = f" with code {event.exit_code}" if event.exit_code is not None else ""
-        runner.fail(f"model {runner.name}: its engine container exited{code} while serving", lines)
-        self.lease.release(runner.name)
+            code = f" with code {event.exit_code}" if event.exit_code is not None else ""
+            self._spawn(runner, self._run_lost(runner, f"model {runner.name}: its engine container exited{code} while serving"))
 
     # -- restart safety ------------------------------------------------------------------
 
