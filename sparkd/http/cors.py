@@ -6,7 +6,7 @@ none" (``http://localhost:*`` allows ``http://localhost`` and
 characters (``vscode-webview://*``), and ``*`` alone allows every origin.
 
 A request from a browser carries ``Origin``. From an allowed origin (or the
-server's own, same-origin) it is served and its response, streamed ones
+server's own, addressed by IP or as localhost) it is served and its response, streamed ones
 included, gets ``Access-Control-Allow-Origin`` plus the exposed headers (added
 in ``on_response_prepare``, just before the headers are sent). A request from
 any other origin is refused with a 403, so a web page cannot drive sparkd
@@ -17,6 +17,7 @@ Requests without ``Origin`` (curl, SDKs) pass through untouched.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from typing import Awaitable, Callable
@@ -69,11 +70,28 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def origin_allowed(origin: str, patterns: tuple[str, ...], host: str | None) -> bool:
-    """``origin`` matches a pattern, or is the server's own origin (same-origin page)."""
-    if host and origin.partition("://")[2] == host:
+    """``origin`` matches a pattern, or is the server's own origin (a page sparkd serves).
+
+    The own-origin rule holds only for an address or ``localhost`` in ``Host``: a DNS
+    name there may be a rebinding attack (a hostile page whose name now resolves to
+    this machine); a name of this server's own goes into ``server.cors_origins``.
+    """
+    if host and origin.partition("://")[2] == host and _literal_host(host):
         return True
     regex = compile_patterns(patterns)
     return bool(regex and regex.match(origin))
+
+
+def _literal_host(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def preflight_headers(origin: str, requested: str | None) -> dict[str, str]:

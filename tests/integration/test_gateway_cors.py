@@ -75,6 +75,10 @@ async def test_cors_allowlist_preflight_and_streams(sparkd_factory, engine_image
         own = f"http://127.0.0.1:{sparkd.port}"
         async with session.get(f"{sparkd.base_url}/v1/models", headers={**auth, "Origin": own}) as response:
             assert response.status == 200 and response.headers["Access-Control-Allow-Origin"] == own
+        # ... but not under a DNS name, which a hostile page can rebind to this machine
+        rebound = f"evil.example:{sparkd.port}"
+        async with session.post(url, json=chat, headers={**auth, "Origin": f"http://{rebound}", "Host": rebound}) as response:
+            assert response.status == 403 and (await response.json())["error"]["code"] == "origin_not_allowed"
 
 
 async def test_configured_origins_replace_the_defaults(sparkd_factory, engine_image):

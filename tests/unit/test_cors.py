@@ -39,7 +39,12 @@ def test_default_allowlist_refuses(origin):
 
 def test_same_origin_and_explicit_patterns():
     assert origin_allowed("http://192.168.1.5:8009", DEFAULTS, "192.168.1.5:8009")
+    assert origin_allowed("http://[::1]:8009", DEFAULTS, "[::1]:8009")
+    assert origin_allowed("http://localhost:8009", (), "localhost:8009")
     assert not origin_allowed("http://192.168.1.5:8009", DEFAULTS, "192.168.1.5:9999")
+    # a DNS name is not trusted as "own origin": it may be rebound to this machine by a hostile page
+    assert not origin_allowed("http://evil.example:8009", DEFAULTS, "evil.example:8009")
+    assert origin_allowed("http://spark.lan:8009", ("http://spark.lan:*",), "spark.lan:8009")
     assert origin_allowed("https://chat.example.com", ("https://chat.example.com",), None)
     assert not origin_allowed("https://chatxexample.com", ("https://chat.example.com",), None)
     assert origin_allowed("https://a.b.example.com", ("https://*.example.com",), None)
