@@ -62,9 +62,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as error:
         return error.response()
     except web.HTTPRequestEntityTooLarge as error:
-        return PayloadTooLarge(
-            f"the request body is larger than the limit of {error.max_size} bytes (server.max_body_bytes)"
-        ).response()
+        # aiohttp's text: "Maximum request body size N exceeded." (the exception has no max_size attribute)
+        return PayloadTooLarge(f"the request body is too large: {error.text} (server.max_body_bytes)").response()
     except web.HTTPMethodNotAllowed as error:
         allowed = ", ".join(sorted(error.allowed_methods))
         return MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use {allowed}", headers={"Allow": allowed}).response()
