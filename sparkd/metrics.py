@@ -16,7 +16,6 @@ word, never client input, so the number of series stays bounded.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -26,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .engine.usage import NO_MODEL, RequestRecord, parse_usage  # noqa: F401 - re-exported for tests
 from .scheduler.memory import parse_meminfo
 from .scheduler.state import ModelState
 
@@ -36,49 +36,11 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
-NO_MODEL = "(none)"
-"""The model label of requests refused before a configured model was found (bad JSON, unknown model)."""
 SWAP_PREFIX = "swapped out for "
 
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 LOAD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900, 1800)
-
-_USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
-_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
-
-
-def parse_usage(text: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from the last ``"usage": {...}`` object in ``text``.
-
-    Works on a whole JSON answer and on the tail of an SSE stream (where only the
-    final chunk carries numbers; earlier chunks may say ``"usage": null``).
-    Chat/completions say prompt/completion_tokens, the Responses API input/output_tokens.
-    """
-    found = None
-    for found in _USAGE.finditer(text):
-        pass
-    if found is None:
-        return None
-    body = found.group(1)
-    prompt = _PROMPT.search(body)
-    completion = _COMPLETION.search(body)
-    if prompt is None and completion is None:
-        return None
-    return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
-
-
-class RequestRecord:
-    """What the proxy learns about one request while relaying it (kept tiny: one per request)."""
-
-    __slots__ = ("first_byte", "usage")
-
-    def __init__(self) -> None:
-        self.first_byte: float | None = None
-        """time.monotonic() when the first byte of the answer went to the client."""
-        self.usage: tuple[int, int] | None = None
-        """(prompt, completion) tokens the engine reported."""
 
 
 class Metrics:
@@ -161,9 +123,12 @@ class Metrics:
         """One request ended (any status). ``started``/``now`` are time.monotonic()."""
         children = self._request_children.get((model, status))
         if children is None:
-            children = (self.requests.labels(model, str(status)), self.duration.labels(model), self.ttfb.labels(model))
+            children = (
+                self.requests.labels(model, str(status)), self.duration.labels(model), self.ttfb.labels(model),
+                self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"),
+            )
             self._request_children[(model, status)] = children
-        counter, duration, ttfb = children
+        counter, duration, ttfb, prompt_tokens, completion_tokens = children
         counter.inc()
         duration.observe(now - started)
         pending = self.usage_pending.get(model)
@@ -179,8 +144,8 @@ class Metrics:
         usage = record.usage
         if usage is not None:
             prompt, completion = usage
-            self.tokens.labels(model, "prompt").inc(prompt)
-            self.tokens.labels(model, "completion").inc(completion)
+            prompt_tokens.inc(prompt)
+            completion_tokens.inc(completion)
             pending[2] += prompt
             pending[3] += completion
 

@@ -130,9 +130,10 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             shown += 1
             if args.iterations and shown >= args.iterations:
-                break
+                return 0
     except KeyboardInterrupt:
-        pass
+        return 0
+    print("sparkctl: sparkd ended the status stream (it is stopping or restarting)", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Mapping
 
 import aiohttp
@@ -20,6 +21,7 @@ from multidict import CIMultiDict
 from ..errors import BadGateway
 from . import stream
 from .client import Endpoint
+from .usage import RequestRecord
 
 log = structlog.get_logger("sparkd.proxy")
 
@@ -60,20 +62,24 @@ async def forward(
     model: str,
     extra_headers: dict[str, str] | None = None,
     streaming: bool = False,
+    record: RequestRecord | None = None,
 ) -> web.StreamResponse:
     """Send ``body`` to the engine at ``path`` and relay its answer to the client.
 
     ``streaming``: the client asked for a stream (``"stream": true``); the answer
     then takes the raw relay (``stream.py``) instead of the pooled HTTP client.
+    ``record``: filled with the first byte's time and the usage the engine reported.
     """
     target = path + ("?" + request.query_string if request.query_string else "")
     try:
         if streaming:
-            return await _forward_stream(request, endpoint, target, body, model, extra_headers)
+            return await _forward_stream(request, endpoint, target, body, model, extra_headers, record)
         async with session.request(request.method, endpoint.base_url + target, data=body, headers=_request_headers(request, endpoint)) as upstream:
             if upstream.content_type == "text/event-stream":
-                return await _stream(request, upstream, model, extra_headers)
+                return await _stream(request, upstream, model, extra_headers, record)
             payload = await upstream.read()
+            if record is not None:
+                record.note_body(time.monotonic(), payload)
             return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream.headers, extra_headers))
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
         raise BadGateway(
@@ -83,7 +89,13 @@ async def forward(
 
 
 async def _forward_stream(
-    request: web.Request, endpoint: Endpoint, target: str, body: bytes, model: str, extra_headers: dict[str, str] | None
+    request: web.Request,
+    endpoint: Endpoint,
+    target: str,
+    body: bytes,
+    model: str,
+    extra_headers: dict[str, str] | None,
+    record: RequestRecord | None,
 ) -> web.StreamResponse:
     raw_request = stream.request_bytes(request.method, target, f"{endpoint.host}:{endpoint.port}", _request_headers(request, endpoint), body)
     transport, upstream = await stream.open_upstream(endpoint.host, endpoint.port, raw_request)
@@ -91,8 +103,15 @@ async def _forward_stream(
         status, headers = await upstream.head
         response_headers = _response_headers(headers, extra_headers)
         if status == 200 and headers.get("Content-Type", "").startswith("text/event-stream"):
-            return await stream.relay(request, upstream, response_headers, status, lambda: broken_stream_event(model, "closed"))
-        return web.Response(status=status, body=await upstream.body(), headers=response_headers)
+            try:
+                return await stream.relay(request, upstream, response_headers, status, lambda: broken_stream_event(model, "closed"))
+            finally:
+                if record is not None:
+                    record.note_body(upstream.first_byte, upstream.before_tail + upstream.tail)
+        payload = await upstream.body()
+        if record is not None:
+            record.note_body(time.monotonic(), payload)
+        return web.Response(status=status, body=payload, headers=response_headers)
     finally:
         transport.close()
 
@@ -109,15 +128,24 @@ async def _stream(
     upstream: aiohttp.ClientResponse,
     model: str,
     extra_headers: dict[str, str] | None,
+    record: RequestRecord | None = None,
 ) -> web.StreamResponse:
     """An SSE answer to a request that did not ask for a stream (rare): relayed through aiohttp."""
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream.headers, extra_headers))
     await response.prepare(request)
+    first: float | None = None
+    tail = before_tail = b""
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
+            if first is None:
+                first = time.monotonic()
+            before_tail, tail = tail, chunk
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError) as error:
         log.warning("engine_stream_broken", model=model, error=type(error).__name__)
         await response.write(broken_stream_event(model, type(error).__name__))
+    finally:
+        if record is not None:
+            record.note_body(first, before_tail + tail)
     await response.write_eof()
     return response

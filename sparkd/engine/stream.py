@@ -13,6 +13,7 @@ frame boundary.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import structlog
@@ -104,6 +105,11 @@ class UpstreamStream(asyncio.Protocol):
         self._client: asyncio.Transport | None = None
         self._frames = ChunkFrames()
         self._paused = False
+        self.first_byte: float | None = None
+        """time.monotonic() of the first relayed body bytes (metrics: time to first byte)."""
+        self.tail = b""
+        self.before_tail = b""
+        """The last two reads relayed: the final SSE events, where a stream reports its usage."""
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -184,6 +190,9 @@ class UpstreamStream(asyncio.Protocol):
     def _relay(self, data: bytes) -> None:
         client = self._client
         assert client is not None
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        self.before_tail, self.tail = self.tail, data
         if client.is_closing():
             self._close_upstream()
             return

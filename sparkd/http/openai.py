@@ -23,7 +23,8 @@ from aiohttp import StreamReader, web
 
 from ..config import Config, ModelConfig, ServerConfig
 from ..engine.proxy import forward
-from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
+from ..engine.usage import RequestRecord
+from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
 from . import context
 from .auth import PRINCIPAL
@@ -31,6 +32,8 @@ from .routing import ModelDirectory, target
 from .validation import validate_body
 
 FIXUPS_HEADER = "X-Sparkd-Fixups"
+CLIENT_GONE = 499
+"""The status counted for a request whose client went away before its answer ended (nginx's convention)."""
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -112,6 +115,24 @@ class OpenAIRoutes:
     # -- inference -------------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """Every inference request, counted once in /metrics and the usage history, whatever its outcome."""
+        record = RequestRecord()
+        started = time.monotonic()
+        status = 500
+        try:
+            response = await self._proxy(request, record)
+            status = response.status
+            return response
+        except (ApiError, web.HTTPException) as error:
+            status = error.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
+        finally:
+            self._daemon.ops.metrics.request_done(record.model, status, started, record, time.monotonic())
+
+    async def _proxy(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         daemon = self._daemon
         config = daemon.config
         raw = await read_body(request, config.server)
@@ -119,6 +140,7 @@ class OpenAIRoutes:
         directory: ModelDirectory = daemon.directory
         route = target(directory, request.match_info["tail"], payload.get("model"))
         model = route.model
+        record.model = model.name
         request[PRINCIPAL].check_model(model)
         validate_body(route.path, payload)
         fixups = self.fixups(config, model)
@@ -135,7 +157,9 @@ class OpenAIRoutes:
             if body is not payload:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             streaming = body.get("stream") is True
-            return await forward(request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None, streaming)
+            return await forward(
+                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None, streaming, record
+            )
         finally:
             daemon.scheduler.release(runner)
 

@@ -1,0 +1,56 @@
+"""What the proxy notes about one answer for metrics and history: first byte, token usage.
+
+Kept tiny and dependency-free: the proxy fills a ``RequestRecord`` as it relays
+(one per request; a stream only keeps references to its last two reads), and the
+usage is parsed once, at the end, from the whole answer or the stream's tail.
+"""
+
+from __future__ import annotations
+
+import re
+
+NO_MODEL = "(none)"
+"""The model of a request refused before a configured model was found (bad JSON, unknown model)."""
+
+_USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
+_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+class RequestRecord:
+    __slots__ = ("model", "first_byte", "usage")
+
+    def __init__(self) -> None:
+        self.model = NO_MODEL
+        self.first_byte: float | None = None
+        """time.monotonic() when the first byte of the answer's body went to the client."""
+        self.usage: tuple[int, int] | None = None
+        """(prompt, completion) tokens the engine reported."""
+
+    def note_body(self, first_byte: float | None, text: bytes) -> None:
+        """The answer (or a stream's tail) is known: when it began, and the usage it reports."""
+        self.first_byte = first_byte
+        if b'"usage"' in text:
+            self.usage = parse_usage(text)
+
+
+def parse_usage(text: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last ``"usage": {...}`` object in ``text``.
+
+    Works on a whole JSON answer and on the tail of an SSE stream (where only the
+    final chunk carries numbers; earlier chunks may say ``"usage": null``).
+    Chat/completions say prompt/completion_tokens, the Responses API input/output_tokens.
+    In JSON a key's quotes are never escaped, so ``"usage"`` inside generated text
+    (``\\"usage\\"``) does not match.
+    """
+    found = None
+    for found in _USAGE.finditer(text):
+        pass
+    if found is None:
+        return None
+    body = found.group(1)
+    prompt = _PROMPT.search(body)
+    completion = _COMPLETION.search(body)
+    if prompt is None and completion is None:
+        return None
+    return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
