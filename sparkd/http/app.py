@@ -98,7 +98,7 @@ def auth_middleware(daemon: "Daemon") -> Middleware:
         admin = is_admin_route(request)
         try:
             principal = authenticate(daemon.keys, daemon.config.server.anonymous, request, admin_route=admin)
-        except Unauthorized as refusal:
+        except (Unauthorized, Forbidden) as refusal:
             log.info("auth_refused", reason=refusal.code, remote=request.remote, path=shown(request.path))
             raise
         if admin and not principal.is_admin:

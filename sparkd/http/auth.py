@@ -28,6 +28,12 @@ on this machine when anonymous access is on or while the keys file holds no
 admin key (as before keys existed, the admin API answers loopback clients);
 a unix-socket client always (the socket's file permissions decide). Anonymous
 clients on this machine have the admin role, elsewhere the user role.
+
+A keyless request over TCP must name the server by address or as ``localhost``
+in ``Host`` (``hosts.py``): under another name it may come from a web page that
+pointed its own DNS name at this machine (DNS rebinding) and reads the answers,
+which the CORS check cannot see (a browser sends no ``Origin`` on a same-origin
+GET). Such a request gets a 403; a key, which no such page has, lifts the rule.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from aiohttp import web
 
 from ..config import Config, ModelConfig
 from ..errors import Forbidden, Unauthorized
+from .hosts import is_address_host
+from .routing import shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,9 +118,8 @@ class KeysFileError(Exception):
 class KeyRing:
     """The client keys, by the SHA-256 digest of each key."""
 
-    def __init__(self, entries: Mapping[str, tuple[str, str, Optional[frozenset[str]]]] | None = None, source: str = "") -> None:
+    def __init__(self, entries: Mapping[str, tuple[str, str, Optional[frozenset[str]]]] | None = None) -> None:
         """``entries``: name → (key, role, models or None)."""
-        self.source = source
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
         for name, (key, role, models) in (entries or {}).items():
             digest = _digest(key)
@@ -166,7 +173,7 @@ class KeyRing:
                         "[keys.<name>] tables (key, role, models) and mode 600, or set server.anonymous"
                     ],
                 ) from None
-            return cls(source=str(path))
+            return cls()
         except PermissionError:
             raise KeysFileError(str(path), ["permission denied: it must be readable by the user sparkd runs as"]) from None
         except IsADirectoryError:
@@ -182,7 +189,7 @@ class KeyRing:
             )
         if problems:
             raise KeysFileError(str(path), problems)
-        return cls(entries, source=str(path))
+        return cls(entries)
 
 
 def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Optional[frozenset[str]]]], list[str]]:
@@ -276,7 +283,30 @@ def is_loopback(remote: str | None) -> bool:
 
 
 def authenticate(keys: KeyRing, anonymous: str, request: Any, admin_route: bool = False) -> Principal:
-    """Who sent ``request`` (see the module docstring), or a 401 in OpenAI's shape."""
+    """Who sent ``request`` (see the module docstring), or a 401/403 in OpenAI's shape."""
+    principal = _identify(keys, anonymous, request, admin_route)
+    if principal.anonymous and not via_unix_socket(request):
+        check_keyless_host(request.headers.get("Host"))
+    return principal
+
+
+def check_keyless_host(host: str | None) -> None:
+    """Refuse a keyless request whose ``Host`` is a DNS name (see the module docstring).
+
+    A request without ``Host`` passes: every browser sends one, and only a
+    browser can carry a rebinding page's request.
+    """
+    if host is None or is_address_host(host):
+        return
+    raise Forbidden(
+        f"keyless access must address sparkd by IP address or as localhost, not as {shown(host)}: "
+        "a web page can point a DNS name at this machine (DNS rebinding). Use the machine's address "
+        "(e.g. http://127.0.0.1:8009) or send a key ('Authorization: Bearer <key>')",
+        code="host_not_allowed",
+    )
+
+
+def _identify(keys: KeyRing, anonymous: str, request: Any, admin_route: bool) -> Principal:
     key = presented_key(request.headers)
     if key is not None:
         principal = keys.check(key)

@@ -12,12 +12,13 @@ in ``on_response_prepare``, just before the headers are sent). A request from
 any other origin is refused with a 403, so a web page cannot drive sparkd
 through a user's browser, keyless loopback access included. ``OPTIONS`` is
 answered here with a 204 and never needs a key (preflights carry none).
-Requests without ``Origin`` (curl, SDKs) pass through untouched.
+Requests without ``Origin`` (curl, SDKs, and a browser's same-origin GET) pass
+through untouched; a keyless one of those must name this machine by address in
+``Host`` (``auth.py``), or a rebinding page could read the answers.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from functools import lru_cache
 from typing import Awaitable, Callable
@@ -25,6 +26,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from ..errors import Forbidden
+from .hosts import is_address_host
 
 ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = (
@@ -76,22 +78,10 @@ def origin_allowed(origin: str, patterns: tuple[str, ...], host: str | None) -> 
     name there may be a rebinding attack (a hostile page whose name now resolves to
     this machine); a name of this server's own goes into ``server.cors_origins``.
     """
-    if host and origin.partition("://")[2] == host and _literal_host(host):
+    if host and origin.partition("://")[2] == host and is_address_host(host):
         return True
     regex = compile_patterns(patterns)
     return bool(regex and regex.match(origin))
-
-
-def _literal_host(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def preflight_headers(origin: str, requested: str | None) -> dict[str, str]:

@@ -217,10 +217,10 @@ async def test_bad_inputs_get_precise_errors_and_never_reach_the_engine(sparkd_f
 
         # not HTTP at all: aiohttp's parser answers 400 and closes; sparkd stays up
         raw_cases = {
-            "NUL in a header value": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-api-key: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
-            "header over 16 KiB": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+            "NUL in a header value": b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+            "header over 16 KiB": b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
             "garbage request line": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
-            "bare LF header injection": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: b\nX-Injected: 1\r\n\r\n",
+            "bare LF header injection": b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: b\nX-Injected: 1\r\n\r\n",
         }
         for name, data in raw_cases.items():
             tried += 1

@@ -160,3 +160,26 @@ async def test_anonymous_loopback_serves_keyless_clients_and_clients_with_a_dumm
         # no admin key exists: the admin API answers this machine without one; a user key is not an admin key
         assert (await call(session, "GET", f"{sparkd.base_url}/api/status"))[0] == 200
         assert (await call(session, "GET", f"{sparkd.base_url}/api/status", user))[0] == 403
+
+
+async def test_keyless_access_under_a_dns_name_is_refused(sparkd_factory, engine_image, tmp_path):
+    """DNS rebinding: a page whose name now resolves to this machine sends no Origin on a GET, but its name in Host."""
+    keys_path = tmp_path / "keys.toml"
+    user = new_key("user")
+    write_keys(keys_path, {"user": {"key": user}})
+    sparkd = sparkd_factory({"a": engine_model(engine_image)}, {"server": {"keys_file": str(keys_path), "anonymous": "loopback"}})
+    await sparkd.start()
+    base, port = sparkd.base_url, sparkd.port
+    rebound = {"Host": f"evil.example:{port}"}
+    async with aiohttp.ClientSession() as session:
+        for path in ("/api/status", "/api/events", "/api/history", "/metrics", "/v1/models"):
+            status, body = await call(session, "GET", base + path, headers=rebound)
+            assert_openai_error(status, body, 403, "host_not_allowed")
+            message = body["error"]["message"]
+            assert "'evil.example:" in message and "IP address" in message and "Bearer <key>" in message, message
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
+            assert (await call(session, "GET", f"{base}/api/status", headers={"Host": host}))[0] == 200, host
+            assert (await call(session, "GET", f"{base}/v1/models", headers={"Host": host}))[0] == 200, host
+        # a key lifts the rule (a rebinding page has none)
+        assert (await call(session, "GET", f"{base}/v1/models", user, headers=rebound))[0] == 200
+    await wait_for_log(sparkd, "auth_refused reason=host_not_allowed", 5)

@@ -22,7 +22,7 @@ async def test_a_stalled_body_gets_408_but_a_long_generation_is_not_cut(sparkd_f
     await sparkd.start()
     # a client that announces 100 bytes and sends 10: answered 408 after body_timeout_s, in OpenAI's shape
     reader, writer = await asyncio.open_connection("127.0.0.1", sparkd.port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
     await writer.drain()
     started = time.monotonic()
     answer = await asyncio.wait_for(reader.read(65536), 10)

@@ -135,6 +135,25 @@ def test_anonymous_access_by_peer(tmp_path):
     assert not ANONYMOUS_REMOTE.is_admin and ANONYMOUS_LOCAL.is_admin
 
 
+def test_keyless_access_needs_an_address_in_host(tmp_path):
+    """A DNS name in Host may be a rebinding page's: keyless requests over TCP must use an address."""
+    keys = ring(tmp_path, {"bob": {"key": BOB}})
+    for host in ("127.0.0.1:8009", "127.0.0.1", "localhost:8009", "localhost", "[::1]:8009", "192.168.1.5:8009"):
+        assert authenticate(keys, "loopback", request({"Host": host}, remote="127.0.0.1")) is ANONYMOUS_LOCAL, host
+    for host in ("evil.example:8009", "evil.example", "localhost.evil.example:8009", "127.0.0.1.evil.example"):
+        with pytest.raises(Forbidden) as refused:
+            authenticate(keys, "loopback", request({"Host": host}, remote="127.0.0.1"), admin_route=True)
+        assert refused.value.code == "host_not_allowed" and refused.value.status == 403
+        assert "IP address" in refused.value.message and "Bearer <key>" in refused.value.message
+    with pytest.raises(Forbidden):  # anonymous from the LAN too
+        authenticate(keys, "any", request({"Host": "evil.example:8009"}))
+    # a key lifts the rule; a unix-socket client is no browser; a request without Host is none either
+    assert authenticate(keys, "loopback", request({"Host": "evil.example", "Authorization": f"Bearer {BOB}"}, remote="127.0.0.1")).name == "bob"
+    unix = request({"Host": "sparkd"}, remote="", family=socket.AF_UNIX)
+    assert authenticate(keys, "off", unix, admin_route=True) is ANONYMOUS_LOCAL
+    assert authenticate(keys, "loopback", request(remote="127.0.0.1")) is ANONYMOUS_LOCAL
+
+
 def test_admin_api_from_this_machine(tmp_path):
     with_admin = ring(tmp_path, {"alice": {"key": ALICE, "role": "admin"}})
     users_only = ring(tmp_path, {"bob": {"key": BOB}})
