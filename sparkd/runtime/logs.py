@@ -3,16 +3,26 @@
 Like the event stream, a followed log is a blocking response that never ends, so
 it gets its own thread and its own client with no timeout; lines are handed to
 the event loop with ``call_soon_threadsafe``.
+
+The follow request is issued here through podman-py's API client rather than
+``container.logs(stream=True)``, so the ``requests`` response stays in hand:
+``stop()`` shuts its socket down, which is the only way to end a read blocked on
+a quiet container (closing the response instead waits for that very read,
+which holds the stream's lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 from podman import PodmanClient
+from podman.api import stream_frames
+
+if TYPE_CHECKING:
+    import requests
 
 log = structlog.get_logger("sparkd.runtime")
 
@@ -39,32 +49,48 @@ class LogFollower:
         self._on_end = on_end
         """Called on the loop when the log ends by itself (the container stopped or is gone)."""
         self._stopped = threading.Event()
-        self._client: PodmanClient | None = None
+        self._lock = threading.Lock()
+        """Guards ``_response`` between the follow thread and ``stop()``."""
+        self._response: requests.Response | None = None
         self._thread = threading.Thread(target=self._run, name=f"logs-{container}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the follow promptly, even while the container is silent (never blocks)."""
         self._stopped.set()
-        if self._client is not None:
-            self._client.close()
+        with self._lock:
+            response = self._response
+        if response is not None:
+            _interrupt(response)
 
     def _emit(self, line: str) -> None:
         if not self._stopped.is_set():
             self._on_line(line)
 
+    def _params(self) -> dict[str, object]:
+        params: dict[str, object] = {"follow": "true", "stdout": "true", "stderr": "true"}
+        if self._since is not None:
+            params["since"] = int(self._since)
+        if self._tail is not None:
+            params["tail"] = self._tail
+        return params
+
     def _run(self) -> None:
         pending = b""
+        client: PodmanClient | None = None
+        response: requests.Response | None = None
         try:
-            self._client = PodmanClient(base_url=self._url, timeout=None)
-            container = self._client.containers.get(self._container)
-            options: dict[str, object] = {"stream": True, "follow": True, "stdout": True, "stderr": True}
-            if self._since is not None:
-                options["since"] = int(self._since)
-            if self._tail is not None:
-                options["tail"] = self._tail
-            for frame in container.logs(**options):
+            client = PodmanClient(base_url=self._url, timeout=None)
+            response = client.api.get(f"/containers/{self._container}/logs", params=self._params(), stream=True)
+            with self._lock:
+                self._response = response
+            # stop() may have run before there was a response to interrupt.
+            if self._stopped.is_set():
+                return
+            response.raise_for_status()
+            for frame in stream_frames(response):
                 if self._stopped.is_set():
                     return
                 # vLLM redraws progress bars with '\r'; each redraw is a line to us.
@@ -83,8 +109,10 @@ class LogFollower:
                     self._loop.call_soon_threadsafe(self._emit, pending.decode("utf-8", "replace").rstrip())
                 except RuntimeError:
                     pass  # the loop is already closed
-            if self._client is not None:
-                self._client.close()
+            if response is not None:
+                response.close()
+            if client is not None:
+                client.close()
             if self._on_end is not None and not self._stopped.is_set():
                 try:
                     self._loop.call_soon_threadsafe(self._ended)
@@ -94,3 +122,11 @@ class LogFollower:
     def _ended(self) -> None:
         if self._on_end is not None and not self._stopped.is_set():
             self._on_end()
+
+
+def _interrupt(response: requests.Response) -> None:
+    """Shut the response's socket down for reading: a blocked read returns at once."""
+    try:
+        response.raw.shutdown()
+    except (RuntimeError, ValueError, OSError):
+        pass  # the stream has ended or is being closed already: no read is blocked on it
