@@ -74,10 +74,11 @@ class _StdlibBridge(logging.Handler):
             method = {logging.CRITICAL: "critical", logging.ERROR: "error", logging.WARNING: "warning", logging.INFO: "info"}.get(
                 record.levelno, "debug"
             )
-            fields: dict[str, Any] = {"logger": record.name}
+            # The library's prose is a field: event names stay a fixed snake_case vocabulary.
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
-            getattr(logger, method)(record.getMessage(), **fields)
+            getattr(logger, method)("library_log", **fields)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

@@ -65,7 +65,7 @@ def test_journal_lines_carry_priorities_and_tracebacks_stay_on_one_line(output, 
     assert [line[:3] for line in got] == ["<6>", "<4>", "<3>", "<2>", "<3>"], got
     assert got[0].startswith("<6>event=model_ready model=m")
     assert "Traceback" in got[2] and "ValueError: boom" in got[2]
-    assert "logger=aiohttp.server" in got[4]
+    assert got[4].startswith('<3>event=library_log logger=aiohttp.server message="Error handling request"'), got[4]
 
 
 def test_json_under_journald_keeps_the_priority_prefix_and_pure_json(output, monkeypatch) -> None:
@@ -86,3 +86,20 @@ def test_json_elsewhere_has_no_prefix(output, monkeypatch) -> None:
     structlog.get_logger("test").info("hello")
     (line,) = lines(handle, path)
     assert json.loads(line)["event"] == "hello"
+
+
+def test_library_records_are_library_log_events_with_their_message_as_a_field(output, monkeypatch) -> None:
+    handle, path = output
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"})
+    logs.configure("json", "info", stream=handle)
+    try:
+        raise OSError("socket gone")
+    except OSError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    logging.getLogger("podman").warning("retrying %s", "GET /containers")
+    first, second = (json.loads(line) for line in lines(handle, path))
+    assert (first["event"], first["level"], first["logger"]) == ("library_log", "error", "aiohttp.server")
+    assert first["message"] == "Error handling request" and "OSError: socket gone" in first["exception"]
+    assert (second["event"], second["level"], second["logger"], second["message"]) == (
+        "library_log", "warning", "podman", "retrying GET /containers"
+    )
