@@ -284,5 +284,6 @@ def test_profile_tables_extend_builtins_and_each_other():
         extends="mine", description="x", merge_system=True, alternate_roles=True, flatten_content=False, thinking_flag="enable_thinking"
     )
     assert expanded["default"]["default_max_tokens"] == 256 and expanded["default"]["cap_max_tokens"] is True
-    assert "cycle" in problems["loop1"] and "cycle" in problems["loop2"] or "invalid" in problems["loop2"]
+    assert problems["loop1"] == "a cycle of extends: loop2 -> loop1 -> loop2"
+    assert problems["loop2"] == "a cycle of extends: loop1 -> loop2 -> loop1"
     assert "unknown profile 'nope'" in problems["bad"]
