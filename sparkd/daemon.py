@@ -60,6 +60,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: list[asyncio.Task[Any]] = []
+        self._reloads: set[asyncio.Task[bool]] = set()
         # Shown in front of STATUS= until the next successful reload ("reload failed: ...").
         self._status_note: str | None = None
 
@@ -185,7 +186,9 @@ class Daemon:
         if self._stop.is_set():
             log.info("reload_ignored", reason="sparkd is stopping")
             return  # no RELOADING=1/READY=1 after STOPPING=1
-        asyncio.get_running_loop().create_task(self.reload())
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._reloads.discard)
 
     async def reload(self) -> bool:
         """Re-read the configuration; keep the running one when the new one is invalid."""
@@ -212,6 +215,11 @@ class Daemon:
                 )
                 self.notifier.ready(self._status_text())
                 return False
+            except Exception as error:  # noqa: BLE001 - systemd waits for READY=1 after RELOADING=1
+                log.error("reload_failed", config=str(self.config_path), error=repr(error), exc_info=error)
+                self._status_note = f"reload failed: {error!r}; serving the previous configuration"
+                self.notifier.ready(self._status_text())
+                return False
             self._apply(new, keys)
             _log_keys(keys, new)
             await self._check_gpu_devices()
@@ -221,9 +229,8 @@ class Daemon:
             return True
 
     def _apply(self, new: Config, keys: KeyRing) -> None:
-        for section in ("listen",):
-            if getattr(new.server, section) != getattr(self.config.server, section):
-                log.warning("config_needs_restart", key=f"server.{section}", hint="systemctl restart sparkd")
+        if new.server.listen != self.config.server.listen:
+            log.warning("config_needs_restart", key="server.listen", hint="systemctl restart sparkd")
         if new.peers != self.config.peers or new.cluster != self.config.cluster:
             log.warning("config_needs_restart", key="peers/cluster", hint="systemctl restart sparkd")
         if new.podman != self.config.podman or new.server.runtime_dir != self.config.server.runtime_dir:

@@ -88,6 +88,12 @@ class RequestTimeout(ApiError):
     code = "request_timeout"
 
 
+class Conflict(ApiError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class ModelDisabled(ApiError):
     status = 409
     type = "invalid_request_error"
@@ -98,12 +104,6 @@ class PayloadTooLarge(ApiError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
-
-
-class UnsupportedMediaType(ApiError):
-    status = 415
-    type = "invalid_request_error"
-    code = "unsupported_media_type"
 
 
 class ModelBusy(ApiError):

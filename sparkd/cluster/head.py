@@ -28,7 +28,6 @@ LOCAL = "local"
 class HeldLease:
     peer: Peer
     lease_id: str
-    granted_at: float = field(default_factory=time.time)
     last_ok: float = field(default_factory=time.monotonic)
 
 
@@ -93,10 +92,6 @@ class HeadCoordinator:
             task.cancel()
         await self._release_leases(model, self._held.pop(model, []), reason)
 
-    async def release_all(self, reason: str) -> None:
-        for model in list(self._held):
-            await self.release(model, reason)
-
     def nodes_view(self, model: ModelConfig) -> list[dict[str, Any]]:
         """Each node's part in ``model``, for status."""
         held = {lease.peer.name: lease for lease in self._held.get(model.name, [])}
@@ -124,7 +119,7 @@ class HeadCoordinator:
                 log.info("worker_lease_returned", model=model, peer=lease.peer.name, reason=reason)
             except PeerError as error:
                 # The peer releases it on its own once heartbeats stop.
-                log.warning("worker_lease_release_failed", model=model, peer=lease.peer.name, error=str(error))
+                log.warning("worker_lease_return_failed", model=model, peer=lease.peer.name, error=str(error))
 
         await asyncio.gather(*(release_one(lease) for lease in leases))
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,17 @@ from ..config import PeerConfig
 class PeerError(Exception):
     """A peer refused or could not be reached; the message names the peer and the reason."""
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
 class Peer:
     config: PeerConfig
-    key: str
+    key: str = field(repr=False)
+    ssl: ssl.SSLContext | bool = field(default=True, repr=False)
+    """TLS for calls to this peer: a context for a private CA, False when verification is off."""
 
     @property
     def name(self) -> str:
@@ -33,7 +35,7 @@ class Peer:
 
 
 def load_peers(peers: dict[str, PeerConfig]) -> dict[str, Peer]:
-    """Read each peer's admin key from its key file (blocking: call in a thread)."""
+    """Read each peer's admin key (and CA) from their files (blocking: call in a thread)."""
     loaded = {}
     for name, peer in peers.items():
         path = Path(peer.key_file)
@@ -43,8 +45,19 @@ def load_peers(peers: dict[str, PeerConfig]) -> dict[str, Peer]:
             raise PeerError(f"peer {name}: cannot read its admin key from {path}: {error.strerror or error}") from error
         if not key:
             raise PeerError(f"peer {name}: its key file {path} is empty")
-        loaded[name] = Peer(peer, key)
+        loaded[name] = Peer(peer, key, _ssl(peer))
     return loaded
+
+
+def _ssl(peer: PeerConfig) -> ssl.SSLContext | bool:
+    if not peer.tls_verify:
+        return False
+    if peer.tls_ca:
+        try:
+            return ssl.create_default_context(cafile=peer.tls_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise PeerError(f"peer {peer.name}: cannot use its CA file {peer.tls_ca}: {error}") from error
+    return True
 
 
 class PeerClient:
@@ -54,13 +67,6 @@ class PeerClient:
     async def close(self) -> None:
         await self._session.close()
 
-    def _ssl(self, peer: Peer) -> ssl.SSLContext | bool:
-        if not peer.config.tls_verify:
-            return False
-        if peer.config.tls_ca:
-            return ssl.create_default_context(cafile=peer.config.tls_ca)
-        return True
-
     async def call(self, peer: Peer, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> Any:
         url = peer.config.url.rstrip("/") + path
         try:
@@ -69,18 +75,20 @@ class PeerClient:
                 url,
                 json=payload,
                 headers={"Authorization": f"Bearer {peer.key}"},
-                ssl=self._ssl(peer),
+                ssl=peer.ssl,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
-                body = await response.json(content_type=None) if response.content_length != 0 else None
+                text = await response.text()
+                try:
+                    body = json.loads(text) if text else None
+                except ValueError:
+                    body = None
                 if response.status >= 400:
-                    message = (body or {}).get("error", {}).get("message") if isinstance(body, dict) else None
-                    retry = response.headers.get("Retry-After")
-                    raise PeerError(
-                        f"peer {peer.name} answered {response.status}: {message or response.reason}",
-                        status=response.status,
-                        retry_after=float(retry) if retry and retry.isdigit() else None,
-                    )
+                    error = body.get("error") if isinstance(body, dict) else None
+                    message = error.get("message") if isinstance(error, dict) else text[:200] or response.reason
+                    raise PeerError(f"peer {peer.name} answered {response.status}: {message}", status=response.status)
+                if text and body is None:
+                    raise PeerError(f"peer {peer.name} answered {response.status} with a body that is not JSON: {text[:200]!r}")
                 return body
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise PeerError(f"peer {peer.name} at {peer.config.url} is unreachable: {type(error).__name__}: {error}") from error

@@ -18,7 +18,9 @@ from typing import Any
 import structlog
 
 from ..config import Config, ModelConfig
-from ..errors import BadRequest, NotFound
+from ..config.load import MODEL_NAME, volume_error
+from ..config.validate import describe
+from ..errors import BadRequest, Conflict, NotFound
 from ..runtime.spec import render
 from ..scheduler.runner import ModelRunner
 from ..scheduler.scheduler import Scheduler
@@ -26,6 +28,7 @@ from ..scheduler.scheduler import Scheduler
 log = structlog.get_logger("sparkd.cluster")
 
 EXPIRY_CHECK_S = 1.0
+MAX_HEARTBEAT_TIMEOUT_S = 3600.0
 
 
 @dataclass
@@ -66,33 +69,59 @@ class WorkerRequest:
     heartbeat_timeout_s: float
 
     @classmethod
-    def parse(cls, body: Any) -> "WorkerRequest":
+    def parse(cls, body: Any, config: Config) -> "WorkerRequest":
+        """Check a head's request against this node's rules; a precise 400 otherwise."""
         if not isinstance(body, dict):
             raise BadRequest("a worker lease request is a JSON object")
 
-        def field_of(name: str, kind: type | tuple[type, ...]) -> Any:
-            value = body.get(name)
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-                raise BadRequest(f"worker lease request: '{name}' must be {getattr(kind, '__name__', kind)}")
+        def refuse(key: str, expected: str) -> BadRequest:
+            return BadRequest(f"worker lease request: '{key}' must be {expected}, found {describe(body.get(key))}")
+
+        def name(key: str) -> str:
+            value = body.get(key)
+            if not isinstance(value, str) or not MODEL_NAME.match(value):
+                raise refuse(key, "a name of letters, digits, '.', '_' or '-'")
             return value
 
-        command = field_of("command", list)
-        env = field_of("env", dict)
-        volumes = body.get("volumes", [])
-        if not all(isinstance(c, str) for c in command) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise BadRequest("worker lease request: 'command' must be strings and 'env' a table of strings")
-        if not isinstance(volumes, list) or not all(isinstance(v, str) for v in volumes):
-            raise BadRequest("worker lease request: 'volumes' must be a list of strings")
+        def number(key: str, low: float, high: float) -> float:
+            value = body.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise refuse(key, f"a number within {low}-{high}")
+            return float(value)
+
+        def strings(key: str, default: list[str] | None = None) -> list[str]:
+            value = body.get(key, default)
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise refuse(key, "a list of strings")
+            return value
+
+        image = body.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise refuse("image", "an image reference")
+        command = strings("command")
+        if not command:
+            raise refuse("command", "a non-empty list of strings")
+        env = body.get("env", {})
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise refuse("env", "a table of strings")
+        volumes = strings("volumes", [])
+        for volume in volumes:
+            problem = volume_error(volume)
+            if problem:
+                raise BadRequest(f"worker lease request: volume {volume!r} is invalid ({problem})")
+        gpu = body.get("gpu", True)
+        if not isinstance(gpu, bool):
+            raise refuse("gpu", "true or false")
         return cls(
-            head=field_of("head", str),
-            model=field_of("model", str),
-            claim=float(field_of("claim", (int, float))),
-            image=field_of("image", str),
+            head=name("head"),
+            model=name("model"),
+            claim=number("claim", 0.0, config.gpu.memory_budget),
+            image=image,
             command=tuple(command),
             env=dict(env),
             volumes=tuple(volumes),
-            gpu=bool(body.get("gpu", True)),
-            heartbeat_timeout_s=float(field_of("heartbeat_timeout_s", (int, float))),
+            gpu=gpu,
+            heartbeat_timeout_s=number("heartbeat_timeout_s", 1.0, MAX_HEARTBEAT_TIMEOUT_S),
         )
 
 
@@ -124,8 +153,12 @@ class WorkerLeases:
     async def grant(self, request: WorkerRequest) -> WorkerLease:
         """Admit the worker through this node's scheduler and start it; holds until released."""
         model = worker_model(self.config, request)
-        if any(lease.runner.name == model.name for lease in self._leases.values()):
-            raise BadRequest(f"this node already runs a worker for {request.model}; release that lease first")
+        if model.name in self._scheduler.runners:
+            raise Conflict(
+                f"this node already has a model or worker named {model.name}: release that worker lease first "
+                f"(or rename the model {request.model} on the head)",
+                code="worker_exists",
+            )
         runner = self._scheduler.add_transient(model, render(self.config, model, role="worker"))
         log.info("worker_lease_requested", head=request.head, model=request.model, claim=request.claim)
         try:

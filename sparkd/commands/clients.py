@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from ..config import Config, ModelConfig
+from ..fixups.profiles import effective_tools
 
 DEFAULT_CONTEXT = 4096
 MAX_OUTPUT = 8192
@@ -27,7 +28,8 @@ def opencode(config: Config, base_url: str) -> dict[str, Any]:
     models = {}
     for model in config.enabled_models():
         context, output = limits(model)
-        entry: dict[str, Any] = {"name": model.name, "limit": {"context": context, "output": output}, "tool_call": model.tools != "none"}
+        tool_call = effective_tools(config, model) != "none"
+        entry: dict[str, Any] = {"name": model.name, "limit": {"context": context, "output": output}, "tool_call": tool_call}
         models[model.name] = entry
     return {
         "$schema": "https://opencode.ai/config.json",

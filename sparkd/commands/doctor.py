@@ -176,11 +176,12 @@ def check_peers(config: Config) -> list[Check]:
         except PeerError as error:
             checks.append(Check("peer", False, str(error), f"write peer {name}'s admin key into {peer_config.key_file} (mode 0600)"))
             continue
-        context = None
-        if not peer_config.tls_verify:
+        if peer.ssl is True:
+            context = None  # the default verification
+        elif peer.ssl is False:
             context = ssl._create_unverified_context()  # noqa: S323 - the operator turned verification off
-        elif peer_config.tls_ca:
-            context = ssl.create_default_context(cafile=peer_config.tls_ca)
+        else:
+            context = peer.ssl
         request = urllib.request.Request(peer_config.url.rstrip("/") + "/api/version", headers={"Authorization": f"Bearer {peer.key}"})
         try:
             with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310

@@ -7,7 +7,7 @@ engine; the proxy uses the same session for client requests.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -18,7 +18,7 @@ class Endpoint:
     """Where a running engine answers, and the internal key it requires."""
 
     port: int
-    key: str
+    key: str = field(repr=False)
     host: str = "127.0.0.1"
 
     @property

@@ -31,7 +31,7 @@ _DROP_REQUEST = frozenset(
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
         "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Authorization", "X-Api-Key", "Cookie",
-        "Origin", "Referer",
+        "Origin", "Referer", "Expect",
     )
 )
 _DROP_RESPONSE = frozenset(
@@ -104,7 +104,7 @@ async def _forward_stream(
         response_headers = _response_headers(headers, extra_headers)
         if status == 200 and headers.get("Content-Type", "").startswith("text/event-stream"):
             try:
-                return await stream.relay(request, upstream, response_headers, status, lambda: broken_stream_event(model, "closed"))
+                return await stream.relay(request, upstream, response_headers, status, model, lambda: broken_stream_event(model, "closed"))
             finally:
                 if record is not None:
                     record.note_body(upstream.first_byte, upstream.before_tail + upstream.tail)

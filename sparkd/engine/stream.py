@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Callable
 
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..errors import BadGateway
+from ..errors import BadGateway, BadRequest
 
 log = structlog.get_logger("sparkd.proxy")
 
@@ -146,6 +146,10 @@ class UpstreamStream(asyncio.Protocol):
             return
         lines = bytes(self._received[:end]).decode("latin-1").split("\r\n")
         del self._received[: end + 4]
+        status = int(lines[0].split(" ", 2)[1])
+        if 100 <= status < 200:
+            self._parse_head()  # an interim answer (100 Continue): the real head follows
+            return
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
             name, _, value = line.partition(":")
@@ -153,7 +157,7 @@ class UpstreamStream(asyncio.Protocol):
         self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         length = headers.get("Content-Length")
         self.length = int(length) if length and length.isdigit() else None
-        self.head.set_result((int(lines[0].split(" ", 2)[1]), headers))
+        self.head.set_result((status, headers))
         self._check_complete(bytes(self._received))
 
     def _check_complete(self, new: bytes) -> None:
@@ -231,7 +235,11 @@ class UpstreamStream(asyncio.Protocol):
 def request_bytes(method: str, target: str, host: str, headers: CIMultiDict[str], body: bytes) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadRequest("a request header holds characters HTTP/1.1 headers cannot carry (only Latin-1)") from None
+    return head + body
 
 
 async def open_upstream(host: str, port: int, request: bytes) -> tuple[asyncio.Transport, UpstreamStream]:
@@ -246,7 +254,8 @@ async def relay(
     upstream: UpstreamStream,
     response_headers: CIMultiDict[str],
     status: int,
-    broken_event: Any,
+    model: str,
+    broken_event: Callable[[], bytes],
 ) -> web.StreamResponse:
     """Relay an SSE answer whose head has arrived; ``broken_event()`` gives the final error event."""
     response = web.StreamResponse(status=status, headers=response_headers)
@@ -256,6 +265,7 @@ async def relay(
     try:
         await upstream.done
     except EngineStreamBroken as broken:
+        log.warning("engine_stream_broken", model=model, at_frame_boundary=broken.at_frame_boundary)
         if not broken.at_frame_boundary:
             request.transport.close()  # mid-frame: nothing valid can follow
             return response

@@ -8,7 +8,6 @@ from aiohttp import web
 
 from .. import __version__
 from ..cluster.workers import WorkerRequest
-from ..errors import BadRequest
 from .openai import parse_json_object
 
 if TYPE_CHECKING:
@@ -36,11 +35,7 @@ class ClusterRoutes:
     async def grant(self, request: web.Request) -> web.Response:
         """Admit a worker like a local model; answers once it runs, or with this node's refusal."""
         body = parse_json_object(await request.read())
-        try:
-            worker = WorkerRequest.parse(body)
-        except (TypeError, ValueError) as error:
-            raise BadRequest(f"invalid worker lease request: {error}") from error
-        lease = await self._daemon.workers.grant(worker)
+        lease = await self._daemon.workers.grant(WorkerRequest.parse(body, self._daemon.config))
         return web.json_response(lease.view())
 
     async def heartbeat(self, request: web.Request) -> web.Response:

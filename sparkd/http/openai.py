@@ -28,7 +28,7 @@ from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
 from . import context
 from .auth import PRINCIPAL
-from .routing import ModelDirectory, target
+from .routing import target
 from .validation import validate_body
 
 FIXUPS_HEADER = "X-Sparkd-Fixups"
@@ -134,10 +134,10 @@ class OpenAIRoutes:
 
     async def _proxy(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         daemon = self._daemon
-        config = daemon.config
-        raw = await read_body(request, config.server)
+        raw = await read_body(request, daemon.config.server)
+        # A reload may land while the body arrives: resolve against the configuration of now.
+        config, directory = daemon.config, daemon.directory
         payload = parse_json_object(raw)
-        directory: ModelDirectory = daemon.directory
         route = target(directory, request.match_info["tail"], payload.get("model"))
         model = route.model
         record.model = model.name

@@ -13,7 +13,7 @@ import errno
 import secrets
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +39,7 @@ class ContainerInfo:
     """Podman's state word: created, running, exited, stopping, ..."""
     started_at: float | None
     host_port: int | None
-    engine_key: str | None
+    engine_key: str | None = field(repr=False)
     exit_code: int | None
 
     @property
@@ -55,6 +55,10 @@ class PodmanRuntime:
         self.instance = instance
         self._timeout = timeout
         self._local = threading.local()
+        self._clients: list[PodmanClient] = []
+        """Every worker thread's client, so that ``close`` reaches them all."""
+        self._allocating = threading.Lock()
+        """Held from picking a free host port until the container holding it exists."""
 
     # -- plumbing -------------------------------------------------------------
 
@@ -63,6 +67,7 @@ class PodmanRuntime:
         if client is None:
             client = PodmanClient(base_url=self.url, timeout=self._timeout)
             self._local.client = client
+            self._clients.append(client)  # list.append is atomic under the GIL
         return client
 
     async def _call(self, action: str, func: Callable[..., Any], *args: Any, name: str = "", image: str = "") -> Any:
@@ -141,9 +146,10 @@ class PodmanRuntime:
             log.info("container_recreating", container=spec.name, old_spec=existing.spec_hash, new_spec=spec.spec_hash)
             client.containers.get(spec.name).remove(force=True)
         _prepare_mounts(spec)
-        host_port = spec.host_port if spec.network == "host" else spec.host_port or self._free_port(port_range, spec.model)
         engine_key = secrets.token_urlsafe(32)
-        container = client.containers.create(**spec.create_kwargs(host_port, engine_key))
+        with self._allocating:  # two creates in two worker threads must not pick the same port
+            host_port = spec.host_port if spec.network == "host" else spec.host_port or self._free_port(port_range, spec.model)
+            container = client.containers.create(**spec.create_kwargs(host_port, engine_key))
         container.reload()
         log.info("container_created", container=spec.name, image=spec.image, host_port=host_port, spec=spec.spec_hash)
         return _info_from_inspect(container.attrs)
@@ -188,9 +194,10 @@ class PodmanRuntime:
             pass
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
+        """Close the worker threads' connections (at shutdown, when no call is running)."""
+        for client in self._clients:
             client.close()
+        self._clients.clear()
 
 
 def _prepare_mounts(spec: ContainerSpec) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import encodings
@@ -65,18 +65,15 @@ class ContainerSpec:
     network: str = "bridge"
     """``host`` for multi-node containers: Ray and NCCL need the cluster network itself."""
     cap_add: tuple[str, ...] = ()
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def spec_hash(self) -> str:
         canonical = asdict(self)
-        canonical.pop("labels")
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def all_labels(self) -> dict[str, str]:
         return {
-            **self.labels,
             LABEL_MANAGED: "true",
             LABEL_INSTANCE: self.instance,
             LABEL_MODEL: self.model,

@@ -56,6 +56,7 @@ class Lifecycle:
         """Bring the model's container up and wait until its engine is ready (or failed)."""
         runner.start_requested_at = time.time()
         runner.died.clear()
+        runner.loss = None
         runner.transition(ModelState.STARTING, reason=reason)
         began = time.monotonic()
         try:
@@ -123,8 +124,8 @@ class Lifecycle:
         follower = self._follow_progress(runner)
         try:
             await self._wait_ready(runner, began)
-        except StartFailed as error:
-            await self._record_failure(runner, str(error), error.log_lines)
+        except (StartFailed, RuntimeFailure) as error:
+            await self._record_failure(runner, str(error), getattr(error, "log_lines", []))
             return
         finally:
             follower.stop()
@@ -194,15 +195,21 @@ class Lifecycle:
             if now - last_inspect >= INSPECT_EVERY_S:
                 # The event stream tells us about deaths at once; this covers a lost stream.
                 last_inspect = now
-                info = await self.runtime.inspect(runner.spec.name)
-                if info is None or not info.running:
-                    raise StartFailed(await self._exit_message(runner, info))
+                try:
+                    info = await self.runtime.inspect(runner.spec.name)
+                except RuntimeFailure as error:
+                    log.warning("container_inspect_failed", model=runner.name, error=str(error))  # unknown: keep probing
+                else:
+                    if info is None or not info.running:
+                        raise StartFailed(await self._exit_message(runner, info))
             try:
                 await asyncio.wait_for(runner.died.wait(), lifecycle.probe_interval_s)
             except asyncio.TimeoutError:
                 pass
 
     async def _exit_message(self, runner: ModelRunner, info: ContainerInfo | None = None) -> str:
+        if runner.loss:
+            return runner.loss
         if info is None:
             try:
                 info = await self.runtime.inspect(runner.spec.name)
@@ -270,7 +277,7 @@ class Lifecycle:
             await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
             await self.engine.post_json(runner.endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
             await self._wait_ready(runner, began)
-        except (EngineError, StartFailed) as error:
+        except (EngineError, StartFailed, RuntimeFailure) as error:
             await self._record_failure(runner, f"model {runner.name} failed to wake up: {error}", [])
             return
         runner.transition(ModelState.READY, reason=reason, wake_s=round(time.monotonic() - began, 3))

@@ -39,10 +39,10 @@ class MemoryGauge:
         self._meminfo = Path(meminfo)
         self._nvidia_smi = shutil.which(nvidia_smi) if nvidia_smi else None
 
-    async def resolve(self) -> str:
+    async def resolve(self) -> None:
         """Settle ``auto`` to the source that works on this machine."""
         if self.mode != "auto":
-            return self.mode
+            return
         if self._nvidia_smi is None:
             self.mode = "none"
         elif await self._read_nvidia_smi() is not None:
@@ -50,7 +50,6 @@ class MemoryGauge:
         else:
             self.mode = "meminfo"  # driver present, no per-GPU memory: unified memory
         log.info("memory_probe_selected", probe=self.mode)
-        return self.mode
 
     async def read(self) -> Reading | None:
         if self.mode == "nvidia-smi":

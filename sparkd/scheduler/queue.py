@@ -68,9 +68,3 @@ class WaitQueue:
     def depth(self, model: str) -> int:
         group = self._groups.get(model)
         return len(group) if group else 0
-
-    def oldest_wait(self, model: str, now: float | None = None) -> float:
-        group = self._groups.get(model)
-        if not group:
-            return 0.0
-        return (now or time.monotonic()) - group[0].enqueued_at

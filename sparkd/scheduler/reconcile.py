@@ -53,4 +53,4 @@ async def adopt_running(scheduler: "Scheduler") -> None:
     for info, why in leftovers:
         log.info("container_not_adopted", container=info.name, reason=why)
     await asyncio.gather(*(runtime.stop(info.name, scheduler.config.lifecycle.stop_timeout_s) for info, _ in leftovers))
-    scheduler.pump()  # utility models start once the adopted ones hold their shares
+    scheduler.start_serving()  # utility models start once the adopted ones hold their shares

@@ -62,6 +62,8 @@ class ModelRunner:
     stale_spec: bool = False
     """The running container was made from an older spec: re-create it at the next start."""
     died: asyncio.Event = field(default_factory=asyncio.Event)
+    loss: str | None = None
+    """Why the current start must fail although its container may run (a peer it needs is gone)."""
     task: asyncio.Task[Any] | None = None
 
     @property

@@ -47,6 +47,8 @@ class Scheduler:
         """Models an operator asked to stop or sleep: drained, then stopped/slept."""
         self._transient: set[str] = set()
         """Runners of models outside the configuration: worker leases granted to a head sparkd."""
+        self._serving = asyncio.Event()
+        """Set once running containers are adopted: before that a start could collide with adoption."""
         self.gpu_missing: str | None = None
         """Why the GPU devices look unavailable (no CDI spec), if they do: GPU utility models wait."""
         for model in config.enabled_models():
@@ -73,7 +75,13 @@ class Scheduler:
     def model_lost(self, name: str, reason: str) -> None:
         """Something the model depends on is gone (a peer's worker): fail it and free its share."""
         runner = self.runners.get(name)
-        if runner is not None and runner.state in (S.STARTING, S.READY, S.DRAINING, S.WAKING, S.SLEEPING):
+        if runner is None or runner.state not in (S.STARTING, S.READY, S.DRAINING, S.WAKING, S.SLEEPING):
+            return
+        if self._busy(runner):
+            # A start or wake is running: it notices and fails with this reason.
+            runner.loss = reason
+            runner.died.set()
+        else:
             self._spawn(runner, self._run_lost(runner, reason))
 
     async def _run_lost(self, runner: ModelRunner, reason: str) -> None:
@@ -89,6 +97,9 @@ class Scheduler:
         removed or disabled is stopped once idle.
         """
         self.config = config
+        self.lifecycle.config = config
+        if self.lifecycle.cluster is not None:
+            self.lifecycle.cluster.config = config
         self.lease.budget = config.gpu.memory_budget
         self.queue.limit = config.lifecycle.queue_size
         enabled = {m.name: m for m in config.enabled_models()}
@@ -135,6 +146,9 @@ class Scheduler:
             return runner
         if self._closing:
             raise ServiceUnavailable("sparkd is shutting down and takes no new requests; retry shortly", retry_after=5)
+        if not self._serving.is_set():
+            await self._serving.wait()
+            return await self.acquire(name)
         if self.config.lifecycle.policy == "reject":
             self._refuse_if_busy(runner)
         waiter = Waiter(name)
@@ -236,9 +250,9 @@ class Scheduler:
                 if eviction.action == "sleep":
                     self._spawn(runner, self._run_sleep(runner, f"swapped out for {head}"))
                 else:
-                    self._spawn(runner, self._run_stop(runner, f"swapped out for {head}"))
+                    self._stop(runner, f"swapped out for {head}")
             elif runner.state is S.SLEEPING and eviction.action == "stop":
-                self._spawn(runner, self._run_stop(runner, f"swapped out for {head}"))
+                self._stop(runner, f"swapped out for {head}")
         for name, action in self._operator_requests.items():
             runner = self.runners.get(name)
             if runner and runner.state is S.READY:
@@ -247,7 +261,7 @@ class Scheduler:
                 if action == "sleep":
                     self._spawn(runner, self._run_sleep(runner, "put to sleep by an operator"))
                 else:
-                    self._spawn(runner, self._run_stop(runner, "stopped by an operator"))
+                    self._stop(runner, "stopped by an operator")
 
     def _keep_utility_models(self) -> None:
         """Utility models run whenever no exclusive model holds or wants the GPU."""
@@ -304,19 +318,24 @@ class Scheduler:
     def _busy(self, runner: ModelRunner) -> bool:
         return runner.task is not None and not runner.task.done()
 
-    def _in_backoff(self, runner: ModelRunner) -> bool:
+    def _backoff_left(self, runner: ModelRunner) -> float:
+        """Seconds until a failed model may be started again (the back-off doubles per failure, up to 12x)."""
         failure = runner.failure
         if failure is None:
-            return False
+            return 0.0
         backoff = self.config.lifecycle.failure_backoff_s * min(2 ** (runner.consecutive_failures - 1), 12)
-        return time.monotonic() - failure.at < backoff
+        return max(0.0, backoff - (time.monotonic() - failure.at))
+
+    def _in_backoff(self, runner: ModelRunner) -> bool:
+        return self._backoff_left(runner) > 0
 
     def _failure_error(self, runner: ModelRunner) -> ApiError:
         failure = runner.failure
         message = failure.message if failure else f"model {runner.name} failed"
         lines = list(failure.log_lines[-5:]) if failure else []
         text = message + (". Last engine log lines: " + " | ".join(lines) if lines else "")
-        return ServiceUnavailable(text, retry_after=self.config.lifecycle.failure_backoff_s, code="model_failed", extra={"log_lines": lines})
+        retry = max(self._backoff_left(runner), 1.0)
+        return ServiceUnavailable(text, retry_after=retry, code="model_failed", extra={"log_lines": lines})
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -324,12 +343,18 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(coroutine)
         runner.task = task
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._task_done(runner, done))
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, runner: ModelRunner, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("scheduler_task_crashed", error=repr(task.exception()), exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("scheduler_task_crashed", model=runner.name, state=runner.state.value, error=repr(error), exc_info=error)
+            # Never leave a model stuck mid-transition: fail it; the reaper then stops its container
+            # and frees its share ("clean up after a failure").
+            if runner.state not in (S.STOPPED, S.FAILED):
+                runner.fail(f"model {runner.name}: internal error while {runner.state}: {error!r}")
+                self._fail_waiters(runner, self._failure_error(runner))
         if not self._closing:
             self.pump()
 
@@ -347,6 +372,11 @@ class Scheduler:
         else:
             self.lease.release(runner.name)
             self._fail_waiters(runner, self._failure_error(runner))
+
+    def _stop(self, runner: ModelRunner, reason: str) -> None:
+        """Stop the model; STOPPING at once, so no request slips in before the task runs."""
+        runner.transition(S.STOPPING, reason=reason)
+        self._spawn(runner, self._run_stop(runner, reason))
 
     async def _run_stop(self, runner: ModelRunner, reason: str) -> None:
         if await self.lifecycle.stop(runner, reason):
@@ -391,6 +421,11 @@ class Scheduler:
 
     # -- restart safety ------------------------------------------------------------------
 
+    def start_serving(self) -> None:
+        """Adoption is done: requests may start models from now on."""
+        self._serving.set()
+        self.pump()
+
     def hold(self, runner: ModelRunner) -> bool:
         """Give an adopted model its lease share; False when it does not fit the budget."""
         if not self.lease.fits(runner.claim):
@@ -422,11 +457,11 @@ class Scheduler:
             if runner.state is S.READY:
                 uptime = now - (runner.ready_at or now)
                 if runner.idle_for(now) >= idle_limit and uptime >= lifecycle.min_uptime_s:
-                    self._spawn(runner, self._run_stop(runner, f"idle for {idle_limit:.0f}s"))
+                    self._stop(runner, f"idle for {idle_limit:.0f}s")
             elif runner.state is S.SLEEPING and runner.idle_for(now) >= idle_limit:
-                self._spawn(runner, self._run_stop(runner, f"asleep and idle for {idle_limit:.0f}s"))
+                self._stop(runner, f"asleep and idle for {idle_limit:.0f}s")
             elif runner.state is S.FAILED and runner.name in self.lease.holders:
-                self._spawn(runner, self._run_stop(runner, "clean up after a failure"))
+                self._stop(runner, "clean up after a failure")
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -467,7 +502,7 @@ class Scheduler:
                 return runner
             self._operator_requests[name] = action
             if runner.state in (S.SLEEPING, S.FAILED) and not self._busy(runner):
-                self._spawn(runner, self._run_stop(runner, "stopped by an operator"))
+                self._stop(runner, "stopped by an operator")
             self.pump()
         await self.wait_for_state(runner, done, timeout)
         return runner

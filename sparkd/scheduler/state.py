@@ -44,6 +44,3 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     S.WAKING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.FAILED: frozenset({S.STARTING, S.STOPPED, S.STOPPING}),
 }
-
-# States in which the model's container may be running and so holds a lease share.
-HOLDS_LEASE = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})

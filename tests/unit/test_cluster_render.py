@@ -103,3 +103,34 @@ def test_cluster_mistakes_are_reported(tmp_path, extra, expected):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert any(expected in str(p) for p in caught.value.problems), caught.value.problems
+
+
+GOOD_REQUEST = {
+    "head": "spark1", "model": "llama-405b", "claim": 0.9, "image": "localhost/sparkd/vllm-gb10:v1",
+    "command": ["ray", "start"], "env": {}, "volumes": ["/var/lib/sparkd/huggingface:/root/.cache/huggingface"],
+    "gpu": True, "heartbeat_timeout_s": 30,
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"claim": -0.5}, "'claim' must be a number within 0.0-0.94"),
+        ({"claim": 2}, "'claim' must be a number within 0.0-0.94"),
+        ({"model": "../../x"}, "'model' must be a name"),
+        ({"head": 7}, "'head' must be a name"),
+        ({"volumes": ["relative"]}, "volume 'relative' is invalid"),
+        ({"volumes": "/a:/b"}, "'volumes' must be a list of strings"),
+        ({"heartbeat_timeout_s": 0}, "'heartbeat_timeout_s' must be a number within 1.0-3600.0"),
+        ({"command": []}, "'command' must be a non-empty list"),
+        ({"env": {"A": 1}}, "'env' must be a table of strings"),
+        ({"gpu": "yes"}, "'gpu' must be true or false"),
+    ],
+)
+def test_worker_requests_are_checked(config, change, message):
+    from sparkd.errors import BadRequest
+
+    assert WorkerRequest.parse(GOOD_REQUEST, config).claim == 0.9
+    with pytest.raises(BadRequest) as caught:
+        WorkerRequest.parse({**GOOD_REQUEST, **change}, config)
+    assert message in caught.value.message

@@ -94,6 +94,11 @@ def test_opencode_config_lists_every_enabled_model_within_its_context():
     assert provider["models"]["vision"]["tool_call"] is False
 
 
+def test_a_profile_that_strips_tools_is_advertised_without_tools():
+    config = Config(models={"small": ModelConfig(name="small", image="i", max_model_len=8192, tools="full", profile="small-no-tools")})
+    assert clients.opencode(config, "http://x/v1")["provider"]["sparkd"]["models"]["small"]["tool_call"] is False
+
+
 def test_cline_config_lists_every_enabled_model():
     entries = clients.cline(catalog(), "http://spark:8009/v1")["cline"]
     assert [e["openAiModelId"] for e in entries] == ["big", "coder", "vision"]

@@ -116,6 +116,7 @@ def test_parse_usage(text, expected):
 
 async def test_transitions_count_starts_stops_failures_swaps_and_load_times(tmp_path):
     scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, {"c"}))
+    scheduler.start_serving()  # as the daemon does once adoption is over
     metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
     scheduler.subscribe(metrics.on_transition)
     await serve(scheduler, "a")
@@ -144,6 +145,7 @@ async def test_request_done_counts_status_latency_and_tokens(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       131072000 kB\nMemFree:        1000 kB\nMemAvailable:   65536000 kB\n")
     scheduler = Scheduler(config_with(model("a", 0.5)), FakeLifecycle(tmp_path))
+    scheduler.start_serving()  # as the daemon does once adoption is over
     metrics = Metrics(scheduler, meminfo=str(meminfo))
     record = RequestRecord()
     started = time.monotonic()
@@ -175,6 +177,7 @@ async def test_request_done_counts_status_latency_and_tokens(tmp_path):
 async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_path):
     path = tmp_path / "state" / "history.sqlite3"
     scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, {"c"}))
+    scheduler.start_serving()  # as the daemon does once adoption is over
     history = History(path)
     await history.open()
     scheduler.subscribe(history.on_transition)
@@ -219,6 +222,7 @@ async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_p
 async def test_history_reuses_an_open_session_for_an_adopted_container(tmp_path):
     path = tmp_path / "history.sqlite3"
     scheduler = Scheduler(config_with(model("a", 0.5)), FakeLifecycle(tmp_path))
+    scheduler.start_serving()  # as the daemon does once adoption is over
     history = History(path)
     await history.open()
     scheduler.subscribe(history.on_transition)
@@ -226,6 +230,7 @@ async def test_history_reuses_an_open_session_for_an_adopted_container(tmp_path)
     await history.close()
     # The next sparkd adopts the running container: STOPPED -> READY continues the session.
     scheduler2 = Scheduler(config_with(model("a", 0.5)), FakeLifecycle(tmp_path))
+    scheduler2.start_serving()  # as the daemon does once adoption is over
     again = History(path)
     await again.open()
     scheduler2.subscribe(again.on_transition)

@@ -72,5 +72,6 @@ async def test_wait_for_is_bounded(tmp_path):
 
 async def test_no_probe_means_no_wait():
     gauge = MemoryGauge("auto", nvidia_smi=None)
-    assert await gauge.resolve() == "none"
+    await gauge.resolve()
+    assert gauge.mode == "none"
     assert await gauge.wait_for(0.9, timeout=5) < 0.05

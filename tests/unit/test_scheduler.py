@@ -94,6 +94,12 @@ def config_with(models: list[ModelConfig], **lifecycle: object) -> Config:
     )
 
 
+def serving(scheduler: Scheduler) -> Scheduler:
+    """As the daemon does once adoption is over."""
+    scheduler.start_serving()
+    return scheduler
+
+
 def model(name: str, claim: float, lifecycle: str = "normal", **fields: object) -> ModelConfig:
     return ModelConfig(name=name, image="img", gpu_memory=claim, lifecycle=lifecycle, **fields)  # type: ignore[arg-type]
 
@@ -113,14 +119,14 @@ def fake(tmp_path):
 
 
 async def test_cold_stampede_starts_the_model_once(fake):
-    scheduler = Scheduler(config_with([model("a", 0.5)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
     results = await asyncio.gather(*(serve(scheduler, "a") for _ in range(200)))
     assert results == ["a"] * 200
     assert fake.starts("a") == 1
 
 
 async def test_alternating_requests_cost_one_swap(fake):
-    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake))
     names = ["a", "b"] * 6
     results = await asyncio.gather(*(serve(scheduler, n) for n in names))
     assert sorted(results) == sorted(names)
@@ -129,7 +135,7 @@ async def test_alternating_requests_cost_one_swap(fake):
 
 
 async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
-    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake))
     await serve(scheduler, "a")
     stop = asyncio.Event()
 
@@ -147,7 +153,7 @@ async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
 
 
 async def test_in_flight_request_is_never_cut_by_a_swap(fake):
-    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake))
     runner_a = await scheduler.acquire("a")
     b_task = asyncio.create_task(serve(scheduler, "b"))
     await asyncio.sleep(0.1)
@@ -161,7 +167,7 @@ async def test_in_flight_request_is_never_cut_by_a_swap(fake):
 
 async def test_queue_full_gives_503_with_retry_after(fake):
     fake.start_delay = 0.3
-    scheduler = Scheduler(config_with([model("a", 0.5)], queue_size=2), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], queue_size=2), fake))
     waiting = [asyncio.create_task(serve(scheduler, "a")) for _ in range(2)]
     await asyncio.sleep(0.01)
     with pytest.raises(ServiceUnavailable) as caught:
@@ -171,7 +177,7 @@ async def test_queue_full_gives_503_with_retry_after(fake):
 
 
 async def test_queue_timeout_gives_504_and_leaves_the_queue(fake):
-    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)], queue_timeout_s=0.2), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)], queue_timeout_s=0.2), fake))
     holder = await scheduler.acquire("a")
     with pytest.raises(GatewayTimeout) as caught:
         await serve(scheduler, "b")
@@ -183,7 +189,7 @@ async def test_queue_timeout_gives_504_and_leaves_the_queue(fake):
 
 
 async def test_disconnected_waiter_leaves_the_queue(fake):
-    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake))
     holder = await scheduler.acquire("a")
     waiter = asyncio.create_task(serve(scheduler, "b"))
     await asyncio.sleep(0.02)
@@ -196,12 +202,11 @@ async def test_disconnected_waiter_leaves_the_queue(fake):
 
 
 async def test_exclusive_model_stops_utility_which_comes_back_after(fake):
-    scheduler = Scheduler(
+    scheduler = serving(Scheduler(
         config_with([model("u", 0.05, "utility"), model("x", 0.94, "exclusive"), model("a", 0.5)]),
         fake,
-    )
-    scheduler.pump()  # start-up: the utility model is brought up
-    await asyncio.sleep(0.1)
+    ))
+    await asyncio.sleep(0.1)  # serving(): the utility model is brought up at start-up
     assert scheduler.runners["u"].state is ModelState.READY
     await serve(scheduler, "x")
     assert fake.timeline.index(("stop", "u")) < fake.timeline.index(("start", "x"))
@@ -214,7 +219,7 @@ async def test_exclusive_model_stops_utility_which_comes_back_after(fake):
 
 async def test_failed_start_fails_waiters_with_the_log_line(fake):
     fake.failing["a"] = "RuntimeError: CUDA error: fake crash at start"
-    scheduler = Scheduler(config_with([model("a", 0.5)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
     results = await asyncio.gather(*(serve(scheduler, "a") for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, ServiceUnavailable) for r in results)
     assert "fake crash at start" in results[0].message
@@ -225,7 +230,7 @@ async def test_failed_start_fails_waiters_with_the_log_line(fake):
 
 async def test_failure_backoff_answers_at_once(fake):
     fake.failing["a"] = "boom"
-    scheduler = Scheduler(config_with([model("a", 0.5)], failure_backoff_s=30), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], failure_backoff_s=30), fake))
     with pytest.raises(ServiceUnavailable):
         await serve(scheduler, "a")
     with pytest.raises(ServiceUnavailable) as caught:
@@ -235,7 +240,7 @@ async def test_failure_backoff_answers_at_once(fake):
 
 
 async def test_reject_policy_names_the_busy_model(fake):
-    scheduler = Scheduler(config_with([model("a", 0.8), model("b", 0.8)], policy="reject"), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)], policy="reject"), fake))
     holder = await scheduler.acquire("a")
     with pytest.raises(ModelBusy) as caught:
         await serve(scheduler, "b")
@@ -249,7 +254,7 @@ async def test_reject_policy_names_the_busy_model(fake):
 
 async def test_sleep_capable_models_swap_by_sleeping(fake):
     sleepy = {"sleep_mode": True, "sleep_gpu_memory": 0.05}
-    scheduler = Scheduler(config_with([model("a", 0.8, **sleepy), model("b", 0.8, **sleepy)]), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.8, **sleepy), model("b", 0.8, **sleepy)]), fake))
     await serve(scheduler, "a")
     await serve(scheduler, "b")
     assert scheduler.runners["a"].state is ModelState.SLEEPING
@@ -260,7 +265,7 @@ async def test_sleep_capable_models_swap_by_sleeping(fake):
 
 
 async def test_idle_models_are_stopped_after_idle_time(fake):
-    scheduler = Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.05), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.05), fake))
     await serve(scheduler, "a")
     await asyncio.sleep(0.1)
     scheduler.reap_idle()
@@ -270,7 +275,7 @@ async def test_idle_models_are_stopped_after_idle_time(fake):
 
 
 async def test_min_uptime_protects_a_fresh_model(fake):
-    scheduler = Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.01, min_uptime_s=60), fake)
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.01, min_uptime_s=60), fake))
     await serve(scheduler, "a")
     await asyncio.sleep(0.05)
     scheduler.reap_idle()
@@ -279,8 +284,28 @@ async def test_min_uptime_protects_a_fresh_model(fake):
 
 
 async def test_impossible_claim_is_refused(fake):
-    scheduler = Scheduler(config_with([model("p", 0.5, "pinned"), model("a", 0.8)]), fake)
+    scheduler = serving(Scheduler(config_with([model("p", 0.5, "pinned"), model("a", 0.8)]), fake))
     await serve(scheduler, "p")
     with pytest.raises(ServiceUnavailable) as caught:
         await serve(scheduler, "a")
     assert "pinned" in caught.value.message
+
+
+async def test_a_request_in_the_same_tick_as_an_idle_stop_is_not_served_by_the_stopping_container(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.01), fake))
+    await serve(scheduler, "a")
+    await asyncio.sleep(0.05)
+    scheduler.reap_idle()
+    assert scheduler.runners["a"].state is ModelState.STOPPING  # at once, before the stop task runs
+    runner = await asyncio.wait_for(scheduler.acquire("a"), 2)
+    assert runner.state is ModelState.READY and fake.starts("a") == 2
+    scheduler.release(runner)
+
+
+async def test_requests_wait_until_adoption_is_over(fake):
+    scheduler = Scheduler(config_with([model("a", 0.5)]), fake)
+    waiting = asyncio.create_task(serve(scheduler, "a"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and fake.starts() == 0
+    scheduler.start_serving()
+    assert await asyncio.wait_for(waiting, 2) == "a"
