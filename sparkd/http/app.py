@@ -51,7 +51,7 @@ def build_app(daemon: "Daemon") -> web.Application:
     AdminRoutes(daemon).add_to(app)
     ClusterRoutes(daemon).add_to(app)
     OpsRoutes(daemon).add_to(app)
-    PageRoutes(daemon).add_to(app)
+    PageRoutes().add_to(app)
     return app
 
 

@@ -8,14 +8,10 @@ lease and recent failures as they change.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ..errors import NotFound
-
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
 STATIC = Path(__file__).with_name("static")
 FILES = {
@@ -37,8 +33,7 @@ SECURITY_HEADERS = {
 
 
 class PageRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
-        self._daemon = daemon
+    def __init__(self) -> None:
         # Read once at start-up: serving the page never touches the disk.
         self._index = (STATIC / "index.html").read_bytes()
         self._files = {name: (STATIC / name).read_bytes() for name in FILES}

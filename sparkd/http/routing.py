@@ -29,8 +29,6 @@ class Target:
     model: ModelConfig
     path: str
     """The engine path to call, e.g. ``/v1/chat/completions``."""
-    from_path: bool
-    """The model came from the URL (path form)."""
 
 
 class ModelDirectory:
@@ -87,14 +85,14 @@ def target(directory: ModelDirectory, tail: str, body_model: object) -> Target:
     if len(segments) >= 2 and segments[0] not in ENDPOINT_ROOTS:
         model = directory.resolve(segments[0])
         _check_endpoint(segments[1:], tail)
-        return Target(model=model, path="/v1/" + "/".join(segments[1:]), from_path=True)
+        return Target(model=model, path="/v1/" + "/".join(segments[1:]))
     _check_endpoint(segments, tail)
     if body_model is None:
         raise BadRequest(
             "the request names no model: set 'model' in the JSON body, or use the path form /v1/<model>/...",
             code="missing_model",
         )
-    return Target(model=directory.resolve(body_model), path="/v1/" + tail, from_path=False)
+    return Target(model=directory.resolve(body_model), path="/v1/" + tail)
 
 
 def _check_endpoint(segments: list[str], tail: str) -> None:
