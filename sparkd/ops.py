@@ -145,7 +145,7 @@ class Operations:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.history.close(self.metrics.drain_usage())
         self._sampler.submit(self._close_podman)
-        self._sampler.shutdown(wait=True)
+        await asyncio.to_thread(self._sampler.shutdown, True)  # a stats call may still run: not on the loop
         try:
             if self.socket_path.is_socket():
                 self.socket_path.unlink()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,9 @@ class Sparkd:
         settings["log"].setdefault("level", "debug")
         settings.setdefault("gpu", {}).setdefault("devices", [])
         defaults = settings.setdefault("defaults", {})
+        # Concurrent test daemons each allocate engine ports from a range of their own.
+        base = 20000 + (zlib.crc32((self.prefix + str(self.workdir)).encode()) % 450) * 20
+        defaults.setdefault("port_range", [base, base + 19])
         defaults.setdefault("shm_size", "64m")
         defaults.setdefault("ulimits", {})
         lifecycle = settings.setdefault("lifecycle", {})

@@ -139,7 +139,6 @@ def profile_table(profile: Profile) -> dict[str, Any]:
 class Fixups:
     """A profile compiled for one model: its body steps in order, and the cap's settings."""
 
-    profile: str
     tools: ToolMode
     steps: tuple[Step, ...]
     cap_max_tokens: bool
@@ -161,7 +160,7 @@ def effective_tools(config: "Config", model: "ModelConfig") -> ToolMode:
     return config.profiles[model.profile or DEFAULT_PROFILE].tools or model.tools
 
 
-def compile_profile(name: str, profile: Profile, model_tools: ToolMode) -> Fixups:
+def compile_profile(profile: Profile, model_tools: ToolMode) -> Fixups:
     tools = profile.tools or model_tools
     steps: list[Step] = []
     if tools == "none":
@@ -180,4 +179,4 @@ def compile_profile(name: str, profile: Profile, model_tools: ToolMode) -> Fixup
         steps.append(("normalize_max_tokens", normalize_max_tokens))
     if profile.default_max_tokens is not None:
         steps.append(("default_max_tokens", partial(set_default_max_tokens, default=profile.default_max_tokens)))
-    return Fixups(name, tools, tuple(steps), profile.cap_max_tokens, profile.context_margin)
+    return Fixups(tools, tuple(steps), profile.cap_max_tokens, profile.context_margin)

@@ -50,7 +50,7 @@ class OpenAIRoutes:
         compiled_for, table = self._fixups
         if compiled_for is not config:
             table = {
-                name: compile_profile(m.profile or DEFAULT_PROFILE, config.profiles[m.profile or DEFAULT_PROFILE], m.tools)
+                name: compile_profile(config.profiles[m.profile or DEFAULT_PROFILE], m.tools)
                 for name, m in config.models.items()
             }
             self._fixups = (config, table)

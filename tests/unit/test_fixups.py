@@ -248,7 +248,7 @@ def test_the_clients_own_template_flag_wins_and_other_kwargs_stay():
 
 
 def test_profiles_compile_in_order_and_report_what_applied():
-    gemma = compile_profile("gemma", BUILTIN_PROFILES["gemma"], "none")
+    gemma = compile_profile(BUILTIN_PROFILES["gemma"], "none")
     assert [name for name, _ in gemma.steps] == ["strip_tools", "flatten_content", "merge_system", "alternate_roles", "normalize_max_tokens"]
     body = chat(("system", "S"), ("user", "a"), ("user", "b"), max_tokens=-1, tools=TOOLS)
     before = copy.deepcopy(body)
@@ -259,14 +259,14 @@ def test_profiles_compile_in_order_and_report_what_applied():
 
 
 def test_profile_tools_override_the_models_and_unset_follows_it():
-    assert compile_profile("default", BUILTIN_PROFILES["default"], "none").tools == "none"
-    assert compile_profile("coder-force-tools", BUILTIN_PROFILES["coder-force-tools"], "full").tools == "force-required"
-    assert compile_profile("passthrough", BUILTIN_PROFILES["passthrough"], "none").steps == ()
+    assert compile_profile(BUILTIN_PROFILES["default"], "none").tools == "none"
+    assert compile_profile(BUILTIN_PROFILES["coder-force-tools"], "full").tools == "force-required"
+    assert compile_profile(BUILTIN_PROFILES["passthrough"], "none").steps == ()
 
 
 def test_default_profile_passes_a_clean_request_as_the_same_object():
     body = chat(("user", "hi"), max_tokens=10, stream=True)
-    fixed, applied = compile_profile("default", BUILTIN_PROFILES["default"], "full").apply(body)
+    fixed, applied = compile_profile(BUILTIN_PROFILES["default"], "full").apply(body)
     assert fixed is body and applied == ()
 
 

@@ -19,10 +19,9 @@ from sparkd.fixups import BUILTIN_PROFILES, compile_profile
 from sparkd.fixups.tokens import Budget, ContextOverflow, cap_max_tokens, requested_limit, valid_limit
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FIXUPS = [compile_profile(name, profile, tools) for name, profile in BUILTIN_PROFILES.items() for tools in ("full", "none", "force-required")]
+FIXUPS = [compile_profile(profile, tools) for profile in BUILTIN_PROFILES.values() for tools in ("full", "none", "force-required")]
 # One profile with every step on, so each step meets every other.
 EVERYTHING = compile_profile(
-    "everything",
     BUILTIN_PROFILES["gemma"].__class__(
         tools="force-required", merge_system=True, alternate_roles=True, flatten_content=True,
         thinking_flag="enable_thinking", thinking_default=False, default_max_tokens=700,

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
+from sparkd.errors import ServiceUnavailable
 from sparkd.history import History
 from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
 from sparkd.scheduler.loadtimes import LoadTimes
@@ -121,8 +122,9 @@ async def test_transitions_count_starts_stops_failures_swaps_and_load_times(tmp_
     scheduler.subscribe(metrics.on_transition)
     await serve(scheduler, "a")
     await serve(scheduler, "b")  # a is swapped out for b
-    with pytest.raises(Exception):
+    with pytest.raises(ServiceUnavailable) as failed:
         await serve(scheduler, "c")
+    assert failed.value.code == "model_failed"
     found = samples(await metrics.render())
     assert get(found, "sparkd_container_starts_total", model="a") == 1
     assert get(found, "sparkd_container_starts_total", model="b") == 1
@@ -186,8 +188,9 @@ async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_p
     history.record_memory("a", 12 * 2**30, 2**29, None)
     await history.flush({"a": [3, 1, 30, 12]})
     await serve(scheduler, "b")  # swaps a out
-    with pytest.raises(Exception):
+    with pytest.raises(ServiceUnavailable) as failed:
         await serve(scheduler, "c")
+    assert failed.value.code == "model_failed"
     await history.flush({"a": [2, 0, 20, 8], "b": [1, 0, 5, 5]})  # a's session has ended: counted per day only
     data = await history.query()
     assert data["models"]["a"]["loads"] == 1 and data["models"]["a"]["load_s"]["median"] >= 0
