@@ -38,7 +38,9 @@ log = structlog.get_logger("sparkd.ops")
 S = ModelState
 SOCKET_NAME = "sparkd.sock"
 SOCKET_MODE = 0o660
-SAMPLE_EVERY_S = 5.0
+# A sample (podman stats per running container) costs tens of ms of CPU; every 5 s that was
+# most of sparkd's idle CPU. Peaks that last less than this can be missed.
+SAMPLE_EVERY_S = 15.0
 FLUSH_EVERY_S = 10.0
 RECENT_EVENTS = 100
 RECENT_FAILURES = 20
