@@ -17,7 +17,7 @@ from aiohttp import web
 from . import logs
 from .config import Config, ConfigError, load_config, parse_listen
 from .cluster.head import HeadCoordinator
-from .cluster.peers import PeerClient, PeerError, load_peers
+from .cluster.peers import PeerClient, PeerError, load_peers, warn_insecure
 from .cluster.workers import WorkerLeases
 from .engine.client import EngineClient
 from .http.app import build_app
@@ -87,6 +87,7 @@ class Daemon:
             peers = await asyncio.to_thread(load_peers, config.peers)
         except PeerError as error:
             raise StartupError(str(error)) from error
+        warn_insecure(config.peers)
         self.peer_client = PeerClient()
         coordinator = (
             HeadCoordinator(config, peers, self.peer_client, lambda model, reason: self.scheduler.model_lost(model, reason))
@@ -231,7 +232,8 @@ class Daemon:
     def _apply(self, new: Config, keys: KeyRing) -> None:
         if new.server.listen != self.config.server.listen:
             log.warning("config_needs_restart", key="server.listen", hint="systemctl restart sparkd")
-        if new.peers != self.config.peers or new.cluster != self.config.cluster:
+        # [workers.<model>] tables apply at once (each lease request reads them); the lease routes exist from start-up.
+        if new.peers != self.config.peers or new.cluster != self.config.cluster or new.cluster_configured != self.config.cluster_configured:
             log.warning("config_needs_restart", key="peers/cluster", hint="systemctl restart sparkd")
         if new.podman != self.config.podman or new.server.runtime_dir != self.config.server.runtime_dir:
             log.warning("config_needs_restart", key="podman/server.runtime_dir", hint="systemctl restart sparkd")

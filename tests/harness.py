@@ -198,11 +198,40 @@ class Sparkd:
         except FileNotFoundError:
             return ""
 
+    def add_user_key(self) -> str:
+        """Write a user key into the daemon's default keys file (before ``start``) and return it.
+
+        For clients that must send some key (the OpenAI SDK): a key not in the file is a 401, even keyless-allowed.
+        """
+        key = f"sk-test-user-{uuid.uuid4().hex}"
+        write_keys(Path(self.document()["server"]["keys_file"]), {"test-user": {"key": key}})
+        return key
+
+    @property
+    def socket_path(self) -> Path:
+        """The admin unix socket: the only keyless way to the admin API."""
+        return Path(self.document()["server"]["runtime_dir"]) / "sparkd.sock"
+
+    def admin_session(self) -> aiohttp.ClientSession:
+        """A session for ``admin_url``: the admin key over TCP when the test set one, else the unix admin socket."""
+        if self.admin_key:
+            return aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.admin_key}"})
+        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.socket_path)))
+
+    @property
+    def admin_url(self) -> str:
+        return self.base_url if self.admin_key else "http://sparkd"
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """Call the admin API (see ``admin_session``); (status, JSON body)."""
+        async with self.admin_session() as session:
+            async with session.request(method, self.admin_url + path, **kwargs) as response:
+                return response.status, await response.json(content_type=None)
+
     async def status(self) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.base_url + "/api/status", headers=headers) as response:
-                return await response.json()
+        status, body = await self.admin("GET", "/api/status")
+        assert status == 200, body
+        return body
 
     async def model_status(self, key: str) -> dict[str, Any]:
         status = await self.status()

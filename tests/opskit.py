@@ -98,8 +98,8 @@ async def metrics(sparkd: Sparkd) -> dict[tuple[str, tuple[tuple[str, str], ...]
     """Every sample of /metrics, parsed with prometheus-client's parser: {(name, sorted labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    async with aiohttp.ClientSession() as session:
-        async with session.get(sparkd.base_url + "/metrics") as response:
+    async with sparkd.admin_session() as session:
+        async with session.get(sparkd.admin_url + "/metrics") as response:
             assert response.status == 200, await response.text()
             assert response.headers["Content-Type"].startswith("text/plain")
             text = await response.text()

@@ -53,22 +53,21 @@ class HeadCoordinator:
     def peer_nodes(self, model: ModelConfig) -> list[str]:
         return [node for node in model.nodes if node != LOCAL]
 
-    def worker_request(self, model: ModelConfig, worker_command: tuple[str, ...]) -> dict[str, Any]:
+    def worker_request(self, model: ModelConfig) -> dict[str, Any]:
+        """All a head may say to a peer: which model, and the values the peer's own worker table leaves open."""
         return {
             "head": self.config.server.instance,
             "model": model.name,
-            "claim": model.gpu_memory,
             "image": model.worker_image or model.image,
-            "command": list(worker_command),
-            "env": dict(model.env),
-            "volumes": list(model.volumes),
-            "gpu": model.gpu,
+            "head_address": self.config.cluster.address,
+            "ray_port": self.config.cluster.ray_port,
+            "head_port": model.port,
             "heartbeat_timeout_s": self.config.cluster.lease_timeout_s,
         }
 
-    async def acquire(self, model: ModelConfig, worker_command: tuple[str, ...]) -> None:
+    async def acquire(self, model: ModelConfig) -> None:
         """Hold a worker lease on every peer of ``model``, or none (raises ``WorkersUnavailable``)."""
-        body = self.worker_request(model, worker_command)
+        body = self.worker_request(model)
         names = self.peer_nodes(model)
         timeout = self.config.lifecycle.queue_timeout_s + (model.start_timeout_s or self.config.lifecycle.start_timeout_s)
         results = await asyncio.gather(
@@ -124,24 +123,34 @@ class HeadCoordinator:
         await asyncio.gather(*(release_one(lease) for lease in leases))
 
     async def _heartbeat(self, model: str) -> None:
-        cluster = self.config.cluster
+        """Keep the leases of ``model`` until one is lost; a bug in one round is logged and the next round runs."""
         while True:
-            await asyncio.sleep(cluster.heartbeat_s)
-            for lease in self._held.get(model, []):
-                try:
-                    await self._client.call(lease.peer, "POST", f"/api/worker-leases/{lease.lease_id}/heartbeat", timeout=cluster.heartbeat_s)
-                    lease.last_ok = time.monotonic()
-                    continue
-                except PeerError as error:
-                    silent = time.monotonic() - lease.last_ok
-                    lost = error.status == 404 or silent > cluster.lease_timeout_s
-                    log.warning("worker_heartbeat_failed", model=model, peer=lease.peer.name, error=str(error), silent_s=round(silent, 1))
-                    if not lost:
-                        continue
-                    reason = (
-                        f"peer {lease.peer.name} lost its worker lease for {model}"
-                        if error.status == 404
-                        else f"peer {lease.peer.name} has not answered heartbeats for {silent:.0f}s ({error})"
-                    )
-                self._on_peer_lost(model, reason)
+            await asyncio.sleep(self.config.cluster.heartbeat_s)
+            try:
+                lost = await self._heartbeat_round(model)
+            except Exception:  # the leases must outlive one bad round, or the peers expire them
+                log.exception("worker_heartbeat_crashed", model=model)
+                continue
+            if lost is not None:
+                self._on_peer_lost(model, lost)
                 return
+
+    async def _heartbeat_round(self, model: str) -> str | None:
+        """One heartbeat to each peer of ``model``; the reason when a lease is lost, else None."""
+        cluster = self.config.cluster
+        for lease in self._held.get(model, []):
+            try:
+                await self._client.call(lease.peer, "POST", f"/api/worker-leases/{lease.lease_id}/heartbeat", timeout=cluster.heartbeat_s)
+                lease.last_ok = time.monotonic()
+                continue
+            except Exception as error:  # any failure counts as a missed heartbeat, never ends the task
+                silent = time.monotonic() - lease.last_ok
+                if isinstance(error, PeerError):
+                    log.warning("worker_heartbeat_failed", model=model, peer=lease.peer.name, error=str(error), silent_s=round(silent, 1))
+                else:
+                    log.exception("worker_heartbeat_failed", model=model, peer=lease.peer.name, silent_s=round(silent, 1))
+                if isinstance(error, PeerError) and error.status == 404:
+                    return f"peer {lease.peer.name} lost its worker lease for {model}"
+                if silent > cluster.lease_timeout_s:
+                    return f"peer {lease.peer.name} has not answered heartbeats for {silent:.0f}s ({error})"
+        return None

@@ -1,4 +1,10 @@
-"""Calling a peer sparkd's admin API (worker leases, heartbeats, version) with its admin key."""
+"""Calling a peer sparkd's API (worker leases, heartbeats, version) with the key it made for this head.
+
+The key file is checked like the keys file (owner = the user sparkd runs as,
+mode 0600); the URL is ``https://`` unless the peer table says ``insecure = true``
+(config validation refuses it otherwise), which the daemon logs as a warning at start-up.
+Redirects are not followed: the key goes to the configured URL only.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 
 from ..config import PeerConfig
+from ..private_files import PrivateFileError, read_private_file
+
+log = structlog.get_logger("sparkd.cluster")
 
 
 class PeerError(Exception):
@@ -35,18 +45,36 @@ class Peer:
 
 
 def load_peers(peers: dict[str, PeerConfig]) -> dict[str, Peer]:
-    """Read each peer's admin key (and CA) from their files (blocking: call in a thread)."""
+    """Read each peer's key (and CA) from their files (blocking: call in a thread)."""
     loaded = {}
     for name, peer in peers.items():
         path = Path(peer.key_file)
         try:
-            key = path.read_text().strip()
+            key = read_private_file(path).decode("utf-8").strip()
+        except FileNotFoundError:
+            raise PeerError(f"peer {name}: its key file {path} does not exist; put the key the peer made for this head there (mode 0600)") from None
+        except PrivateFileError as error:
+            raise PeerError(f"peer {name}: its key file {path} cannot be used: {error}") from None
+        except UnicodeDecodeError:
+            raise PeerError(f"peer {name}: its key file {path} is not UTF-8 text") from None
         except OSError as error:
-            raise PeerError(f"peer {name}: cannot read its admin key from {path}: {error.strerror or error}") from error
+            raise PeerError(f"peer {name}: cannot read its key from {path}: {error.strerror or error}") from error
         if not key:
             raise PeerError(f"peer {name}: its key file {path} is empty")
         loaded[name] = Peer(peer, key, _ssl(peer))
     return loaded
+
+
+def in_clear_text(peer: PeerConfig) -> bool:
+    """The peer's key travels unencrypted (``insecure = true`` with an ``http://`` URL)."""
+    return peer.url.startswith("http://")
+
+
+def warn_insecure(peers: dict[str, PeerConfig]) -> None:
+    """One warning at start-up per peer whose key crosses the network in clear text."""
+    for peer in peers.values():
+        if in_clear_text(peer):
+            log.warning("peer_insecure", peer=peer.name, url=peer.url, reason="insecure = true: its key crosses the network in clear text")
 
 
 def _ssl(peer: PeerConfig) -> ssl.SSLContext | bool:
@@ -76,8 +104,16 @@ class PeerClient:
                 json=payload,
                 headers={"Authorization": f"Bearer {peer.key}"},
                 ssl=peer.ssl,
+                allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
+                if 300 <= response.status < 400:
+                    target = response.headers.get("Location", "")[:200]
+                    raise PeerError(
+                        f"peer {peer.name} answered {response.status}, a redirect to {target!r}: sparkd sends the peer key "
+                        "to the configured URL only; set the peer's url to the address it redirects to",
+                        status=response.status,
+                    )
                 text = await response.text()
                 try:
                     body = json.loads(text) if text else None

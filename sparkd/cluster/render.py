@@ -59,12 +59,6 @@ def parallel_args(model: ModelConfig, command: tuple[str, ...]) -> tuple[str, ..
     return extra
 
 
-def worker_command(config: Config, model: ModelConfig) -> tuple[str, ...]:
-    """The worker command the head sends: the head's address filled in, ``{node_address}`` left to the peer."""
-    values = {k: v for k, v in placeholders(config, model).items() if k != "node_address"}
-    return fill(tuple(model.worker_command), values)
-
-
 def for_cluster(fields: dict[str, Any], config: Config, model: ModelConfig, role: str) -> dict[str, Any]:
     """Adapt rendered container fields for a multi-node head or a Ray worker."""
     values = placeholders(config, model)
@@ -75,7 +69,7 @@ def for_cluster(fields: dict[str, Any], config: Config, model: ModelConfig, role
     fields["devices"] = tuple(dict.fromkeys(fields["devices"] + tuple(config.cluster.devices)))
     fields["env"] = dict(sorted({**fields["env"], **cluster_env(config)}.items()))
     if role == "worker":
-        # The head sent the whole command; a worker runs it as its entrypoint.
+        # The worker's own [workers.<model>] command, the head's values filled in already (workers.py).
         fields["entrypoint"] = fill(fields["command"], values)
         fields["command"] = ()
         fields["host_port"] = None

@@ -15,10 +15,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .. import __version__, encodings
-from ..cluster.peers import PeerError, load_peers
+from ..cluster.peers import PeerError, in_clear_text, load_peers
 from ..config import Config, parse_listen
 from ..runtime import cdi
 
@@ -158,24 +158,43 @@ def check_listen(config: Config) -> list[Check]:
     return checks
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is for doctor: urllib would resend every header (the peer key) to the new place."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _open(request: urllib.request.Request | str, timeout: float, context: ssl.SSLContext | None = None) -> Any:
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
+
+
 def _answers_as_sparkd(host: str, port: int) -> bool:
     shown = f"[{host}]" if ":" in host else host
     try:
-        with urllib.request.urlopen(f"http://{shown}:{port}/healthz", timeout=3) as response:  # noqa: S310
-            return response.status == 200
+        with _open(f"http://{shown}:{port}/healthz", timeout=3) as response:
+            return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 
 
 def check_peers(config: Config) -> list[Check]:
-    """Every peer answers with our version and accepts its admin key."""
+    """Every peer answers with our version and accepts the key it made for this head."""
     checks = []
     for name, peer_config in config.peers.items():
         try:
             peer = load_peers({name: peer_config})[name]
         except PeerError as error:
-            checks.append(Check("peer", False, str(error), f"write peer {name}'s admin key into {peer_config.key_file} (mode 0600)"))
+            checks.append(Check("peer", False, str(error), f"write the key peer {name} made for this head (role peer) into {peer_config.key_file}, owner sparkd, mode 0600"))
             continue
+        if in_clear_text(peer_config):
+            checks.append(Check(
+                "peer", False, f"peer {name} at {peer_config.url} is reached without TLS (insecure = true): its key crosses the network in clear text",
+                "put the peer's sparkd behind TLS and use an https:// URL", warning=True,
+            ))
         if peer.ssl is True:
             context = None  # the default verification
         elif peer.ssl is False:
@@ -184,16 +203,23 @@ def check_peers(config: Config) -> list[Check]:
             context = peer.ssl
         request = urllib.request.Request(peer_config.url.rstrip("/") + "/api/version", headers={"Authorization": f"Bearer {peer.key}"})
         try:
-            with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310
+            with _open(request, timeout=10, context=context) as response:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as error:
-            fix = "the key is not an admin key of that peer: copy one of its admin keys" if error.code in (401, 403) else "check the peer's journal"
+            if 300 <= error.code < 400:
+                target = (error.headers.get("Location") or "")[:200]
+                checks.append(Check(
+                    "peer", False, f"peer {name} at {peer_config.url} answered {error.code}, a redirect to {target!r} (not followed: the key goes to the configured URL only)",
+                    "set the peer's url to the address it redirects to",
+                ))
+                continue
+            fix = "the peer does not accept the key: copy the key with role \"peer\" it made for this head" if error.code in (401, 403) else "check the peer's journal"
             checks.append(Check("peer", False, f"peer {name} at {peer_config.url} answered {error.code}", fix))
             continue
         except (urllib.error.URLError, OSError, ValueError) as error:
             checks.append(Check("peer", False, f"peer {name} at {peer_config.url} is unreachable: {error}", "check the URL, the network and that sparkd runs there"))
             continue
-        version = answer.get("sparkd")
+        version = answer.get("sparkd") if isinstance(answer, dict) else None
         if version != __version__:
             checks.append(Check("peer", False, f"peer {name} runs sparkd {version}, this node {__version__}", "install the same sparkd version on every node"))
         else:

@@ -26,6 +26,7 @@ from .schema import (
     PeerConfig,
     PodmanConfig,
     ServerConfig,
+    WorkerConfig,
 )
 from .validate import ConfigError, Problem, build, describe, key_path
 
@@ -50,8 +51,9 @@ SECTIONS = {
     "cluster": ClusterConfig,
 }
 # Sections made of named tables ([peers.<name>]), besides [models.<name>].
-NAMED_TABLES = {"peers": PeerConfig}
+NAMED_TABLES = {"peers": PeerConfig, "workers": WorkerConfig}
 LOCAL_NODE = "local"
+MAX_LEASE_TIMEOUT_S = 300.0
 # Keys a model inherits from [defaults]; env and volumes are merged, the rest replaced.
 INHERITED = ("engine_port", "readiness_path", "shm_size", "ulimits")
 
@@ -93,6 +95,7 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
         **named,
         models=models,
         profiles=_build_profiles(path, main.get("profiles", {}), problems),
+        cluster_configured="cluster" in main,
         source=str(path),
     )
     problems.extend(check(config, {name: file for name, (file, _) in model_tables.items()}))
@@ -261,16 +264,41 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
     _positive(add, "lifecycle.queue_size", lifecycle.queue_size)
 
     for name, peer in config.peers.items():
+        where = key_path("peers", name)
         if not re.match(r"^https?://[^/\s]+", peer.url):
-            add(f"{key_path('peers', name)}.url", "the peer sparkd's URL, e.g. http://spark2:8009", describe(peer.url))
+            add(f"{where}.url", "the peer sparkd's URL, e.g. https://spark2.lan:8443", describe(peer.url))
+        elif peer.url.startswith("http://") and not peer.insecure:
+            add(
+                f"{where}.url",
+                "an https:// URL: the peer key travels with every heartbeat (put the peer's sparkd behind TLS, "
+                "or set insecure = true in this table to send it in clear text on a network you trust)",
+                describe(peer.url),
+            )
         if not peer.address:
-            add(f"{key_path('peers', name)}.address", "the peer's cluster-network address", "an empty string")
+            add(f"{where}.address", "the peer's cluster-network address", "an empty string")
     cluster = config.cluster
     if not 1 <= cluster.ray_port <= 65535:
         add("cluster.ray_port", "a port within 1-65535", describe(cluster.ray_port))
     _positive(add, "cluster.heartbeat_s", cluster.heartbeat_s)
     if cluster.lease_timeout_s <= cluster.heartbeat_s:
         add("cluster.lease_timeout_s", f"more than cluster.heartbeat_s ({cluster.heartbeat_s})", describe(cluster.lease_timeout_s))
+    if cluster.lease_timeout_s > MAX_LEASE_TIMEOUT_S:
+        add("cluster.lease_timeout_s", f"at most {MAX_LEASE_TIMEOUT_S:.0f} seconds", describe(cluster.lease_timeout_s))
+    _positive(add, "cluster.max_leases_per_head", cluster.max_leases_per_head)
+    for name, worker in config.workers.items():
+        where = key_path("workers", name)
+        if not worker.image.strip():
+            add(f"{where}.image", "an image reference, e.g. localhost/sparkd/vllm-gb10:v1", "an empty string")
+        if not worker.command:
+            add(f"{where}.command", "the worker's command, e.g. the default ray start ...", "an empty list")
+        if not 0 < worker.gpu_memory <= budget:
+            add(f"{where}.gpu_memory", f"this node's share for the worker: more than 0, at most gpu.memory_budget ({budget})", describe(worker.gpu_memory))
+        for volume in worker.volumes:
+            problem = volume_error(volume)
+            if problem:
+                add(f"{where}.volumes", "host_path:container_path[:ro]", f"{volume!r} ({problem})")
+        if config.workers and not config.cluster_configured:
+            add(f"{where}", "a [cluster] table too: this node grants worker leases only with one", "no [cluster] table")
 
     port_range = config.defaults.port_range
     if len(port_range) != 2 or not all(1 <= p <= 65535 for p in port_range) or port_range[0] > port_range[1]:

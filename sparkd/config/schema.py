@@ -157,11 +157,7 @@ class ModelConfig:
     parallel: Parallelism = "tensor"
     """How a multi-node model is split: ``--tensor-parallel-size N`` or ``--pipeline-parallel-size N``."""
     worker_image: Optional[str] = None
-    """Image of the Ray workers on the peers (default: ``image``)."""
-    worker_command: tuple[str, ...] = (
-        "ray", "start", "--block", "--address={head_address}:{ray_port}", "--node-ip-address={node_address}",
-    )
-    """Command of each Ray worker; ``{head_address}``, ``{ray_port}``, ``{node_address}`` are filled in."""
+    """Image the peers' Ray workers run (default: ``image``); a peer whose ``[workers.<model>]`` names another refuses."""
     idle_stop_s: Optional[float] = None
     start_timeout_s: Optional[float] = None
     """Overrides ``lifecycle.start_timeout_s`` for a model known to load slowly."""
@@ -173,13 +169,40 @@ class ModelConfig:
 class PeerConfig:
     name: str
     url: str
-    """The peer sparkd's URL, e.g. ``http://spark2:8009``."""
+    """The peer sparkd's URL, ``https://spark2.lan:8443`` (``http://`` only with ``insecure = true``)."""
     key_file: str
-    """File holding the peer's admin key (root-only)."""
+    """File holding the key the peer made for this head (role ``peer``); owned by sparkd, mode 0600."""
     address: str
     """The peer's address on the cluster network (its ConnectX-7 link)."""
     tls_ca: Optional[str] = None
     tls_verify: bool = True
+    insecure: bool = False
+    """Allow an ``http://`` URL: the peer key then crosses the network in clear text (logged as a warning at start-up)."""
+
+
+WORKER_COMMAND = ("ray", "start", "--block", "--address={head_address}:{ray_port}", "--node-ip-address={node_address}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A Ray worker this node runs for a multi-node model whose head is another sparkd (``[workers.<model>]``).
+
+    Everything the container is comes from here: a head only names the model and
+    sends its address and ports, which fill ``{head_address}``, ``{ray_port}`` and
+    ``{head_port}`` in ``command``; ``{node_address}`` is this node's ``cluster.address``.
+    """
+
+    name: str
+    image: str
+    command: tuple[str, ...] = WORKER_COMMAND
+    gpu_memory: float = 0.0
+    """This node's GPU share for the worker (more than 0, at most ``gpu.memory_budget``)."""
+    env: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
+    gpu: bool = True
+    heads: tuple[str, ...] = ()
+    """Names of the peer keys (keys file) that may ask for this worker; empty = every key with role ``peer``."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +219,9 @@ class ClusterConfig:
     ray_port: int = 6379
     heartbeat_s: float = 5.0
     lease_timeout_s: float = 30.0
-    """A worker lease whose head sent no heartbeat for this long is released (and vice versa)."""
+    """A worker lease whose head sent no heartbeat for this long is released (and vice versa); at most 300 s."""
+    max_leases_per_head: int = 4
+    """Worker leases one head (one peer key) may hold on this node at a time."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +237,9 @@ class Config:
     """Fixup profiles by name: the built-in ones plus the ``[profiles.<name>]`` tables."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
+    workers: dict[str, WorkerConfig] = field(default_factory=dict)
+    cluster_configured: bool = False
+    """Whether the file has a ``[cluster]`` table (not a TOML key): worker-lease routes exist only then."""
     source: str = "<defaults>"
     """The file the configuration was read from (not a TOML key)."""
 

@@ -3,7 +3,9 @@
 By default it talks to the local admin socket (``/run/sparkd/sparkd.sock``, i.e.
 ``<server.runtime_dir>/sparkd.sock``): its file permissions grant access (root and
 the ``sparkd`` group), no key needed.  ``--url http://HOST:8009`` reaches a sparkd
-over HTTP with an admin key (``--key`` or ``SPARKD_ADMIN_KEY``).
+over HTTP with an admin key from ``$SPARKD_ADMIN_KEY`` or a file (``--key-file``,
+owned by you, mode 0600), never from the command line, which every local user
+can read in ``ps``.
 
 Human output by default, ``--json`` for scripts.  Exit codes: 0 done, 1 sparkd
 refused or something failed (e.g. ``prepare`` found a missing image), 2 usage,
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
+from ..private_files import PrivateFileError, read_private_file
 from . import render
 from .client import DEFAULT_SOCKET, Client, CtlError, Target, model_path
 
@@ -168,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--socket", default=argparse.SUPPRESS, help=f"the admin socket (default: $SPARKD_SOCKET or {DEFAULT_SOCKET})")
     group.add_argument("--config", default=argparse.SUPPRESS, help=f"take the socket from this configuration's server.runtime_dir (default {DEFAULT_CONFIG} when the default socket is missing)")
     group.add_argument("--url", default=argparse.SUPPRESS, help="a sparkd over HTTP instead, e.g. http://spark:8009 (default: $SPARKD_URL)")
-    group.add_argument("--key", default=argparse.SUPPRESS, help="admin key for --url (default: $SPARKD_ADMIN_KEY)")
+    group.add_argument("--key-file", default=argparse.SUPPRESS, metavar="PATH", help="a file (yours, mode 0600) holding the admin key for --url (default: $SPARKD_ADMIN_KEY)")
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
     parser = argparse.ArgumentParser(
@@ -223,7 +226,8 @@ HANDLERS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 def resolve_target(args: argparse.Namespace) -> Target:
     url = getattr(args, "url", None) or os.environ.get("SPARKD_URL")
     if url:
-        return Target(url=url, key=getattr(args, "key", None) or os.environ.get("SPARKD_ADMIN_KEY"))
+        key_file = getattr(args, "key_file", None)
+        return Target(url=url, key=read_key_file(key_file) if key_file else os.environ.get("SPARKD_ADMIN_KEY"))
     socket_path = getattr(args, "socket", None) or os.environ.get("SPARKD_SOCKET")
     if socket_path:
         return Target(socket_path=socket_path)
@@ -233,6 +237,25 @@ def resolve_target(args: argparse.Namespace) -> Target:
     if config is not None:
         return Target(socket_path=str(Path(runtime_dir(config)) / "sparkd.sock"))
     return Target(socket_path=DEFAULT_SOCKET)
+
+
+def read_key_file(path: str) -> str:
+    """The admin key in ``path``, checked like sparkd checks its keys file (owner you, mode 0600)."""
+    try:
+        key = read_private_file(path).decode("utf-8").strip()
+    except FileNotFoundError:
+        raise CtlError(f"--key-file {path}: no such file", exit_code=2) from None
+    except PrivateFileError as error:
+        raise CtlError(f"--key-file {path} cannot be used: {error}", exit_code=2) from None
+    except (UnicodeDecodeError, OSError) as error:
+        raise CtlError(f"--key-file {path} cannot be read: {error}", exit_code=2) from None
+    if not key:
+        raise CtlError(f"--key-file {path} is empty: put the admin key in it", exit_code=2)
+    return key
+
+
+def key_on_command_line(argv: list[str]) -> bool:
+    return any(arg == "--key" or arg.startswith("--key=") for arg in argv)
 
 
 def runtime_dir(config: str) -> str:
@@ -252,6 +275,14 @@ def runtime_dir(config: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if key_on_command_line(sys.argv[1:] if argv is None else argv):
+        print(
+            "sparkctl: --key is not accepted: a key on the command line is visible to every local user (ps, "
+            "/proc/<pid>/cmdline) and lands in shell history. Put it in the environment (SPARKD_ADMIN_KEY) or in a "
+            "file only you can read (chmod 600) and pass --key-file PATH",
+            file=sys.stderr,
+        )
+        return 2
     args = build_parser().parse_args(argv)
     if not hasattr(args, "json"):
         args.json = False

@@ -142,7 +142,7 @@ class Client:
         if code == errno.ENOENT:
             hint = (
                 f"no socket at {path}: is sparkd running (`systemctl status sparkd`)? "
-                "For a sparkd elsewhere use --url http://HOST:8009 with an admin key (--key or SPARKD_ADMIN_KEY)"
+                "For a sparkd elsewhere use --url http://HOST:8009 with an admin key (SPARKD_ADMIN_KEY or --key-file)"
             )
         elif code in (errno.EACCES, errno.EPERM):
             hint = (
@@ -163,7 +163,7 @@ def _refusal(status: int, raw: bytes) -> CtlError:
     except (ValueError, KeyError, TypeError):
         payload, message = None, raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if status == 401:
-        message += " (sparkctl: give an admin key with --key or SPARKD_ADMIN_KEY)"
+        message += " (sparkctl: give an admin key in SPARKD_ADMIN_KEY or a file with --key-file)"
     return CtlError(f"sparkd refused ({status}): {message}", payload=payload)
 
 

@@ -2,8 +2,9 @@
 
 - CORS (``cors.py``): answers preflights, refuses origins off the allowlist;
 - errors: every error becomes OpenAI's JSON shape;
-- auth (``auth.py``): who is calling; ``/api/*`` and ``/metrics`` need the admin role (the status
-  page's shell at ``/`` is static and public: its data comes from ``/api/events``).
+- auth (``auth.py``): who is calling, and whether their role may use the route: ``/v1/*`` user or
+  admin, ``/api/*`` and ``/metrics`` admin, worker leases peer (the status page's shell at ``/`` is
+  static and public: its data comes from ``/api/events``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from aiohttp import web
 from ..errors import ApiError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
 from . import cors
 from .admin import AdminRoutes
-from .auth import PRINCIPAL, authenticate
-from .cluster import ClusterRoutes
+from .auth import ADMIN_ROLES, ALL_ROLES, MODEL_ROLES, PEER_ROLES, PRINCIPAL, VERSION_ROLES, authenticate, authorize
+from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
 from .ops import OpsRoutes
@@ -89,32 +90,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def auth_middleware(daemon: "Daemon") -> Middleware:
-    """Who is calling (``request[PRINCIPAL]``); 401 without a valid key, 403 on the admin API without the admin role."""
+    """Who is calling (``request[PRINCIPAL]``); 401 without a valid key, 403 when the key's role may not use the route."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        admin = is_admin_route(request)
+        allowed, what = route_access(request)
         try:
-            principal = authenticate(daemon.keys, daemon.config.server.anonymous, request, admin_route=admin)
+            principal = authenticate(daemon.keys, daemon.config.server.anonymous, request)
+            authorize(principal, allowed, what)
         except (Unauthorized, Forbidden) as refusal:
             log.info("auth_refused", reason=refusal.code, remote=request.remote, path=shown(request.path))
             raise
-        if admin and not principal.is_admin:
-            log.info("auth_refused", reason="admin_role_required", key=principal.name, path=shown(request.path))
-            raise Forbidden(
-                f"the admin API needs a key with role \"admin\"; the key {principal.name!r} has role \"{principal.role}\"",
-                code="admin_role_required",
-            )
         request[PRINCIPAL] = principal
         return await handler(request)
 
     return middleware
 
 
-def is_admin_route(request: web.Request) -> bool:
-    if request.path.startswith(("/api/", "/metrics")):
-        return True
+def route_access(request: web.Request) -> tuple[frozenset[str], str]:
+    """The roles that may use the request's route, and how to name the route in a refusal."""
+    if isinstance(request.match_info.http_exception, web.HTTPNotFound):
+        # No such route: every authenticated caller gets the same 404 (whether worker leases exist
+        # on this node is no secret of one role).
+        return ALL_ROLES, "this endpoint"
+    paths = [request.path]
     resource = request.match_info.route.resource
-    return resource is not None and resource.canonical.startswith("/api/")
+    if resource is not None:
+        paths.append(resource.canonical)
+    if any(path == LEASE_PATH or path.startswith(LEASE_PATH + "/") for path in paths):
+        return PEER_ROLES, "a worker lease"
+    if VERSION_PATH in paths:
+        return VERSION_ROLES, "the version endpoint"
+    if any(path.startswith(("/api/", "/metrics")) for path in paths):
+        return ADMIN_ROLES, "the admin API"
+    return MODEL_ROLES, "the OpenAI API"

@@ -1,10 +1,11 @@
 """Client keys: the keys file, and who a request is.
 
-The keys file (``server.keys_file``, TOML, readable by its owner only)::
+The keys file (``server.keys_file``, TOML, owned by the user sparkd runs as, mode 0600)::
 
     [keys.alice]
     key = "sk-sparkd-..."     # at least 16 characters, no whitespace
-    role = "admin"            # "admin" (models and the admin API) or "user" (default)
+    role = "admin"            # "admin" (models and the admin API), "user" (default: models only)
+                              # or "peer" (a head sparkd asking this node for worker leases, nothing else)
 
     [keys.ci]
     key = "sk-sparkd-..."
@@ -16,18 +17,23 @@ many keys there are; the stored digest is then compared with
 ``hmac.compare_digest``. Only digests are kept in memory; a key never appears in
 a log line, an error or the status output (only its name does).
 
-Anonymous access (``server.anonymous``): a request without a key, or with a key
-that is not in the file, is served as the ``anonymous`` principal when the
-setting allows it for the peer: ``loopback`` = from this machine only, ``any``
-= from anywhere. Clients that insist on sending some key (the OpenAI SDK,
-OpenCode, Cline) thus work with a keyless server. A key that is in the file
-always decides: its role and its model list apply.
+Who a request is (``identify``), in this order:
 
-The admin API (``/api/*``): a key with the admin role; or, without one, a client
-on this machine when anonymous access is on or while the keys file holds no
-admin key (as before keys existed, the admin API answers loopback clients);
-a unix-socket client always (the socket's file permissions decide). Anonymous
-clients on this machine have the admin role, elsewhere the user role.
+1. A presented key decides, on every transport and in every anonymous mode: a key
+   in the file is its principal (role, model list); any other key is a 401. A bad
+   key never falls back to anonymous access, so a model-restricted key cannot shed
+   its restriction by sending garbage.
+2. No key over the unix admin socket (``<runtime_dir>/sparkd.sock``, mode 0660:
+   its file permissions decide): the admin principal. This is the only keyless
+   admin access; ``sparkctl`` uses it.
+3. No key over TCP: the anonymous principal (role ``user``) when
+   ``server.anonymous`` allows it for the peer (``loopback`` = from this machine,
+   ``any`` = from anywhere); otherwise a 401. The anonymous principal is never an
+   admin: every SSH-tunnel user arrives as 127.0.0.1.
+
+What a principal may reach (``authorize``): ``/v1/*`` needs role ``user`` or
+``admin``; ``/api/*`` and ``/metrics`` need ``admin``; the worker-lease routes
+need ``peer``; ``/api/version`` takes ``admin`` or ``peer``.
 
 A keyless request over TCP must name the server by address or as ``localhost``
 in ``Host`` (``hosts.py``): under another name it may come from a web page that
@@ -41,10 +47,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import os
 import re
 import socket
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +58,7 @@ from aiohttp import web
 
 from ..config import Config, ModelConfig
 from ..errors import Forbidden, Unauthorized
+from ..private_files import PrivateFileError, read_private_file
 from .hosts import is_address_host
 from .routing import shown
 
@@ -64,7 +69,13 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 ADMIN = "admin"
 USER = "user"
-ROLES = (ADMIN, USER)
+PEER = "peer"
+ROLES = (ADMIN, USER, PEER)
+MODEL_ROLES = frozenset({ADMIN, USER})
+ADMIN_ROLES = frozenset({ADMIN})
+PEER_ROLES = frozenset({PEER})
+VERSION_ROLES = frozenset({ADMIN, PEER})
+ALL_ROLES = frozenset(ROLES)
 MIN_KEY_LENGTH = 16
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENTRY_FIELDS = frozenset({"key", "role", "models"})
@@ -72,17 +83,14 @@ ENTRY_FIELDS = frozenset({"key", "role", "models"})
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a named key, or the anonymous client."""
+    """Who is calling: a named key, the anonymous client, or a client of the admin socket."""
 
     name: str
     role: str
     models: Optional[frozenset[str]] = None
     """Model names/aliases this key may use; None = all."""
     anonymous: bool = False
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == ADMIN
+    """Sent no key (the anonymous client, the admin socket's client)."""
 
     def may_use(self, model: ModelConfig) -> bool:
         allowed = self.models
@@ -98,8 +106,10 @@ class Principal:
             )
 
 
-ANONYMOUS_LOCAL = Principal("anonymous", ADMIN, anonymous=True)
-ANONYMOUS_REMOTE = Principal("anonymous", USER, anonymous=True)
+ANONYMOUS = Principal("anonymous", USER, anonymous=True)
+"""A keyless TCP client that ``server.anonymous`` lets in: never an admin."""
+ADMIN_SOCKET = Principal("admin-socket", ADMIN, anonymous=True)
+"""A keyless client of the unix admin socket, whose file permissions already decided."""
 PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "principal"
 
 
@@ -129,10 +139,6 @@ class KeyRing:
         return len(self._by_digest)
 
     @property
-    def has_admin(self) -> bool:
-        return any(principal.is_admin for _, principal in self._by_digest.values())
-
-    @property
     def names(self) -> list[str]:
         return sorted(principal.name for _, principal in self._by_digest.values())
 
@@ -153,35 +159,27 @@ class KeyRing:
         """
         path = Path(path)
         try:
-            with path.open("rb") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
-                if mode & 0o077:
-                    raise KeysFileError(
-                        str(path),
-                        [
-                            f"it is readable or writable by group or others (mode {stat.S_IMODE(mode):04o}); "
-                            f"keys must stay secret: run `chmod 600 {path}` (owner: the user sparkd runs as)"
-                        ],
-                    )
-                document = tomllib.load(handle)
+            raw = read_private_file(path)
         except FileNotFoundError:
             if required:
                 raise KeysFileError(
                     str(path),
                     [
-                        "no such file, and server.anonymous = \"off\" would refuse every request; create it with "
-                        "[keys.<name>] tables (key, role, models) and mode 600, or set server.anonymous"
+                        (
+                            "no such file, and server.anonymous = \"off\" would refuse every request; create it with "
+                            "[keys.<name>] tables (key, role, models) and mode 600, or set server.anonymous"
+                        )
                     ],
                 ) from None
             return cls()
-        except PermissionError:
-            raise KeysFileError(str(path), ["permission denied: it must be readable by the user sparkd runs as"]) from None
-        except IsADirectoryError:
-            raise KeysFileError(str(path), ["it is a directory, not a TOML file"]) from None
-        except tomllib.TOMLDecodeError as error:
-            raise KeysFileError(str(path), [f"not valid TOML: {error}"]) from None
+        except PrivateFileError as error:
+            raise KeysFileError(str(path), [str(error)]) from None
+        try:
+            document = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise KeysFileError(str(path), ["not UTF-8 text"]) from None
+        except tomllib.TOMLDecodeError as error:
+            raise KeysFileError(str(path), [f"not valid TOML: {error}"]) from None
         entries, problems = parse_keys(document)
         if not problems and required and not entries:
             problems.append(
@@ -227,11 +225,14 @@ def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Opti
         seen[digest] = name
         role = table.get("role", USER)
         if role not in ROLES:
-            problems.append(f"{where}.role: expected \"admin\" or \"user\", found {role!r}")
+            problems.append(f"{where}.role: expected \"admin\", \"user\" or \"peer\", found {role!r}")
             continue
         models = table.get("models")
         if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
             problems.append(f"{where}.models: expected an array of model names")
+            continue
+        if models is not None and role == PEER:
+            problems.append(f"{where}.models: a peer key serves worker leases only (the [workers.<model>] tables decide which)")
             continue
         entries[name] = (key, role, frozenset(models) if models is not None else None)
     return entries, problems
@@ -282,10 +283,13 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
-def authenticate(keys: KeyRing, anonymous: str, request: Any, admin_route: bool = False) -> Principal:
+def authenticate(keys: KeyRing, anonymous: str, request: Any) -> Principal:
     """Who sent ``request`` (see the module docstring), or a 401/403 in OpenAI's shape."""
-    principal = _identify(keys, anonymous, request, admin_route)
-    if principal.anonymous and not via_unix_socket(request):
+    unix_socket = via_unix_socket(request)
+    principal = identify(
+        keys, anonymous, presented_key(request.headers), unix_socket=unix_socket, loopback=is_loopback(request.remote)
+    )
+    if principal.anonymous and not unix_socket:
         check_keyless_host(request.headers.get("Host"))
     return principal
 
@@ -306,28 +310,40 @@ def check_keyless_host(host: str | None) -> None:
     )
 
 
-def _identify(keys: KeyRing, anonymous: str, request: Any, admin_route: bool) -> Principal:
-    key = presented_key(request.headers)
+def identify(keys: KeyRing, anonymous: str, key: str | None, *, unix_socket: bool, loopback: bool) -> Principal:
+    """The principal of a request that presented ``key`` (None: no key), or ``Unauthorized``."""
     if key is not None:
         principal = keys.check(key)
-        if principal is not None:
-            return principal
-    if via_unix_socket(request):
-        return ANONYMOUS_LOCAL
-    if anonymous != "off" or admin_route:
-        if is_loopback(request.remote):
-            if anonymous != "off" or not keys.has_admin:
-                return ANONYMOUS_LOCAL
-        elif anonymous == "any":
-            return ANONYMOUS_REMOTE
-    if key is None:
-        where = " (keyless access is allowed from the sparkd machine itself only)" if anonymous == "loopback" else ""
+        if principal is None:
+            raise Unauthorized(
+                "the API key is not valid: it is not in the sparkd keys file (it may have been revoked); "
+                "check the key your client sends, or send none where keyless access is allowed",
+                code="invalid_api_key",
+            )
+        return principal
+    if unix_socket:
+        return ADMIN_SOCKET
+    if anonymous == "any" or (anonymous == "loopback" and loopback):
+        return ANONYMOUS
+    where = " (keyless access is allowed from the sparkd machine itself only)" if anonymous == "loopback" else ""
+    raise Unauthorized(
+        f"no API key{where}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>' with a key from the sparkd keys file",
+        code="missing_api_key",
+    )
+
+
+def authorize(principal: Principal, allowed: frozenset[str], what: str) -> None:
+    """Refuse ``principal`` on a route for the roles ``allowed``: 401 for a keyless caller (a key would help), else 403."""
+    if principal.role in allowed:
+        return
+    needed = " or ".join(f'"{role}"' for role in sorted(allowed))
+    if principal.anonymous:
         raise Unauthorized(
-            f"no API key{where}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>' with a key from the sparkd keys file",
+            f"{what} needs a key with role {needed}: send 'Authorization: Bearer <key>'. Keyless admin access is "
+            "the unix admin socket only (sparkctl on the sparkd machine uses it)",
             code="missing_api_key",
         )
-    raise Unauthorized(
-        "the API key is not valid: it is not in the sparkd keys file (it may have been revoked); "
-        "check the key your client sends",
-        code="invalid_api_key",
+    raise Forbidden(
+        f"{what} needs a key with role {needed}; the key {principal.name!r} has role \"{principal.role}\"",
+        code="admin_role_required" if allowed == ADMIN_ROLES else "role_not_allowed",
     )

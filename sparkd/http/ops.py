@@ -1,7 +1,7 @@
 """Admin endpoints for operators: live events, catalog, container logs, prepare, history, metrics.
 
-``/api/*`` and ``/metrics`` are admin-only (see ``access.py``): the local unix socket,
-loopback, or an admin key.
+``/api/*`` and ``/metrics`` are admin-only (see ``auth.py``): an admin key, or no key over
+the local unix socket; never a keyless TCP client, loopback included.
 """
 
 from __future__ import annotations

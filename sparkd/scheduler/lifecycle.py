@@ -20,7 +20,6 @@ from ..engine.progress import parse_line
 from ..runtime.errors import PortInUse, RuntimeFailure
 from ..runtime.logs import LogFollower
 from ..cluster.head import HeadCoordinator, WorkersUnavailable
-from ..cluster.render import worker_command
 from ..runtime.podman import ContainerInfo, PodmanRuntime
 from .loadtimes import LoadTimes
 from .memory import MemoryGauge
@@ -91,7 +90,7 @@ class Lifecycle:
     async def _acquire_workers(self, runner: ModelRunner) -> None:
         if self.cluster is None:
             raise WorkersUnavailable(f"model {runner.name} spans nodes but this sparkd has no [peers] configured")
-        await self.cluster.acquire(runner.config, worker_command(self.config, runner.config))
+        await self.cluster.acquire(runner.config)
 
     async def release_workers(self, runner: ModelRunner, reason: str) -> None:
         if self.cluster is not None and len(runner.config.nodes) > 1:

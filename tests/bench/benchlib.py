@@ -125,7 +125,7 @@ class Bench:
             # A benchmark daemon must never idle-stop a model in the middle of a phase.
             "lifecycle": {"idle_stop_s": 3600, "min_uptime_s": 0, "failure_backoff_s": 0},
             # The measured requests carry BENCH_KEY (see client_headers); the harness's own calls
-            # (status, admin) stay keyless from loopback.
+            # (status, admin) go keyless over the unix admin socket.
             "server": {"anonymous": "loopback"},
             "podman": {"url": self.podman_url},
             # Away from the test suite's default range (18000-...): the test suite may run meanwhile.

@@ -94,9 +94,9 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
                 ready_ms = f"{(ready[0] - started) * 1000:12.1f}" if started else f"{'?':>12}"
                 print(f"{i:3d} {start_ms} {ready_ms} {gap:15.1f} {(t_last - t_first) * 1000:14.2f} "
                       f"{(t_last - requested) * 1000:9.1f}", flush=True)
-                async with session.post(f"{sparkd.base_url}/api/models/{model}/stop") as response:
-                    if response.status != 200:
-                        raise RuntimeError(f"stop {model}: {response.status} {await response.text()}")
+                stopped, answer = await sparkd.admin("POST", f"/api/models/{model}/stop")
+                if stopped != 200:
+                    raise RuntimeError(f"stop {model}: {stopped} {answer}")
                 await sparkd.wait_state("c", "stopped", timeout=60)
                 # Pause before the next start: a start requested within ~1 s of the previous stop can be
                 # failed by that stop's late "died" event (sparkd bug, see README "Known problems").

@@ -18,6 +18,8 @@ from harness import container_events, engine_model, free_port, write_keys
 
 pytestmark = pytest.mark.podman
 
+PEER_KEY = "sk-sparkd-peer-head-0123456789"
+"""The key node b made for the head: role peer, worker leases only."""
 PEER_ADMIN_KEY = "sk-sparkd-peer-admin-0123456789"
 FAST_CLUSTER = {"address": "127.0.0.1", "devices": [], "heartbeat_s": 0.5, "lease_timeout_s": 3}
 # Multi-node containers raise memlock (unlimited on a Spark); this test machine's hard limits are
@@ -27,7 +29,7 @@ TEST_ULIMITS = {"defaults": {"ulimits": {"nofile": 20000, "nproc": 4096, "memloc
 
 
 def two_nodes(sparkd_factory, engine_image, tmp_path, peer_models=None, peer_lifecycle=None, head_lifecycle=None):
-    """A peer daemon (node b) and a head daemon whose model "big" spans local + b."""
+    """A peer daemon (node b) whose [workers] table describes the worker of "big", and a head spanning local + b."""
     peer = sparkd_factory(
         peer_models or {},
         {
@@ -38,25 +40,36 @@ def two_nodes(sparkd_factory, engine_image, tmp_path, peer_models=None, peer_lif
         },
         name="peer",
     )
-    # Its own container labels, apart from the head's; and keys: the head must present the peer's admin key.
+    head_port, worker_port = free_port(), free_port()
+    # The worker is the peer's own configuration: the head only names the model and sends its address and ports.
+    peer.settings["workers"] = {
+        peer.model("big"): {
+            "image": engine_image,
+            "gpu": False,
+            "gpu_memory": 0.5,
+            "command": [
+                "python3", "/opt/fake_vllm.py", "--host", "127.0.0.1", "--port", str(worker_port),
+                "--fake-role", "worker", "--fake-head-address", "{head_address}:{head_port}",
+            ],
+        }
+    }
+    # Its own container labels, apart from the head's; and keys: the head must present the key b made for it.
     peer.settings["server"] = {"instance": peer.prefix + "b", "anonymous": "off"}
     peer.write_config()
-    write_keys(peer.workdir / "keys.toml", {"head-spark1": {"key": PEER_ADMIN_KEY, "role": "admin"}})
+    write_keys(
+        peer.workdir / "keys.toml",
+        {"head-spark1": {"key": PEER_KEY, "role": "peer"}, "ops": {"key": PEER_ADMIN_KEY, "role": "admin"}},
+    )
     peer.admin_key = PEER_ADMIN_KEY
     key_file = tmp_path / "peer-b.key"
-    key_file.write_text(PEER_ADMIN_KEY + "\n")
+    key_file.write_text(PEER_KEY + "\n")
     key_file.chmod(0o600)
-    head_port, worker_port = free_port(), free_port()
     big = engine_model(
         engine_image,
         claim=0.5,
         port=head_port,
         nodes=["local", "b"],
         args=["--host", "127.0.0.1", "--fake-role", "head", "--fake-workers", "{workers}"],
-        worker_command=[
-            "python3", "/opt/fake_vllm.py", "--host", "127.0.0.1", "--port", str(worker_port),
-            "--fake-role", "worker", "--fake-head-address", "{head_address}:{head_port}",
-        ],
     )
     big["args"] = ["--port", "{port}"] + [a for a in big["args"] if a not in ("--port", "8000")]
     head = sparkd_factory(
@@ -65,7 +78,8 @@ def two_nodes(sparkd_factory, engine_image, tmp_path, peer_models=None, peer_lif
             **TEST_ULIMITS,
             "gpu": {"memory_budget": 0.94},
             "cluster": FAST_CLUSTER,
-            "peers": {"b": {"url": peer.base_url, "key_file": str(key_file), "address": "127.0.0.1"}},
+            # The test daemons listen on loopback without TLS: insecure = true says so (and start-up warns).
+            "peers": {"b": {"url": peer.base_url, "key_file": str(key_file), "address": "127.0.0.1", "insecure": True}},
             "lifecycle": dict(head_lifecycle or {}),
         },
         name="head",
@@ -77,6 +91,7 @@ async def test_two_node_model_starts_worker_on_peer_then_head(sparkd_factory, en
     head, peer = two_nodes(sparkd_factory, engine_image, tmp_path)
     await peer.start()
     await head.start()
+    assert "event=peer_insecure" in head.logs() and "peer=b" in head.logs()
     since = time.time()
     async with aiohttp.ClientSession() as session:
         status, body = await head.chat(session, "big", "hello cluster")
@@ -90,7 +105,7 @@ async def test_two_node_model_starts_worker_on_peer_then_head(sparkd_factory, en
     assert head_status["nodes"][1]["lease"]
     peer_status = await peer.status()
     (lease,) = peer_status["worker_leases"]
-    assert lease["model"] == head.model("big") and lease["state"] == "ready"
+    assert lease["model"] == head.model("big") and lease["state"] == "ready" and lease["peer_key"] == "head-spark1"
     assert peer_status["lease"]["holders"] == {head.model("big") + ".worker": 0.5}
 
 
@@ -101,8 +116,7 @@ async def test_stopping_the_model_releases_both_sides(sparkd_factory, engine_ima
     async with aiohttp.ClientSession() as session:
         assert (await head.chat(session, "big"))[0] == 200
         since = time.time()
-        async with session.post(f"{head.base_url}/api/models/{head.model('big')}/stop") as response:
-            assert response.status == 200
+        assert (await head.admin("POST", f"/api/models/{head.model('big')}/stop"))[0] == 200
     deadline = time.monotonic() + 10
     while (await peer.status())["worker_leases"] and time.monotonic() < deadline:
         await asyncio.sleep(0.1)

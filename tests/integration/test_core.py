@@ -153,10 +153,11 @@ async def test_unknown_and_path_form_errors(sparkd_factory, engine_image):
 async def test_openai_sdk_works_unchanged_in_body_and_path_form(sparkd_factory, engine_image):
     openai = pytest.importorskip("openai")
     sparkd = sparkd_factory({"a": engine_model(engine_image)})
+    key = sparkd.add_user_key()  # the SDK sends some key, and only a real one passes
     await sparkd.start()
     name = sparkd.model("a")
     for base_url in (sparkd.base_url + "/v1", f"{sparkd.base_url}/v1/{name}"):
-        client = openai.AsyncOpenAI(base_url=base_url, api_key="unused-here", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
         chat = await client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hello sdk"}])
         assert chat.choices[0].message.content.startswith("hello sdk")
         stream = await client.chat.completions.create(

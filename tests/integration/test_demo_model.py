@@ -30,8 +30,9 @@ async def test_demo_model_answers_through_sparkd(sparkd_factory, cpu_demo_image)
     # The shipped table under the test's model name; llama.cpp's server answers for its one model whatever the name.
     sparkd = sparkd_factory({"demo": table})
     name = sparkd.model("demo")
+    key = sparkd.add_user_key()  # the SDK sends some key, and only a real one passes
     await sparkd.start()
-    client = openai.AsyncOpenAI(base_url=sparkd.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai.AsyncOpenAI(base_url=sparkd.base_url + "/v1", api_key=key, max_retries=0, timeout=300)
     chat = await client.chat.completions.create(
         model=name, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=24
     )

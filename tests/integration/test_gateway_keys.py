@@ -146,7 +146,7 @@ async def test_start_is_refused_for_an_unsafe_or_missing_keys_file(sparkd_factor
         assert secret not in logs
 
 
-async def test_anonymous_loopback_serves_keyless_clients_and_clients_with_a_dummy_key(sparkd_factory, engine_image, tmp_path):
+async def test_anonymous_loopback_serves_keyless_clients_but_refuses_a_dummy_key(sparkd_factory, engine_image, tmp_path):
     keys_path = tmp_path / "keys.toml"
     user = new_key("user")
     write_keys(keys_path, {"user": {"key": user}})
@@ -155,10 +155,11 @@ async def test_anonymous_loopback_serves_keyless_clients_and_clients_with_a_dumm
     chat = {"model": sparkd.model("a"), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     async with aiohttp.ClientSession() as session:
         assert (await call(session, "POST", f"{sparkd.base_url}/v1/chat/completions", json=chat))[0] == 200
-        assert (await call(session, "POST", f"{sparkd.base_url}/v1/chat/completions", "EMPTY", json=chat))[0] == 200
+        # a key that is not in the file is a 401 in every anonymous mode: it never falls back to keyless access
+        assert_openai_error(*await call(session, "POST", f"{sparkd.base_url}/v1/chat/completions", "EMPTY", json=chat), 401, "invalid_api_key")
         assert (await call(session, "POST", f"{sparkd.base_url}/v1/chat/completions", user, json=chat))[0] == 200
-        # no admin key exists: the admin API answers this machine without one; a user key is not an admin key
-        assert (await call(session, "GET", f"{sparkd.base_url}/api/status"))[0] == 200
+        # no admin key exists, yet keyless TCP is never an admin (SSH-tunnel users arrive as 127.0.0.1 too)
+        assert_openai_error(*await call(session, "GET", f"{sparkd.base_url}/api/status"), 401, "missing_api_key")
         assert (await call(session, "GET", f"{sparkd.base_url}/api/status", user))[0] == 403
 
 
@@ -178,7 +179,7 @@ async def test_keyless_access_under_a_dns_name_is_refused(sparkd_factory, engine
             message = body["error"]["message"]
             assert "'evil.example:" in message and "IP address" in message and "Bearer <key>" in message, message
         for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
-            assert (await call(session, "GET", f"{base}/api/status", headers={"Host": host}))[0] == 200, host
+            assert (await call(session, "GET", f"{base}/api/status", headers={"Host": host}))[0] == 401, host  # past Host: no admin
             assert (await call(session, "GET", f"{base}/v1/models", headers={"Host": host}))[0] == 200, host
         # a key lifts the rule (a rebinding page has none)
         assert (await call(session, "GET", f"{base}/v1/models", user, headers=rebound))[0] == 200

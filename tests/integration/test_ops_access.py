@@ -31,16 +31,29 @@ async def keyed(sparkd_factory, engine_image, tmp_path):
     return sparkd, admin, user
 
 
-async def test_sparkctl_over_the_socket_needs_no_key_and_over_http_needs_an_admin_key(keyed):
+async def test_sparkctl_over_the_socket_needs_no_key_and_over_http_needs_an_admin_key(keyed, tmp_path):
     sparkd, admin, user = keyed
     code, out, _ = await ctl(sparkd, "status")
     assert code == 0 and sparkd.model("a") in out
-    code, out, _ = await run_ctl("--url", sparkd.base_url, "--key", admin, "status", "--json")
+    code, out, _ = await run_ctl("--url", sparkd.base_url, "status", "--json", env={"SPARKD_ADMIN_KEY": admin})
     assert code == 0 and json.loads(out)["models"][0]["name"] == sparkd.model("a")
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(admin + "\n")
+    key_file.chmod(0o600)
+    code, out, _ = await run_ctl("--url", sparkd.base_url, "--key-file", str(key_file), "status", "--json", env={"SPARKD_ADMIN_KEY": ""})
+    assert code == 0 and json.loads(out)["models"][0]["name"] == sparkd.model("a")
+    # never from argv: every local user reads it in ps
+    for argv in (["--key", admin], [f"--key={admin}"]):
+        code, out, err = await run_ctl("--url", sparkd.base_url, *argv, "status")
+        assert code == 2 and "--key is not accepted" in err and "SPARKD_ADMIN_KEY" in err and "--key-file" in err, err
+        assert admin not in out + err
+    key_file.chmod(0o644)
+    code, _, err = await run_ctl("--url", sparkd.base_url, "--key-file", str(key_file), "status")
+    assert code == 2 and "mode 0644" in err and "chmod 600" in err and admin not in err, err
     code, _, err = await run_ctl("--url", sparkd.base_url, "status", env={"SPARKD_ADMIN_KEY": user})
     assert code == 1 and "(403)" in err and 'role "admin"' in err
     code, _, err = await run_ctl("--url", sparkd.base_url, "status", env={"SPARKD_ADMIN_KEY": ""})
-    assert code == 1 and "(401)" in err and "--key or SPARKD_ADMIN_KEY" in err
+    assert code == 1 and "(401)" in err and "SPARKD_ADMIN_KEY or a file with --key-file" in err
 
 
 async def test_metrics_events_and_the_page_shell(keyed):

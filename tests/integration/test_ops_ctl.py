@@ -9,7 +9,7 @@ import re
 import aiohttp
 import pytest
 
-from harness import engine_model, free_port
+from harness import engine_model, free_port, write_keys
 from opskit import Ctl, ctl, run_ctl, socket_path
 
 pytestmark = pytest.mark.podman
@@ -178,8 +178,12 @@ async def test_unreachable_daemon_and_http_access(sparkd_factory, engine_image, 
     code, _, err = await run_ctl("--socket", str(tmp_path / "nothing.sock"), "status")
     assert code == 3 and "no socket at" in err and "systemctl status sparkd" in err
     sparkd = sparkd_factory({"a": engine_model(engine_image)})
+    admin = "sk-test-ctl-admin-0123456789abcdef"
+    write_keys(sparkd.workdir / "keys.toml", {"ops": {"key": admin, "role": "admin"}})
     await sparkd.start()
-    code, out, _ = await run_ctl("--url", sparkd.base_url, "status")
+    code, _, err = await run_ctl("--url", sparkd.base_url, "status")
+    assert code == 1 and "(401)" in err  # keyless admin access is the unix socket only
+    code, out, _ = await run_ctl("--url", sparkd.base_url, "status", env={"SPARKD_ADMIN_KEY": admin})
     assert code == 0 and sparkd.model("a") in out
     code, out, _ = await run_ctl("status", "--json", env={"SPARKD_SOCKET": str(socket_path(sparkd))})
     assert code == 0 and json.loads(out)["lease"]["budget"] == 0.94

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from harness import engine_model
+from harness import engine_model, write_keys
 from opskit import metrics, value
 
 pytestmark = pytest.mark.podman
@@ -21,6 +21,9 @@ async def test_metrics_move_with_requests_starts_swaps_and_failures(sparkd_facto
         {"gpu": {"memory_budget": 0.94}},
     )
     a, b, x = sparkd.model("a"), sparkd.model("b"), sparkd.model("x")
+    # /metrics is the admin API: scraped over TCP with an admin key, as Prometheus does.
+    sparkd.admin_key = "sk-test-metrics-admin-0123456789abcdef"
+    write_keys(sparkd.workdir / "keys.toml", {"scraper": {"key": sparkd.admin_key, "role": "admin"}})
     await sparkd.start()
     before = await metrics(sparkd)
     assert value(before, "sparkd_container_starts_total", model=a) == 0

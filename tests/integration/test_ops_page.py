@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from harness import engine_model
+from harness import engine_model, write_keys
 from opskit import CHROMIUM, Browser
 
 pytestmark = [
@@ -29,6 +29,9 @@ async def test_status_page_renders_models_and_shows_a_start_live(sparkd_factory,
             "c": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "0.3", "FAKE_CRASH_AT_START": "1"}),
         }
     )
+    # The page's data is the admin API: over TCP it needs an admin key (keyless admin is the unix socket only).
+    admin = "sk-test-page-admin-0123456789abcdef"
+    write_keys(sparkd.workdir / "keys.toml", {"ops": {"key": admin, "role": "admin"}})
     await sparkd.start()
     a, b, c = sparkd.model("a"), sparkd.model("b"), sparkd.model("c")
     async with aiohttp.ClientSession() as session, Browser() as browser:
@@ -38,6 +41,11 @@ async def test_status_page_renders_models_and_shows_a_start_live(sparkd_factory,
             assert "http" not in (await response.text()).replace("http-equiv", "")  # no CDN, nothing external
 
         await browser.goto(sparkd.base_url + "/")
+        await browser.wait_until("!document.getElementById('auth').hidden")
+        await browser.evaluate(
+            f"document.getElementById('auth-key').value = {json.dumps(admin)};"
+            "document.getElementById('auth-form').requestSubmit()"
+        )
         await browser.wait_until("document.querySelectorAll('#model-rows tr').length === 3")
         states = await browser.evaluate("[...document.querySelectorAll('#model-rows tr')].map(r => [r.dataset.model, r.dataset.state])")
         assert states == [[a, "stopped"], [b, "stopped"], [c, "stopped"]]
@@ -46,7 +54,7 @@ async def test_status_page_renders_models_and_shows_a_start_live(sparkd_factory,
         await browser.evaluate("window.sparkdTestMarker = 'same page'")  # gone if the page reloads
 
         # A start shows up live: starting with its load progress, then ready, with no reload.
-        start = asyncio.create_task(session.post(f"{sparkd.base_url}/api/models/{a}/start"))
+        start = asyncio.create_task(sparkd.admin("POST", f"/api/models/{a}/start"))
         await browser.wait_until(f"{row(a)}.dataset.state === 'starting'", timeout=10)
         # The engine's log lines become the phase and its percentage (first load: no ETA yet).
         progress = await browser.wait_until(f"(t => t && t.includes('%') && t)({row(a, '.progress-text')}?.textContent)", timeout=10)
@@ -54,7 +62,7 @@ async def test_status_page_renders_models_and_shows_a_start_live(sparkd_factory,
         shot = await browser.screenshot(tmp_path / "status-page-starting.png")
         print(f"screenshot (starting): {shot}")
         await browser.wait_until(f"{row(a)}.dataset.state === 'ready'", timeout=30)
-        assert (await start).status == 200
+        assert (await start)[0] == 200
         assert await browser.evaluate("window.sparkdTestMarker") == "same page"
         assert "claimed 0.50" in await browser.evaluate("document.getElementById('lease-text').textContent")
         events = await browser.evaluate("document.getElementById('events').textContent")

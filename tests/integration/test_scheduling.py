@@ -105,8 +105,7 @@ async def test_exclusive_model_stops_utility_first_and_utility_returns(sparkd_fa
     since = time.time()
     async with aiohttp.ClientSession() as session:
         assert (await sparkd.chat(session, "x"))[0] == 200
-        async with session.post(f"{sparkd.base_url}/api/models/{sparkd.model('x')}/stop") as response:
-            assert response.status == 200
+        assert (await sparkd.admin("POST", f"/api/models/{sparkd.model('x')}/stop"))[0] == 200
     await sparkd.wait_state("u", "ready", timeout=15)
     events = [(action, model) for _, action, model in container_events(podman, since, sparkd.prefix, {"start", "died"})]
     u, x = sparkd.model("u"), sparkd.model("x")
@@ -215,9 +214,10 @@ async def test_sleep_capable_models_swap_without_restarting_containers(sparkd_fa
 
 async def test_engine_crash_mid_stream_fails_then_recovers(sparkd_factory, engine_image):
     sparkd = sparkd_factory({"a": engine_model(engine_image, claim=0.8, env={"FAKE_CRASH_MID_STREAM": "3"})}, BUDGET)
+    key = sparkd.add_user_key()  # the SDK sends some key, and only a real one passes
     await sparkd.start()
     openai = pytest.importorskip("openai")
-    client = openai.AsyncOpenAI(base_url=sparkd.base_url + "/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=sparkd.base_url + "/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.APIError) as caught:
         stream = await client.chat.completions.create(
             model=sparkd.model("a"), messages=[{"role": "user", "content": "x"}], stream=True

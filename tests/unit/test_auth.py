@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from harness import write_keys
 from multidict import CIMultiDict
 
-from harness import write_keys
 from sparkd.config import ModelConfig
 from sparkd.errors import Forbidden, Unauthorized
-from sparkd.http.auth import ANONYMOUS_LOCAL, ANONYMOUS_REMOTE, KeyRing, KeysFileError, authenticate, presented_key
+from sparkd.http.auth import (
+    ADMIN_ROLES,
+    ADMIN_SOCKET,
+    ANONYMOUS,
+    MODEL_ROLES,
+    PEER_ROLES,
+    VERSION_ROLES,
+    KeyRing,
+    KeysFileError,
+    authenticate,
+    authorize,
+    identify,
+    presented_key,
+)
 
 ALICE = "sk-alice-" + "a" * 32
 BOB = "sk-bob-" + "b" * 32
@@ -36,7 +50,7 @@ def test_keys_file_roles_and_models(tmp_path):
     assert (alice.name, alice.role, alice.models) == ("alice", "admin", None)
     assert (bob.name, bob.role, bob.models) == ("bob", "user", frozenset({"small"}))
     assert keys.check("sk-alice-" + "a" * 31 + "b") is None and keys.check("") is None
-    assert keys.names == ["alice", "bob"] and keys.has_admin
+    assert keys.names == ["alice", "bob"]
 
 
 def test_model_allowlist_by_name_or_alias(tmp_path):
@@ -72,7 +86,7 @@ def test_missing_or_empty_keys_file(tmp_path):
         ({"alice": {"key": "has space in the middle!!"}}, "without whitespace"),
         ({"alice": {"key": 12345678901234567890}}, "expected a string"),
         ({"alice": {"role": "admin"}}, "(missing)"),
-        ({"alice": {"key": ALICE, "role": "root"}}, "expected \"admin\" or \"user\""),
+        ({"alice": {"key": ALICE, "role": "root"}}, "expected \"admin\", \"user\" or \"peer\""),
         ({"alice": {"key": ALICE, "models": "small"}}, "array of model names"),
         ({"alice": {"key": ALICE, "colour": "red"}}, "unknown field"),
         ({"alice": {"key": ALICE}, "bob": {"key": ALICE}}, "the same key as keys.alice"),
@@ -122,25 +136,28 @@ def test_authenticate_with_keys_only(tmp_path):
 
 def test_anonymous_access_by_peer(tmp_path):
     keys = ring(tmp_path, {"alice": {"key": ALICE, "role": "admin"}, "bob": {"key": BOB, "models": ["small"]}})
-    assert authenticate(keys, "loopback", request(remote="127.0.0.1")) is ANONYMOUS_LOCAL
-    assert authenticate(keys, "loopback", request(remote="::1")) is ANONYMOUS_LOCAL
-    # a client that must send some key works keyless too; a known key always decides
-    assert authenticate(keys, "loopback", request({"Authorization": "Bearer EMPTY"}, remote="127.0.0.1")) is ANONYMOUS_LOCAL
+    assert authenticate(keys, "loopback", request(remote="127.0.0.1")) is ANONYMOUS
+    assert authenticate(keys, "loopback", request(remote="::1")) is ANONYMOUS
+    # a key that is not in the file is a 401 in every mode, never a fallback to anonymous; a known key decides
+    for mode in ("off", "loopback", "any"):
+        with pytest.raises(Unauthorized) as wrong:
+            authenticate(keys, mode, request({"Authorization": "Bearer EMPTY"}, remote="127.0.0.1"))
+        assert wrong.value.code == "invalid_api_key"
     assert authenticate(keys, "loopback", request({"Authorization": f"Bearer {BOB}"}, remote="127.0.0.1")).name == "bob"
     with pytest.raises(Unauthorized, match="from the sparkd machine itself only"):
         authenticate(keys, "loopback", request(remote="192.168.1.20"))
-    assert authenticate(keys, "any", request(remote="192.168.1.20")) is ANONYMOUS_REMOTE
-    assert not ANONYMOUS_REMOTE.is_admin and ANONYMOUS_LOCAL.is_admin
+    assert authenticate(keys, "any", request(remote="192.168.1.20")) is ANONYMOUS
+    assert ANONYMOUS.role == "user" and ADMIN_SOCKET.role == "admin"
 
 
 def test_keyless_access_needs_an_address_in_host(tmp_path):
     """A DNS name in Host may be a rebinding page's: keyless requests over TCP must use an address."""
     keys = ring(tmp_path, {"bob": {"key": BOB}})
     for host in ("127.0.0.1:8009", "127.0.0.1", "localhost:8009", "localhost", "[::1]:8009", "192.168.1.5:8009"):
-        assert authenticate(keys, "loopback", request({"Host": host}, remote="127.0.0.1")) is ANONYMOUS_LOCAL, host
+        assert authenticate(keys, "loopback", request({"Host": host}, remote="127.0.0.1")) is ANONYMOUS, host
     for host in ("evil.example:8009", "evil.example", "localhost.evil.example:8009", "127.0.0.1.evil.example"):
         with pytest.raises(Forbidden) as refused:
-            authenticate(keys, "loopback", request({"Host": host}, remote="127.0.0.1"), admin_route=True)
+            authenticate(keys, "loopback", request({"Host": host}, remote="127.0.0.1"))
         assert refused.value.code == "host_not_allowed" and refused.value.status == 403
         assert "IP address" in refused.value.message and "Bearer <key>" in refused.value.message
     with pytest.raises(Forbidden):  # anonymous from the LAN too
@@ -148,21 +165,84 @@ def test_keyless_access_needs_an_address_in_host(tmp_path):
     # a key lifts the rule; a unix-socket client is no browser; a request without Host is none either
     assert authenticate(keys, "loopback", request({"Host": "evil.example", "Authorization": f"Bearer {BOB}"}, remote="127.0.0.1")).name == "bob"
     unix = request({"Host": "sparkd"}, remote="", family=socket.AF_UNIX)
-    assert authenticate(keys, "off", unix, admin_route=True) is ANONYMOUS_LOCAL
-    assert authenticate(keys, "loopback", request(remote="127.0.0.1")) is ANONYMOUS_LOCAL
+    assert authenticate(keys, "off", unix) is ADMIN_SOCKET
+    assert authenticate(keys, "loopback", request(remote="127.0.0.1")) is ANONYMOUS
 
 
-def test_admin_api_from_this_machine(tmp_path):
-    with_admin = ring(tmp_path, {"alice": {"key": ALICE, "role": "admin"}})
-    users_only = ring(tmp_path, {"bob": {"key": BOB}})
-    local = request(remote="127.0.0.1")
-    # no admin key exists: the admin API answers loopback clients, as before keys existed
-    assert authenticate(users_only, "off", local, admin_route=True) is ANONYMOUS_LOCAL
-    with pytest.raises(Unauthorized):
-        authenticate(with_admin, "off", local, admin_route=True)
-    with pytest.raises(Unauthorized):
-        authenticate(users_only, "off", request(remote="10.0.0.5"), admin_route=True)
-    # a unix socket's file permissions are its access control
-    unix = request(remote="", family=socket.AF_UNIX)
-    assert authenticate(with_admin, "off", unix, admin_route=True) is ANONYMOUS_LOCAL
+# The auth decision as one table: (anonymous mode, key, transport) -> the principal's name or the refusal's
+# status, then that principal on each route class. Keys: none, wrong, user, admin, restricted user, peer.
+KEYS = {"user": BOB, "admin": ALICE, "restricted": "sk-ci-" + "c" * 32, "peer": "sk-head-" + "d" * 32}
+IDENTIFY = {
+    # mode,       key,     transport:  tcp loopback, tcp LAN,    unix socket
+    ("off", None): ("401", "401", "admin-socket"),
+    ("off", "wrong"): ("401", "401", "401"),
+    ("loopback", None): ("anonymous", "401", "admin-socket"),
+    ("loopback", "wrong"): ("401", "401", "401"),
+    ("any", None): ("anonymous", "anonymous", "admin-socket"),
+    ("any", "wrong"): ("401", "401", "401"),
+}
+for _mode in ("off", "loopback", "any"):
+    for _key in KEYS:
+        IDENTIFY[(_mode, _key)] = (_key, _key, _key)  # a valid key is itself everywhere
+# principal -> status on (models, admin API, worker leases, version)
+AUTHORIZE = {
+    "anonymous": (200, 401, 401, 401),
+    "admin-socket": (200, 200, 401, 200),
+    "user": (200, 403, 403, 403),
+    "restricted": (200, 403, 403, 403),
+    "admin": (200, 200, 403, 200),
+    "peer": (403, 403, 200, 200),
+}
+ROUTES = (MODEL_ROLES, ADMIN_ROLES, PEER_ROLES, VERSION_ROLES)
 
+
+def test_the_auth_decision_table(tmp_path):
+    keys = ring(
+        tmp_path,
+        {
+            "user": {"key": KEYS["user"]},
+            "admin": {"key": KEYS["admin"], "role": "admin"},
+            "restricted": {"key": KEYS["restricted"], "models": ["small"]},
+            "peer": {"key": KEYS["peer"], "role": "peer"},
+        },
+    )
+    transports = ({"loopback": True, "unix_socket": False}, {"loopback": False, "unix_socket": False}, {"loopback": False, "unix_socket": True})
+    checked = 0
+    for (mode, key_name), expected_row in IDENTIFY.items():
+        presented = None if key_name is None else KEYS.get(key_name, "sk-wrong-" + "w" * 32)
+        for transport, expected in zip(transports, expected_row):
+            cell = (mode, key_name, transport)
+            if expected == "401":
+                with pytest.raises(Unauthorized):
+                    identify(keys, mode, presented, **transport)
+                checked += 1
+                continue
+            principal = identify(keys, mode, presented, **transport)
+            assert principal.name == expected, cell
+            for allowed, status in zip(ROUTES, AUTHORIZE[expected]):
+                if status == 200:
+                    authorize(principal, allowed, "route")
+                else:
+                    with pytest.raises(Unauthorized if status == 401 else Forbidden):
+                        authorize(principal, allowed, "route")
+                checked += 1
+    assert checked == 12 + 42 * 4  # the 401 cells, and each route of the 42 identified ones
+
+
+def test_a_peer_key_is_valid_and_carries_no_model_list(tmp_path):
+    keys = ring(tmp_path, {"head": {"key": KEYS["peer"], "role": "peer"}})
+    assert keys.check(KEYS["peer"]).role == "peer"
+    with pytest.raises(KeysFileError, match="a peer key serves worker leases only"):
+        ring(tmp_path, {"head": {"key": KEYS["peer"], "role": "peer", "models": ["x"]}})
+    with pytest.raises(KeysFileError, match='"admin", "user" or "peer"'):
+        ring(tmp_path, {"head": {"key": KEYS["peer"], "role": "root"}})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_keys_file_owned_by_another_user_is_refused(tmp_path):
+    path = tmp_path / "keys.toml"
+    write_keys(path, {"bob": {"key": BOB}})
+    os.chown(path, 65534, 65534)
+    with pytest.raises(KeysFileError) as refused:
+        KeyRing.load(path, required=True)
+    assert "owned by uid 65534" in str(refused.value) and "chown" in str(refused.value) and BOB not in str(refused.value)
