@@ -21,29 +21,15 @@ from multidict import CIMultiDict
 from ..errors import BadGateway
 from . import stream
 from .client import Endpoint
+from .outbound import EngineRequest, engine_request
 from .usage import RequestRecord
 
 log = structlog.get_logger("sparkd.proxy")
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones sparkd sets itself.
-_DROP_REQUEST = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Authorization", "X-Api-Key", "Cookie",
-        "Origin", "Referer", "Expect",
-    )
-)
 _DROP_RESPONSE = frozenset(
     h.lower()
     for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Server", "Date", "Upgrade", "Trailer")
 )
-
-
-def _request_headers(request: web.Request, endpoint: Endpoint) -> CIMultiDict[str]:
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
-    headers["Authorization"] = endpoint.auth_header
-    return headers
 
 
 def _response_headers(upstream: Mapping[str, str], extra: dict[str, str] | None) -> CIMultiDict[str]:
@@ -70,11 +56,11 @@ async def forward(
     then takes the raw relay (``stream.py``) instead of the pooled HTTP client.
     ``record``: filled with the first byte's time and the usage the engine reported.
     """
-    target = path + ("?" + request.query_string if request.query_string else "")
+    outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
     try:
         if streaming:
-            return await _forward_stream(request, endpoint, target, body, model, extra_headers, record)
-        async with session.request(request.method, endpoint.base_url + target, data=body, headers=_request_headers(request, endpoint)) as upstream:
+            return await _forward_stream(request, endpoint, outbound, body, model, extra_headers, record)
+        async with session.request(request.method, outbound.url, data=body, headers=outbound.headers) as upstream:
             if upstream.content_type == "text/event-stream":
                 return await _stream(request, upstream, model, extra_headers, record)
             payload = await upstream.read()
@@ -91,13 +77,13 @@ async def forward(
 async def _forward_stream(
     request: web.Request,
     endpoint: Endpoint,
-    target: str,
+    outbound: EngineRequest,
     body: bytes,
     model: str,
     extra_headers: dict[str, str] | None,
     record: RequestRecord | None,
 ) -> web.StreamResponse:
-    raw_request = stream.request_bytes(request.method, target, f"{endpoint.host}:{endpoint.port}", _request_headers(request, endpoint), body)
+    raw_request = stream.request_bytes(request.method, outbound.url.raw_path_qs, f"{endpoint.host}:{endpoint.port}", outbound.headers, body)
     transport, upstream = await stream.open_upstream(endpoint.host, endpoint.port, raw_request)
     try:
         status, headers = await upstream.head
