@@ -156,9 +156,8 @@ class OpenAIRoutes:
                 headers.update(capped)
             if body is not payload:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            streaming = body.get("stream") is True
             return await forward(
-                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None, streaming, record
+                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None, record
             )
         finally:
             daemon.scheduler.release(runner)
