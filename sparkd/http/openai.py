@@ -156,8 +156,10 @@ class OpenAIRoutes:
                 headers.update(capped)
             if body is not payload:
                 raw = json.dumps(body, separators=(",", ":")).encode()
+            streaming = body.get("stream") is True
             return await forward(
-                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None, record
+                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
+                streaming, record,
             )
         finally:
             daemon.scheduler.release(runner)
