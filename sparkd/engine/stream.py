@@ -113,6 +113,8 @@ class UpstreamStream(asyncio.Protocol):
         self._client: asyncio.Transport | None = None
         self._frames = ChunkFrames()
         self._paused = False
+        self._unrelayed: int | None = None
+        """Bytes of a sized (Content-Length) body still to relay."""
         self.first_byte: float | None = None
         """time.monotonic() of the first relayed body bytes (metrics: time to first byte)."""
         self.tail = b""
@@ -140,10 +142,10 @@ class UpstreamStream(asyncio.Protocol):
         if not self.head.done():
             self.head.set_exception(ConnectionResetError("the engine closed the connection before answering"))
         if not self.done.done():
-            if self._client is not None:
+            if self._client is not None and (self.chunked or self.length is not None):
                 self.done.set_exception(EngineStreamBroken(self._frames.at_boundary))
             else:
-                self._finish()
+                self._finish()  # a close-delimited body ends with the connection
 
     # -- head ------------------------------------------------------------------------
 
@@ -225,7 +227,13 @@ class UpstreamStream(asyncio.Protocol):
                 self._close_upstream()
                 return
         elif data:
-            client.write(b"%x\r\n%b\r\n" % (len(data), data))  # a close-delimited stream: frame it ourselves
+            client.write(b"%x\r\n%b\r\n" % (len(data), data))  # a close-delimited or sized body: frame it ourselves
+            if self.length is not None:
+                self._unrelayed = (self.length if self._unrelayed is None else self._unrelayed) - len(data)
+                if self._unrelayed <= 0:
+                    self._finish()
+                    self._close_upstream()
+                    return
         if not self._paused and client.get_write_buffer_size() > HIGH_WATER:
             # A slow client: stop reading the engine until the client catches up.
             self._paused = True

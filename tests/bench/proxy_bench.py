@@ -123,8 +123,11 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
     targets = {"direct": (direct.url + path, direct.headers), "sparkd": (sparkd.base_url + path, dict(sparkd.client_headers))}
     targets.update({name: (url + path, {}) for name, (_, url) in relays.items()})
     proxy_pid = {"direct": None, "sparkd": pid, **{name: process.pid for name, (process, _) in relays.items()}}
-    stream_targets = STREAM_TARGETS
+    stream_targets, load_targets = STREAM_TARGETS, TARGETS
     if compare is not None:
+        # The compared daemon serves every phase too: both daemons have the same history (heap, GC
+        # generations, metrics) when their streams are measured.
+        load_targets = TARGETS + (COMPARE,)
         targets[COMPARE] = (compare.base_url + path, dict(compare.client_headers))
         proxy_pid[COMPARE] = compare.process.pid
         stream_targets = STREAM_TARGETS + (COMPARE,)
@@ -171,7 +174,7 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
 
         # -- warm-up: connection pools, code paths, the engine's caches
         warm = Tally()
-        for target in TARGETS:
+        for target in load_targets:
             await block(warm, target, load(scaled(300), 1))
             await block(warm, target, load(scaled(1000), 32))
         for target in stream_targets:
@@ -181,12 +184,12 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
         c1 = Tally()
         began = time.perf_counter()
         while c1["sparkd"]["n"] < scaled(C1_REQUESTS):
-            for target in TARGETS:
+            for target in load_targets:
                 n = min(C1_BLOCK, scaled(C1_REQUESTS))
                 await block(c1, target, load(n, 1))
                 c1[target]["n"] += n
         print(f"\n## concurrency 1, non-streaming chat, {c1['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
-        for target in TARGETS:
+        for target in load_targets:
             print(f"  {target:7s} latency {summary(c1[target]['lat'])}")
         for target in ("bare", "sparkd"):
             added = {p: percentile(c1[target]["lat"], p) - percentile(c1["direct"]["lat"], p) for p in (50, 90, 99)}
@@ -199,12 +202,12 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
         began = time.perf_counter()
         async with Profiler(bench.profile_dir, pid, "proxy_c32"):
             while c32["sparkd"]["n"] < scaled(C32_REQUESTS):
-                for target in TARGETS:
+                for target in load_targets:
                     n = min(C32_BLOCK, scaled(C32_REQUESTS))
                     await block(c32, target, load(n, 32))
                     c32[target]["n"] += n
         print(f"\n## concurrency 32, non-streaming chat, {c32['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
-        for target in TARGETS:
+        for target in load_targets:
             t = c32[target]
             n = t["n"]
             proxy = (f"proxy {(t['user'] + t['sys']) / n * 1e6:.0f} us ({t['sys'] / n * 1e6:.0f} us in the kernel), "
