@@ -78,12 +78,15 @@ async def forward(
             return await _forward_raw(request, endpoint, outbound, body, model, watch, limits, extra_headers, record)
         async with session.request(request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout) as upstream:
             if upstream.content_type == SSE:
-                return await _relay(request, upstream, watch, model, extra_headers, record)
+                relayed = await _relay(request, upstream, watch, model, extra_headers, record)
+                watch.close()  # the answer is complete: leaving the upstream context must not time out
+                return relayed
             watch.enter(Phase.READ)
             parts = []
             async for part in upstream.content.iter_any():
                 parts.append(part)
                 watch.enter(Phase.READ)
+            watch.close()
             payload = b"".join(parts)
             if record is not None:
                 record.note_body(time.monotonic(), payload)
