@@ -237,9 +237,11 @@ async def test_a_client_that_stops_reading_is_cut_off_and_the_swap_proceeds(spar
         finally:
             client.close()
     assert status == 200, answer
-    # The stall began a little before b queued: within the limit plus the watch's quarter-limit tick and the swap.
-    assert waited < limit * 1.25 + 10, waited
-    assert (await sparkd.model_status("a"))["in_flight"] == 0 or (await sparkd.model_status("a"))["state"] == "stopped"
+    # The stall begins only once the socket buffers between sparkd and the client are full (megabytes on
+    # loopback, filled at the fake engine's pace); then the limit runs, then the swap. The limit itself is
+    # timed in tests/unit/test_deadlines.py and test_stream_conformance.py.
+    assert waited < 60, waited
+    assert (await sparkd.model_status("a"))["in_flight"] == 0
     events = timed_out_events(sparkd)
     assert len(events) == 1 and "reason=write_stall" in events[0] and "setting=engine.write_stall_timeout_s" in events[0], events
 
