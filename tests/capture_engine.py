@@ -17,10 +17,9 @@ REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r$", re.MULTILINE)
 
 async def captured(port: int) -> list[bytes]:
     """The raw bytes of every connection the engine on ``port`` received so far."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/fake/captured") as response:
-            assert response.status == 200, await response.text()
-            return [c.encode("latin-1") for c in (await response.json())["connections"]]
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/fake/captured") as response:
+        assert response.status == 200, await response.text()
+        return [c.encode("latin-1") for c in (await response.json())["connections"]]
 
 
 def request_lines(connections: list[bytes], skip: tuple[str, ...] = ("/health", "/fake/")) -> list[bytes]:

@@ -42,7 +42,7 @@ CONFIG_KEYS = {Phase.HEAD: "engine.response_head_timeout_s", Phase.READ: "engine
 class StallWatch:
     """Cancels ``task`` when the current phase has lasted longer than its limit (0 = none)."""
 
-    __slots__ = ("_loop", "_task", "_limits", "_tick", "_timer", "phase", "since", "expired")
+    __slots__ = ("_limits", "_loop", "_task", "_tick", "_timer", "expired", "phase", "since")
 
     def __init__(self, config: EngineConfig, task: asyncio.Task[object]) -> None:
         self._loop = asyncio.get_running_loop()

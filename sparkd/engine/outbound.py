@@ -11,8 +11,8 @@ or a header is refused with a 400 before any connection to the engine exists.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from multidict import CIMultiDict
 from yarl import URL

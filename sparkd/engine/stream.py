@@ -274,7 +274,7 @@ async def open_upstream(host: str, port: int, request: bytes, watch: StallWatch,
     connecting = loop.create_connection(lambda: UpstreamStream(loop, watch), host, port)
     transport, upstream = await (asyncio.wait_for(connecting, connect_timeout) if connect_timeout else connecting)
     transport.write(request)
-    return transport, upstream  # type: ignore[return-value]
+    return transport, upstream
 
 
 async def relay(

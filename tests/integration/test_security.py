@@ -15,8 +15,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-from capture_engine import captured, http_request, raw_exchange, request_lines, stalled_client
+from capture_engine import (
+    captured,
+    http_request,
+    raw_exchange,
+    request_lines,
+    stalled_client,
+)
 from harness import engine_model, write_keys
 
 pytestmark = pytest.mark.podman
@@ -53,9 +58,8 @@ async def engine_port(sparkd: Any, key: str) -> int:
 
 
 async def fake_state(port: int) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/fake/state") as response:
-            return await response.json()
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/fake/state") as response:
+        return await response.json()
 
 
 def sse_events(body: bytes) -> list[bytes]:
@@ -140,11 +144,11 @@ async def test_an_http10_client_gets_the_stream_without_chunk_framing(sparkd_fac
     assert all(event.startswith(b"data: ") for event in events), events[:3]
     assert len(events) == 1 + 8 + 1 + 1  # the role chunk, 8 tokens, the finish chunk, [DONE]
     # And HTTP/1.1 still gets chunked framing (decoded by the client to the same events).
-    async with aiohttp.ClientSession() as session:
-        async with session.post(sparkd.base_url + "/v1/chat/completions", data=chat_body(sparkd, "a", stream=True),
-                                headers={"Authorization": f"Bearer {user}"}) as response:
-            assert response.headers["Transfer-Encoding"] == "chunked"
-            assert len(sse_events(await response.read())) == len(events)
+    async with aiohttp.ClientSession() as session, session.post(
+        sparkd.base_url + "/v1/chat/completions", data=chat_body(sparkd, "a", stream=True), headers={"Authorization": f"Bearer {user}"}
+    ) as response:
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert len(sse_events(await response.read())) == len(events)
 
 
 def timed_out_events(sparkd: Any) -> list[str]:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sparkd.engine.client import Endpoint
-from sparkd.engine.outbound import MAX_QUERY, engine_headers, engine_request, engine_target
+from sparkd.engine.outbound import (
+    MAX_QUERY,
+    engine_headers,
+    engine_request,
+    engine_target,
+)
 from sparkd.errors import BadRequest
 
 ENDPOINT = Endpoint(port=18001, key="engine-secret")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
-
 from capture_engine import dechunk, http_request, raw_exchange, stalled_client
+
 from sparkd.config.schema import EngineConfig
 from sparkd.engine.client import Endpoint
 from sparkd.engine.proxy import forward
