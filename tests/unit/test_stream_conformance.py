@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -286,3 +287,31 @@ async def test_a_client_that_stops_reading_is_dropped_within_the_write_stall_tim
         await asyncio.wait_for(proxy.engine.closed.wait(), 10)  # sparkd gave up on the client and closed the engine's stream
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["raw-relay", "pooled"])
+async def test_an_engine_that_does_not_accept_is_a_504_within_the_connect_timeout(relay, stream):
+    proxy = await relay(chunked_answer(), EngineConfig(connect_timeout_s=0.5))
+    # A listening socket whose accept queue is full: Linux drops further SYNs, so a connect hangs.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = []
+    for _ in range(3):
+        waiting = socket.socket()
+        waiting.setblocking(False)
+        waiting.connect_ex(full.getsockname())
+        queued.append(waiting)
+    await asyncio.sleep(0.1)
+    proxy.engine.port = full.getsockname()[1]
+    try:
+        began = time.monotonic()
+        answer = await raw_exchange(proxy.port, request_for(proxy, json.dumps({"stream": stream}).encode()))
+        took = time.monotonic() - began
+    finally:
+        for waiting in queued:
+            waiting.close()
+        full.close()
+    assert answer.status == 504, answer.body
+    assert "engine.connect_timeout_s" in answer.json()["error"]["message"]
+    assert took < 3
