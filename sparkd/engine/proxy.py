@@ -3,7 +3,7 @@
 Answers that are not streamed go through the pooled aiohttp client and are read
 whole.  A stream (server-sent events) an HTTP/1.1 client asked for takes the raw
 relay of ``stream.py``: the engine's chunked frames go to the client as they
-are (it costs a third less CPU per chunk than an aiohttp client relay; figures
+are (it costs a quarter less CPU per chunk than an aiohttp client relay; figures
 in tests/bench/README.md).  Every other stream (an HTTP/1.0 client, which must
 get a close-delimited body, or an SSE answer to a request that did not ask for
 one) is relayed read by read through the aiohttp client, aiohttp framing it for
