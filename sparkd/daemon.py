@@ -35,6 +35,7 @@ from .scheduler.memory import MemoryGauge
 from .scheduler.reconcile import adopt_running
 from .scheduler.scheduler import Scheduler
 from .scheduler.status import status_line
+from .scheduler.watch import watch_serving_engines
 
 log = structlog.get_logger("sparkd")
 
@@ -162,7 +163,10 @@ class Daemon:
             log.warning("gpu_devices_missing", devices=missing, source=source, fix="sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml")
 
     def _start_background(self) -> None:
-        tasks = [self.scheduler.run_reaper(), self._refresh_status(), self.workers.run_expiry()]
+        tasks = [
+            self.scheduler.run_reaper(), watch_serving_engines(self.scheduler, self.engine), self._refresh_status(),
+            self.workers.run_expiry(),
+        ]
         interval = watchdog_interval()
         if interval:
             tasks.append(run_watchdog(self.notifier, interval))

@@ -19,6 +19,7 @@ from .schema import (
     ClusterConfig,
     Config,
     ContainerDefaults,
+    EngineConfig,
     GpuConfig,
     LifecycleConfig,
     LogConfig,
@@ -47,6 +48,7 @@ SECTIONS = {
     "podman": PodmanConfig,
     "gpu": GpuConfig,
     "lifecycle": LifecycleConfig,
+    "engine": EngineConfig,
     "defaults": ContainerDefaults,
     "cluster": ClusterConfig,
 }
@@ -262,6 +264,9 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
     for key in ("min_uptime_s", "failure_backoff_s"):
         _at_least_zero(add, f"lifecycle.{key}", getattr(lifecycle, key))
     _positive(add, "lifecycle.queue_size", lifecycle.queue_size)
+    for key in ("connect_timeout_s", "response_head_timeout_s", "idle_read_timeout_s", "write_stall_timeout_s", "unresponsive_fail_s"):
+        _at_least_zero(add, f"engine.{key}", getattr(config.engine, key))
+    _positive(add, "engine.readiness_check_s", config.engine.readiness_check_s)
 
     for name, peer in config.peers.items():
         where = key_path("peers", name)

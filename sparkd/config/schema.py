@@ -94,6 +94,24 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Time limits toward engines and toward clients of engine answers (0 = no limit)."""
+
+    connect_timeout_s: float = 10.0
+    response_head_timeout_s: float = 3600.0
+    """Request sent → the engine's response head; a non-streamed answer's head comes after the whole
+    generation, so this is longer than any client waits (the OpenAI SDKs give up after 600 s)."""
+    idle_read_timeout_s: float = 300.0
+    """Longest silence between two reads of an engine's answer (a stream's tokens, a body's bytes)."""
+    write_stall_timeout_s: float = 60.0
+    """Longest a client may leave a write of the answer blocked (it stopped reading)."""
+    readiness_check_s: float = 10.0
+    """How often the readiness path of a READY model's engine is probed."""
+    unresponsive_fail_s: float = 60.0
+    """A READY model whose engine has not answered its readiness path for this long is failed."""
+
+
+@dataclass(frozen=True)
 class ContainerDefaults:
     """Values every model container gets unless its own table overrides them.
 
@@ -231,6 +249,7 @@ class Config:
     podman: PodmanConfig = field(default_factory=PodmanConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     defaults: ContainerDefaults = field(default_factory=ContainerDefaults)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=lambda: dict(BUILTIN_PROFILES))

@@ -1,9 +1,17 @@
-"""Streaming pass-through from a client to an engine and back.
+"""Pass-through from a client to an engine and back.
 
-Answers that are not streamed go through a pooled aiohttp client.  Streams
-(server-sent events) take the raw relay of ``stream.py``, chunk by chunk as they
-arrive, never buffered.  If the client goes away, the handler is cancelled and
-the upstream connection is closed, which is how vLLM learns to stop generating.
+Answers that are not streamed go through the pooled aiohttp client and are read
+whole.  A stream (server-sent events) an HTTP/1.1 client asked for takes the raw
+relay of ``stream.py``: the engine's chunked frames go to the client as they
+are (it costs a quarter less CPU per chunk than an aiohttp client relay; figures
+in tests/bench/README.md).  Every other stream (an HTTP/1.0 client, which must
+get a close-delimited body, or an SSE answer to a request that did not ask for
+one) is relayed read by read through the aiohttp client, aiohttp framing it for
+the client's protocol.  Nothing is buffered.  If the client goes away, the
+handler is cancelled and the upstream connection is closed, which is how vLLM
+learns to stop generating.  Every phase of the exchange has a time limit
+(``deadlines.py``, ``[engine]`` in the configuration), so a hung engine or a
+client that stopped reading cannot hold the model's in-flight count for ever.
 """
 
 from __future__ import annotations
@@ -15,35 +23,24 @@ from typing import Mapping
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
-from ..errors import BadGateway
+from ..config.schema import EngineConfig
+from ..errors import BadGateway, GatewayTimeout
 from . import stream
 from .client import Endpoint
+from .deadlines import CONFIG_KEYS, Phase, StallWatch
+from .outbound import EngineRequest, engine_request
 from .usage import RequestRecord
 
 log = structlog.get_logger("sparkd.proxy")
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones sparkd sets itself.
-_DROP_REQUEST = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Authorization", "X-Api-Key", "Cookie",
-        "Origin", "Referer", "Expect",
-    )
-)
+SSE = "text/event-stream"
 _DROP_RESPONSE = frozenset(
     h.lower()
     for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Server", "Date", "Upgrade", "Trailer")
 )
-
-
-def _request_headers(request: web.Request, endpoint: Endpoint) -> CIMultiDict[str]:
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
-    headers["Authorization"] = endpoint.auth_header
-    return headers
 
 
 def _response_headers(upstream: Mapping[str, str], extra: dict[str, str] | None) -> CIMultiDict[str]:
@@ -60,51 +57,81 @@ async def forward(
     path: str,
     body: bytes,
     model: str,
+    limits: EngineConfig,
     extra_headers: dict[str, str] | None = None,
     streaming: bool = False,
     record: RequestRecord | None = None,
 ) -> web.StreamResponse:
-    """Send ``body`` to the engine at ``path`` and relay its answer to the client.
+    """Send the JSON ``body`` to the engine at ``path`` and relay its answer to the client.
 
-    ``streaming``: the client asked for a stream (``"stream": true``); the answer
-    then takes the raw relay (``stream.py``) instead of the pooled HTTP client.
-    ``record``: filled with the first byte's time and the usage the engine reported.
+    ``limits``: the ``[engine]`` time limits.  ``streaming``: the client asked for
+    a stream (``"stream": true``).  ``record``: filled with the first byte's time
+    and the usage the engine reported.
     """
-    target = path + ("?" + request.query_string if request.query_string else "")
+    outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
+    task = asyncio.current_task()
+    assert task is not None
+    watch = StallWatch(limits, task)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s or None)
     try:
-        if streaming:
-            return await _forward_stream(request, endpoint, target, body, model, extra_headers, record)
-        async with session.request(request.method, endpoint.base_url + target, data=body, headers=_request_headers(request, endpoint)) as upstream:
-            if upstream.content_type == "text/event-stream":
-                return await _stream(request, upstream, model, extra_headers, record)
-            payload = await upstream.read()
+        if streaming and request.version >= HttpVersion11:
+            return await _forward_raw(request, endpoint, outbound, body, model, watch, limits, extra_headers, record)
+        async with session.request(request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout) as upstream:
+            if upstream.content_type == SSE:
+                relayed = await _relay(request, upstream, watch, model, extra_headers, record)
+                watch.close()  # the answer is complete: leaving the upstream context must not time out
+                return relayed
+            watch.enter(Phase.READ)
+            parts = []
+            async for part in upstream.content.iter_any():
+                parts.append(part)
+                watch.enter(Phase.READ)
+            watch.close()
+            payload = b"".join(parts)
             if record is not None:
                 record.note_body(time.monotonic(), payload)
             return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream.headers, extra_headers))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
+    except asyncio.CancelledError:
+        if not watch.absorb():
+            raise
+        assert watch.expired is not None
+        raise _timed_out(model, watch, watch.expired) from None
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as error:  # only connecting has a timeout of its own
+        _log_timeout(model, "connect", limits.connect_timeout_s, "engine.connect_timeout_s")
+        raise GatewayTimeout(
+            f"model {model}: could not connect to its engine within {limits.connect_timeout_s:g} s "
+            f"(engine.connect_timeout_s); see `sparkctl logs {model}`",
+        ) from error
+    except (aiohttp.ClientError, OSError, ValueError) as error:
         raise BadGateway(
             f"model {model}: the engine did not answer ({type(error).__name__}: {error}); "
             f"it may have crashed: see `sparkctl logs {model}` or `journalctl -u sparkd`",
         ) from error
+    finally:
+        watch.close()
 
 
-async def _forward_stream(
+async def _forward_raw(
     request: web.Request,
     endpoint: Endpoint,
-    target: str,
+    outbound: EngineRequest,
     body: bytes,
     model: str,
+    watch: StallWatch,
+    limits: EngineConfig,
     extra_headers: dict[str, str] | None,
     record: RequestRecord | None,
 ) -> web.StreamResponse:
-    raw_request = stream.request_bytes(request.method, target, f"{endpoint.host}:{endpoint.port}", _request_headers(request, endpoint), body)
-    transport, upstream = await stream.open_upstream(endpoint.host, endpoint.port, raw_request)
+    """The streamed answer to an HTTP/1.1 client, over a connection of its own (``stream.py``)."""
+    raw_request = stream.request_bytes(request.method, outbound.url.raw_path_qs, f"{endpoint.host}:{endpoint.port}", outbound.headers, body)
+    transport, upstream = await stream.open_upstream(endpoint.host, endpoint.port, raw_request, watch, limits.connect_timeout_s)
     try:
         status, headers = await upstream.head
         response_headers = _response_headers(headers, extra_headers)
-        if status == 200 and headers.get("Content-Type", "").startswith("text/event-stream"):
+        if status == 200 and headers.get("Content-Type", "").startswith(SSE):
             try:
-                return await stream.relay(request, upstream, response_headers, status, model, lambda: broken_stream_event(model, "closed"))
+                return await stream.relay(request, upstream, response_headers, status, model, watch,
+                                          lambda how: broken_stream_event(model, how))
             finally:
                 if record is not None:
                     record.note_body(upstream.first_byte, upstream.before_tail + upstream.tail)
@@ -116,36 +143,92 @@ async def _forward_stream(
         transport.close()
 
 
+def _log_timeout(model: str, reason: str, limit: float, key: str) -> None:
+    log.warning("engine_request_timed_out", model=model, reason=reason, limit_s=limit, setting=key)
+
+
+def _timed_out(model: str, watch: StallWatch, phase: Phase) -> GatewayTimeout:
+    limit = watch.limit(phase)
+    _log_timeout(model, phase.value, limit, CONFIG_KEYS[phase])
+    what = "sent no answer" if phase is Phase.HEAD else "stopped sending its answer"
+    return GatewayTimeout(
+        f"model {model}: the engine {what} for {limit:g} s ({CONFIG_KEYS[phase]}); it may be overloaded or hung: "
+        f"retry, or see `sparkctl logs {model}`",
+        code="engine_timeout",
+    )
+
+
 def broken_stream_event(model: str, how: str) -> bytes:
     """The last SSE event of a stream the engine broke off: the OpenAI SDKs raise it as an APIError."""
-    message = f"model {model}: the engine stopped in the middle of the answer (connection {how}); retry the request"
+    message = f"model {model}: the engine stopped in the middle of the answer ({how}); retry the request"
     event = {"error": {"message": message, "type": "server_error", "param": None, "code": "engine_error"}}
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
-async def _stream(
+async def _relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
+    watch: StallWatch,
     model: str,
     extra_headers: dict[str, str] | None,
-    record: RequestRecord | None = None,
+    record: RequestRecord | None,
 ) -> web.StreamResponse:
-    """An SSE answer to a request that did not ask for a stream (rare): relayed through aiohttp."""
+    """Relay an SSE answer read by read (an HTTP/1.0 client, or a stream nobody asked for); a broken or
+    silent engine ends it with an error event."""
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream.headers, extra_headers))
-    await response.prepare(request)
     first: float | None = None
     tail = before_tail = b""
+    broken: str | None = None
     try:
+        watch.enter(Phase.WRITE)
+        await response.prepare(request)
+        watch.enter(Phase.READ)
         async for chunk in upstream.content.iter_any():
+            watch.enter(Phase.WRITE)
             await response.write(chunk)
+            watch.enter(Phase.READ)
             if first is None:
                 first = time.monotonic()
             before_tail, tail = tail, chunk
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError) as error:
+        if request.transport is None or request.transport.is_closing():
+            return response  # the client went away (a write to it failed): leaving closes the engine's stream
         log.warning("engine_stream_broken", model=model, error=type(error).__name__)
-        await response.write(broken_stream_event(model, type(error).__name__))
+        broken = f"connection {type(error).__name__}"
+    except asyncio.CancelledError:
+        if not watch.absorb():
+            raise
+        assert watch.expired is not None
+        _log_timeout(model, watch.expired.value, watch.limit(watch.expired), CONFIG_KEYS[watch.expired])
+        if watch.expired is not Phase.READ:
+            return _abort(request, response, drop=True)  # the client stopped reading: nothing more can reach it
+        broken = f"nothing for {watch.limit(Phase.READ):g} s, {CONFIG_KEYS[Phase.READ]}"
     finally:
         if record is not None:
             record.note_body(first, before_tail + tail)
-    await response.write_eof()
+    if broken is not None and tail and not tail.endswith(b"\n\n"):
+        return _abort(request, response)  # cut inside an event: an error event would be glued to its remains
+    try:
+        watch.enter(Phase.WRITE)
+        if broken is not None:
+            await response.write(broken_stream_event(model, broken))
+        await response.write_eof()
+    except asyncio.CancelledError:
+        if not watch.absorb():
+            raise
+        _log_timeout(model, Phase.WRITE.value, watch.limit(Phase.WRITE), CONFIG_KEYS[Phase.WRITE])
+        return _abort(request, response, drop=True)
+    return response
+
+
+def _abort(request: web.Request, response: web.StreamResponse, drop: bool = False) -> web.StreamResponse:
+    """End a stream that cannot end well: the client sees a cut connection, not a complete answer.
+
+    ``drop``: the client stopped reading; what it has not taken is dropped (a close would wait for it).
+    """
+    if request.transport is not None:
+        if drop:
+            request.transport.abort()
+        else:
+            request.transport.close()
     return response

@@ -8,6 +8,12 @@ the client's transport: no task switch, no copy, no re-framing per chunk.  Only
 the framing is tracked, to stop before the engine's last-chunk marker (aiohttp
 sends its own on ``write_eof``) and to know whether a broken stream ended on a
 frame boundary.
+
+Only HTTP/1.1 clients are relayed here (their chunked framing is the engine's);
+every other answer goes through the pooled aiohttp client (``proxy.py``).  The
+request's time limits are kept by a ``StallWatch``: this protocol only tells it
+when the engine's head is in, when bytes arrive and when a slow client pauses
+the relay.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import BadGateway, BadRequest
+from .deadlines import CONFIG_KEYS, Phase, StallWatch
 
 log = structlog.get_logger("sparkd.proxy")
 
@@ -94,8 +101,9 @@ def decode_chunked(raw: bytes) -> bytes:
 class UpstreamStream(asyncio.Protocol):
     """One request to an engine over its own connection (``Connection: close``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, watch: StallWatch) -> None:
         self._loop = loop
+        self._watch = watch
         self.head: asyncio.Future[tuple[int, CIMultiDict[str]]] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -105,6 +113,8 @@ class UpstreamStream(asyncio.Protocol):
         self._client: asyncio.Transport | None = None
         self._frames = ChunkFrames()
         self._paused = False
+        self._unrelayed: int | None = None
+        """Bytes of a sized (Content-Length) body still to relay."""
         self.first_byte: float | None = None
         """time.monotonic() of the first relayed body bytes (metrics: time to first byte)."""
         self.tail = b""
@@ -124,6 +134,7 @@ class UpstreamStream(asyncio.Protocol):
             self._received += data
             self._parse_head()
             return
+        self._watch.enter(Phase.READ)
         self._received += data
         self._check_complete(data)
 
@@ -131,10 +142,10 @@ class UpstreamStream(asyncio.Protocol):
         if not self.head.done():
             self.head.set_exception(ConnectionResetError("the engine closed the connection before answering"))
         if not self.done.done():
-            if self._client is not None:
+            if self._client is not None and (self.chunked or self.length is not None):
                 self.done.set_exception(EngineStreamBroken(self._frames.at_boundary))
             else:
-                self._finish()
+                self._finish()  # a close-delimited body ends with the connection
 
     # -- head ------------------------------------------------------------------------
 
@@ -157,6 +168,7 @@ class UpstreamStream(asyncio.Protocol):
         self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         length = headers.get("Content-Length")
         self.length = int(length) if length and length.isdigit() else None
+        self._watch.enter(Phase.READ)
         self.head.set_result((status, headers))
         self._check_complete(bytes(self._received))
 
@@ -183,6 +195,11 @@ class UpstreamStream(asyncio.Protocol):
 
     # -- relaying ----------------------------------------------------------------------
 
+    @property
+    def at_frame_boundary(self) -> bool:
+        """Everything relayed so far ended on a chunk boundary (an event may follow)."""
+        return self._frames.at_boundary
+
     def relay_to(self, client: asyncio.Transport) -> None:
         """From now on, write the body straight to ``client`` (after aiohttp sent the headers)."""
         self._client = client
@@ -194,6 +211,7 @@ class UpstreamStream(asyncio.Protocol):
     def _relay(self, data: bytes) -> None:
         client = self._client
         assert client is not None
+        self._watch.enter(Phase.READ)
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         self.before_tail, self.tail = self.tail, data
@@ -209,10 +227,17 @@ class UpstreamStream(asyncio.Protocol):
                 self._close_upstream()
                 return
         elif data:
-            client.write(b"%x\r\n%b\r\n" % (len(data), data))  # a close-delimited stream: frame it ourselves
+            client.write(b"%x\r\n%b\r\n" % (len(data), data))  # a close-delimited or sized body: frame it ourselves
+            if self.length is not None:
+                self._unrelayed = (self.length if self._unrelayed is None else self._unrelayed) - len(data)
+                if self._unrelayed <= 0:
+                    self._finish()
+                    self._close_upstream()
+                    return
         if not self._paused and client.get_write_buffer_size() > HIGH_WATER:
             # A slow client: stop reading the engine until the client catches up.
             self._paused = True
+            self._watch.enter(Phase.WRITE)
             assert self.transport is not None
             self.transport.pause_reading()
             self._loop.call_later(RESUME_CHECK_S, self._maybe_resume)
@@ -223,6 +248,7 @@ class UpstreamStream(asyncio.Protocol):
             return
         if client.get_write_buffer_size() <= LOW_WATER:
             self._paused = False
+            self._watch.enter(Phase.READ)
             upstream.resume_reading()
         else:
             self._loop.call_later(RESUME_CHECK_S, self._maybe_resume)
@@ -242,11 +268,13 @@ def request_bytes(method: str, target: str, host: str, headers: CIMultiDict[str]
     return head + body
 
 
-async def open_upstream(host: str, port: int, request: bytes) -> tuple[asyncio.Transport, UpstreamStream]:
+async def open_upstream(host: str, port: int, request: bytes, watch: StallWatch, connect_timeout: float) -> tuple[asyncio.Transport, UpstreamStream]:
+    """Connect (within ``connect_timeout`` s, 0 = no limit; ``asyncio.TimeoutError`` past it) and send ``request``."""
     loop = asyncio.get_running_loop()
-    transport, upstream = await loop.create_connection(lambda: UpstreamStream(loop), host, port)
+    connecting = loop.create_connection(lambda: UpstreamStream(loop, watch), host, port)
+    transport, upstream = await (asyncio.wait_for(connecting, connect_timeout) if connect_timeout else connecting)
     transport.write(request)
-    return transport, upstream  # type: ignore[return-value]
+    return transport, upstream
 
 
 async def relay(
@@ -255,20 +283,40 @@ async def relay(
     response_headers: CIMultiDict[str],
     status: int,
     model: str,
-    broken_event: Callable[[], bytes],
+    watch: StallWatch,
+    broken_event: Callable[[str], bytes],
 ) -> web.StreamResponse:
-    """Relay an SSE answer whose head has arrived; ``broken_event()`` gives the final error event."""
+    """Relay an SSE answer whose head has arrived; ``broken_event(how)`` gives the final error event.
+
+    The watch ends a stream whose engine went silent (an error event, as for a
+    broken stream) or whose client stopped reading (the connection is dropped).
+    """
     response = web.StreamResponse(status=status, headers=response_headers)
     await response.prepare(request)
-    assert request.transport is not None
-    upstream.relay_to(request.transport)
+    client = request.transport
+    assert client is not None
+    upstream.relay_to(client)
     try:
         await upstream.done
     except EngineStreamBroken as broken:
         log.warning("engine_stream_broken", model=model, at_frame_boundary=broken.at_frame_boundary)
         if not broken.at_frame_boundary:
-            request.transport.close()  # mid-frame: nothing valid can follow
+            client.close()  # mid-frame: nothing valid can follow
             return response
-        await response.write(broken_event())
+        await response.write(broken_event("connection closed"))
+    except asyncio.CancelledError:
+        if not watch.absorb():
+            raise
+        expired = watch.expired
+        assert expired is not None
+        log.warning("engine_request_timed_out", model=model, reason=expired.value, limit_s=watch.limit(expired), setting=CONFIG_KEYS[expired])
+        if expired is Phase.WRITE:
+            client.abort()  # the client stopped reading: its unsent bytes are dropped with the connection
+            return response
+        if not upstream.at_frame_boundary:
+            client.close()
+            return response
+        if not client.is_closing():
+            await response.write(broken_event(f"nothing for {watch.limit(expired):g} s, {CONFIG_KEYS[expired]}"))
     await response.write_eof()
     return response

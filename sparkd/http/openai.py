@@ -158,7 +158,8 @@ class OpenAIRoutes:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             streaming = body.get("stream") is True
             return await forward(
-                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, headers or None, streaming, record
+                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
+                streaming, record,
             )
         finally:
             daemon.scheduler.release(runner)

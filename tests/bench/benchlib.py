@@ -66,6 +66,14 @@ def export_sources(rev: str) -> tuple[Path, str]:
     return target, commit
 
 
+def sources_of(rev: str) -> tuple[Path, str]:
+    """A directory holding a sparkd/ package, or a git revision exported into one: (directory, what it is)."""
+    if (Path(rev) / "sparkd" / "__main__.py").exists():
+        return Path(rev).resolve(), f"the sparkd package in {Path(rev).resolve()}"
+    source, commit = export_sources(rev)
+    return source, f"commit {commit[:10]} ({rev})"
+
+
 def describe_sources() -> str:
     """Which sparkd the daemons run: HEAD's commit, and whether sparkd/ has uncommitted changes."""
     try:
@@ -111,11 +119,15 @@ class Bench:
     """Run the daemons from this copy of the sources (``run.py --rev``); None = the working tree."""
     uvloop: bool = False
     """Run the daemons under test on uvloop (an experiment: tests/bench/uvloop_site)."""
+    compare_source: Path | None = None
+    """``run.py --compare``: the sources of a second daemon the proxy benchmark streams through too."""
+    compare_label: str = ""
     daemons: list[Sparkd] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
 
     @contextlib.asynccontextmanager
-    async def sparkd(self, name: str, models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None) -> AsyncIterator[Sparkd]:
+    async def sparkd(self, name: str, models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
+                     source: Path | None = None) -> AsyncIterator[Sparkd]:
         """A started daemon with production-like logging (info); stopped and cleaned up afterwards."""
         prefix = unique_prefix()
         self.prefixes.append(prefix)
@@ -136,7 +148,7 @@ class Bench:
         workdir = self.workdir / f"{name}-{prefix}"
         merged["server"].setdefault("keys_file", str(workdir / "keys.toml"))
         daemon = BenchSparkd(workdir, prefix, models, merged)
-        daemon.source = self.source
+        daemon.source = source or self.source
         write_keys = getattr(sys.modules["harness"], "write_keys", None)
         if write_keys is not None:
             write_keys(Path(merged["server"]["keys_file"]), {"bench": {"key": BENCH_KEY, "role": "user"}})

@@ -9,7 +9,10 @@ The same engine process is called three ways from one load-generator process:
   routing, queue or header rules): the yardstick for "no more than a bare pass-through";
 * ``raw`` (streaming phase only): through tests/bench/raw_relay.py, bytes relayed
   verbatim from the upstream protocol to the client transport: the floor of what
-  a Python relay pays per chunk.
+  a Python relay pays per chunk;
+* ``compare`` (streaming phase only, ``run.py --compare REV``): a second sparkd
+  daemon running the sparkd of another revision, on its own engine container with
+  the same settings: two implementations' per-chunk CPU in the same rounds.
 
 Blocks of the three alternate, so drift on a shared machine hits all alike.  A
 proxy's CPU time is read from /proc/<pid>/stat (utime + stime, all threads)
@@ -19,6 +22,7 @@ before and after its blocks; the RESULT figures are sparkd's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -42,6 +46,7 @@ STREAMS_PER_ROUND = 32 * 4
 STAGGER_S = STREAM_TOKENS / 100 / STREAMS
 TARGETS = ("direct", "bare", "sparkd")
 STREAM_TARGETS = ("direct", "raw", "bare", "sparkd")
+COMPARE = "compare"
 
 
 def chat_body(model: str, stream: bool) -> dict[str, Any]:
@@ -58,7 +63,7 @@ class Tally:
 
     def __init__(self) -> None:
         self.values: dict[str, dict[str, Any]] = {t: {"user": 0.0, "sys": 0.0, "engine": 0.0, "client": 0.0, "wall": 0.0, "n": 0,
-                                                       "lat": [], "gaps": [], "ttfc": [], "chunks": 0} for t in STREAM_TARGETS}
+                                                       "lat": [], "gaps": [], "ttfc": [], "chunks": 0} for t in STREAM_TARGETS + (COMPARE,)}
 
     def __getitem__(self, target: str) -> dict[str, Any]:
         return self.values[target]
@@ -83,7 +88,16 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
         return max(1, int(n * scale))
 
     models = {"p": engine_model(bench.image, env={"FAKE_TOKEN_RATE": "100", "FAKE_TOKENS": str(STREAM_TOKENS), "FAKE_LOAD_DELAY": "0"})}
-    async with bench.sparkd("proxy", models) as sparkd:
+    async with contextlib.AsyncExitStack() as stack:
+        sparkd = await stack.enter_async_context(bench.sparkd("proxy", models))
+        compare = None
+        if bench.compare_source is not None:
+            compare = await stack.enter_async_context(bench.sparkd(
+                "proxy-compare", models, {"defaults": {"port_range": [29500, 29599]}}, source=bench.compare_source))
+            async with aiohttp.ClientSession() as session:
+                status, payload = await compare.chat(session, "p", "warm up")
+            if status != 200:
+                raise RuntimeError(f"first request to the compared daemon failed: {status} {payload}")
         pid = sparkd.process.pid
         model = sparkd.model("p")
         async with aiohttp.ClientSession() as session:
@@ -96,7 +110,7 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
             "raw": await start_relay("raw_relay.py", direct.url.rsplit(":", 1)[1], direct.key),
         }
         try:
-            return await measure(bench, sparkd, pid, model, direct, relays, scaled)
+            return await measure(bench, sparkd, pid, model, direct, relays, scaled, compare)
         finally:
             for process, _ in relays.values():
                 process.terminate()
@@ -104,11 +118,20 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
 
 
 async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
-                  relays: dict[str, tuple[subprocess.Popen[bytes], str]], scaled: Any) -> list[Result]:
+                  relays: dict[str, tuple[subprocess.Popen[bytes], str]], scaled: Any, compare: Any = None) -> list[Result]:
     path = "/v1/chat/completions"
     targets = {"direct": (direct.url + path, direct.headers), "sparkd": (sparkd.base_url + path, dict(sparkd.client_headers))}
     targets.update({name: (url + path, {}) for name, (_, url) in relays.items()})
     proxy_pid = {"direct": None, "sparkd": pid, **{name: process.pid for name, (process, _) in relays.items()}}
+    stream_targets, load_targets = STREAM_TARGETS, TARGETS
+    if compare is not None:
+        # The compared daemon serves every phase too: both daemons have the same history (heap, GC
+        # generations, metrics) when their streams are measured.
+        load_targets = TARGETS + (COMPARE,)
+        targets[COMPARE] = (compare.base_url + path, dict(compare.client_headers))
+        proxy_pid[COMPARE] = compare.process.pid
+        stream_targets = STREAM_TARGETS + (COMPARE,)
+        print(f"# compare: sparkd pid {compare.process.pid} on {compare.base_url} running {bench.compare_label}")
     loop = "uvloop" if "uvloop" in open(f"/proc/{pid}/maps").read() else "asyncio's default loop"
     print(f"# sparkd pid {pid} on {sparkd.base_url} ({loop}); engine pid {direct.pid} on {direct.url}; model {model}; "
           + "; ".join(f"{name} relay pid {process.pid} on {url}" for name, (process, url) in relays.items()))
@@ -122,6 +145,8 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
 
         async def block(tally: Tally, target: str, command: dict[str, Any]) -> dict[str, Any]:
             url, headers = targets[target]
+            if target == COMPARE:  # the compared daemon names its model with its own prefix
+                command = {**command, "body": {**command["body"], "model": compare.model("p")}}
             proxy = proxy_pid[target]
             u0, k0 = cpu_times(proxy) if proxy else (0.0, 0.0)
             e0 = cpu_seconds(direct.pid)
@@ -149,22 +174,22 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
 
         # -- warm-up: connection pools, code paths, the engine's caches
         warm = Tally()
-        for target in TARGETS:
+        for target in load_targets:
             await block(warm, target, load(scaled(300), 1))
             await block(warm, target, load(scaled(1000), 32))
-        for target in STREAM_TARGETS:
+        for target in stream_targets:
             await block(warm, target, streams(STREAMS))
 
         # -- concurrency 1: latency
         c1 = Tally()
         began = time.perf_counter()
         while c1["sparkd"]["n"] < scaled(C1_REQUESTS):
-            for target in TARGETS:
+            for target in load_targets:
                 n = min(C1_BLOCK, scaled(C1_REQUESTS))
                 await block(c1, target, load(n, 1))
                 c1[target]["n"] += n
         print(f"\n## concurrency 1, non-streaming chat, {c1['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
-        for target in TARGETS:
+        for target in load_targets:
             print(f"  {target:7s} latency {summary(c1[target]['lat'])}")
         for target in ("bare", "sparkd"):
             added = {p: percentile(c1[target]["lat"], p) - percentile(c1["direct"]["lat"], p) for p in (50, 90, 99)}
@@ -177,12 +202,12 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
         began = time.perf_counter()
         async with Profiler(bench.profile_dir, pid, "proxy_c32"):
             while c32["sparkd"]["n"] < scaled(C32_REQUESTS):
-                for target in TARGETS:
+                for target in load_targets:
                     n = min(C32_BLOCK, scaled(C32_REQUESTS))
                     await block(c32, target, load(n, 32))
                     c32[target]["n"] += n
         print(f"\n## concurrency 32, non-streaming chat, {c32['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
-        for target in TARGETS:
+        for target in load_targets:
             t = c32[target]
             n = t["n"]
             proxy = (f"proxy {(t['user'] + t['sys']) / n * 1e6:.0f} us ({t['sys'] / n * 1e6:.0f} us in the kernel), "
@@ -197,11 +222,11 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
         began = time.perf_counter()
         async with Profiler(bench.profile_dir, pid, "proxy_stream"):
             for _ in range(STREAM_ROUNDS):
-                for target in STREAM_TARGETS:
+                for target in stream_targets:
                     await block(st, target, streams(max(STREAMS, scaled(STREAMS_PER_ROUND))))
         print(f"\n## streaming, {STREAMS} concurrent streams of {STREAM_TOKENS} tokens at 100 tokens/s, "
               f"{len(st['sparkd']['ttfc'])} streams per target ({time.perf_counter() - began:.1f} s)")
-        for target in STREAM_TARGETS:
+        for target in stream_targets:
             t = st[target]
             print(f"  {target:7s} {t['chunks']} chunks; load generator busy {t['client'] / t['wall'] * 100:.0f}% of one core")
             print(f"          inter-chunk {summary(t['gaps'])}")
@@ -212,11 +237,17 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
         added_gap_p99 = percentile(st["sparkd"]["gaps"], 99) - percentile(st["direct"]["gaps"], 99)
         cpu_per_chunk = (st["sparkd"]["user"] + st["sparkd"]["sys"]) / st["sparkd"]["chunks"] * 1e6
         added_ttfc = percentile(st["sparkd"]["ttfc"], 50) - percentile(st["direct"]["ttfc"], 50)
-        for target in STREAM_TARGETS[1:]:
+        for target in stream_targets[1:]:
             print(f"  added by {target}: inter-chunk p99 {percentile(st[target]['gaps'], 99) - percentile(st['direct']['gaps'], 99):.3f} ms, "
                   f"first chunk p50 {percentile(st[target]['ttfc'], 50) - percentile(st['direct']['ttfc'], 50):.3f} ms")
 
     print(f"\n# sparkd peak RSS after the run: {memory_kb(pid)['VmHWM'] / 1024:.1f} MB; {machine_line()}")
+    compared = []
+    if compare is not None:
+        compare_per_chunk = (st[COMPARE]["user"] + st[COMPARE]["sys"]) / st[COMPARE]["chunks"] * 1e6
+        print(f"# per chunk: sparkd {cpu_per_chunk:.1f} us, compare ({bench.compare_label}) {compare_per_chunk:.1f} us: "
+              f"sparkd costs {(cpu_per_chunk / compare_per_chunk - 1) * 100:+.1f} %")
+        compared = [Result("cpu_per_chunk_compare", compare_per_chunk, "us")]
     return [
         Result("added_p50_c1", added_p50, "ms"),
         Result("added_p99_c1", added_p99, "ms"),
@@ -224,4 +255,5 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
         Result("added_interchunk_p99", added_gap_p99, "ms"),
         Result("cpu_per_chunk", cpu_per_chunk, "us"),
         Result("added_ttfc_p50", added_ttfc, "ms"),
+        *compared,
     ]

@@ -48,6 +48,9 @@ async def main() -> int:
                         help="run the sparkd of this git revision (git archive into a temporary directory), or of a directory "
                              "holding a sparkd/ package, instead of the working tree: compare commits or patches, or "
                              "measure while sparkd/ is being edited")
+    parser.add_argument("--compare", metavar="REV",
+                        help="proxy benchmark: also stream through a second daemon running the sparkd of this git revision "
+                             "(or directory), in the same rounds: per-chunk CPU of two implementations in one run")
     parser.add_argument("--uvloop", action="store_true",
                         help="experiment: run the sparkd daemons under test on uvloop (sparkd does not use it itself)")
     parser.add_argument("--retries", type=int, default=1,
@@ -82,6 +85,8 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
         source, sources = None, benchlib.describe_sources()
     bench = Bench(podman=client, image=image, workdir=benchlib.new_workdir(), profile_dir=args.profile, source=source,
                   uvloop=args.uvloop)
+    if args.compare:
+        bench.compare_source, bench.compare_label = benchlib.sources_of(args.compare)
     print(f"# sparkd benchmarks: {', '.join(names)}")
     print(f"# {benchlib.machine_line()} python={platform.python_version()} aiohttp={aiohttp.__version__} "
           f"engine image {image}; work dir {bench.workdir}")
@@ -120,6 +125,8 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
     client.close()
     if exported:
         shutil.rmtree(source, ignore_errors=True)
+    if bench.compare_source is not None and bench.compare_label.startswith("commit"):
+        shutil.rmtree(bench.compare_source, ignore_errors=True)
     print(f"# daemon logs and configs: {bench.workdir}")
     if failed:
         print(f"# failed: {', '.join(failed)}")

@@ -28,6 +28,8 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     crash_mid_stream      os._exit(1) after N SSE events of a stream (0 = never)
     hang                  accept inference requests but never answer them
     hang_health           with hang: /health never answers either
+    capture               record the raw bytes of every connection made to the port
+                          (a TCP front that passes them to the server): GET /fake/captured
     hold_after_chunk      a stream sends N SSE events then waits for POST /fake/release
     role                  single (default) | head | worker
     head_address          worker: the head's host:port to register with
@@ -64,6 +66,8 @@ Test-control endpoints:
     GET  /fake/state     counters, last inference request's body/headers/path, argv, env
     POST /fake/release   let every stream held by hold_after_chunk go on
     POST /fake/register  (head role) a worker announces itself: {"worker_id": ...}
+    POST /fake/hang_health  from now on /health never answers (a READY engine that hangs)
+    GET  /fake/captured  with capture: {"connections": [raw bytes received, latin-1, ...]}
 
 Requests are logged one line each on stdout, uvicorn-style.
 """
@@ -112,6 +116,7 @@ KNOBS: dict[str, tuple[type, Any, str]] = {
     "crash_mid_stream": (int, 0, "os._exit(1) after N SSE events of a stream"),
     "hang": (bool, False, "never answer inference requests"),
     "hang_health": (bool, False, "with hang: never answer /health either"),
+    "capture": (bool, False, "record the raw bytes received on every connection (GET /fake/captured)"),
     "hold_after_chunk": (int, 0, "hold each stream after N SSE events until /fake/release"),
     "role": (str, "single", "single | head | worker"),
     "head_address": (str, "", "worker: head host:port"),
@@ -325,6 +330,8 @@ class FakeEngine:
         self.registered_with_head = False
         self._release: asyncio.Event | None = None
         self._held = 0
+        self.health_hangs = False
+        self.captured: list[bytearray] = []
 
     # ------------------------------------------------------------ state
 
@@ -588,7 +595,7 @@ class Handlers:
     # ---- health and info
 
     async def health(self, request: web.Request) -> web.Response:
-        if self.e.cfg.hang and self.e.cfg.hang_health:
+        if (self.e.cfg.hang and self.e.cfg.hang_health) or self.e.health_hangs:
             await wait_until_client_gone(request)
             raise ClientGone()
         if not self.e.ready():
@@ -841,6 +848,13 @@ class Handlers:
     async def fake_state(self, request: web.Request) -> web.Response:
         return web.json_response(self.e.state())
 
+    async def fake_hang_health(self, request: web.Request) -> web.Response:
+        self.e.health_hangs = True
+        return web.json_response({"health_hangs": True})
+
+    async def fake_captured(self, request: web.Request) -> web.Response:
+        return web.json_response({"connections": [bytes(c).decode("latin-1") for c in self.e.captured]})
+
     async def fake_release(self, request: web.Request) -> web.Response:
         return web.json_response({"released": self.e.release()})
 
@@ -944,6 +958,8 @@ def make_app(config: Config, engine: FakeEngine | None = None) -> web.Applicatio
     r = app.router
     r.add_get("/health", h.health)
     r.add_get("/fake/state", h.fake_state)
+    r.add_get("/fake/captured", h.fake_captured)
+    r.add_post("/fake/hang_health", h.fake_hang_health)
     if config.role == "head":
         r.add_post("/fake/register", h.fake_register)
     if config.role != "worker":  # a worker serves /health (and its state) only
@@ -1001,6 +1017,47 @@ async def load(cfg: Config, stop: asyncio.Event) -> bool:
     return not stop.is_set()
 
 
+class CaptureFront:
+    """The capture knob: records what each connection sends, byte for byte, before any HTTP parsing
+    (a smuggled second request shows as such), and passes everything through to the real server."""
+
+    LIMIT = 1024 * 1024
+    """Bytes kept per connection."""
+
+    def __init__(self, captured: list, inner_port: int):
+        self.captured = captured
+        self.inner_port = inner_port
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        record = bytearray()
+        self.captured.append(record)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.inner_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(source: asyncio.StreamReader, target: asyncio.StreamWriter, keep: bytearray | None) -> None:
+            try:
+                while True:
+                    data = await source.read(65536)
+                    if not data:
+                        break
+                    if keep is not None and len(keep) < self.LIMIT:
+                        keep += data[: self.LIMIT - len(keep)]
+                    target.write(data)
+                    await target.drain()
+                if target.can_write_eof():
+                    target.write_eof()
+            except (OSError, RuntimeError):
+                pass
+            if keep is None:  # the server's side ended: so does the client's
+                target.close()
+
+        await asyncio.gather(pump(reader, up_writer, record), pump(up_reader, writer, None))
+        up_writer.close()
+
+
 async def register_with_head(engine: FakeEngine, port: int) -> None:
     """Worker role: POST to the head's /fake/register until it answers 200."""
     cfg = engine.cfg
@@ -1042,7 +1099,15 @@ async def serve(cfg: Config) -> int:
     engine = FakeEngine(cfg)
     runner = web.AppRunner(make_app(cfg, engine), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    front = None
+    if cfg.capture:
+        inner = socket.socket()
+        inner.bind(("127.0.0.1", 0))
+        site: web.BaseSite = web.SockSite(runner, inner)
+        capture = CaptureFront(engine.captured, inner.getsockname()[1])
+        front = await asyncio.start_server(capture.handle, cfg.host, cfg.port)
+    else:
+        site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     print(f"INFO {_ts()} [api_server.py] Starting vLLM API server on http://{cfg.host}:{cfg.port}", flush=True)
     print("INFO:     Started server process [%d]" % os.getpid(), flush=True)
@@ -1055,6 +1120,8 @@ async def serve(cfg: Config) -> int:
     print("INFO:     Shutting down", flush=True)
     for task in tasks:
         task.cancel()
+    if front is not None:
+        front.close()
     await runner.cleanup()
     return 0
 
