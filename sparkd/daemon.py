@@ -22,6 +22,7 @@ from .cluster.workers import WorkerLeases
 from .engine.client import EngineClient
 from .http.app import build_app
 from .http.auth import KeyRing, KeysFileError, load_keys
+from .http.connections import ConnectionGate, GuardedListener
 from .http.routing import ModelDirectory
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
@@ -100,13 +101,18 @@ class Daemon:
         self.ops = Operations(self, memory)  # metrics, history, live status, the admin socket
         await self.ops.open()
         events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
-        runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
+        runner = web.AppRunner(
+            build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5,
+            keepalive_timeout=config.server.keepalive_timeout_s,
+        )
         await runner.setup()
-        sites: list[web.BaseSite] = []
+        assert runner.server is not None
+        gate = ConnectionGate(runner.server, lambda: self.config.server)
+        sites: list[web.BaseSite | GuardedListener] = []
         try:
             for address in config.server.listen:
                 host, port = parse_listen(address)
-                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+                site = GuardedListener(gate, host, port)
                 try:
                     await site.start()
                 except OSError as error:
@@ -141,6 +147,10 @@ class Daemon:
                 task.cancel()
             events.stop()
             await self.ops.close()
+            for site in sites:
+                if isinstance(site, GuardedListener):
+                    await site.stop()  # idempotent; runner.cleanup() stops the aiohttp sites
+            gate.close()
             await runner.cleanup()
             await self.peer_client.close()
             await self.engine.close()
@@ -231,6 +241,8 @@ class Daemon:
     def _apply(self, new: Config, keys: KeyRing) -> None:
         if new.server.listen != self.config.server.listen:
             log.warning("config_needs_restart", key="server.listen", hint="systemctl restart sparkd")
+        if new.server.keepalive_timeout_s != self.config.server.keepalive_timeout_s:
+            log.warning("config_needs_restart", key="server.keepalive_timeout_s", hint="systemctl restart sparkd")
         if new.peers != self.config.peers or new.cluster != self.config.cluster:
             log.warning("config_needs_restart", key="peers/cluster", hint="systemctl restart sparkd")
         if new.podman != self.config.podman or new.server.runtime_dir != self.config.server.runtime_dir:
@@ -244,7 +256,7 @@ class Daemon:
 
     # -- shutdown --------------------------------------------------------------
 
-    async def _shutdown(self, sites: list[web.BaseSite]) -> None:
+    async def _shutdown(self, sites: list[web.BaseSite | GuardedListener]) -> None:
         # Kept in STATUS= while in-flight requests drain.
         self._status_note = "stopping"
         self.notifier.stopping(self._status_text())
