@@ -328,7 +328,5 @@ def serve(config_path: Path) -> int:
         asyncio.run(Daemon(config, config_path).run())
     except StartupError as error:
         log.error("startup_failed", reason=str(error))
-        if error.__cause__ is not None:
-            log.debug("startup_failure_cause", error=repr(error.__cause__), exc_info=error.__cause__)
         return 1
     return 0
