@@ -239,7 +239,7 @@ async def podman_refusing_listings(path: Path, upstream: str = "/run/podman/podm
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", relay)
     app.on_cleanup.append(lambda _app: client.close())
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # the relayed events stream never ends by itself
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()
     return runner
