@@ -21,19 +21,17 @@ step "host: packages, Podman service"
 "$repo/tests/setup/host.sh"
 
 step "python: venv with sparkd's dependencies"
-venv_key=$({ cat "$repo/pyproject.toml"; "$python" --version; } | sha256sum | cut -c1-16)
+# The locked versions (tests/requirements.lock, from packaging/lock.sh): the same pins the
+# .deb ships, plus the test tools, each checked against its sha256.
+venv_key=$({ cat "$repo/tests/requirements.lock"; "$python" --version; } | sha256sum | cut -c1-16)
 venv="$cache/venv-$venv_key"
 if [ ! -x "$venv/bin/python" ]; then
     rm -rf "$venv.tmp"
     "$python" -m venv "$venv.tmp"
     # Dependencies only: the tests run the checkout itself (PYTHONPATH), so a cached
     # venv never holds a stale copy of sparkd.
-    "$venv.tmp/bin/python" - "$repo/pyproject.toml" > "$venv.tmp/requirements.txt" <<'PY'
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
-PY
-    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check -r "$venv.tmp/requirements.txt"
+    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$repo/tests/requirements.lock"
+    "$venv.tmp/bin/pip" check
     mv "$venv.tmp" "$venv"
 else
     echo "cached: $venv"
