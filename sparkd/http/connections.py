@@ -22,7 +22,7 @@ local administrator.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -84,7 +84,7 @@ class ConnectionGate:
         self.over_limit = BurstLog(loop, "max_connections")
         self.header_timeouts = BurstLog(loop, "header_timeout")
 
-    def protocol(self) -> "GuardedConnection":
+    def protocol(self) -> GuardedConnection:
         return GuardedConnection(self)
 
     def settings(self) -> ServerConfig:

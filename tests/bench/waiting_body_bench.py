@@ -15,7 +15,6 @@ import json
 import time
 
 import aiohttp
-
 from benchlib import BENCH_KEY, Bench, Result, engine_model, memory_kb
 
 REQUESTS = 8

@@ -12,7 +12,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-
 from harness import engine_model, write_keys
 
 pytestmark = pytest.mark.podman

@@ -17,7 +17,14 @@ from sparkd.http.auth import KeyRing
 from sparkd.http.health import HealthRoutes
 from sparkd.runtime.errors import RuntimeFailure
 from sparkd.scheduler.memory import MemoryGauge
-from sparkd.scheduler.queue import KeyQueueFull, QueueBytesFull, QueueFull, QueueLimits, Waiter, WaitQueue
+from sparkd.scheduler.queue import (
+    KeyQueueFull,
+    QueueBytesFull,
+    QueueFull,
+    QueueLimits,
+    Waiter,
+    WaitQueue,
+)
 
 
 def limits(size: int = 10, body_bytes: int = 1000, per_key: int = 3) -> QueueLimits:
