@@ -36,6 +36,26 @@ if [ ! -x "$venv/bin/python" ]; then
 else
     echo "cached: $venv"
 fi
+# A pyproject.toml edited without packaging/lock.sh: say so rather than test other versions.
+"$venv/bin/python" - "$repo/pyproject.toml" <<'PY'
+import sys, tomllib
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+stale = []
+for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+    requirement = Requirement(spec)
+    if requirement.marker is not None and not requirement.marker.evaluate():
+        continue
+    try:
+        found = version(requirement.name)
+    except PackageNotFoundError:
+        found = None
+    if found is None or not requirement.specifier.contains(found, prereleases=True):
+        stale.append(f"{requirement} (locked: {found or 'missing'})")
+if stale:
+    sys.exit("tests/requirements.lock does not satisfy pyproject.toml: " + "; ".join(stale) + ". Run packaging/lock.sh")
+PY
 export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
