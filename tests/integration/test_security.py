@@ -76,6 +76,24 @@ async def test_waiting_bodies_past_the_byte_limit_get_503_and_one_key_cannot_fil
     assert "reason=key_queue_limit" in logs and "reason=queue_body_bytes" in logs
 
 
+async def test_a_request_that_waited_as_bytes_keeps_its_fixups_and_its_context_fit(sparkd_factory, engine_image):
+    # While it waits only the bytes are held; after the wait the body is parsed again to fit the context.
+    sparkd = sparkd_factory({"m": engine_model(engine_image, args=["--max-model-len", "4096"], max_model_len=4096, env={"FAKE_LOAD_DELAY": "2"})})
+    await sparkd.start()
+    body = {"model": sparkd.model("m"), "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 8000, "max_completion_tokens": -1}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(sparkd.base_url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200, await response.text()
+            assert response.headers["X-Sparkd-Fixups"] == "normalize_max_tokens"
+            assert response.headers["X-Sparkd-Max-Tokens-Capped"].startswith("requested=8000 sent=4060 ")
+        port = (await sparkd.model_status("m"))["port"]
+        async with session.get(f"http://127.0.0.1:{port}/fake/state") as response:
+            received = (await response.json())["last_request_body"]
+    assert received["max_tokens"] == 4060 and "max_completion_tokens" not in received
+    assert received["messages"] == body["messages"] and received["model"] == sparkd.model("m")
+    assert "request_queued" in sparkd.logs()  # it did wait
+
+
 async def http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/healthz") -> int:
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     await writer.drain()
