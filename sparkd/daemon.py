@@ -138,7 +138,8 @@ class Daemon:
         await runner.setup()
         cleanup.push_async_callback(runner.cleanup)
         assert runner.server is not None
-        gate = ConnectionGate(runner.server, lambda: self.config.server)
+        refused = self.ops.metrics.connections_refused
+        gate = ConnectionGate(runner.server, lambda: self.config.server, lambda reason: refused.labels(reason).inc())
         cleanup.callback(gate.close)
         sites: list[web.BaseSite | GuardedListener] = []
         cleanup.push_async_callback(_stop_listeners, sites)  # runner.cleanup() stops the aiohttp sites

@@ -40,9 +40,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class BurstLog:
     """One warning when refusals begin, one summary when they stop: a flood costs two log lines."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, reason: str, counted: Callable[[str], None]) -> None:
         self._loop = loop
         self._reason = reason
+        self._counted = counted
         self._count = 0
         self._began = 0.0
         self._last = 0.0
@@ -52,6 +53,7 @@ class BurstLog:
         now = self._loop.time()
         self._count += 1
         self._last = now
+        self._counted(self._reason)
         if self._timer is None:
             self._began = now
             log.warning("connections_refusing", reason=self._reason, **fields)
@@ -76,13 +78,16 @@ class BurstLog:
 class ConnectionGate:
     """Counts the open TCP connections and makes their guarded protocols."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], settings: Callable[[], ServerConfig]) -> None:
+    def __init__(
+        self, factory: Callable[[], asyncio.Protocol], settings: Callable[[], ServerConfig], counted: Callable[[str], None]
+    ) -> None:
+        """``counted(reason)`` is called for every refused connection (the metrics counter)."""
         self._factory = factory
         self._settings = settings  # read per connection: a reload applies to new connections
         self.open = 0
         loop = asyncio.get_running_loop()
-        self.over_limit = BurstLog(loop, "max_connections")
-        self.header_timeouts = BurstLog(loop, "header_timeout")
+        self.over_limit = BurstLog(loop, "max_connections", counted)
+        self.header_timeouts = BurstLog(loop, "header_timeout", counted)
 
     def protocol(self) -> GuardedConnection:
         return GuardedConnection(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import sqlite3
@@ -68,10 +69,17 @@ async def test_waiting_bodies_past_the_byte_limit_get_503_and_one_key_cannot_fil
         # A small body still fits, and another key is not held back by alice's.
         waiting.append(asyncio.create_task(post_chat(session, base, bob, chat_body(model, 10))))
         await wait_queued(sparkd, "a", 3)
+        held = 2 * len(json.dumps(chat_body(model, 900 * KIB))) + len(json.dumps(chat_body(model, 10)))
+        async with session.get(base + "/metrics", headers={"Authorization": f"Bearer {root}"}) as response:
+            gauge = re.search(r"^sparkd_queue_body_bytes (\S+)$", await response.text(), re.M)
+        assert gauge is not None and float(gauge[1]) == held
         # Refusals lost nothing: every request that waited is served once the model is up.
         for status, _, body in await asyncio.gather(*waiting):
             assert status == 200, body
     assert (await sparkd.model_status("a"))["queued"] == 0
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics", headers={"Authorization": f"Bearer {root}"}) as response:
+            assert re.search(r"^sparkd_queue_body_bytes 0\.0$", await response.text(), re.M)
     logs = sparkd.logs()
     assert "reason=key_queue_limit" in logs and "reason=queue_body_bytes" in logs
 
@@ -197,6 +205,11 @@ async def test_connections_past_the_cap_are_refused_and_logged_once_per_burst(sp
     writer.close()
     logs = await wait_for_log(sparkd, r"event=connections_refused reason=max_connections count=4")
     assert len(re.findall(r"event=connections_refusing reason=max_connections", logs)) == 1
+    # Counted in /metrics, read over the admin unix socket (not counted against the TCP cap).
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sparkd.workdir / "run" / "sparkd.sock"))) as admin:
+        async with admin.get("http://sparkd/metrics") as response:
+            text = await response.text()
+    assert re.search(r'^sparkd_connections_refused_total\{reason="max_connections"\} 4\.0$', text, re.M), text
 
 
 async def test_readyz_tells_a_keyless_caller_only_the_verdict(sparkd_factory, tmp_path):
