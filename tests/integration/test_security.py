@@ -71,7 +71,7 @@ async def test_waiting_bodies_past_the_byte_limit_get_503_and_one_key_cannot_fil
         await wait_queued(sparkd, "a", 3)
         held = 2 * len(json.dumps(chat_body(model, 900 * KIB))) + len(json.dumps(chat_body(model, 10)))
         async with session.get(base + "/metrics", headers={"Authorization": f"Bearer {root}"}) as response:
-            gauge = re.search(r"^sparkd_queue_body_bytes (\S+)$", await response.text(), re.M)
+            gauge = re.search(r"^sparkd_queue_body_bytes (\S+)$", await response.text(), re.MULTILINE)
         assert gauge is not None and float(gauge[1]) == held
         # Refusals lost nothing: every request that waited is served once the model is up.
         for status, _, body in await asyncio.gather(*waiting):
@@ -79,7 +79,7 @@ async def test_waiting_bodies_past_the_byte_limit_get_503_and_one_key_cannot_fil
     assert (await sparkd.model_status("a"))["queued"] == 0
     async with aiohttp.ClientSession() as session:
         async with session.get(base + "/metrics", headers={"Authorization": f"Bearer {root}"}) as response:
-            assert re.search(r"^sparkd_queue_body_bytes 0\.0$", await response.text(), re.M)
+            assert re.search(r"^sparkd_queue_body_bytes 0\.0$", await response.text(), re.MULTILINE)
     logs = sparkd.logs()
     assert "reason=key_queue_limit" in logs and "reason=queue_body_bytes" in logs
 
@@ -209,7 +209,7 @@ async def test_connections_past_the_cap_are_refused_and_logged_once_per_burst(sp
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sparkd.workdir / "run" / "sparkd.sock"))) as admin:
         async with admin.get("http://sparkd/metrics") as response:
             text = await response.text()
-    assert re.search(r'^sparkd_connections_refused_total\{reason="max_connections"\} 4\.0$', text, re.M), text
+    assert re.search(r'^sparkd_connections_refused_total\{reason="max_connections"\} 4\.0$', text, re.MULTILINE), text
 
 
 async def test_readyz_tells_a_keyless_caller_only_the_verdict(sparkd_factory, tmp_path):
