@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,8 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sparkd.config import ConfigError, load_config
+from sparkd.config import ConfigError, ServerConfig, load_config
 from sparkd.http.auth import KeyRing
+from sparkd.http.connections import ConnectionGate, GuardedListener, watch_requests
 from sparkd.http.health import HealthRoutes
 from sparkd.runtime.errors import RuntimeFailure
 from sparkd.scheduler.memory import MemoryGauge
@@ -131,3 +133,101 @@ async def test_a_hanging_nvidia_smi_is_killed_at_its_timeout(tmp_path: Path):
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped, not left running
+
+
+async def guarded_server(settings: ServerConfig, refused: list[str]) -> tuple[web.AppRunner, ConnectionGate, GuardedListener, int]:
+    app = web.Application(middlewares=[watch_requests])
+
+    async def slow_body(request: web.Request) -> web.Response:
+        return web.json_response({"read": len(await request.read())})
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app.router.add_get("/ok", ok)
+    app.router.add_post("/body", slow_body)
+    runner = web.AppRunner(app, keepalive_timeout=30)
+    await runner.setup()
+    assert runner.server is not None
+    gate = ConnectionGate(runner.server, lambda: settings, refused.append)
+    port = free_port()
+    listener = GuardedListener(gate, "127.0.0.1", port)
+    await listener.start()
+    return runner, gate, listener, port
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
+    writer.write(request)
+    await writer.drain()
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+async def closed(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def test_the_gate_caps_connections_and_frees_a_slot_when_one_closes():
+    refused: list[str] = []
+    runner, gate, listener, port = await guarded_server(ServerConfig(max_connections=2, header_timeout_s=30), refused)
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for reader, _ in extra:
+            assert await closed(reader, 2)
+        assert refused == ["max_connections"] * 3 and gate.open == 2
+        head = await answered(*held[0], b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        held[1][1].close()
+        await asyncio.sleep(0.2)
+        assert gate.open == 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await answered(reader, writer, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        for _, each in held + extra + [(reader, writer)]:
+            each.close()
+    finally:
+        await listener.stop()
+        gate.close()
+        await runner.cleanup()
+
+
+async def test_the_header_deadline_cuts_slow_headers_but_not_a_slow_body_or_an_idle_keepalive():
+    refused: list[str] = []
+    runner, gate, listener, port = await guarded_server(ServerConfig(max_connections=10, header_timeout_s=0.5), refused)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ok HTTP/1.1\r\n")
+        for index in range(10):
+            await asyncio.sleep(0.1)
+            if reader.at_eof():
+                break
+            writer.write(b"X-%d: y\r\n" % index)
+        assert await closed(reader, 1) and refused == ["header_timeout"]
+        writer.close()
+        # A body that takes longer than the deadline is the handler's business; the idle time between
+        # two requests of a kept-alive connection is the keep-alive timeout's.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+        for byte in b"abcd":
+            await asyncio.sleep(0.3)
+            writer.write(bytes([byte]))
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        await asyncio.sleep(0.8)
+        assert (await answered(reader, writer, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        assert refused == ["header_timeout"]
+        writer.close()
+    finally:
+        await listener.stop()
+        gate.close()
+        await runner.cleanup()
