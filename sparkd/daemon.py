@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import structlog
 from aiohttp import web
@@ -20,8 +21,10 @@ from .cluster.head import HeadCoordinator
 from .cluster.peers import PeerClient, PeerError, load_peers, warn_insecure
 from .cluster.workers import WorkerLeases
 from .engine.client import EngineClient
+from .history import HistoryUnavailable
 from .http.app import build_app
 from .http.auth import KeyRing, KeysFileError, load_keys
+from .http.connections import ConnectionGate, GuardedListener
 from .http.routing import ModelDirectory
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
@@ -46,6 +49,17 @@ class StartupError(Exception):
     """sparkd cannot start; the message says why and what to do."""
 
 
+@contextmanager
+def startup_step(what: str, advice: str) -> Iterator[None]:
+    """Any failure of one start-up step becomes a one-line ``StartupError`` naming the step, never a traceback."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever fails here, sparkd cannot start and must say so
+        raise StartupError(f"{what} failed: {str(error) or repr(error)}. {advice}") from error
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path) -> None:
         self.config = config
@@ -67,6 +81,12 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; raises ``StartupError`` when it cannot start."""
+        async with AsyncExitStack() as cleanup:
+            await self._run(cleanup)
+        log.info("sparkd_stopped")
+
+    async def _run(self, cleanup: AsyncExitStack) -> None:
+        """Start, serve, shut down; whatever was set up is torn down by ``cleanup`` (in reverse), on failure too."""
         config = self.config
         try:
             self.keys = await asyncio.to_thread(load_keys, config)
@@ -78,18 +98,24 @@ class Daemon:
             lock.acquire()
         except Exception as error:
             raise StartupError(str(error)) from error
+        cleanup.callback(lock.release)
+        cleanup.callback(self.runtime.close)
         loop = asyncio.get_running_loop()
         self.engine = EngineClient()
+        cleanup.push_async_callback(self.engine.close)
         memory = MemoryGauge(config.gpu.memory_probe)
-        await memory.resolve()
+        with startup_step("probing the GPU memory", "set gpu.memory_probe = \"none\" to run without a probe"):
+            await memory.resolve()
         load_times = LoadTimes(Path(config.server.state_dir) / "load-times.json")
-        await asyncio.to_thread(load_times.load)
+        with startup_step("reading the load times", "move the file aside; sparkd starts a new one"):
+            await asyncio.to_thread(load_times.load)
         try:
             peers = await asyncio.to_thread(load_peers, config.peers)
         except PeerError as error:
             raise StartupError(str(error)) from error
         warn_insecure(config.peers)
         self.peer_client = PeerClient()
+        cleanup.push_async_callback(self.peer_client.close)
         coordinator = (
             HeadCoordinator(config, peers, self.peer_client, lambda model, reason: self.scheduler.model_lost(model, reason))
             if peers
@@ -100,55 +126,68 @@ class Daemon:
         self.workers = WorkerLeases(self.scheduler)
         self.scheduler.subscribe(lambda _runner, _previous: self._publish_status())
         self.ops = Operations(self, memory)  # metrics, history, live status, the admin socket
-        await self.ops.open()
-        events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
-        runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5)
-        await runner.setup()
-        sites: list[web.BaseSite] = []
+        cleanup.push_async_callback(self.ops.close)
         try:
-            for address in config.server.listen:
-                host, port = parse_listen(address)
-                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
-                try:
-                    await site.start()
-                except OSError as error:
-                    raise StartupError(
-                        f"cannot listen on {address}: {error.strerror or error}. Is another service using the port? "
-                        "Change server.listen in the configuration"
-                    ) from error
-                sites.append(site)
-            log.info("listening", addresses=list(config.server.listen))
-            admin_site = await self.ops.start_socket(runner)
-            if admin_site is not None:
-                sites.append(admin_site)
+            await self.ops.open()
+        except HistoryUnavailable as error:
+            raise StartupError(str(error)) from error
+        events = EventStream(config.podman.url, config.server.instance, loop, self.scheduler.on_container_event)
+        cleanup.callback(events.stop)
+        runner = web.AppRunner(
+            build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5,
+            keepalive_timeout=config.server.keepalive_timeout_s,
+        )
+        await runner.setup()
+        cleanup.push_async_callback(runner.cleanup)
+        assert runner.server is not None
+        refused = self.ops.metrics.connections_refused
+        gate = ConnectionGate(runner.server, lambda: self.config.server, lambda reason: refused.labels(reason).inc())
+        cleanup.callback(gate.close)
+        sites: list[web.BaseSite | GuardedListener] = []
+        cleanup.push_async_callback(_stop_listeners, sites)  # runner.cleanup() stops the aiohttp sites
+        for address in config.server.listen:
+            host, port = parse_listen(address)
+            site = GuardedListener(gate, host, port)
             try:
-                version = await self.runtime.version()
-            except Exception as error:
-                raise StartupError(str(error)) from error
-            log.info("podman_connected", url=config.podman.url, version=version)
-            events.start()
+                await site.start()
+            except OSError as error:
+                raise StartupError(
+                    f"cannot listen on {address}: {error.strerror or error}. Is another service using the port? "
+                    "Change server.listen in the configuration"
+                ) from error
+            sites.append(site)
+        log.info("listening", addresses=list(config.server.listen))
+        admin_site = await self.ops.start_socket(runner)
+        if admin_site is not None:
+            sites.append(admin_site)
+        try:
+            version = await self.runtime.version()
+        except Exception as error:
+            raise StartupError(str(error)) from error
+        log.info("podman_connected", url=config.podman.url, version=version)
+        events.start()
+        with startup_step("looking for the GPU's CDI devices", "check `nvidia-ctk cdi list`, or set gpu.devices = []"):
             await self._check_gpu_devices()
+        with startup_step(
+            "adopting the containers an earlier sparkd left running",
+            f"check Podman (`podman ps --filter label=io.sparkd.managed=true`) and {config.podman.url}, then start sparkd again",
+        ):
             await adopt_running(self.scheduler)
+        with startup_step("closing the usage history's stale sessions", "check server.state_dir"):
             await self.ops.adopted()
-            self.reconciled = True
-            for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
-                loop.add_signal_handler(signum, handler)
-            self._start_background()
-            self.notifier.ready(self._status_text())
-            log.info("sparkd_ready", models=len(self.scheduler.runners), config=str(self.config_path))
-            await self._stop.wait()
-            await self._shutdown(sites)
-        finally:
-            for task in self._background:
-                task.cancel()
-            events.stop()
-            await self.ops.close()
-            await runner.cleanup()
-            await self.peer_client.close()
-            await self.engine.close()
-            self.runtime.close()
-            lock.release()
-            log.info("sparkd_stopped")
+        self.reconciled = True
+        for signum, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, self._on_sighup)):
+            loop.add_signal_handler(signum, handler)
+        cleanup.callback(self._cancel_background)
+        self._start_background()
+        self.notifier.ready(self._status_text())
+        log.info("sparkd_ready", models=len(self.scheduler.runners), config=str(self.config_path))
+        await self._stop.wait()
+        await self._shutdown(sites)
+
+    def _cancel_background(self) -> None:
+        for task in self._background:
+            task.cancel()
 
     async def _check_gpu_devices(self) -> None:
         """Note when no CDI spec provides the GPU devices (GPU utility models then wait for a request)."""
@@ -236,6 +275,8 @@ class Daemon:
     def _apply(self, new: Config, keys: KeyRing) -> None:
         if new.server.listen != self.config.server.listen:
             log.warning("config_needs_restart", key="server.listen", hint="systemctl restart sparkd")
+        if new.server.keepalive_timeout_s != self.config.server.keepalive_timeout_s:
+            log.warning("config_needs_restart", key="server.keepalive_timeout_s", hint="systemctl restart sparkd")
         # [workers.<model>] tables apply at once (each lease request reads them); the lease routes exist from start-up.
         if new.peers != self.config.peers or new.cluster != self.config.cluster or new.cluster_configured != self.config.cluster_configured:
             log.warning("config_needs_restart", key="peers/cluster", hint="systemctl restart sparkd")
@@ -250,7 +291,7 @@ class Daemon:
 
     # -- shutdown --------------------------------------------------------------
 
-    async def _shutdown(self, sites: list[web.BaseSite]) -> None:
+    async def _shutdown(self, sites: list[web.BaseSite | GuardedListener]) -> None:
         # Kept in STATUS= while in-flight requests drain.
         self._status_note = "stopping"
         self.notifier.stopping(self._status_text())
@@ -266,6 +307,12 @@ class Daemon:
         else:
             await self.scheduler.stop_multi_node()  # their worker leases end with this daemon
             log.info("containers_kept", models=[r.name for r in self.scheduler.runners.values() if r.endpoint])
+
+
+async def _stop_listeners(sites: list[web.BaseSite | GuardedListener]) -> None:
+    for site in sites:
+        if isinstance(site, GuardedListener):
+            await site.stop()  # idempotent
 
 
 def _log_keys(keys: KeyRing, config: Config) -> None:

@@ -114,6 +114,14 @@ class ModelBusy(ApiError):
     code = "model_busy"
 
 
+class TooManyRequests(ApiError):
+    """One caller's own limit (not the server's capacity): it should send less."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
 class BadGateway(ApiError):
     status = 502
     type = "server_error"

@@ -111,11 +111,15 @@ class History:
     # -- lifespan -------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Raises ``HistoryUnavailable`` (sparkd does not start) when the database cannot be used."""
         try:
             await self._run(self._open_sync)
         except (sqlite3.Error, OSError) as error:
-            self.problem = f"the usage history at {self.path} cannot be used: {error}"
-            log.error("history_unavailable", path=str(self.path), error=str(error))
+            self.problem = (
+                f"the usage history {self.path} cannot be used: {error}. Move the file aside (sparkd starts a new "
+                "one) or let the sparkd user read and write it and its directory (server.state_dir)"
+            )
+            raise HistoryUnavailable(self.problem) from error
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,8 +282,6 @@ class History:
     # -- reading ----------------------------------------------------------------------
 
     async def query(self, model: str | None = None, days: int = 30, limit: int = 20) -> dict[str, Any]:
-        if self.problem is not None:
-            raise HistoryUnavailable(self.problem)
         return await self._run(self._query_sync, model, days, limit, time.time())
 
     def _query_sync(self, model: str | None, days: int, limit: int, now: float) -> dict[str, Any]:

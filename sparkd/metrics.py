@@ -75,6 +75,12 @@ class Metrics:
             "sparkd_swaps", "Models stopped or put to sleep to make room for another (model: the one that went)",
             ["model", "for_model"], registry=r,
         )
+        self.connections_refused = Counter(
+            "sparkd_connections_refused", "TCP connections closed by sparkd's bounds (reason: max_connections, header_timeout)",
+            ["reason"], registry=r,
+        )
+        for reason in ("max_connections", "header_timeout"):
+            self.connections_refused.labels(reason)  # present at 0 before the first refusal
         self._levels = _Levels(self, memory, Path(meminfo))
         r.register(self._levels)
         self._request_children: dict[tuple[str, int], tuple[Any, ...]] = {}
@@ -217,6 +223,10 @@ class _Levels(Collector):
         yield from (in_flight, queued, state, progress, claim, share)
         yield GaugeMetricFamily("sparkd_queue_depth", "Requests waiting for any model", value=len(scheduler.queue))
         yield GaugeMetricFamily("sparkd_queue_limit", "The wait queue's size (lifecycle.queue_size)", value=scheduler.queue.limit)
+        yield GaugeMetricFamily(
+            "sparkd_queue_body_bytes", "Bytes of request bodies held by waiting requests (limit: lifecycle.queue_body_bytes)",
+            value=scheduler.queue.body_bytes,
+        )
         yield GaugeMetricFamily("sparkd_lease_budget_ratio", "The GPU lease budget (gpu.memory_budget)", value=scheduler.lease.budget)
         yield GaugeMetricFamily("sparkd_lease_claimed_ratio", "The sum of the shares held now", value=scheduler.lease.claimed)
         if self._host is not None:

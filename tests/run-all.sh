@@ -21,23 +21,41 @@ step "host: packages, Podman service"
 "$repo/tests/setup/host.sh"
 
 step "python: venv with sparkd's dependencies"
-venv_key=$({ cat "$repo/pyproject.toml"; "$python" --version; } | sha256sum | cut -c1-16)
+# The locked versions (tests/requirements.lock, from packaging/lock.sh): the same pins the
+# .deb ships, plus the test tools, each checked against its sha256.
+venv_key=$({ cat "$repo/tests/requirements.lock"; "$python" --version; } | sha256sum | cut -c1-16)
 venv="$cache/venv-$venv_key"
 if [ ! -x "$venv/bin/python" ]; then
     rm -rf "$venv.tmp"
     "$python" -m venv "$venv.tmp"
     # Dependencies only: the tests run the checkout itself (PYTHONPATH), so a cached
     # venv never holds a stale copy of sparkd.
-    "$venv.tmp/bin/python" - "$repo/pyproject.toml" > "$venv.tmp/requirements.txt" <<'PY'
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
-PY
-    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check -r "$venv.tmp/requirements.txt"
+    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$repo/tests/requirements.lock"
+    "$venv.tmp/bin/pip" check
     mv "$venv.tmp" "$venv"
 else
     echo "cached: $venv"
 fi
+# A pyproject.toml edited without packaging/lock.sh: say so rather than test other versions.
+"$venv/bin/python" - "$repo/pyproject.toml" <<'PY'
+import sys, tomllib
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+stale = []
+for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+    requirement = Requirement(spec)
+    if requirement.marker is not None and not requirement.marker.evaluate():
+        continue
+    try:
+        found = version(requirement.name)
+    except PackageNotFoundError:
+        found = None
+    if found is None or not requirement.specifier.contains(found, prereleases=True):
+        stale.append(f"{requirement} (locked: {found or 'missing'})")
+if stale:
+    sys.exit("tests/requirements.lock does not satisfy pyproject.toml: " + "; ".join(stale) + ". Run packaging/lock.sh")
+PY
 export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 

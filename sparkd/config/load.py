@@ -235,6 +235,8 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
         add("server.instance", "a name of letters, digits, '.', '_' or '-'", describe(config.server.instance))
     _positive(add, "server.max_body_bytes", config.server.max_body_bytes)
     _positive(add, "server.body_timeout_s", config.server.body_timeout_s)
+    for key in ("keepalive_timeout_s", "header_timeout_s", "max_connections"):
+        _positive(add, f"server.{key}", getattr(config.server, key))
     for name, profile in config.profiles.items():
         if profile.context_margin < 0:
             add(f"{key_path('profiles', name)}.context_margin", "zero or a positive number of tokens", describe(profile.context_margin))
@@ -267,6 +269,10 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
     for key in ("connect_timeout_s", "response_head_timeout_s", "idle_read_timeout_s", "write_stall_timeout_s", "unresponsive_fail_s"):
         _at_least_zero(add, f"engine.{key}", getattr(config.engine, key))
     _positive(add, "engine.readiness_check_s", config.engine.readiness_check_s)
+    _positive(add, "lifecycle.queue_per_key", lifecycle.queue_per_key)
+    if lifecycle.queue_body_bytes < config.server.max_body_bytes:
+        # Otherwise a body the server accepts could never wait, even in an empty queue.
+        add("lifecycle.queue_body_bytes", f"at least server.max_body_bytes ({config.server.max_body_bytes})", describe(lifecycle.queue_body_bytes))
 
     for name, peer in config.peers.items():
         where = key_path("peers", name)

@@ -46,6 +46,13 @@ class ServerConfig:
     max_body_bytes: int = 64 * MIB
     body_timeout_s: float = 120.0
     """A request body must arrive within this time (slow or stalled uploads get a 408); answers are not limited."""
+    keepalive_timeout_s: float = 75.0
+    """An idle keep-alive connection is closed after this long (nginx's default; aiohttp's own is an hour)."""
+    header_timeout_s: float = 10.0
+    """A request's line and headers must arrive within this time of the connection opening (or of its
+    first byte, on a kept-alive connection), or the connection is closed: slow-header clients hold no slot."""
+    max_connections: int = 2048
+    """Open TCP connections at most (the admin unix socket is not counted); more are closed at once."""
     instance: str = "default"
     """Names this daemon's containers (``sparkd-<model>``, or ``sparkd-<instance>-<model>``
     otherwise) so several sparkd on one Podman never touch each other's containers."""
@@ -91,6 +98,10 @@ class LifecycleConfig:
     policy: QueuePolicy = "queue"
     queue_size: int = 1024
     queue_timeout_s: float = 900.0
+    queue_body_bytes: int = 256 * MIB
+    """Request bodies held by waiting requests, in bytes, at most (503 past it); at least server.max_body_bytes."""
+    queue_per_key: int = 256
+    """Waiting requests of one key at most (429 past it), so one client cannot fill the queue."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The aiohttp application: routes plus the middlewares, outermost first:
 
+- connections (``connections.py``): the request arrived whole, so its connection's header deadline stops;
 - CORS (``cors.py``): answers preflights, refuses origins off the allowlist;
 - errors: every error becomes OpenAI's JSON shape;
 - auth (``auth.py``): who is calling, and whether their role may use the route: ``/v1/*`` user or
@@ -19,6 +20,7 @@ from . import cors
 from .admin import AdminRoutes
 from .auth import ADMIN_ROLES, ALL_ROLES, MODEL_ROLES, PEER_ROLES, PRINCIPAL, VERSION_ROLES, authenticate, authorize
 from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
+from .connections import watch_requests
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
 from .ops import OpsRoutes
@@ -42,7 +44,7 @@ HANDLER_ARGS = {"max_field_size": 16 * 1024, "max_line_size": 16 * 1024, "max_he
 
 def build_app(daemon: "Daemon") -> web.Application:
     app = web.Application(
-        middlewares=[cors.cors_middleware(lambda: daemon.config.server.cors_origins), error_middleware, auth_middleware(daemon)],
+        middlewares=[watch_requests, cors.cors_middleware(lambda: daemon.config.server.cors_origins), error_middleware, auth_middleware(daemon)],
         client_max_size=daemon.config.server.max_body_bytes,
         handler_args=HANDLER_ARGS,
     )

@@ -1,20 +1,44 @@
-"""Liveness and readiness for load balancers, systemd checks and humans."""
+"""Liveness and readiness for load balancers, systemd checks and humans.
+
+``/readyz`` answers without a key, so a flood of it must not become a flood of Podman
+pings (one per second at most, shared by every caller) and a keyless caller learns
+only the verdict: why Podman is unreachable, or which configuration is loaded, is
+shown to the admin role (or the admin unix socket) only.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ..runtime.errors import RuntimeFailure
+from .auth import presented_key, via_unix_socket
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
+
+READINESS_CACHE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Readiness:
+    status: str
+    detail: dict[str, Any]
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.status == "ready" else 503
 
 
 class HealthRoutes:
     def __init__(self, daemon: "Daemon") -> None:
         self._daemon = daemon
+        self._checked: tuple[float, Readiness] | None = None
+        self._checking: asyncio.Task[Readiness] | None = None
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
@@ -26,11 +50,40 @@ class HealthRoutes:
 
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready: configuration loaded, running containers reconciled, Podman reachable."""
+        readiness = await self._readiness()
+        body: dict[str, Any] = {"status": readiness.status}
+        if self._shows_details(request):
+            body.update(readiness.detail)
+        return web.json_response(body, status=readiness.http_status)
+
+    def _shows_details(self, request: web.Request) -> bool:
+        if via_unix_socket(request):
+            return True
+        key = presented_key(request.headers)
+        principal = self._daemon.keys.check(key) if key is not None else None
+        return principal is not None and principal.is_admin
+
+    async def _readiness(self) -> Readiness:
         daemon = self._daemon
         if not daemon.reconciled:
-            return web.json_response({"status": "starting", "reason": "reconciling running containers"}, status=503)
+            return Readiness("starting", {"reason": "reconciling running containers"})
+        now = time.monotonic()
+        if self._checked is not None and now - self._checked[0] < READINESS_CACHE_S:
+            return self._checked[1]
+        if self._checking is None:
+            # One ping answers every caller of this second; shielded so a caller that leaves does not cancel it.
+            self._checking = asyncio.get_running_loop().create_task(self._check())
+        return await asyncio.shield(self._checking)
+
+    async def _check(self) -> Readiness:
+        daemon = self._daemon
         try:
             await daemon.runtime.ping()
         except RuntimeFailure as error:
-            return web.json_response({"status": "unavailable", "reason": str(error)}, status=503)
-        return web.json_response({"status": "ready", "config": daemon.config.source})
+            readiness = Readiness("unavailable", {"reason": str(error)})
+        else:
+            readiness = Readiness("ready", {"config": daemon.config.source})
+        finally:
+            self._checking = None
+        self._checked = (time.monotonic(), readiness)
+        return readiness

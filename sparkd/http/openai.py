@@ -148,15 +148,27 @@ class OpenAIRoutes:
         if body.get("model") != model.name:
             body = {**body, "model": model.name}  # aliases and the path form reach the engine by its served name
         headers = {FIXUPS_HEADER: ",".join(applied)} if applied else {}
-        runner = await daemon.scheduler.acquire(model.name)
+        changed = body is not payload
+        del payload
+        streaming = body.get("stream") is True
+        fitting = context.needs_fitting(fixups, model, route.path, body)
+        runner = daemon.scheduler.acquire_now(model.name)
+        if runner is None:
+            # While it waits a request holds its body as bytes only: the parsed form costs
+            # several times its size (~7x for a long chat), and the queue bounds bytes.
+            if changed:
+                raw, changed = json.dumps(body, separators=(",", ":")).encode(), False
+            del body
+            runner = await daemon.scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
+            body = parse_json_object(raw) if fitting else {}
         try:
             assert runner.endpoint is not None
-            if context.needs_fitting(fixups, model, route.path, body):
-                body, capped = await context.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
+            if fitting:
+                fitted, capped = await context.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
                 headers.update(capped)
-            if body is not payload:
+                changed, body = changed or fitted is not body, fitted
+            if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            streaming = body.get("stream") is True
             return await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
                 streaming, record,

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
-from ..history import HistoryUnavailable
 from ..metrics import CONTENT_TYPE
 from ..runtime.errors import RuntimeFailure
 from ..runtime.logs import LogFollower
@@ -239,8 +238,5 @@ class OpsRoutes:
             name = self._configured(name).name
         days = self._int(request, "days", 30, 1, 3660)
         limit = self._int(request, "limit", 20, 1, 1000)
-        try:
-            data: dict[str, Any] = await self._daemon.ops.history.query(name, days, limit)
-        except HistoryUnavailable as error:
-            raise ServiceUnavailable(str(error), code="history_unavailable") from None
+        data: dict[str, Any] = await self._daemon.ops.history.query(name, days, limit)
         return web.json_response(data)

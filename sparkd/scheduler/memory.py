@@ -33,9 +33,15 @@ class Reading:
         return self.available / self.total if self.total else 0.0
 
 
+NVIDIA_SMI_TIMEOUT_S = 5.0
+
+
 class MemoryGauge:
-    def __init__(self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi") -> None:
+    def __init__(
+        self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi", timeout_s: float = NVIDIA_SMI_TIMEOUT_S
+    ) -> None:
         self.mode = mode
+        self._timeout_s = timeout_s
         self._meminfo = Path(meminfo)
         self._nvidia_smi = shutil.which(nvidia_smi) if nvidia_smi else None
 
@@ -89,9 +95,18 @@ class MemoryGauge:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
             )
-            output, _ = await asyncio.wait_for(process.communicate(), timeout=5)
-        except (OSError, asyncio.TimeoutError):
+        except OSError:
             return None
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout=self._timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("nvidia_smi_timeout", timeout_s=self._timeout_s, pid=process.pid)
+            return None
+        finally:
+            if process.returncode is None:
+                # A wedged driver makes nvidia-smi hang: kill it rather than leave one per poll behind.
+                process.kill()
+                await process.wait()
         return parse_nvidia_smi(output.decode(errors="replace"))
 
     def _read_meminfo(self) -> Reading | None:

@@ -4,6 +4,10 @@ Requests for the same model wait together in one group, placed where the group's
 first request arrived, so ``A B A B A B`` needs one swap, not five.  A request
 for a model whose group already waits joins that group; a model with no waiting
 group starts a new one at the back.
+
+The queue also bounds what waiting costs: the number of waiters, the bytes of
+request bodies they hold (memory: a waiter keeps its body until it is served),
+and the number of waiters of one key (one client cannot fill the queue for all).
 """
 
 from __future__ import annotations
@@ -15,30 +19,67 @@ from dataclasses import dataclass, field
 
 
 class QueueFull(Exception):
-    pass
+    """No room for one more waiter (``lifecycle.queue_size``)."""
+
+
+class QueueBytesFull(QueueFull):
+    """The waiters' bodies would pass ``lifecycle.queue_body_bytes``."""
+
+
+class KeyQueueFull(QueueFull):
+    """This key has ``lifecycle.queue_per_key`` requests waiting already."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    size: int
+    body_bytes: int
+    per_key: int
 
 
 @dataclass(eq=False)
 class Waiter:
     model: str
+    key: str | None = None
+    """The caller's key name (the anonymous principal has one too); None is not counted per key."""
+    body_bytes: int = 0
     future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class WaitQueue:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limits: QueueLimits) -> None:
+        self.limits = limits
         self._groups: dict[str, deque[Waiter]] = {}
         self._size = 0
+        self._bytes = 0
+        self._per_key: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def limit(self) -> int:
+        return self.limits.size
+
+    @property
+    def body_bytes(self) -> int:
+        """Bytes of request bodies held by the waiters."""
+        return self._bytes
+
+    def waiting_for_key(self, key: str) -> int:
+        return self._per_key.get(key, 0)
+
     def push(self, waiter: Waiter) -> None:
-        if self._size >= self.limit:
+        limits = self.limits
+        if self._size >= limits.size:
             raise QueueFull
+        if waiter.key is not None and self._per_key.get(waiter.key, 0) >= limits.per_key:
+            raise KeyQueueFull
+        if self._bytes + waiter.body_bytes > limits.body_bytes:
+            raise QueueBytesFull
         self._groups.setdefault(waiter.model, deque()).append(waiter)
-        self._size += 1
+        self._count(waiter, 1)
 
     def remove(self, waiter: Waiter) -> bool:
         group = self._groups.get(waiter.model)
@@ -48,7 +89,7 @@ class WaitQueue:
             group.remove(waiter)
         except ValueError:
             return False
-        self._size -= 1
+        self._count(waiter, -1)
         if not group:
             del self._groups[waiter.model]
         return True
@@ -58,7 +99,8 @@ class WaitQueue:
         group = self._groups.pop(model, None)
         if not group:
             return []
-        self._size -= len(group)
+        for waiter in group:
+            self._count(waiter, -1)
         return list(group)
 
     def models(self) -> list[str]:
@@ -68,3 +110,15 @@ class WaitQueue:
     def depth(self, model: str) -> int:
         group = self._groups.get(model)
         return len(group) if group else 0
+
+    def _count(self, waiter: Waiter, sign: int) -> None:
+        self._size += sign
+        self._bytes += sign * waiter.body_bytes
+        key = waiter.key
+        if key is None:
+            return
+        left = self._per_key.get(key, 0) + sign
+        if left:
+            self._per_key[key] = left
+        else:
+            del self._per_key[key]

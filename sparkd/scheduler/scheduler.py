@@ -16,12 +16,12 @@ from typing import Any, Callable, Coroutine
 import structlog
 
 from ..config import Config, ModelConfig
-from ..errors import ApiError, GatewayTimeout, ServiceUnavailable
+from ..errors import ApiError, GatewayTimeout, ServiceUnavailable, TooManyRequests
 from ..runtime.events import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
 from .lease import Eviction, Holder, Lease, plan
 from .lifecycle import Lifecycle
-from .queue import QueueFull, Waiter, WaitQueue
+from .queue import KeyQueueFull, QueueBytesFull, QueueFull, QueueLimits, Waiter, WaitQueue
 from .runner import ModelRunner
 from .state import ModelState
 from .status import busy_refusal
@@ -37,7 +37,7 @@ class Scheduler:
         self.config = config
         self.lifecycle = lifecycle
         self.lease = Lease(config.gpu.memory_budget)
-        self.queue = WaitQueue(config.lifecycle.queue_size)
+        self.queue = WaitQueue(queue_limits(config))
         self.runners: dict[str, ModelRunner] = {}
         self._listeners: list[Callable[[ModelRunner, ModelState | None], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -101,7 +101,7 @@ class Scheduler:
         if self.lifecycle.cluster is not None:
             self.lifecycle.cluster.config = config
         self.lease.budget = config.gpu.memory_budget
-        self.queue.limit = config.lifecycle.queue_size
+        self.queue.limits = queue_limits(config)
         enabled = {m.name: m for m in config.enabled_models()}
         for name, runner in list(self.runners.items()):
             if name in self._transient:
@@ -138,22 +138,54 @@ class Scheduler:
 
     # -- the request path ----------------------------------------------------------
 
-    async def acquire(self, name: str) -> ModelRunner:
-        """Wait until model ``name`` is ready and count one request in flight on it."""
+    def acquire_now(self, name: str) -> ModelRunner | None:
+        """Count one request in flight on model ``name`` if it is ready now, without waiting."""
         runner = self.runners[name]
-        if runner.state is S.READY:
-            runner.in_flight += 1
-            return runner
+        if runner.state is not S.READY:
+            return None
+        runner.in_flight += 1
+        return runner
+
+    async def acquire(self, name: str, *, key: str | None = None, body_bytes: int = 0) -> ModelRunner:
+        """Wait until model ``name`` is ready and count one request in flight on it.
+
+        ``key`` (the caller's key name) and ``body_bytes`` (what the request holds while it
+        waits) count against the queue's per-key and body-bytes limits.
+        """
+        ready = self.acquire_now(name)
+        if ready is not None:
+            return ready
+        runner = self.runners[name]
         if self._closing:
             raise ServiceUnavailable("sparkd is shutting down and takes no new requests; retry shortly", retry_after=5)
         if not self._serving.is_set():
             await self._serving.wait()
-            return await self.acquire(name)
+            return await self.acquire(name, key=key, body_bytes=body_bytes)
         if self.config.lifecycle.policy == "reject":
             self._refuse_if_busy(runner)
-        waiter = Waiter(name)
+        waiter = Waiter(name, key=key, body_bytes=body_bytes)
         try:
             self.queue.push(waiter)
+        except KeyQueueFull:
+            log.info("request_refused", reason="key_queue_limit", key=key, model=name, limit=self.queue.limits.per_key)
+            raise TooManyRequests(
+                f"the key {key!r} has {self.queue.limits.per_key} requests waiting for models already "
+                "(lifecycle.queue_per_key); wait for them to be served, or send fewer at once",
+                retry_after=self.retry_after(name),
+                code="key_queue_limit",
+            ) from None
+        except QueueBytesFull:
+            log.info(
+                "request_refused", reason="queue_body_bytes", model=name, body_bytes=body_bytes,
+                waiting_bytes=self.queue.body_bytes, limit=self.queue.limits.body_bytes,
+            )
+            raise ServiceUnavailable(
+                f"the requests waiting for models hold {self.queue.body_bytes} bytes of bodies; this one "
+                f"({body_bytes} bytes) would pass the limit of {self.queue.limits.body_bytes} "
+                "(lifecycle.queue_body_bytes); retry later",
+                retry_after=self.retry_after(name),
+                code="queue_body_bytes",
+            ) from None
         except QueueFull:
             raise ServiceUnavailable(
                 f"the wait queue is full ({self.queue.limit} requests waiting for models); retry later "
@@ -567,3 +599,8 @@ class Scheduler:
         await asyncio.gather(
             *(self._run_stop(r, "sparkd is shutting down") for r in self.runners.values() if r.state is not S.STOPPED)
         )
+
+
+def queue_limits(config: Config) -> QueueLimits:
+    lifecycle = config.lifecycle
+    return QueueLimits(size=lifecycle.queue_size, body_bytes=lifecycle.queue_body_bytes, per_key=lifecycle.queue_per_key)

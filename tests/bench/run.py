@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """sparkd's benchmark suite: ``python tests/bench/run.py [--profile DIR] [--scale X] [NAME ...]``.
 
-Names: proxy, coldstart, swap, stampede (none = all, in that order).  Each benchmark
+Names: proxy, coldstart, swap, stampede, waiting_body (none = all, in that order).  Each benchmark
 starts its own real sparkd daemon against real Podman and the fake engine image,
 prints what it measured, and ends with one ``RESULT <name> <value> <unit>`` line per
 figure.  See tests/bench/README.md for what each figure means and the targets.
@@ -35,6 +35,7 @@ BENCHMARKS = {
     "coldstart": "coldstart_bench",
     "swap": "swap_bench",
     "stampede": "stampede_bench",
+    "waiting_body": "waiting_body_bench",
 }
 
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
 from sparkd.errors import ServiceUnavailable
-from sparkd.history import History
+from sparkd.history import History, HistoryUnavailable
 from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
 from sparkd.scheduler.loadtimes import LoadTimes
 from sparkd.scheduler.scheduler import Scheduler
@@ -252,8 +252,7 @@ async def test_history_refuses_a_newer_schema_and_reports_it(tmp_path):
     db.commit()
     db.close()
     history = History(path)
-    await history.open()
-    assert history.problem and "newer sparkd" in history.problem
-    with pytest.raises(Exception, match="newer sparkd"):
-        await history.query()
-    await history.close()
+    with pytest.raises(HistoryUnavailable, match="newer sparkd") as refused:
+        await history.open()
+    assert str(path) in str(refused.value) and "Move the file aside" in str(refused.value)
+    await history.close()  # the daemon's shutdown path after a refused start
