@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..runtime.errors import RuntimeFailure
-from .auth import presented_key, via_unix_socket
+from .auth import ADMIN_ROLES, presented_key, via_unix_socket
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -61,7 +61,7 @@ class HealthRoutes:
             return True
         key = presented_key(request.headers)
         principal = self._daemon.keys.check(key) if key is not None else None
-        return principal is not None and principal.is_admin
+        return principal is not None and principal.role in ADMIN_ROLES
 
     async def _readiness(self) -> Readiness:
         daemon = self._daemon
