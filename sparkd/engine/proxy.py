@@ -32,7 +32,7 @@ from . import stream
 from .client import Endpoint
 from .deadlines import CONFIG_KEYS, Phase, StallWatch
 from .outbound import EngineRequest, engine_request
-from .usage import RequestRecord
+from .usage import RequestRecord, StreamTail
 
 log = structlog.get_logger("sparkd.proxy")
 
@@ -134,7 +134,7 @@ async def _forward_raw(
                                           lambda how: broken_stream_event(model, how))
             finally:
                 if record is not None:
-                    record.note_body(upstream.first_byte, upstream.before_tail + upstream.tail)
+                    record.note_body(upstream.first_byte, upstream.usage_tail.text)
         payload = await upstream.body()
         if record is not None:
             record.note_body(time.monotonic(), payload)
@@ -177,7 +177,8 @@ async def _relay(
     silent engine ends it with an error event."""
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream.headers, extra_headers))
     first: float | None = None
-    tail = before_tail = b""
+    tail = b""
+    usage_tail = StreamTail()
     broken: str | None = None
     try:
         watch.enter(Phase.WRITE)
@@ -189,7 +190,8 @@ async def _relay(
             watch.enter(Phase.READ)
             if first is None:
                 first = time.monotonic()
-            before_tail, tail = tail, chunk
+            tail = chunk
+            usage_tail.feed(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError) as error:
         if request.transport is None or request.transport.is_closing():
             return response  # the client went away (a write to it failed): leaving closes the engine's stream
@@ -205,7 +207,7 @@ async def _relay(
         broken = f"nothing for {watch.limit(Phase.READ):g} s, {CONFIG_KEYS[Phase.READ]}"
     finally:
         if record is not None:
-            record.note_body(first, before_tail + tail)
+            record.note_body(first, usage_tail.text)
     if broken is not None and tail and not tail.endswith(b"\n\n"):
         return _abort(request, response)  # cut inside an event: an error event would be glued to its remains
     try:

@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import BadGateway, BadRequest
+from .usage import StreamTail
 from .deadlines import CONFIG_KEYS, Phase, StallWatch
 
 log = structlog.get_logger("sparkd.proxy")
@@ -117,9 +118,8 @@ class UpstreamStream(asyncio.Protocol):
         """Bytes of a sized (Content-Length) body still to relay."""
         self.first_byte: float | None = None
         """time.monotonic() of the first relayed body bytes (metrics: time to first byte)."""
-        self.tail = b""
-        self.before_tail = b""
-        """The last two reads relayed: the final SSE events, where a stream reports its usage."""
+        self.usage_tail = StreamTail()
+        """The final SSE events relayed, where a stream reports its usage."""
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -214,7 +214,7 @@ class UpstreamStream(asyncio.Protocol):
         self._watch.enter(Phase.READ)
         if self.first_byte is None:
             self.first_byte = time.monotonic()
-        self.before_tail, self.tail = self.tail, data
+        self.usage_tail.feed(data)
         if client.is_closing():
             self._close_upstream()
             return

@@ -1,7 +1,7 @@
 """What the proxy notes about one answer for metrics and history: first byte, token usage.
 
 Kept tiny and dependency-free: the proxy fills a ``RequestRecord`` as it relays
-(one per request; a stream only keeps references to its last two reads), and the
+(one per request; a stream only keeps references to its last reads, ``StreamTail``), and the
 usage is parsed once, at the end, from the whole answer or the stream's tail.
 """
 
@@ -15,6 +15,28 @@ NO_MODEL = "(none)"
 _USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
 _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+class StreamTail:
+    """The last two reads of a stream that carry JSON: where its usage chunk is.
+
+    The usage chunk is followed by ``data: [DONE]`` and the end of the body, which
+    often arrive in reads of their own; reads without a brace cannot hold any part of
+    a usage object, so they are not kept and cannot push the usage out.
+    """
+
+    __slots__ = ("_before", "_last")
+
+    def __init__(self) -> None:
+        self._before = self._last = b""
+
+    def feed(self, data: bytes) -> None:
+        if b"}" in data or b"{" in data:
+            self._before, self._last = self._last, data
+
+    @property
+    def text(self) -> bytes:
+        return self._before + self._last
 
 
 class RequestRecord:

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
+from sparkd.engine.usage import StreamTail
 from sparkd.errors import ServiceUnavailable
 from sparkd.history import History, HistoryUnavailable
 from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
@@ -110,6 +111,23 @@ def get(found, name: str, **labels: str) -> float | None:
 )
 def test_parse_usage(text, expected):
     assert parse_usage(text) == expected
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        # the usage chunk, then [DONE] and the chunked terminator in reads of their own
+        [b'5a\r\ndata: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n\r\n',
+         b"e\r\ndata: [DONE]\n\n\r\n", b"0\r\n\r\n"],
+        # the usage object split across two reads, then [DONE] and the end
+        [b'data: {"choices":[],"usage":{"prompt_tokens":7,', b'"completion_tokens":3}}\n\n', b"data: [DONE]\n\n", b""],
+    ],
+)
+def test_a_stream_tail_keeps_the_usage_chunk_past_the_reads_that_follow_it(reads):
+    tail = StreamTail()
+    for data in [b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n'] + reads:
+        tail.feed(data)
+    assert parse_usage(tail.text) == (7, 3)
 
 
 # -- metrics ------------------------------------------------------------------------------
