@@ -557,7 +557,7 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
-def chat_body(model: str, content_bytes: int) -> dict:
+def sized_chat_body(model: str, content_bytes: int) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "x" * content_bytes}], "max_tokens": 4}
 
 
@@ -589,20 +589,20 @@ async def test_waiting_bodies_past_the_byte_limit_get_503_and_one_key_cannot_fil
     base, model = sparkd.base_url, sparkd.model("a")
     async with aiohttp.ClientSession() as session:
         # The model loads for 8 s: everything below waits in the queue meanwhile.
-        waiting = [asyncio.create_task(post_chat(session, base, alice, chat_body(model, 900 * KIB))) for _ in range(2)]
+        waiting = [asyncio.create_task(post_chat(session, base, alice, sized_chat_body(model, 900 * KIB))) for _ in range(2)]
         await wait_queued(sparkd, "a", 2)
         # alice has queue_per_key (2) requests waiting: her third is hers to hold back (429), however small.
-        status, headers, body = await post_chat(session, base, alice, chat_body(model, 10))
+        status, headers, body = await post_chat(session, base, alice, sized_chat_body(model, 10))
         assert status == 429 and body["error"]["code"] == "key_queue_limit", body
         assert "alice" in body["error"]["message"] and int(headers["Retry-After"]) >= 1
         # 1.8 MiB of bodies wait: 0.9 MiB more would pass queue_body_bytes (2 MiB) - the server's limit, 503.
-        status, headers, body = await post_chat(session, base, bob, chat_body(model, 900 * KIB))
+        status, headers, body = await post_chat(session, base, bob, sized_chat_body(model, 900 * KIB))
         assert status == 503 and body["error"]["code"] == "queue_body_bytes", body
         assert "lifecycle.queue_body_bytes" in body["error"]["message"] and int(headers["Retry-After"]) >= 1
         # A small body still fits, and another key is not held back by alice's.
-        waiting.append(asyncio.create_task(post_chat(session, base, bob, chat_body(model, 10))))
+        waiting.append(asyncio.create_task(post_chat(session, base, bob, sized_chat_body(model, 10))))
         await wait_queued(sparkd, "a", 3)
-        held = 2 * len(json.dumps(chat_body(model, 900 * KIB))) + len(json.dumps(chat_body(model, 10)))
+        held = 2 * len(json.dumps(sized_chat_body(model, 900 * KIB))) + len(json.dumps(sized_chat_body(model, 10)))
         async with session.get(base + "/metrics", headers={"Authorization": f"Bearer {root}"}) as response:
             gauge = re.search(r"^sparkd_queue_body_bytes (\S+)$", await response.text(), re.MULTILINE)
         assert gauge is not None and float(gauge[1]) == held
