@@ -19,6 +19,7 @@ from .schema import (
     ClusterConfig,
     Config,
     ContainerDefaults,
+    EngineCacheConfig,
     GpuConfig,
     LifecycleConfig,
     LogConfig,
@@ -48,6 +49,7 @@ SECTIONS = {
     "lifecycle": LifecycleConfig,
     "defaults": ContainerDefaults,
     "cluster": ClusterConfig,
+    "engine_cache": EngineCacheConfig,
 }
 # Sections made of named tables ([peers.<name>]), besides [models.<name>].
 NAMED_TABLES = {"peers": PeerConfig}
@@ -265,6 +267,9 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
             add(f"{key_path('peers', name)}.url", "the peer sparkd's URL, e.g. http://spark2:8009", describe(peer.url))
         if not peer.address:
             add(f"{key_path('peers', name)}.address", "the peer's cluster-network address", "an empty string")
+    for index, cache_path in enumerate(config.engine_cache.paths):
+        if not cache_path.startswith("/") or ":" in cache_path or ".." in cache_path.split("/"):
+            add(f"engine_cache.paths[{index}]", "an absolute directory inside the container, without ':' or '..'", describe(cache_path))
     cluster = config.cluster
     if not 1 <= cluster.ray_port <= 65535:
         add("cluster.ray_port", "a port within 1-65535", describe(cluster.ray_port))
