@@ -10,7 +10,9 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("downloading weights", re.compile(r"(?i)download")),
     ("loading weights", re.compile(r"(?i)loading (safetensors )?checkpoint shards|loading weights|load_tensors|llama_model_load")),
     # Not "Enforce eager set, disabling torch.compile": vLLM prints that when it compiles nothing.
-    ("compiling", re.compile(r"(?i)(?<!disabling )torch\.compile|compiling a graph|dynamo bytecode|load the compiled graph")),
+    ("compiling", re.compile(
+        r"(?i)(?<!disabling )torch\.compile|compiling a graph|compiling model|dynamo bytecode|compiled graph"
+        r"|aot compiled|warming up model for the compilation")),
     ("profiling memory", re.compile(r"(?i)memory profiling|available kv cache memory|# gpu blocks|kv cache")),
     ("capturing CUDA graphs", re.compile(r"(?i)capturing cuda graph")),
     # "Starting vLLM API server" up to vLLM 0.11, "Starting vLLM server on http://..." in 0.32.

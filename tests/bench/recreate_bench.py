@@ -41,7 +41,8 @@ async def _timed_answer(session: aiohttp.ClientSession, sparkd: Any) -> float:
 def _compile_lines(container: str) -> list[str]:
     logs = subprocess.run(["podman", "logs", container], capture_output=True, text=True)
     text = logs.stdout + logs.stderr
-    words = ("torch.compile takes", "Compiling a graph", "load the compiled graph", "Dynamo bytecode transform")
+    words = ("torch.compile take", "Compiling a graph", "ompiling model", "compiled graph", "AOT compiled",
+             "Dynamo bytecode transform", "Warming up")
     return [line.strip()[-160:] for line in text.splitlines() if any(w in line for w in words)]
 
 

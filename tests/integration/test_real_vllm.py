@@ -77,8 +77,8 @@ class Served:
         return metrics(f"http://{address}/metrics")
 
     def engine_log(self) -> str:
-        return subprocess.run(["podman", "logs", self.container], capture_output=True, text=True).stdout + \
-            subprocess.run(["podman", "logs", self.container], capture_output=True, text=True).stderr
+        logs = subprocess.run(["podman", "logs", self.container], capture_output=True, text=True)
+        return logs.stdout + logs.stderr
 
 
 async def cold_start(sparkd: Sparkd, key: str) -> tuple[list[str], float, dict[str, Any]]:

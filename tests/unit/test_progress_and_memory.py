@@ -40,6 +40,9 @@ REAL_VLLM_032 = [
     ("(EngineCore pid=24) INFO 12-01 14:38:10 [kv_cache_utils.py:2327] CPU KV cache size: 46,592 tokens, "
      "Maximum concurrency for 4,096 tokens per request: 11.38x", ("profiling memory", None)),
     ("(EngineCore pid=24) INFO 12-01 14:39:40 [backends.py:622] Dynamo bytecode transform time: 9.81 s", ("compiling", None)),
+    ("(Worker pid=37) INFO 12-01 14:51:30 [cpu_model_runner.py:87] Warming up model for the compilation...", ("compiling", None)),
+    ("(Worker pid=37) INFO 12-01 14:53:27 [decorators.py:743] [backbone] saved AOT compiled function to "
+     "/root/.cache/vllm/torch_compile_cache/torch_aot_compile/4295cd1c", ("compiling", None)),
     ("(APIServer pid=1) INFO 12-01 14:38:19 [entry.py:140] Starting vLLM server on http://0.0.0.0:8000", ("starting API server", None)),
     ("INFO:     Application startup complete.", ("ready", None)),
 ]
