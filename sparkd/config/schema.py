@@ -175,14 +175,16 @@ class ModelConfig:
 class EngineCacheConfig:
     """Caches an engine fills while it starts, kept in ``<state_dir>/engine-cache/<image id>/``.
 
-    vLLM's torch.compile cache (and on GPU images Triton's, FlashInfer's and the CUDA
-    JIT cache) would otherwise die with the container, so a re-created container
+    vLLM's torch.compile cache, torch inductor's compiled kernels (its default
+    TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_<user>), and on GPU images Triton's,
+    FlashInfer's and the CUDA JIT cache would otherwise die with the container, so a re-created container
     (new args, ``sparkctl prepare``) would compile everything again. Keyed by the
     image id: models of one image share them, another vLLM build never reads them.
     """
 
     paths: tuple[str, ...] = (
         "/root/.cache/vllm",
+        "/tmp/torchinductor_root",
         "/root/.triton",
         "/root/.cache/flashinfer",
         "/root/.nv/ComputeCache",

@@ -112,6 +112,8 @@ def served(real_image: str, podman: Any, tmp_path_factory: pytest.TempPathFactor
     finally:
         sparkd.kill()
         remove_containers(podman, prefix)
+        # A vLLM being stopped can outlast podman-py's timeout: make sure it is gone.
+        subprocess.run(["podman", "rm", "-f", "--time", "5", shared.container], capture_output=True)
         print(f"--- sparkd log ({sparkd.workdir}) ---\n{sparkd.logs()[-4000:]}")
 
 

@@ -34,6 +34,7 @@ def test_models_of_one_image_share_the_cache_directories_of_that_image(tmp_path)
     mounts = a.cache_mounts("0123abcd")
     assert {m.target: m.source for m in mounts} == {
         "/root/.cache/vllm": "/var/lib/sparkd-test/engine-cache/0123abcd/root_.cache_vllm",
+        "/tmp/torchinductor_root": "/var/lib/sparkd-test/engine-cache/0123abcd/tmp_torchinductor_root",
         "/root/.triton": "/var/lib/sparkd-test/engine-cache/0123abcd/root_.triton",
         "/root/.cache/flashinfer": "/var/lib/sparkd-test/engine-cache/0123abcd/root_.cache_flashinfer",
         "/root/.nv/ComputeCache": "/var/lib/sparkd-test/engine-cache/0123abcd/root_.nv_ComputeCache",
@@ -59,6 +60,6 @@ def test_a_cache_path_that_is_not_a_plain_absolute_directory_is_refused(tmp_path
 
 def test_the_shipped_configuration_persists_the_vllm_and_gpu_jit_caches():
     config = load_config(REPO / "etc" / "sparkd.toml")
-    assert {"/root/.cache/vllm", "/root/.triton", "/root/.cache/flashinfer", "/root/.nv/ComputeCache"} <= set(config.engine_cache.paths)
+    assert {"/root/.cache/vllm", "/tmp/torchinductor_root", "/root/.triton", "/root/.cache/flashinfer", "/root/.nv/ComputeCache"} <= set(config.engine_cache.paths)
     catalog = [m for m in config.models.values() if m.image.startswith(("localhost/sparkd/vllm", "nvcr.io"))]
     assert catalog and all(render(config, m).caches == config.engine_cache.paths for m in catalog)
