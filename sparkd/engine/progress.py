@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 # Ordered: the first pattern that matches a line names its phase.
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("downloading weights", re.compile(r"(?i)download")),
+    # Not vLLM's config line, which names "download_dir=None" whether anything downloads or not.
+    ("downloading weights", re.compile(r"(?i)\bdownloading\b|fetching \d+ files|download(ed)? (weights|model)")),
     ("loading weights", re.compile(r"(?i)loading (safetensors )?checkpoint shards|loading weights|load_tensors|llama_model_load")),
     # Not "Enforce eager set, disabling torch.compile": vLLM prints that when it compiles nothing.
     ("compiling", re.compile(

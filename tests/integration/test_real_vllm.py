@@ -136,6 +136,7 @@ def test_cold_start_reports_the_load_stages_of_vllms_real_log(served: Served) ->
     # What sparkd's progress parser made of vLLM's own lines, in the order they came.
     print(f"load phases seen in /api/status: {served.phases}; ready and answered after {served.start_s:.1f} s")
     assert "loading weights" in served.phases, served.phases
+    assert "downloading weights" not in served.phases, served.phases  # the weights are in the image
     assert "profiling memory" in served.phases, served.phases
     assert served.phases.index("loading weights") < served.phases.index("profiling memory"), served.phases
     assert served.phases[-1] in ("starting API server", "ready", "profiling memory"), served.phases
@@ -260,6 +261,21 @@ async def test_a_max_tokens_that_does_not_fit_is_capped_by_vllms_own_count(serve
     assert capped == (f"requested={MAX_MODEL_LEN} sent={sent} prompt_tokens={prompt_tokens} "
                       f"max_model_len={MAX_MODEL_LEN} counted=exact")
     assert _engine_400s(served) == refusals  # vLLM never had to refuse it
+
+
+async def test_an_anthropic_max_tokens_over_the_context_is_capped_too(served: Served) -> None:
+    # Anthropic clients send large max_tokens (32 000 is common): vLLM would refuse it with a 400.
+    system, messages = "Answer briefly.", [{"role": "user", "content": QUESTION}]
+    prompt_tokens = _tokenize(served, [{"role": "system", "content": system}, *messages])
+    body = {"model": served.model, "system": system, "messages": messages, "max_tokens": 32000, "stream": True}
+    headers = {"x-api-key": "sk-unused-keyless-loopback", "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(served.sparkd.base_url + "/v1/messages", json=body, headers=headers) as response:
+            first = await response.content.readline()
+            status, capped = response.status, response.headers.get("X-Sparkd-Max-Tokens-Capped")
+    assert status == 200 and first.startswith(b"event: message_start"), first
+    assert capped == (f"requested=32000 sent={MAX_MODEL_LEN - prompt_tokens - 32} prompt_tokens={prompt_tokens} "
+                      f"max_model_len={MAX_MODEL_LEN} counted=exact")
 
 
 async def test_a_prompt_that_alone_overflows_gets_context_length_exceeded(served: Served) -> None:

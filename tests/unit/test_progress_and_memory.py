@@ -33,6 +33,8 @@ def test_vllm_log_lines_give_progress(line, phase, fraction):
 
 # Lines of vLLM 0.32's real start-up (the CPU build in tests/images/real_vllm), as sparkd reads them.
 REAL_VLLM_032 = [
+    ("(EngineCore pid=24) INFO 12-01 15:09:42 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: "
+     "model='/opt/model/SmolLM2-135M-Instruct', download_dir=None, load_format=auto", None),
     ("(APIServer pid=1) WARNING 12-01 14:37:37 [vllm.py:1703] Enforce eager set, disabling torch.compile, "
      "CUDAGraphs, and JIT kernel warmup.", None),
     ("Loading safetensors checkpoint shards:   0% Completed | 0/1 [00:00<?, ?it/s]", ("loading weights", 0.0)),
