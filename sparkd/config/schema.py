@@ -192,6 +192,29 @@ class ModelConfig:
     """Overrides ``lifecycle.start_timeout_s`` for a model known to load slowly."""
     encodings: bool = False
     """Mount the tiktoken encodings GPT-OSS needs (``sparkd encodings fetch``) read-only."""
+    engine_cache: bool = True
+    """Keep the engine's compile caches (``[engine_cache] paths``) across container re-creation."""
+
+
+@dataclass(frozen=True)
+class EngineCacheConfig:
+    """Caches an engine fills while it starts, kept in ``<state_dir>/engine-cache/<image id>/``.
+
+    vLLM's torch.compile cache, torch inductor's compiled kernels (its default
+    TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_<user>), and on GPU images Triton's,
+    FlashInfer's and the CUDA JIT cache would otherwise die with the container, so a re-created container
+    (new args, ``sparkctl prepare``) would compile everything again. Keyed by the
+    image id: models of one image share them, another vLLM build never reads them.
+    """
+
+    paths: tuple[str, ...] = (
+        "/root/.cache/vllm",
+        "/tmp/torchinductor_root",
+        "/root/.triton",
+        "/root/.cache/flashinfer",
+        "/root/.nv/ComputeCache",
+    )
+    """Directories inside the container to persist (absolute paths); empty = none."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +289,7 @@ class Config:
     profiles: dict[str, Profile] = field(default_factory=lambda: dict(BUILTIN_PROFILES))
     """Fixup profiles by name: the built-in ones plus the ``[profiles.<name>]`` tables."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine_cache: EngineCacheConfig = field(default_factory=EngineCacheConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     workers: dict[str, WorkerConfig] = field(default_factory=dict)
     cluster_configured: bool = False

@@ -7,12 +7,17 @@ from dataclasses import dataclass
 
 # Ordered: the first pattern that matches a line names its phase.
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("downloading weights", re.compile(r"(?i)download")),
+    # Not vLLM's config line, which names "download_dir=None" whether anything downloads or not.
+    ("downloading weights", re.compile(r"(?i)\bdownloading\b|fetching \d+ files|download(ed)? (weights|model)")),
     ("loading weights", re.compile(r"(?i)loading (safetensors )?checkpoint shards|loading weights|load_tensors|llama_model_load")),
-    ("compiling", re.compile(r"(?i)torch\.compile|compiling a graph|dynamo bytecode")),
+    # Not "Enforce eager set, disabling torch.compile": vLLM prints that when it compiles nothing.
+    ("compiling", re.compile(
+        r"(?i)(?<!disabling )torch\.compile|compiling a graph|compiling model|dynamo bytecode|compiled graph"
+        r"|aot compiled|warming up model for the compilation")),
     ("profiling memory", re.compile(r"(?i)memory profiling|available kv cache memory|# gpu blocks|kv cache")),
     ("capturing CUDA graphs", re.compile(r"(?i)capturing cuda graph")),
-    ("starting API server", re.compile(r"(?i)starting vllm api server|uvicorn running|started server process")),
+    # "Starting vLLM API server" up to vLLM 0.11, "Starting vLLM server on http://..." in 0.32.
+    ("starting API server", re.compile(r"(?i)starting vllm (api )?server|uvicorn running|started server process")),
     ("ready", re.compile(r"(?i)application startup complete")),
 )
 _PERCENT = re.compile(r"(\d{1,3})%")

@@ -24,7 +24,9 @@ from ..fixups.tokens import Budget, ContextOverflow, cap_max_tokens, worth_count
 
 log = structlog.get_logger("sparkd.fixups")
 
-CAPPED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# /v1/messages: Anthropic clients ask for large max_tokens (32 000 is common), which vLLM
+# refuses with a 400 on a model whose context is smaller.
+CAPPED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
 TOKENIZE_TIMEOUT_S = 10.0
 CHAT_TOKENIZE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template")
 CAPPED_HEADER = "X-Sparkd-Max-Tokens-Capped"
@@ -53,7 +55,7 @@ async def fit(
             f"prompt alone is {budget.prompt_tokens} tokens (counted by the engine), so no answer fits. Shorten the "
             "conversation or the tool definitions, or use a model with a longer context (GET /v1/models lists max_model_len)",
             code="context_length_exceeded",
-            extra={"param": "messages" if path.endswith("/chat/completions") else "prompt"},
+            extra={"param": "prompt" if path == "/v1/completions" else "messages"},
         ) from None
     if capped is None:
         return fixed, {}
@@ -69,11 +71,27 @@ async def fit(
     return fixed, {CAPPED_HEADER: header}
 
 
+def anthropic_as_chat(body: dict[str, Any]) -> list[Any]:
+    """A Messages API request's system prompt and messages as the chat messages /tokenize counts.
+
+    Text blocks are the same in both APIs; a block /tokenize does not take (an image,
+    a tool use) makes it refuse, and the estimate stands in.
+    """
+    messages = body.get("messages")
+    system = body.get("system")
+    if isinstance(system, list):
+        system = "\n".join(block.get("text", "") for block in system if isinstance(block, dict))
+    head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+    return head + (messages if isinstance(messages, list) else [])
+
+
 async def count_prompt(engine: EngineClient, endpoint: Endpoint, model: str, path: str, body: dict[str, Any]) -> int | None:
     """The prompt's tokens by the engine's own tokenizer and template, or None when it cannot say."""
     if path.endswith("/chat/completions"):
         payload: dict[str, Any] = {"model": model, "messages": body.get("messages")}
         payload.update((key, body[key]) for key in CHAT_TOKENIZE_FIELDS if body.get(key) is not None)
+    elif path == "/v1/messages":
+        payload = {"model": model, "messages": anthropic_as_chat(body)}
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

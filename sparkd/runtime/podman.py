@@ -146,10 +146,11 @@ class PodmanRuntime:
             log.info("container_recreating", container=spec.name, old_spec=existing.spec_hash, new_spec=spec.spec_hash)
             client.containers.get(spec.name).remove(force=True)
         _prepare_mounts(spec)
+        image_key = _prepare_caches(client, spec)
         engine_key = secrets.token_urlsafe(32)
         with self._allocating:  # two creates in two worker threads must not pick the same port
             host_port = spec.host_port if spec.network == "host" else spec.host_port or self._free_port(port_range, spec.model)
-            container = client.containers.create(**spec.create_kwargs(host_port, engine_key))
+            container = client.containers.create(**spec.create_kwargs(host_port, engine_key, image_key))
         container.reload()
         log.info("container_created", container=spec.name, image=spec.image, host_port=host_port, spec=spec.spec_hash)
         return _info_from_inspect(container.attrs)
@@ -214,6 +215,16 @@ def _prepare_mounts(spec: ContainerSpec) -> None:
                 + (": run `sparkd encodings fetch`" if mount.source.endswith(".tiktoken") else "")
             )
         source.mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_caches(client: PodmanClient, spec: ContainerSpec) -> str:
+    """The key of the spec's image for its cache directories (its short id), with the directories made."""
+    if not spec.caches:
+        return ""
+    image_key = client.images.get(spec.image).id.removeprefix("sha256:")[:16]
+    for mount in spec.cache_mounts(image_key):
+        Path(mount.source).mkdir(parents=True, exist_ok=True)
+    return image_key
 
 
 def _port_is_free(port: int) -> bool:

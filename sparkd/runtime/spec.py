@@ -25,6 +25,7 @@ LABEL_KEY_ENV = "io.sparkd.key_env"
 LABEL_INSTANCE = "io.sparkd.instance"
 DEFAULT_INSTANCE = "default"
 UNLIMITED = 2**64 - 1  # Podman rejects -1 for "unlimited" ulimits.
+ENGINE_CACHE_DIR = "engine-cache"
 
 
 def container_name(model: str, instance: str = DEFAULT_INSTANCE) -> str:
@@ -65,6 +66,10 @@ class ContainerSpec:
     network: str = "bridge"
     """``host`` for multi-node containers: Ray and NCCL need the cluster network itself."""
     cap_add: tuple[str, ...] = ()
+    cache_root: str = ""
+    """Host directory holding the engine caches (``<state_dir>/engine-cache``)."""
+    caches: tuple[str, ...] = ()
+    """Directories inside the container kept in ``cache_root/<image key>/`` across re-creation."""
 
     @property
     def spec_hash(self) -> str:
@@ -81,14 +86,26 @@ class ContainerSpec:
             LABEL_KEY_ENV: self.key_env,
         }
 
-    def create_kwargs(self, host_port: int | None, engine_key: str) -> dict[str, Any]:
+    def cache_mounts(self, image_key: str) -> tuple[Mount, ...]:
+        """The cache directories of this spec for the image ``image_key`` (its id, known at create time).
+
+        Keyed by image, not by model: models of one image share their compiled
+        kernels, and another image (another vLLM, Triton or CUDA) never sees them.
+        """
+        if not self.caches:
+            return ()
+        base = f"{self.cache_root}/{image_key}"
+        return tuple(Mount(f"{base}/{target.strip('/').replace('/', '_')}", target) for target in self.caches)
+
+    def create_kwargs(self, host_port: int | None, engine_key: str, image_key: str = "") -> dict[str, Any]:
         """Keyword arguments for podman-py's ``containers.create``."""
+        mounts = self.mounts + (self.cache_mounts(image_key) if image_key else ())
         kwargs: dict[str, Any] = {
             "image": self.image,
             "name": self.name,
             "labels": self.all_labels(),
             "environment": {**self.env, self.key_env: engine_key},
-            "volumes": {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in self.mounts},
+            "volumes": {m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts},
             "devices": list(self.devices),
             "ulimits": [{"Name": name, "Soft": value, "Hard": value} for name, value in self.ulimits],
         }
@@ -141,6 +158,8 @@ def render(config: Config, model: ModelConfig, role: str | None = None) -> Conta
         shm_size=model.shm_size or None,
         ulimits={name: UNLIMITED if value == -1 else value for name, value in model.ulimits.items()},
         entrypoint=tuple(model.entrypoint),
+        cache_root=f"{config.server.state_dir.rstrip('/')}/{ENGINE_CACHE_DIR}",
+        caches=tuple(config.engine_cache.paths) if model.engine_cache else (),
     )
     role = role or ("head" if len(model.nodes) > 1 else None)
     if role is not None:

@@ -16,6 +16,7 @@ import structlog
 
 from ..config import ModelConfig
 from ..engine.client import Endpoint
+from ..engine.lastwords import telling_lines
 from ..engine.progress import LoadProgress
 from ..runtime.spec import ContainerSpec
 from .state import ALLOWED, ModelState
@@ -100,7 +101,7 @@ class ModelRunner:
     def fail(self, message: str, log_lines: list[str] | tuple[str, ...] = ()) -> None:
         self.failure = Failure(message=message, log_lines=tuple(log_lines), at=time.monotonic())
         self.consecutive_failures += 1
-        self.transition(ModelState.FAILED, reason=message, last_log=list(log_lines[-3:]))
+        self.transition(ModelState.FAILED, reason=message, last_log=telling_lines(log_lines, 3))
 
     def uptime(self, now_wall: float | None = None) -> float | None:
         if self.started_at is None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Coroutine
 import structlog
 
 from ..config import Config, ModelConfig
+from ..engine.lastwords import telling_lines
 from ..errors import ApiError, GatewayTimeout, ServiceUnavailable, TooManyRequests
 from ..runtime.events import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
@@ -364,7 +365,7 @@ class Scheduler:
     def _failure_error(self, runner: ModelRunner) -> ApiError:
         failure = runner.failure
         message = failure.message if failure else f"model {runner.name} failed"
-        lines = list(failure.log_lines[-5:]) if failure else []
+        lines = telling_lines(failure.log_lines, 5) if failure else []
         text = message + (". Last engine log lines: " + " | ".join(lines) if lines else "")
         retry = max(self._backoff_left(runner), 1.0)
         return ServiceUnavailable(text, retry_after=retry, code="model_failed", extra={"log_lines": lines})

