@@ -333,8 +333,6 @@ async def test_a_client_leaving_mid_stream_makes_vllm_abort_the_request(served: 
 # ---------------------------------------------------------------- the README's curl
 
 
-@pytest.mark.xfail(strict=True, reason="sparkd/engine/proxy.py forwards the client's Content-Type and vLLM refuses "
-                   "it; fixed on the `engine` branch (proxy sends application/json): drop this mark when merging it")
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"], ids=["no content-type", "curl -d"])
 def test_a_request_sent_like_the_readmes_curl_examples_is_answered(served: Served, content_type: str | None) -> None:
     # curl -d sends application/x-www-form-urlencoded; other clients send no Content-Type at all.
