@@ -58,6 +58,8 @@ class Served:
 
     sparkd: Sparkd
     podman: Any
+    key: str = ""
+    """A user key: the SDKs must send one, and a key not in the keys file is a 401."""
     phases: list[str] = field(default_factory=list)
     start_s: float = 0.0
 
@@ -104,7 +106,7 @@ def served(real_image: str, podman: Any, tmp_path_factory: pytest.TempPathFactor
     sparkd = Sparkd(tmp_path_factory.mktemp("real-vllm"), prefix, {"m": model_table(real_image, "--enforce-eager")},
                     # failure_backoff_s: after the engine-kill test, requests get the failure at once
                     {"lifecycle": {"idle_stop_s": 3600, "failure_backoff_s": 300}})
-    shared = Served(sparkd, podman)
+    shared = Served(sparkd, podman, sparkd.add_user_key())
     try:
         run_async(sparkd.start())
         shared.phases, shared.start_s, _ = run_async(cold_start(sparkd, "m"))
@@ -120,13 +122,13 @@ def served(real_image: str, podman: Any, tmp_path_factory: pytest.TempPathFactor
 def openai_client(served: Served) -> Any:
     from openai import OpenAI
 
-    return OpenAI(base_url=served.sparkd.base_url + "/v1", api_key="sk-unused-keyless-loopback", max_retries=0)
+    return OpenAI(base_url=served.sparkd.base_url + "/v1", api_key=served.key, max_retries=0)
 
 
 def anthropic_client(served: Served) -> Any:
     from anthropic import Anthropic
 
-    return Anthropic(base_url=served.sparkd.base_url, api_key="sk-unused-keyless-loopback", max_retries=0)
+    return Anthropic(base_url=served.sparkd.base_url, api_key=served.key, max_retries=0)
 
 
 # ---------------------------------------------------------------- start-up
@@ -158,8 +160,8 @@ async def test_streamed_chat_usage_reaches_sparkds_history_and_metrics(served: S
     sparkd = served.sparkd
 
     async def tokens(kind: str) -> float:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(sparkd.base_url + "/metrics") as response:
+        async with sparkd.admin_session() as session:
+            async with session.get(sparkd.admin_url + "/metrics") as response:
                 text = await response.text()
         values = {}
         for line in text.splitlines():
@@ -183,8 +185,8 @@ async def test_streamed_chat_usage_reaches_sparkds_history_and_metrics(served: S
     deadline = time.monotonic() + 30  # the history is written every 10 s
     recorded: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(sparkd.base_url + f"/api/history?model={served.model}") as response:
+        async with sparkd.admin_session() as session:
+            async with session.get(sparkd.admin_url + f"/api/history?model={served.model}") as response:
                 history = await response.json()
         recorded = next((d for d in history.get("daily", []) if d["model"] == served.model), {})
         if recorded.get("completion_tokens", 0) >= usage.completion_tokens:
@@ -268,7 +270,7 @@ async def test_an_anthropic_max_tokens_over_the_context_is_capped_too(served: Se
     system, messages = "Answer briefly.", [{"role": "user", "content": QUESTION}]
     prompt_tokens = _tokenize(served, [{"role": "system", "content": system}, *messages])
     body = {"model": served.model, "system": system, "messages": messages, "max_tokens": 32000, "stream": True}
-    headers = {"x-api-key": "sk-unused-keyless-loopback", "anthropic-version": "2023-06-01"}
+    headers = {"x-api-key": served.key, "anthropic-version": "2023-06-01"}
     async with aiohttp.ClientSession() as session:
         async with session.post(served.sparkd.base_url + "/v1/messages", json=body, headers=headers) as response:
             first = await response.content.readline()
