@@ -185,7 +185,7 @@ else
     cat <<EOF
   endpoint      http://${port:-127.0.0.1:8009}/v1   (OpenAI-compatible)
   client keys   sudo cat /etc/sparkd/keys.toml
-  log           sudo tail -f /var/log/sparkd/sparkd.log   (Podman's API service, when started by sparkd: /var/log/sparkd/podman.log)
+  log           sudo tail -f /var/log/sparkd/sparkd.log   (Podman's API service, when sparkd-background started it: /var/log/sparkd/podman.log)
   status        sudo sparkd-background status
   stop          sudo sparkd-background stop
   after reboot  sudo sparkd-background start   (no systemd here: nothing starts it at boot)

@@ -124,6 +124,14 @@ class Machine:
     def journal(self, args: str = "") -> str:
         return self.out(f"journalctl --no-pager -u sparkd.service {args}")
 
+    def use_own_container_subnet(self) -> None:
+        """The machine itself sits on the host Podman's 10.88.0.0/16 bridge, the subnet its
+        own Podman would pick too: its containers' published ports would lead nowhere
+        ("No route to host"). Nesting plumbing, before its Podman first runs."""
+        self.write("/etc/containers/containers.conf.d/10-e2e-nested-network.conf", '[network]\ndefault_subnet = "10.99.0.0/16"\n')
+        # Podman 4.3 with CNI (Debian 12) takes its default network from this file instead.
+        self.sh("f=/etc/cni/net.d/87-podman-bridge.conflist; [ ! -f $f ] || sed -i 's/10[.]88[.]/10.99./g' $f")
+
     def load_image(self, image: str, as_name: str) -> None:
         """Copy an image from the host's Podman into the machine's own Podman (no registry here)."""
         save = subprocess.Popen(["podman", "save", image], stdout=subprocess.PIPE)
@@ -155,6 +163,9 @@ class Machine:
         for a cached build of the same sources, so the machine needs no PyPI (this CI reaches
         PyPI only through a proxy whose CA a fresh machine does not trust)."""
         digest = self.out(f"cd {checkout} && ./packaging/build-deb.sh --print-hash")
+        host = subprocess.run([str(REPO / "packaging" / "build-deb.sh"), "--print-hash"], capture_output=True, text=True, check=True).stdout.strip()
+        # The same sources on both sides, else this would pass off another build as theirs.
+        assert digest == host, f"the machine's checkout hashes to {digest}, this checkout to {host}: files changed during the test run?"
         self.sh(f"mkdir -p /var/cache/sparkd-build/{digest}")
         proc = subprocess.run(["podman", "cp", str(deb_path), f"{self.name}:/var/cache/sparkd-build/{digest}/{deb_path.name}"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
@@ -233,6 +244,7 @@ def fresh_machine(podman: Any, systemd_image: str) -> Any:
     # Podman's storage must hold the CPU demo image (loaded from the host, see load_image).
     box = boot_machine(systemd_image, host_network=False, extra=["--tmpfs", f"/var/lib/containers:rw,size={NESTED_STORAGE}"])
     try:
+        box.use_own_container_subnet()
         yield box
     finally:
         remove_machine(box)
@@ -262,6 +274,7 @@ def boot_plain_machine(image: str) -> Machine:
     box = Machine(name, booted_at)
     assert box.out("cat /proc/1/comm") == "sleep"
     assert box.sh("test -d /run/systemd/system", check=False).returncode != 0
+    box.use_own_container_subnet()
     return box
 
 
