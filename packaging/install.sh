@@ -63,9 +63,12 @@ missing() {
 CONF_DROPIN=/etc/containers/containers.conf.d/50-sparkd.conf
 PODMAN_NOFILE=1048576
 PODMAN_NPROC=4194304
-conf_sets() {
-    cat /usr/share/containers/containers.conf /etc/containers/containers.conf /etc/containers/containers.conf.d/*.conf 2>/dev/null \
-        | grep -v '^[[:space:]]*#' | grep -q "^[[:space:]]*$1[[:space:]]*="
+conf_sets() {  # some containers.conf (comments aside) sets key $1
+    local file
+    for file in /usr/share/containers/containers.conf /etc/containers/containers.conf /etc/containers/containers.conf.d/*.conf; do
+        [ -f "$file" ] && grep -q "^[[:space:]]*$1[[:space:]]*=" "$file" && return 0
+    done
+    return 1
 }
 hybrid_cgroups() {
     [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = tmpfs ] && [ "$(stat -fc %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]

@@ -107,6 +107,8 @@ def test_quick_start_answers_from_smollm2(quick_started: QuickStarted) -> None:
     assert "sparkd is running (mode: background, no systemd)" in output
     # This kind of machine needs the Podman settings, and install.sh says it changed them.
     assert "CHANGING THIS HOST'S PODMAN SETTINGS" in output
+    dropin = quick_started.machine.out("cat /etc/containers/containers.conf.d/50-sparkd.conf")
+    assert re.search(r'default_ulimits = \["nofile=\d+:\d+","nproc=\d+:\d+"\]', dropin), dropin
     text = assert_real_answer(run_curl_example(quick_started.machine))
     seconds = time.monotonic() - quick_started.started
     print(f"SmolLM2 answered README's curl: {text!r}")
@@ -124,6 +126,8 @@ def test_install_again_upgrades_in_place_keeping_keys_and_configuration(quick_st
     old_pid = machine.out("cat /run/sparkd-background.pid")
     output = in_checkout(machine, quick_start().commands[0], INSTALL_TIMEOUT_S)
     assert "sparkd-background: stopping sparkd" in output and "sparkd is running (mode: background" in output
+    # Its own Podman settings from the first run are found: nothing is changed twice.
+    assert "CHANGING THIS HOST'S PODMAN SETTINGS" not in output and "did not stop within" not in output
     assert machine.out("cat /etc/sparkd/keys.toml") == keys
     assert "idle_stop_s = 1500.0" in machine.out("cat /etc/sparkd/sparkd.toml")
     assert machine.out("cat /etc/sparkd/models.d/90-local.toml") == "# my own models"
