@@ -286,16 +286,3 @@ def plain_machine(podman: Any, systemd_image: str) -> Any:
         yield box
     finally:
         remove_machine(box)
-
-
-@pytest.fixture(scope="session")
-def demo_image(podman: Any) -> str:
-    """The CPU demo model's image on the host (tests/images/cpu_demo.py, cached by content hash)."""
-    spec = importlib.util.spec_from_file_location("sparkd_cpu_demo_build", REPO / "tests" / "images" / "cpu_demo.py")
-    assert spec and spec.loader
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    if os.environ.get("SPARKD_TEST_NO_BUILD") == "1":
-        require(podman.images.exists(build.IMAGE_LATEST), f"image {build.IMAGE_LATEST} is missing; run: python3 tests/images/cpu_demo.py")
-        return str(build.IMAGE_LATEST)
-    return str(build.ensure_image())

@@ -28,7 +28,7 @@ from readme import quick_start
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 
 
-def test_install_script_on_a_fresh_host(fresh_machine: Any, deb_path: Any, demo_image: str) -> None:
+def test_install_script_on_a_fresh_host(fresh_machine: Any, deb_path: Any, cpu_demo_image: str) -> None:
     machine = fresh_machine
     assert machine.out("systemctl is-enabled podman.socket || true") in ("enabled", "disabled")
     machine.sh("systemctl disable --now podman.socket")
@@ -37,7 +37,7 @@ def test_install_script_on_a_fresh_host(fresh_machine: Any, deb_path: Any, demo_
         copy = subprocess.run(["podman", "cp", str(source), f"{machine.name}:{target}"], capture_output=True, text=True, timeout=120)
         assert copy.returncode == 0, copy.stderr
 
-    machine.load_image(demo_image, "localhost/sparkd/smollm2-cpu:latest")
+    machine.load_image(cpu_demo_image, "localhost/sparkd/smollm2-cpu:latest")
     machine.write("/etc/containers/containers.conf", machine.TEST_MACHINE_CONTAINERS_CONF)
     machine.install_sudo_shim()
 

@@ -81,13 +81,13 @@ def assert_real_answer(answer: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def quick_started(demo_image: str, deb_path: Path, plain_machine: Any) -> QuickStarted:
+def quick_started(cpu_demo_image: str, deb_path: Path, plain_machine: Any) -> QuickStarted:
     # The clock starts before the machine boots (plain_machine is set up first).
     machine = plain_machine
     started = machine.booted_at
     machine.copy_checkout(CHECKOUT)
     machine.install_sudo_shim()
-    machine.load_image(demo_image, DEMO_IMAGE)
+    machine.load_image(cpu_demo_image, DEMO_IMAGE)
     machine.seed_deb_cache(CHECKOUT, deb_path)
     output = in_checkout(machine, quick_start().commands[0], INSTALL_TIMEOUT_S)
     return QuickStarted(machine, output, started)
