@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("names", nargs="*", help="recipes to build (default: those the enabled models use)")
     images.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     images.add_argument("--containerfiles", type=Path, default=None, help="directory holding the recipes")
+    images.add_argument("--tag", default=None, help="build the one named recipe under this image name instead of its own")
     clients = command("clients", "print OpenCode or Cline configuration for the enabled models")
     clients.add_argument("client", choices=("opencode", "cline"))
     clients.add_argument("--base-url", default=None, help="URL clients use (default: the first listen address)")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "list":
             return images.list_images(config)
         build_args = dict(item.split("=", 1) for item in args.build_arg if "=" in item)
-        return images.build(config, args.names, build_args, args.containerfiles)
+        return images.build(config, args.names, build_args, args.containerfiles, args.tag)
     from .commands import clients
 
     base_url = args.base_url or f"http://{config.server.listen[0]}/v1"
