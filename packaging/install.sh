@@ -98,6 +98,9 @@ container_settings() {
 export DEBIAN_FRONTEND=noninteractive
 WANT=(podman curl)
 [ -n "$DEB" ] || WANT+=(dpkg-dev debhelper dh-virtualenv python3-venv python3-dev)
+if [ "$DEMO_IMAGE" = 1 ]; then
+    WANT+=(debootstrap)   # sparkd images build makes its base with it where no registry answers
+fi
 SETTINGS=""
 if [ "$MODE" = background ]; then
     SETTINGS=$(container_settings)
