@@ -49,16 +49,24 @@ class DebianBase:
     packages: tuple[str, ...]
     suite: str = "bookworm"
 
-    def tag(self) -> str:
-        spec = {
+    def tag(self, mirror: str | None = None) -> str:
+        spec: dict[str, Any] = {
             "recipe": RECIPE_VERSION,
             "suite": self.suite,
             "variant": "minbase",
             "arch": platform.machine(),
             "packages": sorted(self.packages),
         }
+        mirror = chosen_mirror(mirror)
+        if mirror != DEFAULT_MIRROR:
+            # Another mirror may serve other package versions (a stale local copy).
+            spec["mirror"] = mirror
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         return f"{BASE_REPOSITORY}-{self.name}:{digest}"
+
+
+def chosen_mirror(mirror: str | None = None) -> str:
+    return mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
 
 
 class Progress:
@@ -93,11 +101,11 @@ class Progress:
 
 def ensure_base(client: Any, base: DebianBase, mirror: str | None = None) -> str:
     """The tag of ``base`` in Podman, made with debootstrap from ``mirror`` if missing."""
-    tag = base.tag()
+    mirror = chosen_mirror(mirror)
+    tag = base.tag(mirror)
     if client.images.exists(tag):
         print(f"[base {base.name}] {tag} is there already", flush=True)
         return tag
-    mirror = mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
     if os.geteuid() != 0:
         raise BaseBuildError("debootstrap needs root: run `sudo sparkd images build ...`")
     if shutil.which("debootstrap") is None:

@@ -4,11 +4,14 @@ with debootstrap, imports it into Podman and builds on it; a second build reuses
 
 A stand-in recipe under the smollm2-cpu name (its runtime base only, so one debootstrap
 of about a minute), built with --tag under a test name: the demo image is not touched.
-Needs root, debootstrap and the Debian mirror (as the CI machine has).
+The mirror is named with a trailing slash: the same Debian mirror, but a base tag of
+the test's own, so the demo image's base (made the same way by tests/images/cpu_demo.py)
+is neither reused nor removed. Needs root, debootstrap and the Debian mirror.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,15 +22,19 @@ from typing import Any
 import pytest
 
 from sparkd.images import recipe_named
+from sparkd.localbase import DEFAULT_MIRROR, MIRROR_ENV
 
 pytestmark = pytest.mark.podman
+
+
+MIRROR = os.environ.get("SPARKD_DEBIAN_MIRROR", DEFAULT_MIRROR).rstrip("/") + "/"
 
 
 def build(config: Path, recipes: Path, tag: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sparkd", "images", "build", "smollm2-cpu", "--config", str(config),
          "--containerfiles", str(recipes), "--tag", tag],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env={**os.environ, MIRROR_ENV: MIRROR},
     )
 
 
@@ -39,8 +46,9 @@ def test_a_base_no_registry_serves_is_made_from_the_debian_mirror(tmp_path: Path
     runtime = next(b for b in recipe.debian_bases if b.build_arg == "BASE_IMAGE")
     if podman.images.exists(runtime.registry_image):
         pytest.skip(f"{runtime.registry_image} is present here: nothing to fall back from")
-    if podman.images.exists(runtime.tag()):
-        podman.images.remove(runtime.tag())  # made by an earlier run of this test: make it again
+    base_tag = runtime.tag(MIRROR)
+    if podman.images.exists(base_tag):
+        podman.images.remove(base_tag)  # left by an interrupted run of this test: make it again
     recipes = tmp_path / "containerfiles"
     (recipes / "smollm2-cpu").mkdir(parents=True)
     (recipes / "smollm2-cpu" / "Containerfile").write_text(
@@ -60,17 +68,18 @@ def test_a_base_no_registry_serves_is_made_from_the_debian_mirror(tmp_path: Path
         assert "making an equivalent Debian base from the package mirror instead" in first.stdout
         # The long steps show their progress.
         assert f"[base {runtime.name}]" in first.stdout and "debootstrap bookworm" in first.stdout
-        assert f"imported as {runtime.tag()}" in first.stdout
+        assert f"imported as {base_tag}" in first.stdout
         assert "runtime-base-ok" in first.stdout and f"built {tag}" in first.stdout
-        assert podman.images.exists(tag) and podman.images.exists(runtime.tag())
+        assert podman.images.exists(tag) and podman.images.exists(base_tag)
 
         second = build(config, recipes, tag)
         assert second.returncode == 0, second.stderr
-        assert f"using {runtime.tag()}, made earlier from the Debian mirror" in second.stdout
+        assert f"using {base_tag}, made earlier from the Debian mirror" in second.stdout
         assert "debootstrap" not in second.stdout
     finally:
-        if podman.images.exists(tag):
-            podman.images.remove(tag, force=True)
+        for image in (tag, base_tag):
+            if podman.images.exists(image):
+                podman.images.remove(image, force=True)
 
 
 def test_tag_names_one_recipe(tmp_path: Path) -> None:
