@@ -40,7 +40,7 @@ die() { echo "build-deb: error: $*" >&2; exit 1; }
 
 # --- what goes into the package ------------------------------------------------
 # Paths relative to the repository; each is copied into the build tree.
-INPUTS=(pyproject.toml sparkd systemd packaging/debian packaging/README.md packaging/build-deb.sh packaging/requirements.lock)
+INPUTS=(pyproject.toml sparkd systemd packaging/debian packaging/README.md packaging/build-deb.sh packaging/requirements.lock packaging/sparkd-background)
 [ -f "$REPO/README.md" ] && INPUTS+=(README.md)
 [ -f "$REPO/LICENSE" ] && INPUTS+=(LICENSE)
 # Image recipes for `sparkd images build` (installed to /usr/share/sparkd/containerfiles).

@@ -10,7 +10,7 @@ from . import __version__
 from .config import DEFAULT_PATH, Config, ConfigError, load_config
 
 
-def check_config(path: Path) -> int:
+def check_config(path: Path, check_images: bool = True) -> int:
     try:
         config = load_config(path)
     except ConfigError as error:
@@ -32,6 +32,10 @@ def check_config(path: Path) -> int:
         for note in model.notes:
             if note.startswith("Known issue"):
                 print(f"  note: {model.name}: {note}")
+    if check_images:
+        from .commands import mounts
+
+        mounts.report(config)
     return 0
 
 
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("serve", "run the daemon in the foreground (systemd runs this)")
-    command("check-config", "validate the configuration and list every problem")
+    check = command("check-config", "validate the configuration and list every problem")
+    check.add_argument("--no-images", action="store_true", help="do not ask Podman whether a mount hides files of a model's image")
     command("doctor", "check Podman, the GPU's CDI spec, images, encodings, disk and the listen port")
     encodings = command("encodings", "fetch or check the tiktoken encodings GPT-OSS models need")
     encodings.add_argument("action", choices=("fetch", "check"))
@@ -56,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("names", nargs="*", help="recipes to build (default: those the enabled models use)")
     images.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     images.add_argument("--containerfiles", type=Path, default=None, help="directory holding the recipes")
+    images.add_argument("--tag", default=None, help="build the one named recipe under this image name instead of its own")
     clients = command("clients", "print OpenCode or Cline configuration for the enabled models")
     clients.add_argument("client", choices=("opencode", "cline"))
     clients.add_argument("--base-url", default=None, help="URL clients use (default: the first listen address)")
@@ -73,7 +79,7 @@ def _load(path: Path) -> Config | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, check_images=not args.no_images)
     if args.command == "serve":
         from .daemon import serve  # aiohttp and podman load only when serving
 
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "list":
             return images.list_images(config)
         build_args = dict(item.split("=", 1) for item in args.build_arg if "=" in item)
-        return images.build(config, args.names, build_args, args.containerfiles)
+        return images.build(config, args.names, build_args, args.containerfiles, args.tag)
     from .commands import clients
 
     base_url = args.base_url or f"http://{config.server.listen[0]}/v1"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import images
 from ..config import Config
+from ..localbase import BaseBuildError, ensure_base
 
 
 def list_images(config: Config) -> int:
@@ -25,8 +28,9 @@ def list_images(config: Config) -> int:
     return 0
 
 
-def build(config: Config, names: list[str], build_args: dict[str, str], directory: Path | None) -> int:
-    """Build each named recipe (default: those the enabled models need)."""
+def build(config: Config, names: list[str], build_args: dict[str, str], directory: Path | None, tag: str | None = None) -> int:
+    """Build each named recipe (default: those the enabled models need); ``tag`` builds
+    the one named recipe under another image name (to try a changed recipe)."""
     from podman import PodmanClient
 
     recipes = [images.recipe_named(n) for n in names] if names else _needed(config)
@@ -38,11 +42,14 @@ def build(config: Config, names: list[str], build_args: dict[str, str], director
     if not recipes:
         print("no enabled model uses an image sparkd builds; nothing to do")
         return 0
+    if tag is not None and len(recipes) != 1:
+        print(f"--tag names the image of one recipe; {len(recipes)} recipes were asked for: name one", file=sys.stderr)
+        return 2
     root = directory or images.containerfiles_dir()
     with PodmanClient(base_url=config.podman.url, timeout=None) as client:
         for recipe in recipes:
             assert recipe is not None
-            if not _build_one(client, recipe, root / recipe.name, build_args):
+            if not _build_one(client, recipe, root / recipe.name, build_args, tag or recipe.image):
                 return 1
     return 0
 
@@ -52,21 +59,61 @@ def _needed(config: Config) -> list[images.Recipe | None]:
     return [r for r in images.RECIPES if r.image in needed]
 
 
-def _build_one(client: object, recipe: images.Recipe, context: Path, build_args: dict[str, str]) -> bool:
+def _bases_from_a_mirror(client: Any, recipe: images.Recipe, containerfile: Path, build_args: dict[str, str]) -> dict[str, str]:
+    """Build arguments naming Debian bases made locally, for each base the recipe would
+    pull from a registry that does not answer (none given with --build-arg, none present)."""
+    declared = set(re.findall(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", containerfile.read_text(), re.M))
+    chosen: dict[str, str] = {}
+    for base in recipe.debian_bases:
+        if base.build_arg not in declared or base.build_arg in build_args or client.images.exists(base.registry_image):
+            continue
+        if client.images.exists(base.tag()):
+            print(f"{base.registry_image} is not here: using {base.tag()}, made earlier from the Debian mirror", flush=True)
+            chosen[base.build_arg] = base.tag()
+            continue
+        print(f"pulling {base.registry_image} (the recipe's {base.build_arg})", flush=True)
+        failure = _pull(client, base.registry_image)
+        if failure is None:
+            continue
+        print(f"could not pull {base.registry_image} ({failure}): making an equivalent Debian base from the package mirror instead", flush=True)
+        chosen[base.build_arg] = ensure_base(client, base)
+    return chosen
+
+
+def _pull(client: Any, image: str) -> str | None:
+    """None once ``image`` is pulled, else why not (podman-py's pull() reports no error)."""
+    response = client.api.post("/images/pull", params={"reference": image, "quiet": "true"}, stream=True)
+    error = None
+    for line in response.iter_lines():
+        if line:
+            error = json.loads(line).get("error") or error
+    if response.status_code >= 400 and error is None:
+        error = response.text[:300] or f"HTTP {response.status_code}"
+    if error is None and not client.images.exists(image):
+        error = "Podman reported no error, but the image is not there"
+    return None if error is None else str(error).strip().splitlines()[0][:300]
+
+
+def _build_one(client: Any, recipe: images.Recipe, context: Path, build_args: dict[str, str], image: str) -> bool:
     from podman import api
 
     if not (context / "Containerfile").is_file():
         print(f"{context}/Containerfile not found: pass --containerfiles DIR (a checkout's containerfiles/)", file=sys.stderr)
         return False
-    print(f"building {recipe.image} from {context} (usually about {recipe.build_minutes} min)", flush=True)
+    try:
+        build_args = {**_bases_from_a_mirror(client, recipe, context / "Containerfile", build_args), **build_args}
+    except BaseBuildError as error:
+        print(f"cannot build {image}: {error}", file=sys.stderr)
+        return False
+    print(f"building {image} from {context} (usually about {recipe.build_minutes} min)", flush=True)
     started = time.monotonic()
-    params = {"t": recipe.image, "dockerfile": "Containerfile", "rm": "true", "layers": "true"}
+    params = {"t": image, "dockerfile": "Containerfile", "rm": "true", "layers": "true"}
     if build_args:
         params["buildargs"] = json.dumps(build_args)
     context_tar = api.create_tar(str(context))
     # podman-py's images.build() reads the whole build log before returning; the
     # raw API call streams it, so the operator sees each step as it runs.
-    response = client.api.post(  # type: ignore[attr-defined]
+    response = client.api.post(
         "/build", params=params, data=context_tar, headers={"Content-type": "application/x-tar"}, stream=True
     )
     failed = None
@@ -82,9 +129,9 @@ def _build_one(client: object, recipe: images.Recipe, context: Path, build_args:
     context_tar.close()
     minutes = (time.monotonic() - started) / 60
     if failed or response.status_code >= 400:
-        print(f"\nbuild of {recipe.image} FAILED after {minutes:.1f} min: {failed or response.text[:500]}", file=sys.stderr)
+        print(f"\nbuild of {image} FAILED after {minutes:.1f} min: {failed or response.text[:500]}", file=sys.stderr)
         if "nvcr.io" in str(failed):
             print("the base image is on NVIDIA NGC: run `podman login nvcr.io` first (see containerfiles/README.md)", file=sys.stderr)
         return False
-    print(f"built {recipe.image} in {minutes:.1f} min", flush=True)
+    print(f"built {image} in {minutes:.1f} min", flush=True)
     return True

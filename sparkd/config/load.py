@@ -207,8 +207,34 @@ def _build_model(name: str, table: Any, defaults: ContainerDefaults, file: str, 
     return dataclasses.replace(
         model,
         env={**defaults.env, **model.env},
-        volumes=tuple(dict.fromkeys(defaults.volumes + model.volumes)),
+        volumes=_merge_volumes(defaults.volumes, model, file, problems),
     )
+
+
+def _merge_volumes(defaults: tuple[str, ...], model: ModelConfig, file: str, problems: list[Problem]) -> tuple[str, ...]:
+    """The defaults' volumes less the skipped ones, then the model's own; the model's
+    volume wins over a default at the same container path (two mounts on one path
+    would make Podman refuse the container)."""
+    default_targets = {_volume_target(v): v for v in defaults}
+    for index, target in enumerate(model.skip_default_volumes):
+        if target not in default_targets:
+            known = ", ".join(sorted(t for t in default_targets if t)) or "none"
+            problems.append(
+                Problem(
+                    file,
+                    f"{key_path('models', model.name)}.skip_default_volumes[{index}]",
+                    f"a container path of [defaults] volumes (they mount: {known})",
+                    describe(target),
+                )
+            )
+    own_targets = {_volume_target(v) for v in model.volumes}
+    kept = [v for v in defaults if _volume_target(v) not in own_targets and _volume_target(v) not in model.skip_default_volumes]
+    return tuple(dict.fromkeys(kept + list(model.volumes)))
+
+
+def _volume_target(volume: str) -> str:
+    parts = volume.split(":")
+    return parts[1] if len(parts) > 1 else ""
 
 
 def check(config: Config, model_files: dict[str, str]) -> list[Problem]:

@@ -151,7 +151,11 @@ class ModelConfig:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     volumes: tuple[str, ...] = ()
-    """``host_path:container_path[:ro]`` entries, added to the defaults' volumes."""
+    """``host_path:container_path[:ro]`` entries, added to the defaults' volumes (one
+    at the same container path replaces the default's)."""
+    skip_default_volumes: tuple[str, ...] = ()
+    """Container paths of ``[defaults] volumes`` this model does not get: an image that
+    carries its own files there (the CPU demo's ``/models``) must not have them hidden."""
     devices: tuple[str, ...] = ()
     gpu: bool = True
     """Attach ``gpu.devices`` (CDI) to the container."""

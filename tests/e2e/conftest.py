@@ -88,8 +88,15 @@ def systemd_image(podman: Any) -> str:
 class Machine:
     """A systemd container; ``sh`` runs a shell command in it as root."""
 
-    def __init__(self, name: str) -> None:
+    # The test-machine Podman settings tests/setup/host.sh writes on the host (Podman's
+    # default ulimits exceed the CI VMs' hard limits), for a machine's own Podman. Not
+    # product settings: install.sh changes nothing on a systemd host.
+    TEST_MACHINE_CONTAINERS_CONF = '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
+
+    def __init__(self, name: str, booted_at: float | None = None) -> None:
         self.name = name
+        self.booted_at = time.monotonic() if booted_at is None else booted_at
+        """When the machine's container was asked to start (monotonic clock)."""
 
     def sh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(["podman", "exec", self.name, "sh", "-c", command], capture_output=True, text=True, timeout=timeout)
@@ -116,6 +123,52 @@ class Machine:
 
     def journal(self, args: str = "") -> str:
         return self.out(f"journalctl --no-pager -u sparkd.service {args}")
+
+    def use_own_container_subnet(self) -> None:
+        """The machine itself sits on the host Podman's 10.88.0.0/16 bridge, the subnet its
+        own Podman would pick too: its containers' published ports would lead nowhere
+        ("No route to host"). Nesting plumbing, before its Podman first runs."""
+        self.write("/etc/containers/containers.conf.d/10-e2e-nested-network.conf", '[network]\ndefault_subnet = "10.99.0.0/16"\n')
+        # Podman 4.3 with CNI (Debian 12) takes its default network from this file instead.
+        self.sh("f=/etc/cni/net.d/87-podman-bridge.conflist; [ ! -f $f ] || sed -i 's/10[.]88[.]/10.99./g' $f")
+
+    def load_image(self, image: str, as_name: str) -> None:
+        """Copy an image from the host's Podman into the machine's own Podman (no registry here)."""
+        save = subprocess.Popen(["podman", "save", image], stdout=subprocess.PIPE)
+        load = subprocess.run(["podman", "exec", "-i", self.name, "podman", "load", "-q"], stdin=save.stdout, capture_output=True, text=True, timeout=600)
+        assert save.stdout is not None
+        save.stdout.close()
+        assert save.wait(timeout=60) == 0 and load.returncode == 0, load.stderr
+        if image != as_name:
+            self.sh(f"podman tag {image} {as_name}")
+
+    def install_sudo_shim(self) -> None:
+        """README's commands say `sudo`; the machine's shell is root already and has no sudo."""
+        self.write("/usr/local/bin/sudo", '#!/bin/sh\n[ "$(id -u)" -eq 0 ] || exit 1\nexec "$@"\n', mode="0755")
+
+    def copy_checkout(self, target: str) -> None:
+        """This checkout's files (tracked and new, nothing git ignores), as a fresh clone has them."""
+        files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "-co", "--exclude-standard"], capture_output=True, check=True).stdout
+        existing = b"\0".join(f for f in files.split(b"\0") if f and (REPO / f.decode()).exists())
+        tar = subprocess.Popen(["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        untar = subprocess.Popen(["podman", "exec", "-i", self.name, "sh", "-c", f"mkdir -p {target} && tar -C {target} -xf -"], stdin=tar.stdout)
+        assert tar.stdin is not None and tar.stdout is not None
+        tar.stdin.write(existing)
+        tar.stdin.close()
+        tar.stdout.close()
+        assert tar.wait(timeout=120) == 0 and untar.wait(timeout=120) == 0
+
+    def seed_deb_cache(self, checkout: str, deb_path: Path) -> None:
+        """Put the .deb built on the host (deb_path) where build-deb.sh in the machine looks
+        for a cached build of the same sources, so the machine needs no PyPI (this CI reaches
+        PyPI only through a proxy whose CA a fresh machine does not trust)."""
+        digest = self.out(f"cd {checkout} && ./packaging/build-deb.sh --print-hash")
+        host = subprocess.run([str(REPO / "packaging" / "build-deb.sh"), "--print-hash"], capture_output=True, text=True, check=True).stdout.strip()
+        # The same sources on both sides, else this would pass off another build as theirs.
+        assert digest == host, f"the machine's checkout hashes to {digest}, this checkout to {host}: files changed during the test run?"
+        self.sh(f"mkdir -p /var/cache/sparkd-build/{digest}")
+        proc = subprocess.run(["podman", "cp", str(deb_path), f"{self.name}:/var/cache/sparkd-build/{digest}/{deb_path.name}"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
 
 
 def boot_machine(image: str, *, host_network: bool, extra: list[str] = ()) -> Machine:
@@ -188,7 +241,47 @@ def fresh_machine(podman: Any, systemd_image: str) -> Any:
     configuration (127.0.0.1:8009, instance "default") can run there safely.
     """
     # Podman's storage must not sit on the container's overlay root.
-    box = boot_machine(systemd_image, host_network=False, extra=["--tmpfs", "/var/lib/containers:rw,size=512m"])
+    # Podman's storage must hold the CPU demo image (loaded from the host, see load_image).
+    box = boot_machine(systemd_image, host_network=False, extra=["--tmpfs", f"/var/lib/containers:rw,size={NESTED_STORAGE}"])
+    try:
+        box.use_own_container_subnet()
+        yield box
+    finally:
+        remove_machine(box)
+
+
+NESTED_STORAGE = "3g"
+
+
+def boot_plain_machine(image: str) -> Machine:
+    """A Debian machine whose PID 1 is not systemd (`sleep`), with its own network and
+    its own empty Podman storage: the kind of host CI machines and containers are."""
+    name = "sparkd-e2e-plain-" + uuid.uuid4().hex[:8]
+    booted_at = time.monotonic()
+    run = subprocess.run(
+        [
+            # --privileged: its own Podman runs containers inside it (nested).
+            "podman", "run", "-d", "--name", name, "--privileged", "--hostname", name,
+            "--tmpfs", f"/var/lib/containers:rw,size={NESTED_STORAGE}",
+            image, "sleep", "infinity",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if run.returncode != 0:
+        pytest.fail(f"cannot start the machine container: {run.stderr}")
+    box = Machine(name, booted_at)
+    assert box.out("cat /proc/1/comm") == "sleep"
+    assert box.sh("test -d /run/systemd/system", check=False).returncode != 0
+    box.use_own_container_subnet()
+    return box
+
+
+@pytest.fixture(scope="module")
+def plain_machine(podman: Any, systemd_image: str) -> Any:
+    """A fresh Debian machine without systemd as PID 1 (boot_plain_machine)."""
+    box = boot_plain_machine(systemd_image)
     try:
         yield box
     finally:

@@ -2,22 +2,25 @@
 """Build the sparkd CPU demo model image (SmolLM2-135M on llama-cpp-python).
 
 No container registry is reachable on the development and CI machines, so the
-public base images the Containerfile defaults to cannot be pulled. This script
-makes the two Debian bookworm bases it needs with debootstrap, imports them
-into Podman, and builds ``containerfiles/smollm2-cpu`` on top of them:
+public base images the Containerfile defaults to cannot be pulled. The two Debian
+bookworm bases it needs come from the product's own fallback (sparkd/localbase.py,
+the code `sparkd images build` uses where no registry answers: debootstrap from the
+package mirror, imported through the Podman API), then ``containerfiles/smollm2-cpu``
+is built on top of them:
 
-    localhost/sparkd-cpu-base:<hash>      runtime base (python3, venv; no compiler)
-    localhost/sparkd-cpu-builder:<hash>   wheel-building base (+ gcc, g++, cmake, ninja)
-    localhost/sparkd/smollm2-cpu:<hash>   the demo image, also tagged :latest
+    localhost/sparkd/base-smollm2-runtime:<hash>   runtime base (python3, venv; no compiler)
+    localhost/sparkd/base-smollm2-builder:<hash>   wheel-building base (+ gcc, g++, cmake, ninja)
+    localhost/sparkd/smollm2-cpu:<hash>            the demo image, also tagged :latest
 
 Everything is keyed by a content hash of its inputs, and nothing is rebuilt
-when its tag exists. The slow parts are also cached on disk, under
-``/var/cache/sparkd-test`` (``SPARKD_TEST_CACHE`` overrides), so a machine whose
-Podman storage was wiped rebuilds in about a minute:
+when its tag exists. The compile is also cached on disk, under
+``/var/cache/sparkd-test`` (``SPARKD_TEST_CACHE`` overrides):
 
-    debootstrap/<name>-<hash>.tar        the root file systems
-    debootstrap/debs/                    debootstrap's package cache
     wheels/<hash>/llama_cpp_python-*.whl the compiled llama.cpp (minutes on 2 cores)
+
+The final build still runs through the podman CLI, not the product's API build: it
+bind-mounts the CA bundle and the wheel cache into the build steps (``-v``), which
+the Podman API's build does not offer.
 
 pip inside the build reaches PyPI through this machine's TLS-inspecting proxy:
 the host CA bundle (``SPARKD_BUILD_CA``, else ``PIP_CERT``, else
@@ -25,7 +28,8 @@ the host CA bundle (``SPARKD_BUILD_CA``, else ``PIP_CERT``, else
 only; it is never copied into an image.
 
 Usage: python3 tests/images/cpu_demo.py [--force] [--print-tag]
-Stdlib only; drives the ``podman`` CLI. Importable: ``ensure_image()``.
+Runs with the suite's venv (podman-py) and this checkout's sparkd package; drives the
+``podman`` CLI for the builds. Importable: ``ensure_image()``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -52,24 +55,14 @@ IMAGE_REPO = "localhost/sparkd/smollm2-cpu"
 IMAGE_LATEST = f"{IMAGE_REPO}:latest"
 WHEELS_REPO = "localhost/sparkd/smollm2-cpu-wheels"
 
-# Bump when the way the bases are made changes (not only their package lists).
-RECIPE_VERSION = 2
-SUITE = "bookworm"
-MIRROR = os.environ.get("SPARKD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-RUNTIME_PACKAGES = ("python3", "python3-venv", "ca-certificates")
-BUILDER_PACKAGES = RUNTIME_PACKAGES + (
-    "python3-dev",
-    "build-essential",
-    "cmake",
-    "ninja-build",
-)
-BASES = {
-    # name: (repository, package list)
-    "runtime": ("localhost/sparkd-cpu-base", RUNTIME_PACKAGES),
-    "builder": ("localhost/sparkd-cpu-builder", BUILDER_PACKAGES),
+BASE_ARGS = {
+    # name: the recipe's build argument naming that base
+    "runtime": "BASE_IMAGE",
+    "builder": "BUILDER_IMAGE",
 }
 
 CA_IN_BUILD = "/run/sparkd-build-ca.pem"
+PODMAN_URL = os.environ.get("SPARKD_TEST_PODMAN_URL", "unix:///run/podman/podman.sock")
 
 
 def cache_dir() -> Path:
@@ -93,17 +86,18 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def product_base(name: str):
+    """The product's description of a base (sparkd.images), made by sparkd.localbase."""
+    sys.path.insert(0, str(REPO))
+    from sparkd.images import recipe_named
+
+    recipe = recipe_named("smollm2-cpu")
+    assert recipe is not None
+    return next(b for b in recipe.debian_bases if b.build_arg == BASE_ARGS[name])
+
+
 def base_hash(name: str) -> str:
-    _, packages = BASES[name]
-    spec = {
-        "recipe": RECIPE_VERSION,
-        "suite": SUITE,
-        "variant": "minbase",
-        "mirror": MIRROR,
-        "arch": platform.machine(),
-        "packages": sorted(packages),
-    }
-    return _sha(json.dumps(spec, sort_keys=True).encode())
+    return product_base(name).tag().rsplit(":", 1)[1]
 
 
 def context_digest() -> str:
@@ -135,71 +129,17 @@ def wheel_hash() -> str:
 
 # ---------------------------------------------------------------- bases
 
-def _unmount_below(root: Path) -> None:
-    """debootstrap mounts /proc and /sys in the target; make sure none is left."""
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/mounts") as f:
-        points = [line.split()[1] for line in f]
-    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
-        subprocess.run(["umount", "-l", point], check=False)
-
-
-def make_rootfs_tarball(name: str, tarball: Path) -> None:
-    _, packages = BASES[name]
-    debs = cache_dir() / "debootstrap" / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"rootfs-{name}-", dir=cache_dir() / "debootstrap"))
-    root = work / "root"
-    try:
-        run([
-            "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
-            f"--cache-dir={debs}", SUITE, str(root), MIRROR,
-        ], stdout=subprocess.DEVNULL)
-        _unmount_below(root)
-        # Smaller: no package cache, apt lists, docs, man pages, translations.
-        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for p in (root / sub).glob("*"):
-                if p.is_file():
-                    p.unlink()
-        for sub in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"):
-            for p in (root / sub).glob("*"):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-        for p in list((root / "var/cache/debconf").glob("*-old")) + list((root / "var/log").glob("*.log")):
-            p.unlink()
-        (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
-        tmp = tarball.with_suffix(".tar.partial")
-        run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tmp), "."])
-        tmp.rename(tarball)
-    finally:
-        _unmount_below(root)
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def ensure_base(name: str, timings: dict) -> str:
-    repo, _ = BASES[name]
-    h = base_hash(name)
-    ref = f"{repo}:{h}"
-    if image_exists(ref):
-        log(f"{ref} exists")
-        return ref
-    tarball = cache_dir() / "debootstrap" / f"{name}-{h}.tar"
-    if not tarball.exists():
-        tarball.parent.mkdir(parents=True, exist_ok=True)
-        t = time.monotonic()
-        make_rootfs_tarball(name, tarball)
-        timings[f"debootstrap {name}"] = time.monotonic() - t
+    """The product's code path (`sparkd images build` where no registry answers)."""
+    from podman import PodmanClient
+
+    sys.path.insert(0, str(REPO))
+    from sparkd.localbase import ensure_base as make_base
+
     t = time.monotonic()
-    run([
-        "podman", "import",
-        "--change", "ENV LANG=C.UTF-8",
-        "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "--change", 'CMD ["/bin/bash"]',
-        str(tarball), ref,
-    ], stdout=subprocess.DEVNULL)
-    timings[f"import {name}"] = time.monotonic() - t
+    with PodmanClient(base_url=PODMAN_URL, timeout=None) as client:
+        ref = make_base(client, product_base(name))
+    timings[f"base {name}"] = time.monotonic() - t
     return ref
 
 
@@ -266,10 +206,6 @@ def prune_stale(keep: dict[str, str]) -> None:
         for ref in sorted(set(out) - {tag, IMAGE_LATEST}):
             if ref.startswith(repo + ":"):
                 subprocess.run(["podman", "rmi", ref], capture_output=True)
-    current = {f"{n}-{base_hash(n)}.tar" for n in BASES}
-    for tar in (cache_dir() / "debootstrap").glob("*.tar"):
-        if tar.name not in current and tar.name.split("-")[0] in BASES:
-            tar.unlink()
     for d in (cache_dir() / "wheels").glob("*"):
         if d.is_dir() and d.name != wheel_hash():
             shutil.rmtree(d, ignore_errors=True)
@@ -327,8 +263,8 @@ def _ensure_image(force: bool) -> str:
     timings["total"] = time.monotonic() - t0
     prune_stale({
         IMAGE_REPO: ref,
-        BASES["runtime"][0]: runtime,
-        BASES["builder"][0]: builder,
+        runtime.rsplit(":", 1)[0]: runtime,
+        builder.rsplit(":", 1)[0]: builder,
     })
 
     size = subprocess.run(

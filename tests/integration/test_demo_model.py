@@ -17,9 +17,12 @@ from harness import REPO
 pytestmark = pytest.mark.podman
 
 
+def shipped_document() -> dict:
+    return tomllib.loads((REPO / "etc" / "sparkd.toml").read_text())
+
+
 def shipped_demo_table() -> dict:
-    document = tomllib.loads((REPO / "etc" / "sparkd.toml").read_text())
-    return dict(document["models"]["smollm2-135m-cpu"])
+    return dict(shipped_document()["models"]["smollm2-135m-cpu"])
 
 
 async def test_demo_model_answers_through_sparkd(sparkd_factory, cpu_demo_image):
@@ -27,8 +30,11 @@ async def test_demo_model_answers_through_sparkd(sparkd_factory, cpu_demo_image)
     table = shipped_demo_table()
     assert table["image"] == "localhost/sparkd/smollm2-cpu:latest"
     table["image"] = cpu_demo_image
+    # The shipped [defaults] volumes and env too: the /models default once hid the image's GGUF (issue 12).
+    shipped_defaults = shipped_document()["defaults"]
+    defaults = {"volumes": shipped_defaults["volumes"], "env": shipped_defaults["env"]}
     # The shipped table under the test's model name; llama.cpp's server answers for its one model whatever the name.
-    sparkd = sparkd_factory({"demo": table})
+    sparkd = sparkd_factory({"demo": table}, {"defaults": defaults})
     name = sparkd.model("demo")
     key = sparkd.add_user_key()  # the SDK sends some key, and only a real one passes
     await sparkd.start()

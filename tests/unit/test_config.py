@@ -153,3 +153,44 @@ def test_check_config_cli_exit_codes(tmp_path):
     assert "models.a.image: expected a string, found integer 3" in result.stderr
     missing = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True)
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_a_model_leaves_out_default_volumes_and_replaces_one_at_the_same_path(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            '[defaults]\nvolumes = ["/srv/hf:/hf", "/srv/models:/models"]\n'
+            '[models.own-files]\nimage = "x"\nskip_default_volumes = ["/models"]\n'
+            '[models.own-mount]\nimage = "x"\nvolumes = ["/data/gguf:/models:ro"]\n'
+            '[models.plain]\nimage = "x"\n',
+        )
+    )
+    assert config.models["own-files"].volumes == ("/srv/hf:/hf",)
+    # Two mounts on /models would make Podman refuse the container: the model's own wins.
+    assert config.models["own-mount"].volumes == ("/srv/hf:/hf", "/data/gguf:/models:ro")
+    assert config.models["plain"].volumes == ("/srv/hf:/hf", "/srv/models:/models")
+
+
+def test_skipping_a_volume_the_defaults_do_not_have_is_an_error(tmp_path):
+    path = write(tmp_path, '[defaults]\nvolumes = ["/srv/hf:/hf"]\n[models.a]\nimage = "x"\nskip_default_volumes = ["/model"]\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert "models.a.skip_default_volumes[0]: expected a container path of [defaults] volumes (they mount: /hf), found string '/model'" in str(raised.value)
+
+
+def test_the_shipped_demo_model_gets_no_volume_over_its_own_models(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    config = load_config(repo / "etc" / "sparkd.toml")
+    assert "/var/lib/sparkd/models:/models" in config.defaults.volumes
+    assert config.models["smollm2-135m-cpu"].volumes == ()
+    # The catalog's vLLM models keep /models: their --download-dir.
+    assert "/var/lib/sparkd/models:/models" in config.models["gpt-oss-20b"].volumes
+
+
+def test_check_config_says_when_podman_cannot_check_the_mounts(tmp_path):
+    path = write(tmp_path, f'[podman]\nurl = "unix://{tmp_path}/absent.sock"\n[defaults]\nvolumes = ["/srv/m:/models"]\n' + VALID_MODEL)
+    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"note: could not check the models' mounts against their images: Podman at unix://{tmp_path}/absent.sock did not answer" in result.stdout
+    skipped = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--no-images", "--config", str(path)], capture_output=True, text=True)
+    assert skipped.returncode == 0 and "could not check" not in skipped.stdout

@@ -1,0 +1,93 @@
+"""`sparkd images build` where no container registry answers (issue 12): the recipe's base
+image cannot be pulled, so sparkd makes an equivalent Debian base from the package mirror
+with debootstrap, imports it into Podman and builds on it; a second build reuses it.
+
+A stand-in recipe under the smollm2-cpu name (its runtime base only, so one debootstrap
+of about a minute), built with --tag under a test name: the demo image is not touched.
+The mirror is named with a trailing slash: the same Debian mirror, but a base tag of
+the test's own, so the demo image's base (made the same way by tests/images/cpu_demo.py)
+is neither reused nor removed. Needs root, debootstrap and the Debian mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparkd.images import recipe_named
+from sparkd.localbase import DEFAULT_MIRROR, MIRROR_ENV
+
+pytestmark = pytest.mark.podman
+
+
+MIRROR = os.environ.get("SPARKD_DEBIAN_MIRROR", DEFAULT_MIRROR).rstrip("/") + "/"
+
+
+def build(config: Path, recipes: Path, tag: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sparkd", "images", "build", "smollm2-cpu", "--config", str(config),
+         "--containerfiles", str(recipes), "--tag", tag],
+        capture_output=True, text=True, timeout=900, env={**os.environ, MIRROR_ENV: MIRROR},
+    )
+
+
+def test_a_base_no_registry_serves_is_made_from_the_debian_mirror(tmp_path: Path, podman: Any) -> None:
+    if shutil.which("debootstrap") is None:
+        pytest.fail("debootstrap is missing: run tests/setup/host.sh as root")
+    recipe = recipe_named("smollm2-cpu")
+    assert recipe is not None
+    runtime = next(b for b in recipe.debian_bases if b.build_arg == "BASE_IMAGE")
+    if podman.images.exists(runtime.registry_image):
+        pytest.skip(f"{runtime.registry_image} is present here: nothing to fall back from")
+    base_tag = runtime.tag(MIRROR)
+    if podman.images.exists(base_tag):
+        podman.images.remove(base_tag)  # left by an interrupted run of this test: make it again
+    recipes = tmp_path / "containerfiles"
+    (recipes / "smollm2-cpu").mkdir(parents=True)
+    (recipes / "smollm2-cpu" / "Containerfile").write_text(
+        f"ARG BASE_IMAGE={runtime.registry_image}\nFROM ${{BASE_IMAGE}}\n"
+        "RUN python3 -c 'import venv, ssl; print(\"runtime-base-ok\")'\n"
+    )
+    config = tmp_path / "sparkd.toml"
+    config.write_text('[models.m]\nimage = "x"\n')
+    tag = f"localhost/sparkd-test/base-fallback:{uuid.uuid4().hex[:8]}"
+    try:
+        first = build(config, recipes, tag)
+        print(first.stdout[-4000:], first.stderr[-2000:])
+        if "could not pull" not in first.stdout and first.returncode == 0:
+            pytest.skip("a container registry answers here: the fallback is not needed")
+        assert first.returncode == 0, first.stderr
+        assert f"could not pull {runtime.registry_image}" in first.stdout
+        assert "making an equivalent Debian base from the package mirror instead" in first.stdout
+        # The long steps show their progress.
+        assert f"[base {runtime.name}]" in first.stdout and "debootstrap bookworm" in first.stdout
+        assert f"imported as {base_tag}" in first.stdout
+        assert "runtime-base-ok" in first.stdout and f"built {tag}" in first.stdout
+        assert podman.images.exists(tag) and podman.images.exists(base_tag)
+
+        second = build(config, recipes, tag)
+        assert second.returncode == 0, second.stderr
+        assert f"using {base_tag}, made earlier from the Debian mirror" in second.stdout
+        assert "debootstrap" not in second.stdout
+    finally:
+        for image in (tag, base_tag):
+            if podman.images.exists(image):
+                podman.images.remove(image, force=True)
+
+
+def test_tag_names_one_recipe(tmp_path: Path) -> None:
+    config = tmp_path / "sparkd.toml"
+    config.write_text('[models.m]\nimage = "x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "sparkd", "images", "build", "smollm2-cpu", "vllm-gb10", "--config", str(config), "--tag", "localhost/x:y"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--tag names the image of one recipe; 2 recipes were asked for" in result.stderr
