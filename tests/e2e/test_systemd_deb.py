@@ -53,6 +53,9 @@ def config(engine_image: str, **model_overrides: Any) -> str:
         "gpu": {"devices": []},
         "defaults": {"shm_size": "64m", "ulimits": {}},
         "lifecycle": {"min_uptime_s": 0, "failure_backoff_s": 0},
+        # No engine-cache mounts: this machine shares the host's Podman, which would look for
+        # their source directories on the host, not in this machine's /var/lib/sparkd.
+        "engine_cache": {"paths": []},
         "models": {MODEL: model},
     }
     return "# sparkd end-to-end test configuration\n" + to_toml(document)

@@ -25,7 +25,7 @@ from capture_engine import (
     request_lines,
     stalled_client,
 )
-from harness import container_events, engine_model, write_keys
+from harness import container_events, engine_model, unique_prefix, write_keys
 
 pytestmark = pytest.mark.podman
 
@@ -93,7 +93,8 @@ async def test_key_matrix(sparkd_factory, engine_image, tmp_path):
         keys_path = tmp_path / f"keys-{mode}.toml"
         sparkd = sparkd_factory(
             {"a": engine_model(engine_image), "b": engine_model(engine_image)},
-            {"server": {"keys_file": str(keys_path), "anonymous": mode}},
+            # An instance of its own: daemons of one instance adopt (and stop) each other's containers.
+            {"server": {"keys_file": str(keys_path), "anonymous": mode, "instance": f"{unique_prefix()}{mode}"}},
             name=f"matrix-{mode}",
         )
         write_keys(
