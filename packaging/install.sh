@@ -18,8 +18,8 @@
 #    (localhost/sparkd/smollm2-cpu) so the shipped catalog has a model to serve.
 #
 # Idempotent: run it again after `git pull` to upgrade (the configuration and
-# keys are kept). Behind a TLS-inspecting proxy export PIP_CERT (and
-# REQUESTS_CA_BUNDLE) for the build first.
+# keys are kept). Behind a TLS-inspecting proxy set PIP_CERT (and REQUESTS_CA_BUNDLE)
+# for both builds, which hand it to pip: `sudo PIP_CERT=FILE ./packaging/install.sh`.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)

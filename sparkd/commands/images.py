@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import images
+from ..buildcontext import (
+    BuildContextError,
+    PipCa,
+    build_context,
+    host_pip_ca,
+    wants_pip_ca,
+)
 from ..config import Config
 from ..localbase import BaseBuildError, ensure_base
 
@@ -49,7 +58,7 @@ def build(config: Config, names: list[str], build_args: dict[str, str], director
     with PodmanClient(base_url=config.podman.url, timeout=None) as client:
         for recipe in recipes:
             assert recipe is not None
-            if not _build_one(client, recipe, root / recipe.name, build_args, tag or recipe.image):
+            if not build_recipe(client, recipe, root / recipe.name, build_args, tag or recipe.image):
                 return 1
     return 0
 
@@ -62,7 +71,7 @@ def _needed(config: Config) -> list[images.Recipe | None]:
 def _bases_from_a_mirror(client: Any, recipe: images.Recipe, containerfile: Path, build_args: dict[str, str]) -> dict[str, str]:
     """Build arguments naming Debian bases made locally, for each base the recipe would
     pull from a registry that does not answer (none given with --build-arg, none present)."""
-    declared = set(re.findall(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", containerfile.read_text(), re.M))
+    declared = set(re.findall(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", containerfile.read_text(), re.MULTILINE))
     chosen: dict[str, str] = {}
     for base in recipe.debian_bases:
         if base.build_arg not in declared or base.build_arg in build_args or client.images.exists(base.registry_image):
@@ -94,20 +103,55 @@ def _pull(client: Any, image: str) -> str | None:
     return None if error is None else str(error).strip().splitlines()[0][:300]
 
 
-def _build_one(client: Any, recipe: images.Recipe, context: Path, build_args: dict[str, str], image: str) -> bool:
-    from podman import api
-
-    if not (context / "Containerfile").is_file():
-        print(f"{context}/Containerfile not found: pass --containerfiles DIR (a checkout's containerfiles/)", file=sys.stderr)
+def build_recipe(
+    client: Any,
+    recipe: images.Recipe,
+    recipe_dir: Path,
+    build_args: dict[str, str],
+    image: str,
+    environ: Mapping[str, str] = os.environ,
+) -> bool:
+    """Build ``recipe`` from ``recipe_dir`` as ``image`` through the Podman API, bases
+    made from the Debian mirror where no registry serves them, pip trusting the host's
+    CA bundle in the recipe's builder stage (buildcontext.py). What `sparkd images
+    build` runs for each recipe."""
+    if not (recipe_dir / "Containerfile").is_file():
+        print(f"{recipe_dir}/Containerfile not found: pass --containerfiles DIR (a checkout's containerfiles/)", file=sys.stderr)
         return False
     try:
-        build_args = {**_bases_from_a_mirror(client, recipe, context / "Containerfile", build_args), **build_args}
-    except BaseBuildError as error:
+        ca = host_pip_ca(environ) if wants_pip_ca(recipe_dir) else None
+        build_args = {**_bases_from_a_mirror(client, recipe, recipe_dir / "Containerfile", build_args), **build_args}
+        with build_context(recipe_dir, ca) as context:
+            _say_which_ca(recipe_dir, ca)
+            return _build_context(client, recipe, recipe_dir, context, build_args, image)
+    except (BaseBuildError, BuildContextError) as error:
         print(f"cannot build {image}: {error}", file=sys.stderr)
         return False
-    print(f"building {image} from {context} (usually about {recipe.build_minutes} min)", flush=True)
+
+
+def _say_which_ca(recipe_dir: Path, ca: PipCa | None) -> None:
+    if ca is not None:
+        print(f"pip in the builder stage trusts {ca.path} (from {ca.variable}); it is not copied into the image", flush=True)
+    elif wants_pip_ca(recipe_dir):
+        print("pip in the builder stage uses its own CA list (none of PIP_CERT, REQUESTS_CA_BUNDLE, SSL_CERT_FILE is set)", flush=True)
+
+
+def _build_context(
+    client: Any, recipe: images.Recipe, recipe_dir: Path, context: Path, build_args: dict[str, str], image: str
+) -> bool:
+    from podman import api
+
+    print(f"building {image} from {recipe_dir} (usually about {recipe.build_minutes} min)", flush=True)
     started = time.monotonic()
-    params = {"t": image, "dockerfile": "Containerfile", "rm": "true", "layers": "true"}
+    # outputformat is `podman build`'s default; without it Podman 4.3's API build never
+    # reuses a cached layer (measured: every build recompiled everything).
+    params = {
+        "t": image,
+        "dockerfile": "Containerfile",
+        "rm": "true",
+        "layers": "true",
+        "outputformat": "application/vnd.oci.image.manifest.v1+json",
+    }
     if build_args:
         params["buildargs"] = json.dumps(build_args)
     context_tar = api.create_tar(str(context))
@@ -117,6 +161,7 @@ def _build_one(client: Any, recipe: images.Recipe, context: Path, build_args: di
         "/build", params=params, data=context_tar, headers={"Content-type": "application/x-tar"}, stream=True
     )
     failed = None
+    untrusted = False
     for line in response.iter_lines():
         if not line:
             continue
@@ -124,6 +169,7 @@ def _build_one(client: Any, recipe: images.Recipe, context: Path, build_args: di
         if "stream" in message:
             sys.stdout.write(message["stream"])
             sys.stdout.flush()
+            untrusted = untrusted or "CERTIFICATE_VERIFY_FAILED" in message["stream"]
         if "error" in message:
             failed = message["error"]
     context_tar.close()
@@ -132,6 +178,12 @@ def _build_one(client: Any, recipe: images.Recipe, context: Path, build_args: di
         print(f"\nbuild of {image} FAILED after {minutes:.1f} min: {failed or response.text[:500]}", file=sys.stderr)
         if "nvcr.io" in str(failed):
             print("the base image is on NVIDIA NGC: run `podman login nvcr.io` first (see containerfiles/README.md)", file=sys.stderr)
+        if untrusted:
+            print(
+                "pip in the build could not verify a server's certificate: behind a TLS-inspecting proxy set PIP_CERT "
+                "to the proxy's CA bundle (under sudo: `sudo PIP_CERT=/path/to/bundle.pem sparkd images build ...`)",
+                file=sys.stderr,
+            )
         return False
     print(f"built {image} in {minutes:.1f} min", flush=True)
     return True

@@ -1,35 +1,26 @@
 #!/usr/bin/env python3
 """Build the sparkd CPU demo model image (SmolLM2-135M on llama-cpp-python).
 
-No container registry is reachable on the development and CI machines, so the
-public base images the Containerfile defaults to cannot be pulled. The two Debian
-bookworm bases it needs come from the product's own fallback (sparkd/localbase.py,
-the code `sparkd images build` uses where no registry answers: debootstrap from the
-package mirror, imported through the Podman API), then ``containerfiles/smollm2-cpu``
-is built on top of them:
+The build IS the product's: ``sparkd.commands.images.build_recipe``, the function
+`sparkd images build smollm2-cpu` runs, through the Podman API. No container registry
+is reachable on the development and CI machines, so that function makes the recipe's
+two bases from the Debian mirror (sparkd/localbase.py), and pip inside the build
+reaches PyPI through this machine's TLS-inspecting proxy by the CA bundle the host's
+pip uses (PIP_CERT, ...), which sparkd copies into the builder stage's context only
+(sparkd/buildcontext.py; never into the image):
 
     localhost/sparkd/base-smollm2-runtime:<hash>   runtime base (python3, venv; no compiler)
     localhost/sparkd/base-smollm2-builder:<hash>   wheel-building base (+ gcc, g++, cmake, ninja)
     localhost/sparkd/smollm2-cpu:<hash>            the demo image, also tagged :latest
 
-Everything is keyed by a content hash of its inputs, and nothing is rebuilt
-when its tag exists. The compile is also cached on disk, under
-``/var/cache/sparkd-test`` (``SPARKD_TEST_CACHE`` overrides):
-
-    wheels/<hash>/llama_cpp_python-*.whl the compiled llama.cpp (minutes on 2 cores)
-
-The final build still runs through the podman CLI, not the product's API build: it
-bind-mounts the CA bundle and the wheel cache into the build steps (``-v``), which
-the Podman API's build does not offer.
-
-pip inside the build reaches PyPI through this machine's TLS-inspecting proxy:
-the host CA bundle (``SPARKD_BUILD_CA``, else ``PIP_CERT``, else
-``/etc/ssl/certs/ca-certificates.crt``) is bind-mounted into the build steps
-only; it is never copied into an image.
+``<hash>`` covers the recipe directory, both bases' tags and whether pip got a CA
+bundle; nothing is built when that tag exists. Podman's layer cache keeps the compiled
+llama.cpp (the wheels stage), so `sparkd images build smollm2-cpu` of the same recipe
+right after this reuses every layer (tests/integration/test_images_base_fallback.py).
 
 Usage: python3 tests/images/cpu_demo.py [--force] [--print-tag]
-Runs with the suite's venv (podman-py) and this checkout's sparkd package; drives the
-``podman`` CLI for the builds. Importable: ``ensure_image()``.
+Runs with the suite's venv (podman-py) and this checkout's sparkd package.
+Importable: ``ensure_image()``.
 """
 
 from __future__ import annotations
@@ -40,28 +31,23 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-CONTEXT = REPO / "containerfiles" / "smollm2-cpu"
-CONTEXT_FILES = ("Containerfile", "serve.py", "constraints.txt")
+sys.path.insert(0, str(REPO))
 
+from sparkd import images
+from sparkd.buildcontext import host_pip_ca
+from sparkd.commands.images import build_recipe
+
+RECIPE = "smollm2-cpu"
+CONTEXT = REPO / "containerfiles" / RECIPE
 IMAGE_REPO = "localhost/sparkd/smollm2-cpu"
 IMAGE_LATEST = f"{IMAGE_REPO}:latest"
-WHEELS_REPO = "localhost/sparkd/smollm2-cpu-wheels"
-
-BASE_ARGS = {
-    # name: the recipe's build argument naming that base
-    "runtime": "BASE_IMAGE",
-    "builder": "BUILDER_IMAGE",
-}
-
-CA_IN_BUILD = "/run/sparkd-build-ca.pem"
 PODMAN_URL = os.environ.get("SPARKD_TEST_PODMAN_URL", "unix:///run/podman/podman.sock")
 
 
@@ -73,146 +59,54 @@ def log(msg: str) -> None:
     print(f"[cpu_demo] {msg}", flush=True)
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    log("$ " + " ".join(cmd))
-    return subprocess.run(cmd, check=True, **kw)
-
-
-def image_exists(ref: str) -> bool:
-    return subprocess.run(["podman", "image", "exists", ref]).returncode == 0
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def product_base(name: str):
-    """The product's description of a base (sparkd.images), made by sparkd.localbase."""
-    sys.path.insert(0, str(REPO))
-    from sparkd.images import recipe_named
-
-    recipe = recipe_named("smollm2-cpu")
-    assert recipe is not None
-    return next(b for b in recipe.debian_bases if b.build_arg == BASE_ARGS[name])
-
-
-def base_hash(name: str) -> str:
-    return product_base(name).tag().rsplit(":", 1)[1]
+def recipe() -> images.Recipe:
+    found = images.recipe_named(RECIPE)
+    assert found is not None
+    return found
 
 
 def context_digest() -> str:
+    """Every file of the recipe directory, by path and content."""
     h = hashlib.sha256()
-    for name in CONTEXT_FILES:
-        h.update(name.encode() + b"\0" + (CONTEXT / name).read_bytes() + b"\0")
+    for path in sorted(p for p in CONTEXT.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(CONTEXT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
 def image_hash() -> str:
     spec = {
         "context": context_digest(),
-        "runtime": base_hash("runtime"),
-        "builder": base_hash("builder"),
+        "bases": sorted(base.tag() for base in recipe().debian_bases),
+        # The final image does not hold the CA, but a build without one is another build.
+        "pip_ca": host_pip_ca(os.environ) is not None,
     }
-    return _sha(json.dumps(spec, sort_keys=True).encode())
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def wheel_hash() -> str:
-    # The compiled wheel depends on the builder base and the recipe of the
-    # wheels stage (versions, CMAKE_ARGS, constraints); keyed conservatively
-    # on the whole Containerfile and constraints.
-    h = hashlib.sha256()
-    h.update(base_hash("builder").encode())
-    for name in ("Containerfile", "constraints.txt"):
-        h.update((CONTEXT / name).read_bytes())
-    return h.hexdigest()[:16]
+def prune_stale(client: Any, keep: set[str]) -> None:
+    """Drop this script's older tags (other hashes) and older bases of the recipe, but
+    the newest other one of each repository: two checkouts on one machine (a branch and
+    a merge of it) then do not delete each other's image and its layer cache.
 
-
-# ---------------------------------------------------------------- bases
-
-def ensure_base(name: str, timings: dict) -> str:
-    """The product's code path (`sparkd images build` where no registry answers)."""
-    from podman import PodmanClient
-
-    sys.path.insert(0, str(REPO))
-    from sparkd.localbase import ensure_base as make_base
-
-    t = time.monotonic()
-    with PodmanClient(base_url=PODMAN_URL, timeout=None) as client:
-        ref = make_base(client, product_base(name))
-    timings[f"base {name}"] = time.monotonic() - t
-    return ref
-
-
-# ---------------------------------------------------------------- image
-
-def _ca_file() -> str | None:
-    for cand in (
-        os.environ.get("SPARKD_BUILD_CA"),
-        os.environ.get("PIP_CERT"),
-        "/etc/ssl/certs/ca-certificates.crt",
-    ):
-        if cand and os.path.isfile(cand):
-            return cand
-    return None
-
-
-def _build(tag: str, runtime: str, builder: str, wheels_dir: Path, target: str | None) -> None:
-    cmd = [
-        "podman", "build", "--pull=never", "--layers",
-        "--build-arg", f"BASE_IMAGE={runtime}",
-        "--build-arg", f"BUILDER_IMAGE={builder}",
-        "-v", f"{wheels_dir}:/opt/prebuilt-wheels:ro",
-        "-t", tag,
-    ]
-    ca = _ca_file()
-    if ca:
-        cmd += ["-v", f"{ca}:{CA_IN_BUILD}:ro", "--build-arg", f"PIP_CA_FILE={CA_IN_BUILD}"]
-    if target:
-        cmd += ["--target", target]
-    cmd.append(str(CONTEXT))
-    run(cmd)
-
-
-def _harvest_wheel(wheels_image: str, wheels_dir: Path) -> None:
-    """Copy the compiled llama_cpp_python wheel out of the wheels stage."""
-    cid = subprocess.run(
-        ["podman", "create", wheels_image, "true"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()
-    try:
-        with tempfile.TemporaryDirectory(dir=wheels_dir.parent) as tmp:
-            run(["podman", "cp", f"{cid}:/wheels/.", tmp])
-            found = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
-            if not found:
-                raise RuntimeError("no llama_cpp_python wheel in the wheels stage")
-            for whl in found:
-                shutil.copy2(whl, wheels_dir / (whl.name + ".partial"))
-                os.replace(wheels_dir / (whl.name + ".partial"), wheels_dir / whl.name)
-                log(f"cached {wheels_dir / whl.name}")
-    finally:
-        subprocess.run(["podman", "rm", "-f", cid], check=False, capture_output=True)
-
-
-def prune_stale(keep: dict[str, str]) -> None:
-    """Drop this script's older tags and cache entries (other hashes).
-
-    Plain `podman rmi` (no --force): an image a container still uses stays.
+    Not forced: an image a container still uses stays.
     """
-    for repo, tag in keep.items():
-        out = subprocess.run(
-            ["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={repo}"],
-            capture_output=True, text=True,
-        ).stdout.split()
-        for ref in sorted(set(out) - {tag, IMAGE_LATEST}):
-            if ref.startswith(repo + ":"):
-                subprocess.run(["podman", "rmi", ref], capture_output=True)
-    for d in (cache_dir() / "wheels").glob("*"):
-        if d.is_dir() and d.name != wheel_hash():
-            shutil.rmtree(d, ignore_errors=True)
+    from podman.errors import APIError
+
+    repositories = {IMAGE_REPO} | {tag.rsplit(":", 1)[0] for tag in keep}
+    stale: dict[str, list[tuple[int, str]]] = {repository: [] for repository in repositories}
+    for image in client.images.list():
+        for ref in image.tags:
+            repository = ref.rsplit(":", 1)[0]
+            if repository in repositories and ref not in keep | {IMAGE_LATEST}:
+                stale[repository].append((int(image.attrs.get("Created") or 0), ref))
+    for refs in stale.values():
+        for _, ref in sorted(refs)[:-1]:
+            with contextlib.suppress(APIError):
+                client.images.remove(ref)
 
 
 @contextlib.contextmanager
-def _build_lock():
+def _build_lock() -> Iterator[None]:
     """One build at a time per machine: a second caller (another test run)
     waits here, then finds the tag built."""
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -232,49 +126,19 @@ def ensure_image(force: bool = False) -> str:
 
 
 def _ensure_image(force: bool) -> str:
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    h = image_hash()
-    ref = f"{IMAGE_REPO}:{h}"
-    if not force and image_exists(ref):
-        log(f"{ref} exists, nothing to build")
-        run(["podman", "tag", ref, IMAGE_LATEST])
-        return ref
+    from podman import PodmanClient
 
-    runtime = ensure_base("runtime", timings)
-    builder = ensure_base("builder", timings)
-
-    wheels_dir = cache_dir() / "wheels" / wheel_hash()
-    wheels_dir.mkdir(parents=True, exist_ok=True)
-    if not any(wheels_dir.glob("llama_cpp_python-*.whl")):
-        t = time.monotonic()
-        wheels_image = f"{WHEELS_REPO}:{h}"
-        _build(wheels_image, runtime, builder, wheels_dir, target="wheels")
-        timings["wheels stage (compile llama.cpp)"] = time.monotonic() - t
-        _harvest_wheel(wheels_image, wheels_dir)
-        subprocess.run(["podman", "rmi", wheels_image], check=False, capture_output=True)
-    else:
-        log(f"using cached wheel(s) in {wheels_dir}")
-
-    t = time.monotonic()
-    _build(ref, runtime, builder, wheels_dir, target=None)
-    timings["final image"] = time.monotonic() - t
-    run(["podman", "tag", ref, IMAGE_LATEST])
-    timings["total"] = time.monotonic() - t0
-    prune_stale({
-        IMAGE_REPO: ref,
-        runtime.rsplit(":", 1)[0]: runtime,
-        builder.rsplit(":", 1)[0]: builder,
-    })
-
-    size = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.Size}}", ref],
-        capture_output=True, text=True,
-    ).stdout.strip()
-    for k, v in timings.items():
-        log(f"time {k}: {v:.1f}s")
-    if size.isdigit():
-        log(f"size {ref}: {int(size) / 1e6:.0f} MB")
+    started = time.monotonic()
+    ref = f"{IMAGE_REPO}:{image_hash()}"
+    with PodmanClient(base_url=PODMAN_URL, timeout=None) as client:
+        if not force and client.images.exists(ref):
+            log(f"{ref} exists, nothing to build")
+        else:
+            if not build_recipe(client, recipe(), CONTEXT, {}, ref):
+                raise RuntimeError(f"`sparkd images build {RECIPE}` (build_recipe) failed for {ref}: see its output above")
+            log(f"time: {time.monotonic() - started:.1f}s; size {client.images.get(ref).attrs['Size'] / 1e6:.0f} MB")
+            prune_stale(client, {ref} | {base.tag() for base in recipe().debian_bases})
+        client.images.get(ref).tag(IMAGE_REPO, "latest")
     return ref
 
 
@@ -286,9 +150,6 @@ def main() -> int:
     if args.print_tag:
         print(f"{IMAGE_REPO}:{image_hash()}")
         return 0
-    if shutil.which("podman") is None:
-        print("podman is not installed", file=sys.stderr)
-        return 1
     print(ensure_image(force=args.force))
     return 0
 
