@@ -17,26 +17,38 @@ _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
 
 
+END_WINDOW = 64
+
+
 class StreamTail:
     """The last two reads of a stream that carry JSON: where its usage chunk is.
 
     The usage chunk is followed by ``data: [DONE]`` and the end of the body, which
     often arrive in reads of their own; reads without a brace cannot hold any part of
-    a usage object, so they are not kept and cannot push the usage out.
+    a usage object, so they are not kept and cannot push the usage out.  The stream's
+    last bytes are kept too (``END_WINDOW``): ``[DONE]`` (which has no brace) ends a
+    complete stream, and may arrive split, or followed by the chunked body's last chunk.
+    A read that long is only referenced; shorter ones are joined to the window.
     """
 
-    __slots__ = ("_before", "_last")
+    __slots__ = ("_before", "_last", "_end")
 
     def __init__(self) -> None:
-        self._before = self._last = b""
+        self._before = self._last = self._end = b""
 
     def feed(self, data: bytes) -> None:
+        self._end = data if len(data) >= END_WINDOW else (self._end + data)[-END_WINDOW:]
         if b"}" in data or b"{" in data:
             self._before, self._last = self._last, data
 
     @property
     def text(self) -> bytes:
         return self._before + self._last
+
+    @property
+    def ending(self) -> bytes:
+        """The last JSON-carrying reads and the last reads: where a final event (or an error) is."""
+        return self._before + self._last + b"\n" + self._end
 
 
 class RequestRecord:

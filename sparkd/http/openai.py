@@ -171,7 +171,7 @@ class OpenAIRoutes:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             return await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
-                streaming, record,
+                streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner),
             )
         finally:
             daemon.scheduler.release(runner)

@@ -1,0 +1,58 @@
+"""What clients see when things go wrong (issue 14): never a silent stream, errors that say who must act,
+one log line per request.  Real daemon, real Podman, the fake engine in real containers, the OpenAI SDK."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from harness import engine_model
+
+pytestmark = pytest.mark.podman
+
+
+async def _stream_all(client, model: str) -> list[object]:
+    chunks = []
+    stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], stream=True)
+    async for piece in stream:
+        chunks.append(piece)
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"FAKE_END_STREAM_AFTER": "2"}, "ended after 2 events without [DONE]"),
+        ({"FAKE_STREAM_FAIL": "Requested tokens (18750) exceed context window of 8192"}, "exceed context window of 8192"),
+    ],
+    ids=["ends-without-done", "200-sse-then-nothing"],
+)
+async def test_a_stream_without_its_final_event_ends_with_an_error_the_sdk_raises(sparkd_factory, engine_image, env, reason):
+    sparkd = sparkd_factory({"a": engine_model(engine_image, env=env)})
+    key = sparkd.add_user_key()
+    await sparkd.start()
+    openai = pytest.importorskip("openai")
+    client = openai.AsyncOpenAI(base_url=sparkd.base_url + "/v1", api_key=key, max_retries=0)
+    try:
+        with pytest.raises(openai.APIError) as caught:
+            await _stream_all(client, sparkd.model("a"))
+        message = str(caught.value)
+        assert f"model {sparkd.model('a')}" in message and "without a final event" in message
+        assert reason in message  # the engine's own words, from its log
+    finally:
+        await client.close()
+    assert "engine_stream_unfinished" in sparkd.logs()
+
+
+async def test_an_http10_stream_without_its_final_event_ends_with_an_error_event(sparkd_factory, engine_image):
+    sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_END_STREAM_AFTER": "2"})})
+    await sparkd.start()
+    async with aiohttp.ClientSession(version=aiohttp.HttpVersion10) as session:
+        status, _ = await sparkd.chat(session, "a")  # start it first: the stream's answer is what is under test
+        async with session.post(
+            sparkd.base_url + "/v1/chat/completions",
+            json={"model": sparkd.model("a"), "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ) as response:
+            body = await response.read()
+    assert response.status == 200
+    assert body.rstrip().endswith(b"}}") and b'"code": "engine_error"' in body and b"without a final event" in body
