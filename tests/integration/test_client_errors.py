@@ -56,3 +56,21 @@ async def test_an_http10_stream_without_its_final_event_ends_with_an_error_event
             body = await response.read()
     assert response.status == 200
     assert body.rstrip().endswith(b"}}") and b'"code": "engine_error"' in body and b"without a final event" in body
+
+
+async def test_missing_encodings_are_for_the_operator_no_retry_after_and_the_fix_named(sparkd_factory, engine_image, podman):
+    """Acceptance e: a failure retrying cannot fix says so (OpenCode retried a Retry-After for 60 s)."""
+    sparkd = sparkd_factory({"gptoss": engine_model(engine_image, encodings=True)})
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        for attempt in ("first", "during the back-off"):
+            async with session.post(
+                sparkd.base_url + "/v1/chat/completions",
+                json={"model": sparkd.model("gptoss"), "messages": [{"role": "user", "content": "hi"}]},
+            ) as response:
+                body = await response.json()
+            assert response.status == 503, (attempt, body)
+            assert "Retry-After" not in response.headers, attempt
+            assert body["error"]["code"] == "encodings_missing", body
+            assert "sparkd encodings fetch" in body["error"]["message"]
+    assert not podman.containers.exists(sparkd.container("gptoss"))
