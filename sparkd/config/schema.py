@@ -67,6 +67,8 @@ class LogConfig:
     format: LogFormat = "auto"
     """auto = journal priority prefixes under systemd (JOURNAL_STREAM set), console otherwise."""
     level: LogLevel = "info"
+    requests: bool = True
+    """One ``request_done`` line at info per inference request (key name, model, path, status, ...)."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 import structlog
 
 from .lastwords import telling_lines
+from .usage import RequestRecord
 
 log = structlog.get_logger("sparkd.proxy")
 
@@ -77,6 +78,8 @@ class StreamEnding:
     model: str
     path: str
     last_words: LastWords | None = None
+    record: RequestRecord | None = None
+    """Told the code of an error event sparkd adds (the request's log line names it)."""
 
     async def _reason(self, tail: bytes) -> str:
         said = engine_message(tail)
@@ -95,6 +98,8 @@ class StreamEnding:
 
     async def broken(self, how: str, tail: bytes) -> bytes:
         """The event for a stream the engine broke off (``how``: what happened)."""
+        if self.record is not None:
+            self.record.stream_error = "engine_stream_broken"
         reason = await self._reason(tail)
         return error_event(
             self.path,
@@ -106,6 +111,8 @@ class StreamEnding:
         """The event for a stream that ended cleanly without its final event; None when it had one."""
         if has_final_event(tail):
             return None
+        if self.record is not None:
+            self.record.stream_error = "engine_stream_unfinished"
         reason = await self._reason(tail)
         log.warning("engine_stream_unfinished", model=self.model, path=self.path)
         return error_event(

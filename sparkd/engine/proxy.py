@@ -70,7 +70,7 @@ async def forward(
     and the usage the engine reported.  ``last_words``: the engine's last log lines,
     quoted when a stream ends without its final event.
     """
-    ending = StreamEnding(model, path, last_words)
+    ending = StreamEnding(model, path, last_words, record)
     outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
     task = asyncio.current_task()
     assert task is not None

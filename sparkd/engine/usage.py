@@ -11,6 +11,8 @@ import re
 
 NO_MODEL = "(none)"
 """The model of a request refused before a configured model was found (bad JSON, unknown model)."""
+NO_PATH = "(none)"
+"""The engine path of a request refused before its path was checked."""
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
 _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
@@ -52,14 +54,20 @@ class StreamTail:
 
 
 class RequestRecord:
-    __slots__ = ("model", "first_byte", "usage")
+    __slots__ = ("model", "path", "queued_s", "first_byte", "usage", "stream_error")
 
     def __init__(self) -> None:
         self.model = NO_MODEL
+        self.path = NO_PATH
+        """The checked engine path (``routing.target``): never the client's raw path."""
+        self.queued_s = 0.0
+        """Seconds the request waited for its model (queue, start, swap)."""
         self.first_byte: float | None = None
         """time.monotonic() when the first byte of the answer's body went to the client."""
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens the engine reported."""
+        self.stream_error: str | None = None
+        """The code of the error event sparkd ended a stream with (its status was 200 already)."""
 
     def note_body(self, first_byte: float | None, text: bytes) -> None:
         """The answer (or a stream's tail) is known: when it began, and the usage it reports."""

@@ -74,3 +74,44 @@ async def test_missing_encodings_are_for_the_operator_no_retry_after_and_the_fix
             assert body["error"]["code"] == "encodings_missing", body
             assert "sparkd encodings fetch" in body["error"]["message"]
     assert not podman.containers.exists(sparkd.container("gptoss"))
+
+
+def _request_lines(sparkd) -> list[str]:
+    return [line for line in sparkd.logs().splitlines() if "request_done" in line]
+
+
+async def test_one_log_line_per_request_with_key_name_model_status_tokens_and_code(sparkd_factory, engine_image):
+    sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "1"})}, {"log": {"level": "info"}})
+    key = sparkd.add_user_key()
+    await sparkd.start()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        status, _ = await sparkd.chat(session, "a")  # cold: it waits for the model
+        assert status == 200
+        async with session.post(sparkd.base_url + "/v1/chat/completions", json={"model": "no-such-model", "messages": []}) as missing:
+            assert missing.status == 404
+        async with session.post(
+            sparkd.base_url + "/v1/chat/completions",
+            json={"model": sparkd.model("a"), "stream": True, "stream_options": {"include_usage": True},
+                  "messages": [{"role": "user", "content": "x"}]},
+        ) as streamed:
+            await streamed.read()
+    lines = _request_lines(sparkd)
+    assert len(lines) == 3, lines
+    first, refused, stream = lines
+    for line in lines:
+        assert "key=test-user" in line and key not in line  # the key's name, never the key
+        assert "duration_ms=" in line and "queued_ms=" in line
+    assert f"model={sparkd.model('a')}" in first and "path=/v1/chat/completions" in first and "status=200" in first
+    assert "prompt_tokens=" in first and "completion_tokens=16" in first
+    assert float(first.split("queued_ms=")[1].split()[0]) >= 900  # it waited for the 1 s load
+    assert "status=404" in refused and "code=model_not_found" in refused and "model=(none)" in refused
+    assert "status=200" in stream and "completion_tokens=16" in stream and "code=" not in stream
+
+
+async def test_the_request_log_line_can_be_turned_off(sparkd_factory, engine_image):
+    sparkd = sparkd_factory({"a": engine_model(engine_image)}, {"log": {"level": "info", "requests": False}})
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        assert (await sparkd.chat(session, "a"))[0] == 200
+    assert _request_lines(sparkd) == []
