@@ -29,6 +29,7 @@ from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
 from . import context
 from .auth import PRINCIPAL
+from .endpoints import is_missing_route, serves, unsupported
 from .routing import target
 from .validation import validate_body
 
@@ -82,6 +83,7 @@ class OpenAIRoutes:
             "lifecycle": model.lifecycle,
             "tools": self.fixups(daemon.config, model).tools,
             "profile": model.profile or DEFAULT_PROFILE,
+            "endpoints": list(model.api_paths),
         }
         if model.notes:
             entry["notes"] = list(model.notes)
@@ -152,6 +154,8 @@ class OpenAIRoutes:
         model = route.model
         record.model, record.path = model.name, route.path
         request[PRINCIPAL].check_model(model)
+        if not serves(model, route.path):
+            raise unsupported(model, route.path)
         validate_body(route.path, payload)
         fixups = self.fixups(config, model)
         body, applied = fixups.apply(payload)
@@ -183,10 +187,13 @@ class OpenAIRoutes:
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            return await forward(
+            answer = await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
                 streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner),
             )
+            if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
+                raise unsupported(model, route.path)
+            return answer
         finally:
             daemon.scheduler.release(runner)
 

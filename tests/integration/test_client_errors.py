@@ -115,3 +115,29 @@ async def test_the_request_log_line_can_be_turned_off(sparkd_factory, engine_ima
     async with aiohttp.ClientSession() as session:
         assert (await sparkd.chat(session, "a"))[0] == 200
     assert _request_lines(sparkd) == []
+
+
+async def test_an_endpoint_the_engine_lacks_is_a_clear_4xx_naming_path_model_and_what_it_serves(sparkd_factory, engine_image):
+    served = ["/v1/chat/completions", "/v1/completions", "/v1/score", "/v1/models"]
+    sparkd = sparkd_factory({"a": engine_model(engine_image, api_paths=served)})
+    await sparkd.start()
+    name = sparkd.model("a")
+    async with aiohttp.ClientSession() as session:
+        # refused before the engine: the model is not even started for it
+        async with session.post(sparkd.base_url + "/v1/messages",
+                                json={"model": name, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}) as refused:
+            error = (await refused.json())["error"]
+        assert refused.status == 404 and error["code"] == "unsupported_endpoint", error
+        assert f"model {name}" in error["message"] and "POST /v1/messages" in error["message"]
+        assert error["endpoints"] == served and "Retry-After" not in refused.headers
+        assert (await sparkd.model_status("a"))["state"] == "stopped"
+        # declared, but the engine has no such route (the fake engine has no /v1/score): its 404 is translated
+        async with session.post(sparkd.base_url + "/v1/score", json={"model": name, "text_1": "a", "text_2": "b"}) as translated:
+            error = (await translated.json())["error"]
+        assert translated.status == 404 and error["code"] == "unsupported_endpoint", error
+        assert "POST /v1/score" in error["message"] and error["endpoints"] == served
+        async with session.get(sparkd.base_url + "/v1/models") as listing:
+            entry = next(m for m in (await listing.json())["data"] if m["id"] == name)
+        assert entry["endpoints"] == served
+    lines = [line for line in sparkd.logs().splitlines() if "request_done" in line]
+    assert len(lines) == 2 and all("code=unsupported_endpoint" in line and "status=404" in line for line in lines), lines
