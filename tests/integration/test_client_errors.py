@@ -60,9 +60,17 @@ async def test_an_http10_stream_without_its_final_event_ends_with_an_error_event
 
 async def test_missing_encodings_are_for_the_operator_no_retry_after_and_the_fix_named(sparkd_factory, engine_image, podman):
     """Acceptance e: a failure retrying cannot fix says so (OpenCode retried a Retry-After for 60 s)."""
-    sparkd = sparkd_factory({"gptoss": engine_model(engine_image, encodings=True)})
+    sparkd = sparkd_factory({
+        "gptoss": engine_model(engine_image, encodings=True),
+        "off": engine_model(engine_image, enabled=False, disabled_reason="its weights are not on this host"),
+    })
     await sparkd.start()
     async with aiohttp.ClientSession() as session:
+        async with session.post(sparkd.base_url + "/v1/chat/completions",
+                                json={"model": sparkd.model("off"), "messages": [{"role": "user", "content": "hi"}]}) as off:
+            body = await off.json()
+        assert off.status == 409 and body["error"]["code"] == "model_disabled", body
+        assert "enabled = true" in body["error"]["message"] and "Retry-After" not in off.headers
         for attempt in ("first", "during the back-off"):
             async with session.post(
                 sparkd.base_url + "/v1/chat/completions",
