@@ -149,3 +149,21 @@ async def test_an_endpoint_the_engine_lacks_is_a_clear_4xx_naming_path_model_and
         assert entry["endpoints"] == served
     lines = [line for line in sparkd.logs().splitlines() if "request_done" in line]
     assert len(lines) == 2 and all("code=unsupported_endpoint" in line and "status=404" in line for line in lines), lines
+
+
+async def test_an_anthropic_stream_without_message_stop_ends_with_anthropics_error_event(sparkd_factory, engine_image):
+    anthropic = pytest.importorskip("anthropic")
+    sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_END_STREAM_AFTER": "3"})})
+    key = sparkd.add_user_key()
+    await sparkd.start()
+    client = anthropic.AsyncAnthropic(base_url=sparkd.base_url, api_key=key, max_retries=0)
+    try:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            async with client.messages.stream(
+                model=sparkd.model("a"), max_tokens=16, messages=[{"role": "user", "content": "x"}]
+            ) as stream:
+                async for _event in stream:
+                    pass
+        assert f"model {sparkd.model('a')}" in str(caught.value) and "without a final event" in str(caught.value)
+    finally:
+        await client.close()
