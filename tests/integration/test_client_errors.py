@@ -3,6 +3,8 @@ one log line per request.  Real daemon, real Podman, the fake engine in real con
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 
@@ -88,6 +90,14 @@ def _request_lines(sparkd) -> list[str]:
     return [line for line in sparkd.logs().splitlines() if "request_done" in line]
 
 
+async def _wait_request_lines(sparkd, count: int, timeout: float = 10) -> list[str]:
+    """The log lines once ``count`` are written: a line follows its answer's last byte (the handler's end)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(lines := _request_lines(sparkd)) < count and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    return lines
+
+
 async def test_one_log_line_per_request_with_key_name_model_status_tokens_and_code(sparkd_factory, engine_image):
     sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "1"})}, {"log": {"level": "info"}})
     key = sparkd.add_user_key()
@@ -104,7 +114,7 @@ async def test_one_log_line_per_request_with_key_name_model_status_tokens_and_co
                   "messages": [{"role": "user", "content": "x"}]},
         ) as streamed:
             await streamed.read()
-    lines = _request_lines(sparkd)
+    lines = await _wait_request_lines(sparkd, 3)
     assert len(lines) == 3, lines
     first, refused, stream = lines
     for line in lines:
@@ -122,6 +132,7 @@ async def test_the_request_log_line_can_be_turned_off(sparkd_factory, engine_ima
     await sparkd.start()
     async with aiohttp.ClientSession() as session:
         assert (await sparkd.chat(session, "a"))[0] == 200
+    await asyncio.sleep(0.5)  # a line would follow the answer within this
     assert _request_lines(sparkd) == []
 
 
@@ -147,7 +158,7 @@ async def test_an_endpoint_the_engine_lacks_is_a_clear_4xx_naming_path_model_and
         async with session.get(sparkd.base_url + "/v1/models") as listing:
             entry = next(m for m in (await listing.json())["data"] if m["id"] == name)
         assert entry["endpoints"] == served
-    lines = [line for line in sparkd.logs().splitlines() if "request_done" in line]
+    lines = await _wait_request_lines(sparkd, 2)
     assert len(lines) == 2 and all("code=unsupported_endpoint" in line and "status=404" in line for line in lines), lines
 
 
