@@ -134,6 +134,12 @@ class ServiceUnavailable(ApiError):
     code = "unavailable"
 
 
+class ModelUnavailable(ServiceUnavailable):
+    """The model cannot run until an operator acts (the message says how): retrying cannot help, so no Retry-After."""
+
+    code = "model_unavailable"
+
+
 class GatewayTimeout(ApiError):
     status = 504
     type = "server_error"

@@ -395,6 +395,9 @@ def check(config: Config, model_files: dict[str, str]) -> list[Problem]:
                 f"one of the profiles {', '.join(sorted(config.profiles))} (or a [profiles.<name>] table); no profile means {DEFAULT_PROFILE!r}",
                 describe(model.profile),
             )
+        for index, api_path in enumerate(model.api_paths):
+            if not api_path.startswith("/v1/") or api_path.endswith("/"):
+                model_add(f"api_paths[{index}]", "an API path such as /v1/chat/completions", describe(api_path))
         if not model.readiness_path.startswith("/"):
             model_add("readiness_path", "an absolute URL path such as /health", describe(model.readiness_path))
         if not SHM_SIZE.match(model.shm_size):

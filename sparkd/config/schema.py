@@ -29,6 +29,11 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 MemoryProbe = Literal["auto", "nvidia-smi", "meminfo", "none"]
 AnonymousAccess = Literal["off", "loopback", "any"]
 Parallelism = Literal["tensor", "pipeline"]
+VLLM_API_PATHS = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/models",
+    "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/score", "/v1/rerank", "/v1/classify", "/v1/pooling",
+)
+"""The API paths a vLLM engine serves (a listed path also covers its sub-paths)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class LogConfig:
     format: LogFormat = "auto"
     """auto = journal priority prefixes under systemd (JOURNAL_STREAM set), console otherwise."""
     level: LogLevel = "info"
+    requests: bool = True
+    """One ``request_done`` line at info per inference request (key name, model, path, status, ...)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,8 @@ class ModelConfig:
     experimental_reason: Optional[str] = None
     disabled_reason: Optional[str] = None
     notes: tuple[str, ...] = ()
+    api_paths: tuple[str, ...] = VLLM_API_PATHS
+    """The API paths the model's engine serves: others are refused before the engine (and shown in /v1/models)."""
     nodes: tuple[str, ...] = ()
     """Nodes a model spans (``["local", "<peer>", ...]``): vLLM over a Ray cluster, one worker per peer."""
     parallel: Parallelism = "tensor"

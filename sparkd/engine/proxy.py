@@ -17,7 +17,6 @@ client that stopped reading cannot hold the model's in-flight count for ever.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Mapping
 
@@ -31,6 +30,7 @@ from ..errors import BadGateway, GatewayTimeout
 from . import stream
 from .client import Endpoint
 from .deadlines import CONFIG_KEYS, Phase, StallWatch
+from .finale import LastWords, StreamEnding
 from .outbound import EngineRequest, engine_request
 from .usage import RequestRecord, StreamTail
 
@@ -61,13 +61,16 @@ async def forward(
     extra_headers: dict[str, str] | None = None,
     streaming: bool = False,
     record: RequestRecord | None = None,
+    last_words: LastWords | None = None,
 ) -> web.StreamResponse:
     """Send the JSON ``body`` to the engine at ``path`` and relay its answer to the client.
 
     ``limits``: the ``[engine]`` time limits.  ``streaming``: the client asked for
     a stream (``"stream": true``).  ``record``: filled with the first byte's time
-    and the usage the engine reported.
+    and the usage the engine reported.  ``last_words``: the engine's last log lines,
+    quoted when a stream ends without its final event.
     """
+    ending = StreamEnding(model, path, last_words, record)
     outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
     task = asyncio.current_task()
     assert task is not None
@@ -75,10 +78,10 @@ async def forward(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s or None)
     try:
         if streaming and request.version >= HttpVersion11:
-            return await _forward_raw(request, endpoint, outbound, body, model, watch, limits, extra_headers, record)
+            return await _forward_raw(request, endpoint, outbound, body, ending, watch, limits, extra_headers, record)
         async with session.request(request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout) as upstream:
             if upstream.content_type == SSE:
-                relayed = await _relay(request, upstream, watch, model, extra_headers, record)
+                relayed = await _relay(request, upstream, watch, ending, extra_headers, record)
                 watch.close()  # the answer is complete: leaving the upstream context must not time out
                 return relayed
             watch.enter(Phase.READ)
@@ -116,7 +119,7 @@ async def _forward_raw(
     endpoint: Endpoint,
     outbound: EngineRequest,
     body: bytes,
-    model: str,
+    ending: StreamEnding,
     watch: StallWatch,
     limits: EngineConfig,
     extra_headers: dict[str, str] | None,
@@ -130,8 +133,7 @@ async def _forward_raw(
         response_headers = _response_headers(headers, extra_headers)
         if status == 200 and headers.get("Content-Type", "").startswith(SSE):
             try:
-                return await stream.relay(request, upstream, response_headers, status, model, watch,
-                                          lambda how: broken_stream_event(model, how))
+                return await stream.relay(request, upstream, response_headers, status, ending.model, watch, ending)
             finally:
                 if record is not None:
                     record.note_body(upstream.first_byte, upstream.usage_tail.text)
@@ -158,23 +160,17 @@ def _timed_out(model: str, watch: StallWatch, phase: Phase) -> GatewayTimeout:
     )
 
 
-def broken_stream_event(model: str, how: str) -> bytes:
-    """The last SSE event of a stream the engine broke off: the OpenAI SDKs raise it as an APIError."""
-    message = f"model {model}: the engine stopped in the middle of the answer ({how}); retry the request"
-    event = {"error": {"message": message, "type": "server_error", "param": None, "code": "engine_error"}}
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-
 async def _relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     watch: StallWatch,
-    model: str,
+    ending: StreamEnding,
     extra_headers: dict[str, str] | None,
     record: RequestRecord | None,
 ) -> web.StreamResponse:
     """Relay an SSE answer read by read (an HTTP/1.0 client, or a stream nobody asked for); a broken or
-    silent engine ends it with an error event."""
+    silent engine, or one that ends without a final event, ends it with an error event."""
+    model = ending.model
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream.headers, extra_headers))
     first: float | None = None
     tail = b""
@@ -213,7 +209,11 @@ async def _relay(
     try:
         watch.enter(Phase.WRITE)
         if broken is not None:
-            await response.write(broken_stream_event(model, broken))
+            await response.write(await ending.broken(broken, usage_tail.ending))
+        else:
+            unfinished = await ending.unfinished(usage_tail.ending)
+            if unfinished is not None:
+                await response.write(unfinished)
         await response.write_eof()
     except asyncio.CancelledError:
         if not watch.absorb():

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
 
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import BadGateway, BadRequest
-from .usage import StreamTail
 from .deadlines import CONFIG_KEYS, Phase, StallWatch
+from .finale import StreamEnding
+from .usage import StreamTail
 
 log = structlog.get_logger("sparkd.proxy")
 
@@ -284,12 +284,13 @@ async def relay(
     status: int,
     model: str,
     watch: StallWatch,
-    broken_event: Callable[[str], bytes],
+    ending: StreamEnding,
 ) -> web.StreamResponse:
-    """Relay an SSE answer whose head has arrived; ``broken_event(how)`` gives the final error event.
+    """Relay an SSE answer whose head has arrived; ``ending`` gives the error event it may need.
 
     The watch ends a stream whose engine went silent (an error event, as for a
     broken stream) or whose client stopped reading (the connection is dropped).
+    A stream that ended cleanly without its final event gets an error event too.
     """
     response = web.StreamResponse(status=status, headers=response_headers)
     await response.prepare(request)
@@ -298,12 +299,16 @@ async def relay(
     upstream.relay_to(client)
     try:
         await upstream.done
+        if not client.is_closing():
+            unfinished = await ending.unfinished(upstream.usage_tail.ending)
+            if unfinished is not None:
+                await response.write(unfinished)
     except EngineStreamBroken as broken:
         log.warning("engine_stream_broken", model=model, at_frame_boundary=broken.at_frame_boundary)
         if not broken.at_frame_boundary:
             client.close()  # mid-frame: nothing valid can follow
             return response
-        await response.write(broken_event("connection closed"))
+        await response.write(await ending.broken("connection closed", upstream.usage_tail.ending))
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
@@ -317,6 +322,7 @@ async def relay(
             client.close()
             return response
         if not client.is_closing():
-            await response.write(broken_event(f"nothing for {watch.limit(expired):g} s, {CONFIG_KEYS[expired]}"))
+            how = f"nothing for {watch.limit(expired):g} s, {CONFIG_KEYS[expired]}"
+            await response.write(await ending.broken(how, upstream.usage_tail.ending))
     await response.write_eof()
     return response

@@ -11,10 +11,15 @@ import re
 
 NO_MODEL = "(none)"
 """The model of a request refused before a configured model was found (bad JSON, unknown model)."""
+NO_PATH = "(none)"
+"""The engine path of a request refused before its path was checked."""
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
 _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+END_WINDOW = 64
 
 
 class StreamTail:
@@ -22,15 +27,19 @@ class StreamTail:
 
     The usage chunk is followed by ``data: [DONE]`` and the end of the body, which
     often arrive in reads of their own; reads without a brace cannot hold any part of
-    a usage object, so they are not kept and cannot push the usage out.
+    a usage object, so they are not kept and cannot push the usage out.  The stream's
+    last bytes are kept too (``END_WINDOW``): ``[DONE]`` (which has no brace) ends a
+    complete stream, and may arrive split, or followed by the chunked body's last chunk.
+    A read that long is only referenced; shorter ones are joined to the window.
     """
 
-    __slots__ = ("_before", "_last")
+    __slots__ = ("_before", "_last", "_end")
 
     def __init__(self) -> None:
-        self._before = self._last = b""
+        self._before = self._last = self._end = b""
 
     def feed(self, data: bytes) -> None:
+        self._end = data if len(data) >= END_WINDOW else (self._end + data)[-END_WINDOW:]
         if b"}" in data or b"{" in data:
             self._before, self._last = self._last, data
 
@@ -38,16 +47,27 @@ class StreamTail:
     def text(self) -> bytes:
         return self._before + self._last
 
+    @property
+    def ending(self) -> bytes:
+        """The last JSON-carrying reads and the last reads: where a final event (or an error) is."""
+        return self._before + self._last + b"\n" + self._end
+
 
 class RequestRecord:
-    __slots__ = ("model", "first_byte", "usage")
+    __slots__ = ("model", "path", "queued_s", "first_byte", "usage", "stream_error")
 
     def __init__(self) -> None:
         self.model = NO_MODEL
+        self.path = NO_PATH
+        """The checked engine path (``routing.target``): never the client's raw path."""
+        self.queued_s = 0.0
+        """Seconds the request waited for its model (queue, start, swap)."""
         self.first_byte: float | None = None
         """time.monotonic() when the first byte of the answer's body went to the client."""
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens the engine reported."""
+        self.stream_error: str | None = None
+        """The code of the error event sparkd ended a stream with (its status was 200 already)."""
 
     def note_body(self, first_byte: float | None, text: bytes) -> None:
         """The answer (or a stream's tail) is known: when it began, and the usage it reports."""

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import StreamReader, web
 
 from ..config import Config, ModelConfig, ServerConfig
@@ -28,6 +29,7 @@ from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
 from . import context
 from .auth import PRINCIPAL
+from .endpoints import is_missing_route, serves, unsupported
 from .routing import target
 from .validation import validate_body
 
@@ -37,6 +39,8 @@ CLIENT_GONE = 499
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
+
+log = structlog.get_logger("sparkd.requests")
 
 
 class OpenAIRoutes:
@@ -79,6 +83,7 @@ class OpenAIRoutes:
             "lifecycle": model.lifecycle,
             "tools": self.fixups(daemon.config, model).tools,
             "profile": model.profile or DEFAULT_PROFILE,
+            "endpoints": list(model.api_paths),
         }
         if model.notes:
             entry["notes"] = list(model.notes)
@@ -119,18 +124,25 @@ class OpenAIRoutes:
         record = RequestRecord()
         started = time.monotonic()
         status = 500
+        code: str | None = "internal_error"
         try:
             response = await self._proxy(request, record)
-            status = response.status
+            status, code = response.status, record.stream_error
             return response
-        except (ApiError, web.HTTPException) as error:
-            status = error.status
+        except ApiError as error:
+            status, code = error.status, error.code
+            raise
+        except web.HTTPException as error:
+            status, code = error.status, None
             raise
         except asyncio.CancelledError:
-            status = CLIENT_GONE
+            status, code = CLIENT_GONE, "client_gone"
             raise
         finally:
-            self._daemon.ops.metrics.request_done(record.model, status, started, record, time.monotonic())
+            now = time.monotonic()
+            self._daemon.ops.metrics.request_done(record.model, status, started, record, now)
+            if self._daemon.config.log.requests:
+                log_request(request[PRINCIPAL].name, record, status, code, now - started)
 
     async def _proxy(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         daemon = self._daemon
@@ -140,8 +152,10 @@ class OpenAIRoutes:
         payload = parse_json_object(raw)
         route = target(directory, request.match_info["tail"], payload.get("model"))
         model = route.model
-        record.model = model.name
+        record.model, record.path = model.name, route.path
         request[PRINCIPAL].check_model(model)
+        if not serves(model, route.path):
+            raise unsupported(model, route.path)
         validate_body(route.path, payload)
         fixups = self.fixups(config, model)
         body, applied = fixups.apply(payload)
@@ -159,7 +173,11 @@ class OpenAIRoutes:
             if changed:
                 raw, changed = json.dumps(body, separators=(",", ":")).encode(), False
             del body
-            runner = await daemon.scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
+            queued = time.monotonic()
+            try:
+                runner = await daemon.scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
+            finally:
+                record.queued_s = time.monotonic() - queued
             body = parse_json_object(raw) if fitting else {}
         try:
             assert runner.endpoint is not None
@@ -169,12 +187,28 @@ class OpenAIRoutes:
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            return await forward(
+            answer = await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
-                streaming, record,
+                streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner),
             )
+            if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
+                raise unsupported(model, route.path)
+            return answer
         finally:
             daemon.scheduler.release(runner)
+
+
+def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float) -> None:
+    """The one log line of an inference request; its key's name only, never the key."""
+    usage = record.usage
+    fields: dict[str, Any] = {
+        "key": key, "model": record.model, "path": record.path, "status": status,
+        "duration_ms": round(duration_s * 1000, 1), "queued_ms": round(record.queued_s * 1000, 1),
+        "prompt_tokens": usage[0] if usage else None, "completion_tokens": usage[1] if usage else None,
+    }
+    if code is not None or status >= 400:
+        fields["code"] = code
+    log.info("request_done", **fields)
 
 
 async def read_body(request: web.Request, server: ServerConfig) -> bytes:

@@ -9,13 +9,39 @@ from podman.errors import APIError, ImageNotFound, NotFound
 class RuntimeFailure(Exception):
     """A container operation failed.  ``str()`` is a message fit for a user."""
 
+    needs_operator = False
+    """Retrying cannot fix it: someone must change the host or the configuration (the message says how)."""
+    code = "model_failed"
+    """The error code a client gets for a model that failed this way."""
+
 
 class PodmanUnreachable(RuntimeFailure):
     pass
 
 
 class ImageMissing(RuntimeFailure):
-    pass
+    needs_operator = True
+    code = "image_missing"
+
+
+class DeviceMissing(RuntimeFailure):
+    """Podman does not know the GPU device (no CDI spec)."""
+
+    needs_operator = True
+    code = "gpu_device_missing"
+
+
+class VolumeSourceMissing(RuntimeFailure):
+    """A read-only volume's host source does not exist (it is data the operator provides)."""
+
+    needs_operator = True
+    code = "volume_source_missing"
+
+
+class EncodingsMissing(VolumeSourceMissing):
+    """The tiktoken encodings a model mounts were never fetched."""
+
+    code = "encodings_missing"
 
 
 class ContainerNotFound(RuntimeFailure):
@@ -46,7 +72,7 @@ def translate(error: Exception, *, action: str, url: str, name: str = "", image:
             f"`sparkd images build` (see containerfiles/README.md) or pull it with `podman pull {image}`"
         )
     if "unresolvable cdi devices" in lowered or ("cdi" in lowered and "device" in lowered):
-        return RuntimeFailure(
+        return DeviceMissing(
             f"cannot {action}: Podman does not know the GPU device ({text}). Generate the NVIDIA CDI spec "
             "with `sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml` (check with `nvidia-ctk cdi list`), "
             "or set gpu = false for a CPU-only model"

@@ -22,7 +22,7 @@ import structlog
 from podman import PodmanClient
 from podman.errors import NotFound
 
-from .errors import RuntimeFailure, translate
+from .errors import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
 from .spec import LABEL_KEY_ENV, LABEL_MODEL, LABEL_SPEC, ContainerSpec, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")
@@ -210,10 +210,10 @@ def _prepare_mounts(spec: ContainerSpec) -> None:
         if source.exists():
             continue
         if mount.read_only:
-            raise RuntimeFailure(
-                f"cannot create container {spec.name}: its read-only volume source {mount.source} does not exist"
-                + (": run `sparkd encodings fetch`" if mount.source.endswith(".tiktoken") else "")
-            )
+            missing = f"cannot create container {spec.name}: its read-only volume source {mount.source} does not exist"
+            if mount.source.endswith(".tiktoken"):
+                raise EncodingsMissing(missing + ": run `sparkd encodings fetch` (as root), then retry")
+            raise VolumeSourceMissing(missing + ": create it, or fix the model's volumes in the configuration")
         source.mkdir(parents=True, exist_ok=True)
 
 

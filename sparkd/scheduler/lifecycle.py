@@ -65,7 +65,10 @@ class Lifecycle:
             info = await self._create_and_start(runner)
             runner.stale_spec = False
             self._attach(runner, info)
-        except (StartFailed, RuntimeFailure, WorkersUnavailable) as error:
+        except RuntimeFailure as error:
+            await self._record_failure(runner, str(error), [], error)
+            return
+        except (StartFailed, WorkersUnavailable) as error:
             await self._record_failure(runner, str(error), getattr(error, "log_lines", []))
             return
         await self._finish_start(runner, began, reason, record_load_time=True)
@@ -133,11 +136,16 @@ class Lifecycle:
         if record_load_time:
             await self.load_times.record(runner.name, took)
 
-    async def _record_failure(self, runner: ModelRunner, message: str, log_lines: list[str]) -> None:
+    async def _record_failure(self, runner: ModelRunner, message: str, log_lines: list[str],
+                              cause: RuntimeFailure | None = None) -> None:
+        """``cause``: the container operation that failed, which says whether retrying can help."""
         lines = log_lines or await self.tail_logs(runner)
         await self._clean_up_failed(runner)
         await self.release_workers(runner, "the model failed")
-        runner.fail(message, lines)
+        if cause is not None:
+            runner.fail(message, lines, needs_operator=cause.needs_operator, code=cause.code)
+        else:
+            runner.fail(message, lines)
 
     def _attach(self, runner: ModelRunner, info: ContainerInfo) -> None:
         # A host-network container (multi-node) publishes nothing: its engine listens on the port itself.

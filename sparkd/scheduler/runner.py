@@ -34,6 +34,9 @@ class Failure:
     log_lines: tuple[str, ...]
     at: float
     """time.monotonic() of the failure."""
+    needs_operator: bool = False
+    """Retrying cannot fix it (a missing image, encodings, GPU device): clients get no Retry-After."""
+    code: str = "model_failed"
 
 
 @dataclass(eq=False)
@@ -98,8 +101,10 @@ class ModelRunner:
         method(f"model_{new.value}", model=self.name, previous=old.value, reason=reason, **fields)
         self.on_change(self, old)
 
-    def fail(self, message: str, log_lines: list[str] | tuple[str, ...] = ()) -> None:
-        self.failure = Failure(message=message, log_lines=tuple(log_lines), at=time.monotonic())
+    def fail(self, message: str, log_lines: list[str] | tuple[str, ...] = (), *, needs_operator: bool = False,
+             code: str = "model_failed") -> None:
+        self.failure = Failure(message=message, log_lines=tuple(log_lines), at=time.monotonic(),
+                               needs_operator=needs_operator, code=code)
         self.consecutive_failures += 1
         self.transition(ModelState.FAILED, reason=message, last_log=telling_lines(log_lines, 3))
 

@@ -17,7 +17,7 @@ import structlog
 
 from ..config import Config, ModelConfig
 from ..engine.lastwords import telling_lines
-from ..errors import ApiError, GatewayTimeout, ServiceUnavailable, TooManyRequests
+from ..errors import ApiError, GatewayTimeout, ModelUnavailable, ServiceUnavailable, TooManyRequests
 from ..runtime.events import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
 from .lease import Eviction, Holder, Lease, plan
@@ -260,7 +260,10 @@ class Scheduler:
             if decision.verdict == "admit":
                 self._admit(runner, reason="requested")
             elif decision.verdict == "impossible":
-                self._fail_waiters(runner, ServiceUnavailable(f"model {name} cannot be loaded: {decision.reason}"))
+                self._fail_waiters(runner, ModelUnavailable(
+                    f"model {name} cannot be loaded: {decision.reason}; change its gpu_memory or gpu.memory_budget",
+                    code="claim_impossible",
+                ))
             else:
                 head = name
                 victims = {e.name: e for e in decision.evictions}
@@ -367,6 +370,8 @@ class Scheduler:
         message = failure.message if failure else f"model {runner.name} failed"
         lines = telling_lines(failure.log_lines, 5) if failure else []
         text = message + (". Last engine log lines: " + " | ".join(lines) if lines else "")
+        if failure is not None and failure.needs_operator:
+            return ModelUnavailable(text, code=failure.code, extra={"log_lines": lines, "needs_operator": True})
         retry = max(self._backoff_left(runner), 1.0)
         return ServiceUnavailable(text, retry_after=retry, code="model_failed", extra={"log_lines": lines})
 

@@ -31,6 +31,11 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     capture               record the raw bytes of every connection made to the port
                           (a TCP front that passes them to the server): GET /fake/captured
     hold_after_chunk      a stream sends N SSE events then waits for POST /fake/release
+    end_stream_after      a stream sends N SSE events, then ends cleanly without the
+                          rest and without [DONE] (0 = never)
+    stream_fail           a stream answers 200 text/event-stream, prints this message
+                          as an ERROR log line and ends cleanly with no event at all
+                          (llama-cpp-python with a prompt over its context)
     role                  single (default) | head | worker
     head_address          worker: the head's host:port to register with
     workers               head: /health is 503 until this many workers registered
@@ -131,6 +136,8 @@ KNOBS: dict[str, tuple[type, Any, str]] = {
     "hang_health": (bool, False, "with hang: never answer /health either"),
     "capture": (bool, False, "record the raw bytes received on every connection (GET /fake/captured)"),
     "hold_after_chunk": (int, 0, "hold each stream after N SSE events until /fake/release"),
+    "end_stream_after": (int, 0, "end each stream cleanly after N SSE events, without [DONE]"),
+    "stream_fail": (str, "", "answer 200 SSE, log this error and end the stream with no event"),
     "role": (str, "single", "single | head | worker"),
     "head_address": (str, "", "worker: head host:port"),
     "workers": (int, 0, "head: workers needed before /health is 200"),
@@ -502,6 +509,12 @@ class FakeEngine:
         await resp.prepare(request)
         self.active_streams += 1
         delay = 1.0 / self.cfg.token_rate if self.cfg.token_rate > 0 else 0.0
+        if self.cfg.stream_fail:
+            _log(f"ERROR: {self.cfg.stream_fail}")
+            events, done = [], False
+        elif self.cfg.end_stream_after:
+            _log(f"ERROR: fake stream ended after {self.cfg.end_stream_after} events without [DONE]")
+            events, done = events[: self.cfg.end_stream_after], False
         try:
             for i, event in enumerate(events, start=1):
                 if isinstance(event, tuple):

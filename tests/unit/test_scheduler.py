@@ -8,6 +8,7 @@ integration tests repeat the important cases on real Podman.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import pytest
 
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
-from sparkd.errors import GatewayTimeout, ModelBusy, ServiceUnavailable
+from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
 from sparkd.scheduler.loadtimes import LoadTimes
+from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
 
@@ -309,3 +311,25 @@ async def test_requests_wait_until_adoption_is_over(fake):
     assert not waiting.done() and fake.starts() == 0
     scheduler.start_serving()
     assert await asyncio.wait_for(waiting, 2) == "a"
+
+
+async def test_an_impossible_claim_is_for_the_operator_and_has_no_retry_after(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.99)]), fake))
+    with pytest.raises(ModelUnavailable) as caught:
+        await serve(scheduler, "a")
+    assert caught.value.retry_after is None and caught.value.code == "claim_impossible"
+    assert "Retry-After" not in caught.value.response().headers
+
+
+async def test_a_failure_retrying_cannot_fix_has_no_retry_after_and_a_transient_one_has(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], failure_backoff_s=30), fake))
+    runner = scheduler.runners["a"]
+    runner.consecutive_failures = 1
+    runner.failure = Failure("model a: image x not found: build it with `sparkd images build`", (), time.monotonic(),
+                             needs_operator=True, code="image_missing")
+    error = scheduler._failure_error(runner)
+    assert error.status == 503 and error.code == "image_missing" and error.retry_after is None
+    assert "sparkd images build" in error.message
+    runner.failure = Failure("model a: its container exited during start with code 1", (), time.monotonic())
+    error = scheduler._failure_error(runner)
+    assert error.code == "model_failed" and error.retry_after is not None and error.retry_after >= 1

@@ -315,3 +315,38 @@ async def test_an_engine_that_does_not_accept_is_a_504_within_the_connect_timeou
     assert answer.status == 504, answer.body
     assert "engine.connect_timeout_s" in answer.json()["error"]["message"]
     assert took < 3
+
+
+UNFINISHED = [b'data: {"choices": [{"delta": {"content": "hi"}, "finish_reason": null}]}\n\n']
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"], ids=["raw-relay", "aiohttp-relay"])
+@pytest.mark.parametrize(
+    ("events", "reason"),
+    [
+        (UNFINISHED, b"it gave no reason"),
+        ([], b"it gave no reason"),  # 200 text/event-stream, then nothing at all
+        ([b'data: {"error": {"message": "Requested tokens (18750) exceed context window of 8192"}}\n\n'],
+         b"Requested tokens (18750) exceed context window of 8192"),
+    ],
+    ids=["no-done", "empty", "engine-error-without-done"],
+)
+async def test_a_stream_that_ends_without_its_final_event_gets_an_error_event(relay, version, events, reason):
+    proxy = await relay(chunked_answer(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", *[chunk(e) for e in events], b"0\r\n\r\n"))
+    answer = await raw_exchange(proxy.port, request_for(proxy, version=version))
+    assert answer.status == 200
+    body = answer.body
+    assert body.startswith(b"".join(events))
+    last = json.loads(body[len(b"".join(events)):].removeprefix(b"data: "))
+    assert last["error"]["code"] == "engine_error"
+    assert "model m" in last["error"]["message"] and "without a final event" in last["error"]["message"]
+    assert reason.decode() in last["error"]["message"]
+
+
+@pytest.mark.parametrize("final", [b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n',
+                                   b'event: response.completed\ndata: {"type": "response.completed"}\n\n'],
+                         ids=["finish-reason", "responses-completed"])
+async def test_a_stream_with_a_final_event_but_no_done_is_left_alone(relay, final):
+    proxy = await relay(chunked_answer(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(UNFINISHED[0]) + chunk(final) + b"0\r\n\r\n"))
+    answer = await raw_exchange(proxy.port, request_for(proxy))
+    assert answer.body == UNFINISHED[0] + final
