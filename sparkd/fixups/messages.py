@@ -66,12 +66,18 @@ def flatten_content(body: dict[str, Any]) -> dict[str, Any]:
 def merge_system(body: dict[str, Any]) -> dict[str, Any]:
     """System (and developer) messages merged into the first user turn, for templates without a system role.
 
+Anthropic's top-level ``system`` is merged the same way.
+
     The leading system messages become a prefix of the first message when it is the
     user's (else a user message of their own, in front); a system message later in the conversation
     becomes a user message, which ``alternate_roles`` then merges with its neighbours.
     """
     messages = body.get("messages")
-    if not isinstance(messages, list) or not any(_is_system(m) for m in messages):
+    if not isinstance(messages, list):
+        return body
+    if body.get("system") is not None:
+        body, messages = _merge_top_level_system(body, messages)
+    if not any(_is_system(m) for m in messages):
         return body
     start = 0
     while start < len(messages) and _is_system(messages[start]):
@@ -85,6 +91,16 @@ def merge_system(body: dict[str, Any]) -> dict[str, Any]:
         else:
             rest.insert(0, {"role": "user", "content": prefix})
     return {**body, "messages": rest}
+
+
+def _merge_top_level_system(body: dict[str, Any], messages: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Anthropic's Messages API has the system prompt at the top (``system``: a string or text
+    blocks), which vLLM renders as a system message: it becomes a system message here, merged below."""
+    text = content_text(body["system"])
+    out = {key: value for key, value in body.items() if key != "system"}
+    merged = [{"role": "system", "content": text}, *messages] if text else list(messages)
+    out["messages"] = merged
+    return out, merged
 
 
 def _mergeable(message: Any, role: str) -> bool:

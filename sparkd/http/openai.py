@@ -26,7 +26,7 @@ from ..engine.proxy import forward
 from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
-from . import context
+from . import anthropic, responses
 from .auth import PRINCIPAL
 from .routing import target
 from .validation import validate_body
@@ -151,7 +151,7 @@ class OpenAIRoutes:
         changed = body is not payload
         del payload
         streaming = body.get("stream") is True
-        fitting = context.needs_fitting(fixups, model, route.path, body)
+        fitting = responses.needs_fitting(fixups, model, route.path, body)
         runner = daemon.scheduler.acquire_now(model.name)
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs
@@ -164,15 +164,16 @@ class OpenAIRoutes:
         try:
             assert runner.endpoint is not None
             if fitting:
-                fitted, capped = await context.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
+                fitted, capped = await responses.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
                 headers.update(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            return await forward(
+            answer = await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
                 streaming, record,
             )
+            return anthropic.engine_answer(answer, model.name, route.path) if route.path in anthropic.PATHS else answer
         finally:
             daemon.scheduler.release(runner)
 
