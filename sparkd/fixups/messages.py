@@ -66,9 +66,7 @@ def flatten_content(body: dict[str, Any]) -> dict[str, Any]:
 def merge_system(body: dict[str, Any]) -> dict[str, Any]:
     """System (and developer) messages merged into the first user turn, for templates without a system role.
 
-Anthropic's top-level ``system`` is merged the same way.
-
-    The leading system messages become a prefix of the first message when it is the
+    Anthropic's top-level ``system`` is merged the same way. The leading system messages become a prefix of the first message when it is the
     user's (else a user message of their own, in front); a system message later in the conversation
     becomes a user message, which ``alternate_roles`` then merges with its neighbours.
     """
