@@ -222,6 +222,15 @@ def test_responses_max_output_tokens_is_capped_and_reasoning_effort_mapped(daemo
     assert daemon.engine_state("think")["last_request_body"]["chat_template_kwargs"] == {"enable_thinking": False}
 
 
+def test_responses_instructions_are_merged_for_a_template_without_a_system_role(daemon: Daemon) -> None:
+    client = openai.OpenAI(base_url=daemon.sparkd.base_url + "/v1", api_key=daemon.key, max_retries=0)
+    reply = client.responses.create(model=daemon.sparkd.model("plain"), instructions="Be brief.", input="Say hello",
+                                    max_output_tokens=8)
+    assert reply.output_text
+    sent = daemon.engine_state("plain")["last_request_body"]
+    assert "instructions" not in sent and sent["input"] == "Be brief.\n\nSay hello"
+
+
 def test_responses_errors_are_openai_shaped_and_raised_by_the_sdk(daemon: Daemon) -> None:
     client = openai.OpenAI(base_url=daemon.sparkd.base_url + "/v1", api_key=daemon.key, max_retries=0)
     with pytest.raises(openai.NotFoundError) as refused:

@@ -207,6 +207,18 @@ def test_the_top_level_system_is_merged_for_templates_without_a_system_role() ->
 # ---------------------------------------------------------------- the Responses API
 
 
+def test_instructions_are_merged_into_the_first_input_for_templates_without_a_system_role() -> None:
+    assert merge_system({"instructions": "Be brief.", "input": "Hi"}) == {"input": "Be brief.\n\nHi"}
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}]
+    assert merge_system({"instructions": "Be brief.", "input": items})["input"] == [
+        {"role": "user", "content": [{"type": "input_text", "text": "Be brief."}, {"type": "input_text", "text": "Hi"}]}]
+    answered = [{"type": "function_call_output", "call_id": "c1", "output": "42"}]
+    assert merge_system({"instructions": "Be brief.", "input": answered})["input"] == [{"role": "user", "content": "Be brief."}, *answered]
+    assert merge_system({"instructions": "", "input": "Hi"}) == {"input": "Hi"}
+    odd = {"instructions": "Be brief.", "input": 5}
+    assert merge_system(odd) is odd
+
+
 def test_reasoning_effort_of_a_responses_request_sets_the_thinking_flag() -> None:
     body = {"model": "m", "input": "hi", "reasoning": {"effort": "none"}}
     assert map_thinking(body, "enable_thinking", None)["chat_template_kwargs"] == {"enable_thinking": False}
