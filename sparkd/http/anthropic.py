@@ -94,8 +94,8 @@ def engine_answer(response: web.StreamResponse, model: str, path: str) -> web.St
     if status in (404, 405):
         log.info("engine_lacks_endpoint", model=model, path=path, status=status)
         message = (
-            f"model {model} does not serve the Anthropic Messages API: its engine answered {status} to POST {path}. "
-            "Its engine serves the OpenAI API only: call it at /v1/chat/completions with an OpenAI client, or use a "
+            f"model {model} does not serve POST {path} of the Anthropic Messages API (its engine answered {status}). "
+            "Call this model through the OpenAI API at /v1/chat/completions with an OpenAI client, or use a "
             "vLLM model for Anthropic clients (GET /v1/models lists the models)"
         )
         return _reshaped(404, message, "endpoint_not_served", response)
