@@ -198,7 +198,7 @@ def test_a_coder_model_gets_anthropics_forced_tool_choice(daemon: Daemon) -> Non
     assert sent["tool_choice"] == {"type": "any"} and sent["tools"] == [TOOL]
 
 
-def test_count_tokens_passes_the_fixups_and_an_engine_without_it_is_a_clear_not_found(daemon: Daemon) -> None:
+def test_count_tokens_on_an_engine_without_it_is_a_clear_not_found(daemon: Daemon) -> None:
     with pytest.raises(anthropic.NotFoundError) as refused:
         daemon.client().messages.count_tokens(model=daemon.sparkd.model("m"), messages=HELLO)
     assert daemon.sparkd.model("m") in str(refused.value) and "/v1/messages/count_tokens" in str(refused.value)
