@@ -68,10 +68,17 @@ def merge_system(body: dict[str, Any]) -> dict[str, Any]:
 
     The leading system messages become a prefix of the first message when it is the
     user's (else a user message of their own, in front); a system message later in the conversation
-    becomes a user message, which ``alternate_roles`` then merges with its neighbours.
+    becomes a user message, which ``alternate_roles`` then merges with its neighbours. Anthropic's
+    top-level ``system`` is merged the same way, and so are the Responses API's ``instructions``.
     """
+    if isinstance(body.get("instructions"), str) and "input" in body:
+        return _merge_instructions(body)
     messages = body.get("messages")
-    if not isinstance(messages, list) or not any(_is_system(m) for m in messages):
+    if not isinstance(messages, list):
+        return body
+    if body.get("system") is not None:
+        body, messages = _merge_top_level_system(body, messages)
+    if not any(_is_system(m) for m in messages):
         return body
     start = 0
     while start < len(messages) and _is_system(messages[start]):
@@ -85,6 +92,37 @@ def merge_system(body: dict[str, Any]) -> dict[str, Any]:
         else:
             rest.insert(0, {"role": "user", "content": prefix})
     return {**body, "messages": rest}
+
+
+def _merge_top_level_system(body: dict[str, Any], messages: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Anthropic's Messages API has the system prompt at the top (``system``: a string or text
+    blocks), which vLLM renders as a system message: it becomes a system message here, merged below."""
+    text = content_text(body["system"])
+    out = {key: value for key, value in body.items() if key != "system"}
+    merged = [{"role": "system", "content": text}, *messages] if text else list(messages)
+    out["messages"] = merged
+    return out, merged
+
+
+def _merge_instructions(body: dict[str, Any]) -> dict[str, Any]:
+    """The Responses API's ``instructions`` (rendered by vLLM as a system message) as a prefix of the first user input."""
+    text, items = body["instructions"], body["input"]
+    out = {key: value for key, value in body.items() if key != "instructions"}
+    if not text:
+        return out
+    if isinstance(items, str):
+        out["input"] = f"{text}\n\n{items}" if items else text
+        return out
+    if not isinstance(items, list):
+        return body  # not a Responses input the engine takes: its refusal says so
+    first = items[0] if items else None
+    if isinstance(first, dict) and first.get("role") == "user" and isinstance(first.get("content"), (str, list)):
+        content = first["content"]
+        joined = f"{text}\n\n{content}" if isinstance(content, str) else [{"type": "input_text", "text": text}, *content]
+        out["input"] = [{**first, "content": joined}, *items[1:]]
+    else:
+        out["input"] = [{"role": "user", "content": text}, *items]
+    return out
 
 
 def _mergeable(message: Any, role: str) -> bool:

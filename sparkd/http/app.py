@@ -2,7 +2,7 @@
 
 - connections (``connections.py``): the request arrived whole, so its connection's header deadline stops;
 - CORS (``cors.py``): answers preflights, refuses origins off the allowlist;
-- errors: every error becomes OpenAI's JSON shape;
+- errors: every error becomes OpenAI's JSON shape (Anthropic's on the Messages API routes, ``anthropic.py``);
 - auth (``auth.py``): who is calling, and whether their role may use the route: ``/v1/*`` user or
   admin, ``/api/*`` and ``/metrics`` admin, worker leases peer (the status page's shell at ``/`` is
   static and public: its data comes from ``/api/events``).
@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from ..errors import ApiError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
-from . import cors
+from . import anthropic, cors
 from .admin import AdminRoutes
 from .auth import ADMIN_ROLES, ALL_ROLES, MODEL_ROLES, PEER_ROLES, PRINCIPAL, VERSION_ROLES, authenticate, authorize
 from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
@@ -60,35 +60,37 @@ def build_app(daemon: "Daemon") -> web.Application:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Anthropic clients read errors in Anthropic's shape only (the auth refusals too).
+    render = anthropic.error_response if anthropic.is_anthropic_path(request.path) else ApiError.response
     try:
         return await handler(request)
     except ApiError as error:
-        return error.response()
+        return render(error)
     except web.HTTPRequestEntityTooLarge as error:
         # aiohttp's text: "Maximum request body size N exceeded." (the exception has no max_size attribute)
-        return PayloadTooLarge(f"the request body is too large: {error.text} (server.max_body_bytes)").response()
+        return render(PayloadTooLarge(f"the request body is too large: {error.text} (server.max_body_bytes)"))
     except web.HTTPMethodNotAllowed as error:
         allowed = ", ".join(sorted(error.allowed_methods))
-        return MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use {allowed}", headers={"Allow": allowed}).response()
+        return render(MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use {allowed}", headers={"Allow": allowed}))
     except web.HTTPNotFound:
-        return NotFound("no such endpoint: sparkd serves /v1/... (OpenAI API), /healthz, /readyz and /api/...", code="unknown_endpoint").response()
+        return render(NotFound("no such endpoint: sparkd serves /v1/... (OpenAI API), /healthz, /readyz and /api/...", code="unknown_endpoint"))
     except web.HTTPException as error:
         if error.status < 400:
             raise
         refusal = ApiError(error.reason or "request refused", code=f"http_{error.status}")
         refusal.status = error.status
         refusal.type = "invalid_request_error" if error.status < 500 else "server_error"
-        return refusal.response()
+        return render(refusal)
     except ConnectionError:
         raise  # the client went away: nobody to answer
     except Exception:  # noqa: BLE001 - a bug must cost one request a 500, never the daemon
         log.exception("request_failed", method=request.method, path=shown(request.path))
         if request.writer is not None and request.writer.output_size > 0:
             raise  # an answer is under way already: aiohttp closes the connection
-        return ApiError(
+        return render(ApiError(
             "sparkd failed on this request (an internal error, logged as request_failed); "
             "retry, and report it if it happens again"
-        ).response()
+        ))
 
 
 def auth_middleware(daemon: "Daemon") -> Middleware:

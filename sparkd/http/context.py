@@ -21,6 +21,7 @@ from ..engine.client import Endpoint, EngineClient, EngineError
 from ..errors import BadRequest
 from ..fixups import Fixups
 from ..fixups.tokens import Budget, ContextOverflow, cap_max_tokens, worth_counting
+from .anthropic import count_input_tokens
 
 log = structlog.get_logger("sparkd.fixups")
 
@@ -91,6 +92,9 @@ async def count_prompt(engine: EngineClient, endpoint: Endpoint, model: str, pat
         payload: dict[str, Any] = {"model": model, "messages": body.get("messages")}
         payload.update((key, body[key]) for key in CHAT_TOKENIZE_FIELDS if body.get(key) is not None)
     elif path == "/v1/messages":
+        counted = await count_input_tokens(engine, endpoint, model, body)  # vLLM's own count, tools and all
+        if counted is not None:
+            return counted
         payload = {"model": model, "messages": anthropic_as_chat(body)}
     else:
         prompt = body.get("prompt")

@@ -27,7 +27,7 @@ from ..engine.proxy import forward
 from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
-from . import context
+from . import anthropic, responses
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
 from .routing import target
@@ -165,7 +165,7 @@ class OpenAIRoutes:
         changed = body is not payload
         del payload
         streaming = body.get("stream") is True
-        fitting = context.needs_fitting(fixups, model, route.path, body)
+        fitting = responses.needs_fitting(fixups, model, route.path, body)
         runner = daemon.scheduler.acquire_now(model.name)
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs
@@ -182,7 +182,7 @@ class OpenAIRoutes:
         try:
             assert runner.endpoint is not None
             if fitting:
-                fitted, capped = await context.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
+                fitted, capped = await responses.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
                 headers.update(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:
@@ -193,7 +193,7 @@ class OpenAIRoutes:
             )
             if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
                 raise unsupported(model, route.path)
-            return answer
+            return anthropic.engine_answer(answer, model.name, route.path) if route.path in anthropic.PATHS else answer
         finally:
             daemon.scheduler.release(runner)
 

@@ -12,6 +12,9 @@ from typing import Any
 
 from ..errors import BadRequest
 
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+ANTHROPIC_ROLES = frozenset({"user", "assistant"})
+
 _NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
 
 
@@ -66,7 +69,9 @@ def validate_body(path: str, body: dict[str, Any]) -> None:
         rule = COMMON.get(name)
         if rule is not None and value is not None and not rule[0](value):
             raise _fail(name, rule[1], value)
-    if path.endswith("/chat/completions"):
+    if path in ANTHROPIC_PATHS:
+        _anthropic(path, body)
+    elif path.endswith("/chat/completions"):
         _messages(body)
     elif path.endswith("/completions"):
         prompt = body.get("prompt")
@@ -98,3 +103,43 @@ def _messages(body: dict[str, Any]) -> None:
             for part_index, part in enumerate(content):
                 if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                     raise _fail(f"{where}.content[{part_index}]", "an object with a type, e.g. {\"type\": \"text\", \"text\": ...}", part)
+
+
+def _anthropic(path: str, body: dict[str, Any]) -> None:
+    """Anthropic's Messages API: ``max_tokens`` is required (it has no default), roles are user and assistant
+    only, the system prompt is the top-level ``system`` (a string or text blocks)."""
+    if path == "/v1/messages" and not (_is_int(body.get("max_tokens")) and body["max_tokens"] >= 1):
+        raise _fail("max_tokens", "a positive integer", body.get("max_tokens"), "; the Messages API requires max_tokens")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str) and not (
+        isinstance(system, list) and all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system)
+    ):
+        raise _fail("system", "a string or an array of text blocks such as {\"type\": \"text\", \"text\": ...}", system)
+    for name, test, expected in (
+        ("stop_sequences", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings"),
+        ("top_k", _is_int, "an integer"),
+        ("thinking", lambda v: isinstance(v, dict), "an object such as {\"type\": \"enabled\", \"budget_tokens\": 1024}"),
+        ("tool_choice", lambda v: isinstance(v, dict), "an object such as {\"type\": \"auto\"}"),
+    ):
+        if body.get(name) is not None and not test(body[name]):
+            raise _fail(name, expected, body[name])
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise _fail("messages", "an array of message objects", messages, f"; {path} needs messages")
+    if not messages:
+        raise BadRequest("'messages' is empty: send at least one message", code="invalid_value", extra={"param": "messages"})
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _fail(where, "an object with role and content", message)
+        role = message.get("role")
+        if role not in ANTHROPIC_ROLES:
+            hint = "; the system prompt goes in the top-level 'system'" if role == "system" else ""
+            raise _fail(f"{where}.role", "\"user\" or \"assistant\"", role, hint)
+        content = message.get("content")
+        if not isinstance(content, (str, list)):
+            raise _fail(f"{where}.content", "a string or an array of content blocks", content)
+        if isinstance(content, list):
+            for block_index, block in enumerate(content):
+                if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                    raise _fail(f"{where}.content[{block_index}]", "an object with a type, e.g. {\"type\": \"text\", \"text\": ...}", block)

@@ -230,6 +230,49 @@ def test_streamed_messages_with_the_anthropic_sdk(served: Served) -> None:
     assert "Paris" in text and final.usage.output_tokens > 0
 
 
+def test_streamed_responses(served: Served) -> None:
+    events = list(openai_client(served).responses.create(
+        model=served.model, input=QUESTION, max_output_tokens=24, temperature=0, stream=True))
+    types = [event.type for event in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    assert "Paris" in "".join(event.delta for event in events if event.type == "response.output_text.delta")
+
+
+def test_count_tokens_with_the_anthropic_sdk_is_vllms_own_count(served: Served) -> None:
+    counted = anthropic_client(served).messages.count_tokens(
+        model=served.model, system="Answer briefly.", messages=[{"role": "user", "content": QUESTION}])
+    assert counted.input_tokens == _tokenize(served, [{"role": "system", "content": "Answer briefly."},
+                                                      {"role": "user", "content": QUESTION}])
+
+
+def test_an_anthropic_prompt_that_alone_overflows_is_refused_in_anthropics_shape(served: Served) -> None:
+    from anthropic import BadRequestError
+
+    def messages_400s() -> int:
+        return served.engine_log().count('"POST /v1/messages HTTP/1.1" 400')
+
+    refusals = messages_400s()
+    with pytest.raises(BadRequestError) as refused:
+        anthropic_client(served).messages.create(
+            model=served.model, max_tokens=16, messages=[{"role": "user", "content": "Paris " * (MAX_MODEL_LEN + 500)}])
+    body = refused.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    assert body["error"]["code"] == "context_length_exceeded" and f"context of {MAX_MODEL_LEN} tokens" in body["error"]["message"]
+    # vLLM's count_tokens refuses a prompt over the context (a 400 of its own): /tokenize counts it then,
+    # and sparkd refuses it; the request itself never reached vLLM.
+    assert messages_400s() == refusals
+
+
+def test_a_responses_max_output_tokens_over_the_context_is_capped_by_vllms_own_count(served: Served) -> None:
+    raw = openai_client(served).responses.with_raw_response.create(
+        model=served.model, input=QUESTION, max_output_tokens=32000, temperature=0)
+    prompt_tokens = _tokenize(served, [{"role": "user", "content": QUESTION}])
+    assert raw.headers["X-Sparkd-Max-Tokens-Capped"] == (
+        f"requested=32000 sent={MAX_MODEL_LEN - prompt_tokens - 32} prompt_tokens={prompt_tokens} "
+        f"max_model_len={MAX_MODEL_LEN} counted=exact")
+    assert "Paris" in raw.parse().output_text  # vLLM would have refused 32000 with a 400
+
+
 # ---------------------------------------------------------------- the context cap
 
 
