@@ -29,6 +29,8 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 MemoryProbe = Literal["auto", "nvidia-smi", "meminfo", "none"]
 AnonymousAccess = Literal["off", "loopback", "any"]
 Parallelism = Literal["tensor", "pipeline"]
+TokenizeApi = Literal["vllm", "llama-cpp", "none"]
+"""How an engine counts tokens: vLLM's ``/tokenize``, llama-cpp-python's ``/extras/tokenize/count``, or not at all."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ class ModelConfig:
     gpu_memory: float = 0.0
     """The model's claim on the GPU lease (its ``--gpu-memory-utilization``)."""
     max_model_len: Optional[int] = None
+    tokenize: TokenizeApi = "vllm"
+    """The engine's token-count endpoint, used to fit a prompt into ``max_model_len`` exactly."""
     lifecycle: LifecycleClass = "normal"
     sleep_mode: bool = False
     sleep_gpu_memory: float = 0.0

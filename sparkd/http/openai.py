@@ -164,7 +164,9 @@ class OpenAIRoutes:
         try:
             assert runner.endpoint is not None
             if fitting:
-                fitted, capped = await context.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
+                fitted, capped = await context.fit(
+                    daemon.engine, runner.endpoint, model, fixups, route.path, body, daemon.tokenize_failures
+                )
                 headers.update(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:
