@@ -6,7 +6,7 @@ requested answer plus the estimate's margin exceeds ``max_model_len``). Then the
 engine counts the prompt through the endpoint its model declares (``tokenize``):
 vLLM's ``/tokenize`` exactly, through the same chat template and tools the request
 will use; llama-cpp-python's ``/extras/tokenize/count``, which has no chat template,
-counts the text exactly and ``TEMPLATE_TOKENS_PER_MESSAGE`` stands in for the
+counts the text exactly and an allowance (``TEMPLATE_TOKENS_*``) stands in for the
 template's few tokens. When it cannot (``tokenize = "none"``, an error, a timeout,
 a prompt shape it does not take), the estimates stand in: the high one caps, the
 low one refuses. A prompt that fills the context (by count, or even by the low
@@ -38,8 +38,10 @@ TOKENIZE_PATHS: dict[TokenizeApi, str] = {"vllm": "/tokenize", "llama-cpp": "/ex
 CHAT_TOKENIZE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template")
 CAPPED_HEADER = "X-Sparkd-Max-Tokens-Capped"
 # ChatML-style templates (SmolLM2, Qwen) add "<|im_start|>role\n" and "<|im_end|>\n" per
-# message, and the generation prompt once: 8 per message covers them with room to spare.
+# message and the generation prompt once: 8 per message covers them. SmolLM2's also adds
+# a default system prompt (~20 tokens) when the chat has none: the base covers that.
 TEMPLATE_TOKENS_PER_MESSAGE = 8
+TEMPLATE_TOKENS_BASE = 32
 
 
 @dataclass
@@ -181,7 +183,7 @@ async def count_prompt(
         if text is None:
             return None
         prompt, message_count = text
-        overhead = TEMPLATE_TOKENS_PER_MESSAGE * (message_count + 1)
+        overhead = TEMPLATE_TOKENS_BASE + TEMPLATE_TOKENS_PER_MESSAGE * message_count
         payload = {"model": model.name, "prompt": prompt}
     if api == "llama-cpp":
         payload = {"model": model.name, "input": payload["prompt"]}
