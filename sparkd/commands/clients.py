@@ -17,7 +17,7 @@ import json
 import shlex
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from .. import encodings
 from ..config import Config, ModelConfig
@@ -44,7 +44,7 @@ class HostFacts:
 
     images: frozenset[str]
     """The models' images that Podman has."""
-    podman_error: Optional[str]
+    podman_error: str | None
     """Why Podman could not be asked (then no image counts as present)."""
     cdi_devices: frozenset[str]
     encoding_problems: tuple[str, ...]
@@ -56,7 +56,7 @@ def probe_host(config: Config) -> HostFacts:
 
     wanted = sorted({model.image for model in config.enabled_models()})
     present: set[str] = set()
-    error: Optional[str] = None
+    error: str | None = None
     try:
         with PodmanClient(base_url=config.podman.url, timeout=10) as client:
             present = {image for image in wanted if client.images.exists(image)}
@@ -69,7 +69,7 @@ def probe_host(config: Config) -> HostFacts:
     return HostFacts(frozenset(present), error, devices, problems)
 
 
-def unavailable(config: Config, model: ModelConfig, host: HostFacts) -> Optional[str]:
+def unavailable(config: Config, model: ModelConfig, host: HostFacts) -> str | None:
     """Why ``model`` cannot start on this host, with the fixes; None when it can."""
     reasons = []
     if model.image not in host.images:
@@ -85,7 +85,7 @@ def unavailable(config: Config, model: ModelConfig, host: HostFacts) -> Optional
     return "; ".join(reasons) or None
 
 
-def runnable_models(config: Config, host: Optional[HostFacts]) -> tuple[list[ModelConfig], list[tuple[str, str]]]:
+def runnable_models(config: Config, host: HostFacts | None) -> tuple[list[ModelConfig], list[tuple[str, str]]]:
     """The enabled models that can run, and (name, reason) for those left out; every one when ``host`` is None."""
     kept: list[ModelConfig] = []
     left_out: list[tuple[str, str]] = []
@@ -98,7 +98,7 @@ def runnable_models(config: Config, host: Optional[HostFacts]) -> tuple[list[Mod
     return kept, left_out
 
 
-def opencode(config: Config, base_url: str, models: Optional[list[ModelConfig]] = None) -> dict[str, Any]:
+def opencode(config: Config, base_url: str, models: list[ModelConfig] | None = None) -> dict[str, Any]:
     entries = {}
     for model in config.enabled_models() if models is None else models:
         context, output = limits(model)
@@ -117,7 +117,7 @@ def opencode(config: Config, base_url: str, models: Optional[list[ModelConfig]] 
     }
 
 
-def cline_cli(config: Config, base_url: str, models: Optional[list[ModelConfig]] = None) -> str:
+def cline_cli(config: Config, base_url: str, models: list[ModelConfig] | None = None) -> str:
     """A shell script for the Cline CLI: ``cline auth`` for the first model, the others commented out.
 
     The CLI keeps one model per provider, so the script configures one; the key is
@@ -138,7 +138,7 @@ def cline_cli(config: Config, base_url: str, models: Optional[list[ModelConfig]]
     return "\n".join(lines)
 
 
-def cline_vscode(config: Config, base_url: str, models: Optional[list[ModelConfig]] = None) -> dict[str, Any]:
+def cline_vscode(config: Config, base_url: str, models: list[ModelConfig] | None = None) -> dict[str, Any]:
     """The Cline VS Code extension's "OpenAI Compatible" provider settings, one block per model."""
     entries = []
     for model in config.enabled_models() if models is None else models:

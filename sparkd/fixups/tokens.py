@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 # The seed's estimate: characters / 2.5 + 20 per message + 500, 1500 per image;
@@ -190,7 +191,7 @@ class Budget:
     margin: int = 0
     """Exact count: tokens kept free below the limit when a value has to be capped anyway.
     Estimate: the estimate's uncertainty, kept free always."""
-    low_prompt_tokens: Optional[int] = None
+    low_prompt_tokens: int | None = None
     """Estimate only: the low estimate, which refuses a prompt that fills the context by itself."""
 
     @property

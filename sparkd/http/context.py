@@ -72,6 +72,35 @@ def needs_fitting(fixups: Fixups, model: ModelConfig, path: str, body: dict[str,
     return bool(fixups.cap_max_tokens and model.max_model_len and path in CAPPED_PATHS and worth_counting(body, model.max_model_len))
 
 
+def refuse_certain_overflow(model: ModelConfig, path: str, body: dict[str, Any]) -> None:
+    """Refuse, before the engine is started or asked, a prompt whose LOW estimate already fills the context.
+
+    No count can make such a prompt fit, so a cold model is not loaded (minutes on a
+    GPU) just to refuse it. Call only when ``needs_fitting``.
+    """
+    assert model.max_model_len
+    budget = Budget.estimated(body, model.max_model_len)
+    if budget.overflows:
+        raise overflow(model.name, budget, path)
+
+
+def overflow(model: str, budget: Budget, path: str) -> BadRequest:
+    """The 400 for a prompt that alone fills the context (``budget.overflows``)."""
+    prompt_tokens = budget.prompt_tokens if budget.exact else budget.low_prompt_tokens
+    counted_how = "counted by the engine" if budget.exact else "at least: sparkd's low estimate, before asking the engine"
+    log.info(
+        "context_overflow", model=model, prompt_tokens=prompt_tokens, max_model_len=budget.max_model_len,
+        counted="exact" if budget.exact else "low_estimate",
+    )
+    return BadRequest(
+        f"model {model} has a context of {budget.max_model_len} tokens (its max_model_len) and this request's "
+        f"prompt alone is {prompt_tokens} tokens ({counted_how}), so no answer fits. Shorten the "
+        "conversation or the tool definitions, or use a model with a longer context (GET /v1/models lists max_model_len)",
+        code="context_length_exceeded",
+        extra={"param": "prompt" if path == "/v1/completions" else "messages"},
+    )
+
+
 async def fit(
     engine: EngineClient, endpoint: Endpoint, model: ModelConfig, fixups: Fixups, path: str, body: dict[str, Any],
     failures: TokenizeFailures,
@@ -86,19 +115,7 @@ async def fit(
     try:
         fixed, capped = cap_max_tokens(body, budget)
     except ContextOverflow:
-        prompt_tokens = budget.prompt_tokens if budget.exact else budget.low_prompt_tokens
-        counted_how = "counted by the engine" if budget.exact else "at least, by sparkd's low estimate: the engine cannot count"
-        log.info(
-            "context_overflow", model=model.name, prompt_tokens=prompt_tokens, max_model_len=budget.max_model_len,
-            counted="exact" if budget.exact else "low_estimate",
-        )
-        raise BadRequest(
-            f"model {model.name} has a context of {budget.max_model_len} tokens (its max_model_len) and this request's "
-            f"prompt alone is {prompt_tokens} tokens ({counted_how}), so no answer fits. Shorten the "
-            "conversation or the tool definitions, or use a model with a longer context (GET /v1/models lists max_model_len)",
-            code="context_length_exceeded",
-            extra={"param": "prompt" if path == "/v1/completions" else "messages"},
-        ) from None
+        raise overflow(model.name, budget, path) from None
     if capped is None:
         return fixed, {}
     counted_how = "exact" if budget.exact else "estimate"

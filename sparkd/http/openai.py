@@ -152,6 +152,8 @@ class OpenAIRoutes:
         del payload
         streaming = body.get("stream") is True
         fitting = context.needs_fitting(fixups, model, route.path, body)
+        if fitting:
+            context.refuse_certain_overflow(model, route.path, body)
         runner = daemon.scheduler.acquire_now(model.name)
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs

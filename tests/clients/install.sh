@@ -14,6 +14,7 @@ if [ -x "$target/node_modules/.bin/opencode" ] && [ -x "$target/node_modules/.bi
 fi
 command -v npm >/dev/null || { echo "install.sh: npm is missing; run tests/setup/host.sh as root" >&2; exit 1; }
 partial="$target.partial.$$"
+trap 'rm -rf "$partial"' EXIT  # a failed install leaves nothing behind
 rm -rf "$partial"
 mkdir -p "$partial"
 cp "$here/package.json" "$here/package-lock.json" "$partial/"

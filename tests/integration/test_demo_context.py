@@ -23,8 +23,11 @@ from harness import REPO
 
 pytestmark = pytest.mark.podman
 
-# ~74 KB of Python, as the OpenCode report attached: far more than SmolLM2's 8192-token context.
+# ~74 KB of Python, as the OpenCode report attached: far more than SmolLM2's 8192-token context,
+# even by sparkd's low estimate (~9 300 tokens; the engine counts ~37 000).
 SOURCE = "".join(f"def function_{i}(argument):\n    return argument * {i} + len('text {i}')\n\n" for i in range(1300))
+# ~28 KB: the low estimate (~3 500) says it may fit, the high one (~11 800) that it does not; the engine counts ~14 000.
+MEDIUM = SOURCE[: len(SOURCE) * 3 // 8]
 
 
 def demo_table(image: str, **changes: Any) -> dict[str, Any]:
@@ -44,6 +47,17 @@ async def post_chat(session: aiohttp.ClientSession, url: str, model: str, text: 
         return response.status, await response.json(content_type=None), response.headers
 
 
+async def test_a_prompt_that_cannot_fit_is_refused_without_starting_the_engine(sparkd_factory, cpu_demo_image, podman):
+    sparkd = sparkd_factory({"demo": demo_table(cpu_demo_image)})
+    await sparkd.start()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        status, answer, _ = await post_chat(session, sparkd.base_url, sparkd.model("demo"), SOURCE, max_tokens=64)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "context_length_exceeded" and "low estimate" in answer["error"]["message"], answer
+    assert (await sparkd.model_status("demo"))["state"] == "stopped"
+    assert not podman.containers.exists(sparkd.container("demo"))  # no engine was created for it
+
+
 async def test_demo_engine_counts_exactly_refuses_an_overflow_and_caps_a_fitting_prompt(sparkd_factory, cpu_demo_image, podman):
     table = demo_table(cpu_demo_image)
     assert table["tokenize"] == "llama-cpp" and table["max_model_len"] == 8192
@@ -51,7 +65,7 @@ async def test_demo_engine_counts_exactly_refuses_an_overflow_and_caps_a_fitting
     await sparkd.start()
     name, container = sparkd.model("demo"), sparkd.container("demo")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        status, answer, _ = await post_chat(session, sparkd.base_url, name, SOURCE, max_tokens=64)
+        status, answer, _ = await post_chat(session, sparkd.base_url, name, MEDIUM, max_tokens=64)
         assert status == 400, answer
         error = answer["error"]
         assert error["code"] == "context_length_exceeded" and "counted by the engine" in error["message"], error
@@ -74,19 +88,23 @@ async def test_demo_engine_counts_exactly_refuses_an_overflow_and_caps_a_fitting
     assert "tokenize_failed" not in sparkd.logs()
 
 
-async def test_without_a_count_the_low_estimate_refuses_and_a_failing_endpoint_is_logged_once(sparkd_factory, cpu_demo_image, podman):
+async def test_without_a_count_the_high_estimate_caps_and_a_failing_endpoint_is_logged_once(sparkd_factory, cpu_demo_image, podman):
     # Declared wrongly: vLLM's /tokenize, which the llama.cpp engine answers 404.
     sparkd = sparkd_factory({"demo": demo_table(cpu_demo_image, tokenize="vllm")})
     await sparkd.start()
     name, container = sparkd.model("demo"), sparkd.container("demo")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         for _ in range(3):
-            status, answer, _ = await post_chat(session, sparkd.base_url, name, SOURCE)
-            assert status == 400, answer
-            assert answer["error"]["code"] == "context_length_exceeded", answer
-            assert "low estimate" in answer["error"]["message"], answer
-        # A prompt the low estimate lets through reaches the engine, which answers it.
-        status, answer, _ = await post_chat(session, sparkd.base_url, name, "Say hello.", max_tokens=8)
-        assert status == 200, answer
-    assert engine_requests(podman, container, "/v1/chat/completions") == 1
+            status, answer, headers = await post_chat(session, sparkd.base_url, name, "Say hello.", max_tokens=100000)
+            assert status == 200, answer
+            capped = dict(part.split("=") for part in headers["X-Sparkd-Max-Tokens-Capped"].split())
+            assert capped["counted"] == "estimate", capped
+            # The high estimate and its margin (max(512, 10 %)) below the context.
+            assert int(capped["sent"]) == 8192 - int(capped["prompt_tokens"]) - 819, capped
+        # One the low estimate lets through goes to the engine, which has the last word.
+        status, answer, _ = await post_chat(session, sparkd.base_url, name, MEDIUM, max_tokens=64)
+        assert status == 400, answer  # llama.cpp's own 400 (its wording), not sparkd's
+        assert "maximum context length is 8192" in answer["error"]["message"] and "max_model_len" not in answer["error"]["message"]
+    assert engine_requests(podman, container, "/tokenize") == 4
+    assert engine_requests(podman, container, "/v1/chat/completions") == 4
     assert sparkd.logs().count("tokenize_failed") == 1, sparkd.logs()[-3000:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
+from sparkd.config import ModelConfig
+from sparkd.errors import BadRequest
 from sparkd.fixups.tokens import (
     Budget,
     ContextOverflow,
@@ -12,7 +14,7 @@ from sparkd.fixups.tokens import (
     estimate_prompt_tokens,
     estimate_prompt_tokens_low,
 )
-from sparkd.http.context import TokenizeFailures, chat_text
+from sparkd.http.context import TokenizeFailures, chat_text, refuse_certain_overflow
 
 # A 74 KB source file, as OpenCode attached in the report: SmolLM2's tokenizer makes ~18 750 tokens of it.
 SOURCE = "".join(f"def function_{i}(argument):\n    return argument * {i} + len('text {i}')\n\n" for i in range(1300))
@@ -106,3 +108,14 @@ def test_chat_text_for_a_tokenizer_without_template() -> None:
     assert count == 2 and "one" in text and "two" in text and '"id": "c"' in text and '"function"' in text
     assert chat_text([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], None) is None
     assert chat_text("not a list", None) is None
+
+
+def test_a_prompt_whose_low_estimate_fills_the_context_is_refused_before_any_engine() -> None:
+    model = ModelConfig(name="small", image="i", max_model_len=8192)
+    with pytest.raises(BadRequest) as refused:
+        refuse_certain_overflow(model, "/v1/chat/completions", chat(SOURCE))
+    assert refused.value.code == "context_length_exceeded"
+    assert "has a context of 8192 tokens" in str(refused.value) and "low estimate" in str(refused.value)
+    refuse_certain_overflow(model, "/v1/chat/completions", chat("x y " * 5000))  # may fit: the engine counts it
+    long_context = ModelConfig(name="big", image="i", max_model_len=131072)
+    refuse_certain_overflow(long_context, "/v1/chat/completions", chat(SOURCE))
