@@ -127,11 +127,13 @@ def cline_cli(config: Config, base_url: str, models: list[ModelConfig] | None = 
     lines = [
         "# Cline CLI (npm install -g cline): the OpenAI-compatible provider through sparkd.",
         f"# Set {KEY_VARIABLE} to your sparkd key first; run one of these (the CLI keeps one model).",
+        "# The VS Code extension's settings: sparkd clients cline-vscode",
     ]
     for index, model in enumerate(chosen):
-        command = shlex.join(
-            ["cline", "auth", "--provider", "openai-compatible", "--apikey", "KEY", "--modelid", model.name, "--baseurl", base_url]
-        ).replace(" KEY ", f' "${KEY_VARIABLE}" ')
+        command = " ".join(
+            [shlex.join(["cline", "auth", "--provider", "openai-compatible", "--apikey"]), f'"${KEY_VARIABLE}"',
+             shlex.join(["--modelid", model.name, "--baseurl", base_url])]
+        )
         lines.append(command if index == 0 else "# " + command)
     if not chosen:
         lines.append("# (no model can run on this host: see the messages above, or pass --all)")

@@ -124,9 +124,10 @@ def test_cline_cli_script_runs_cline_auth_for_the_first_model_and_offers_the_oth
 
 
 def test_cline_cli_script_quotes_what_the_shell_would_split():
-    script = clients.cline_cli(catalog(), "http://spark:8009/v1; rm -rf ~", [catalog().models["big"]])
-    command = next(line for line in script.splitlines() if line.startswith("cline auth"))
-    assert shlex.split(command)[-1] == "http://spark:8009/v1; rm -rf ~"
+    for url in ("http://spark:8009/v1; rm -rf ~", "http://x KEY y/v1", "http://x/$HOME/v1"):
+        script = clients.cline_cli(catalog(), url, [catalog().models["big"]])
+        command = next(line for line in script.splitlines() if line.startswith("cline auth"))
+        assert shlex.split(command)[-1] == url and shlex.split(command)[5] == "$SPARKD_API_KEY"
     assert "no model" in clients.cline_cli(catalog(), "http://x/v1", [])
 
 
