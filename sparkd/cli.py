@@ -62,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     images.add_argument("--containerfiles", type=Path, default=None, help="directory holding the recipes")
     images.add_argument("--tag", default=None, help="build the one named recipe under this image name instead of its own")
-    clients = command("clients", "print OpenCode or Cline configuration for the enabled models")
-    clients.add_argument("client", choices=("opencode", "cline"))
+    clients = command("clients", "print OpenCode or Cline configuration for the models that can run on this host")
+    clients.add_argument(
+        "client", choices=("opencode", "cline", "cline-vscode"),
+        help="opencode: opencode.json; cline: the Cline CLI's `cline auth` command; cline-vscode: the VS Code extension's settings",
+    )
     clients.add_argument("--base-url", default=None, help="URL clients use (default: the first listen address)")
+    clients.add_argument("--all", action="store_true", help="list every enabled model, also those this host cannot run")
     return parser
 
 
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from .commands import clients
 
     base_url = args.base_url or f"http://{config.server.listen[0]}/v1"
-    return clients.run(config, args.client, base_url)
+    return clients.run(config, args.client, base_url, include_all=args.all)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .history import HistoryUnavailable
 from .http.app import build_app
 from .http.auth import KeyRing, KeysFileError, load_keys
 from .http.connections import ConnectionGate, GuardedListener
+from .http.context import TokenizeFailures
 from .http.routing import ModelDirectory
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
@@ -69,6 +70,7 @@ class Daemon:
         self.runtime = PodmanRuntime(config.podman.url, config.podman.timeout_s, config.server.instance)
         self.notifier = Notifier()
         self.reconciled = False
+        self.tokenize_failures = TokenizeFailures()
         self.engine: EngineClient
         self.scheduler: Scheduler
         self.ops: Operations

@@ -61,6 +61,13 @@ PY
 export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
+step "clients: OpenCode and the Cline CLI from npm (tests/clients; cached by their lock file)"
+# In CI a failed install fails the run; elsewhere tests/integration/test_real_clients.py skips, saying why.
+if ! "$repo/tests/clients/install.sh" >/dev/null; then
+    [ "${CI:-}" = "true" ] && { echo "run-all.sh: installing the real clients failed" >&2; exit 1; }
+    echo "run-all.sh: installing the real clients failed; their tests will skip" >&2
+fi
+
 step "images: test engine, systemd test image, CPU demo model"
 "$venv/bin/python" "$repo/tests/images/build.py" all
 "$venv/bin/python" "$repo/tests/images/cpu_demo.py"

@@ -34,6 +34,8 @@ VLLM_API_PATHS = (
     "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/score", "/v1/rerank", "/v1/classify", "/v1/pooling",
 )
 """The API paths a vLLM engine serves (a listed path also covers its sub-paths)."""
+TokenizeApi = Literal["vllm", "llama-cpp", "none"]
+"""How an engine counts tokens: vLLM's ``/tokenize``, llama-cpp-python's ``/extras/tokenize/count``, or not at all."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ class ModelConfig:
     gpu_memory: float = 0.0
     """The model's claim on the GPU lease (its ``--gpu-memory-utilization``)."""
     max_model_len: Optional[int] = None
+    tokenize: TokenizeApi = "vllm"
+    """The engine's token-count endpoint, used to fit a prompt into ``max_model_len`` exactly."""
     lifecycle: LifecycleClass = "normal"
     sleep_mode: bool = False
     sleep_gpu_memory: float = 0.0

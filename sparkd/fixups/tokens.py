@@ -4,6 +4,9 @@ Normalizing needs only the body. Capping needs the prompt's length in tokens,
 which the caller supplies as a ``Budget``: counted exactly by the engine's
 ``/tokenize`` (``exact=True``) or, when the engine cannot count, estimated here
 (``estimate_prompt_tokens``, deliberately on the high side, as the seed's validator did).
+An estimate caps by the high side; it refuses only when even the low side
+(``estimate_prompt_tokens_low``) fills the context, so a prompt that cannot fit
+never reaches an engine that would fail it mid-stream.
 
 The rule for when a count is worth an engine round trip (``worth_counting``):
 only when the estimate says prompt + requested answer + the estimate's safety
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,6 +31,11 @@ TOKENS_PER_MESSAGE = 20
 TOKENS_BASE = 500
 TOKENS_PER_IMAGE = 1500
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+# The low estimate: no tokenizer's token covers more than 8 bytes of text on average
+# once runs (indentation, "=====" rules, repeated letters), which BPE merges into
+# long tokens, count as one byte; images and template tokens count nothing.
+LOW_BYTES_PER_TOKEN = 8
+RUNS = re.compile(r"\s{2,}|(.)\1{2,}", re.DOTALL)
 
 
 def valid_limit(value: Any) -> Optional[int]:
@@ -73,52 +83,78 @@ def _units(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _content_units(content: Any) -> tuple[int, int]:
+def _runs_collapsed_units(text: str) -> int:
+    return _units(RUNS.sub(" ", text))
+
+
+def _content_units(content: Any, units_of: Callable[[str], int]) -> tuple[int, int]:
     """(UTF-8 bytes of text, number of images) in a message content or prompt."""
     if isinstance(content, str):
-        return _units(content), 0
+        return units_of(content), 0
     units = images = 0
     if isinstance(content, list):
         for part in content:
             if isinstance(part, str):
-                units += _units(part)
+                units += units_of(part)
             elif isinstance(part, dict):
                 if part.get("type") in IMAGE_PART_TYPES:
                     images += 1
                 text = part.get("text")
                 if isinstance(text, str):
-                    units += _units(text)
+                    units += units_of(text)
             elif isinstance(part, int) and not isinstance(part, bool):
                 units += 3  # a token id: at least one token, even after the division
     return units, images
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A high estimate of the prompt's tokens from the body alone (no tokenizer)."""
+@dataclass(frozen=True)
+class PromptSize:
+    text_units: int
+    """UTF-8 bytes of the prompt's text (messages, tool calls, tools), as ``units_of`` measures them."""
+    messages: int
+    images: int
+
+
+def _prompt_size(body: dict[str, Any], units_of: Callable[[str], int]) -> PromptSize:
     units = images = count = 0
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:
             count += 1
             if isinstance(message, dict):
-                u, i = _content_units(message.get("content"))
+                u, i = _content_units(message.get("content"), units_of)
                 units += u
                 images += i
                 calls = message.get("tool_calls")
                 if calls:
-                    units += _json_units(calls)
-    u, i = _content_units(body.get("prompt"))
+                    units += _json_units(calls, units_of)
+    units += _content_units(body.get("system"), units_of)[0]  # the Messages API's system prompt
+    u, i = _content_units(body.get("prompt"), units_of)
     units += u
     images += i
     tools = body.get("tools")
     if tools:
-        units += _json_units(tools)
-    return math.ceil(units / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * count + TOKENS_BASE + TOKENS_PER_IMAGE * images
+        units += _json_units(tools, units_of)
+    return PromptSize(units, count, images)
 
 
-def _json_units(value: Any) -> int:
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A high estimate of the prompt's tokens from the body alone (no tokenizer)."""
+    size = _prompt_size(body, _units)
+    return (
+        math.ceil(size.text_units / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * size.messages + TOKENS_BASE
+        + TOKENS_PER_IMAGE * size.images
+    )
+
+
+def estimate_prompt_tokens_low(body: dict[str, Any]) -> int:
+    """A low estimate of the prompt's tokens: fewer than any tokenizer counts for this text."""
+    return _prompt_size(body, _runs_collapsed_units).text_units // LOW_BYTES_PER_TOKEN
+
+
+def _json_units(value: Any, units_of: Callable[[str], int] = _units) -> int:
     try:
-        return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        return units_of(json.dumps(value, ensure_ascii=False))
     except (TypeError, ValueError):
         return 0
 
@@ -155,6 +191,8 @@ class Budget:
     margin: int = 0
     """Exact count: tokens kept free below the limit when a value has to be capped anyway.
     Estimate: the estimate's uncertainty, kept free always."""
+    low_prompt_tokens: int | None = None
+    """Estimate only: the low estimate, which refuses a prompt that fills the context by itself."""
 
     @property
     def room(self) -> int:
@@ -168,11 +206,21 @@ class Budget:
 
     @classmethod
     def estimated(cls, body: dict[str, Any], max_model_len: int) -> "Budget":
-        return cls(max_model_len, estimate_prompt_tokens(body), False, estimate_margin(max_model_len))
+        return cls(
+            max_model_len, estimate_prompt_tokens(body), False, estimate_margin(max_model_len),
+            estimate_prompt_tokens_low(body),
+        )
+
+    @property
+    def overflows(self) -> bool:
+        """The prompt alone fills the context: by the exact count, or by the low estimate."""
+        if self.exact:
+            return self.prompt_tokens >= self.max_model_len
+        return self.low_prompt_tokens is not None and self.low_prompt_tokens >= self.max_model_len
 
 
 class ContextOverflow(ValueError):
-    """The prompt alone fills the model's context (known from an exact count)."""
+    """The prompt alone fills the model's context (by an exact count, or by the low estimate)."""
 
     def __init__(self, budget: Budget) -> None:
         super().__init__(f"prompt of {budget.prompt_tokens} tokens leaves no room in a context of {budget.max_model_len}")
@@ -189,14 +237,14 @@ def cap_max_tokens(body: dict[str, Any], budget: Budget) -> tuple[dict[str, Any]
     """Cap the (normalized) limit so prompt + answer fit.
 
     A limit that fits is left alone. One that does not is lowered to ``budget.cap``.
-    An exact count that leaves no room raises ``ContextOverflow``; an estimate never
-    refuses (the engine has the last word) and caps only while it leaves room.
+    A prompt that alone fills the context (``Budget.overflows``) raises ``ContextOverflow``;
+    otherwise an estimate caps only while it leaves room and leaves the rest to the engine.
     Returns the body and, when a client's value was lowered, what it was and what was sent.
     """
+    if budget.overflows:
+        raise ContextOverflow(budget)
     room = budget.room
     if room < 1:
-        if budget.exact:
-            raise ContextOverflow(budget)
         return body, None
     requested = requested_limit(body)
     if requested is None or requested <= room:

@@ -166,6 +166,8 @@ class OpenAIRoutes:
         del payload
         streaming = body.get("stream") is True
         fitting = responses.needs_fitting(fixups, model, route.path, body)
+        if fitting:
+            responses.refuse_certain_overflow(model, route.path, body)
         runner = daemon.scheduler.acquire_now(model.name)
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs
@@ -182,7 +184,9 @@ class OpenAIRoutes:
         try:
             assert runner.endpoint is not None
             if fitting:
-                fitted, capped = await responses.fit(daemon.engine, runner.endpoint, model, fixups, route.path, body)
+                fitted, capped = await responses.fit(
+                    daemon.engine, runner.endpoint, model, fixups, route.path, body, daemon.tokenize_failures
+                )
                 headers.update(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:

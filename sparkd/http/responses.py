@@ -66,14 +66,23 @@ def needs_fitting(fixups: Fixups, model: ModelConfig, path: str, body: dict[str,
     return context.needs_fitting(fixups, model, path, body)
 
 
+def refuse_certain_overflow(model: ModelConfig, path: str, body: dict[str, Any]) -> None:
+    """``context.refuse_certain_overflow`` for any path."""
+    if path == RESPONSES_PATH:
+        context.refuse_certain_overflow(model, CHAT_PATH, chat_view(body))
+    else:
+        context.refuse_certain_overflow(model, path, body)
+
+
 async def fit(
-    engine: EngineClient, endpoint: Endpoint, model: ModelConfig, fixups: Fixups, path: str, body: dict[str, Any]
+    engine: EngineClient, endpoint: Endpoint, model: ModelConfig, fixups: Fixups, path: str, body: dict[str, Any],
+    failures: context.TokenizeFailures,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """``context.fit`` for any path: the body with its limit capped, and the headers that say so."""
     if path != RESPONSES_PATH:
-        return await context.fit(engine, endpoint, model, fixups, path, body)
+        return await context.fit(engine, endpoint, model, fixups, path, body, failures)
     view = chat_view(body)
-    fitted, headers = await context.fit(engine, endpoint, model, fixups, CHAT_PATH, view)
+    fitted, headers = await context.fit(engine, endpoint, model, fixups, CHAT_PATH, view, failures)
     if fitted is view or fitted.get("max_tokens") == body.get(LIMIT):
         return body, headers
     return {**body, LIMIT: fitted["max_tokens"]}, headers

@@ -27,6 +27,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     echo "host.sh: packages already installed"
 fi
+# Node.js and npm for the real clients (tests/clients/install.sh): Debian's, unless the
+# machine already has some (NodeSource's nodejs carries its own npm and conflicts with Debian's).
+if ! command -v npm >/dev/null; then
+    echo "host.sh: installing nodejs npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q nodejs npm
+fi
 
 # --- containers.conf
 # TEST-MACHINE SETTINGS, not product settings: the CI/dev VMs have a cgroups v1/v2

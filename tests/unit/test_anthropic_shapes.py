@@ -18,6 +18,7 @@ from sparkd.fixups.reasoning import map_thinking
 from sparkd.fixups.tools import force_tool_choice, strip_tools
 from sparkd.http import responses
 from sparkd.http.anthropic import engine_answer, error_type, is_anthropic_path
+from sparkd.http.context import TokenizeFailures
 from sparkd.http.app import error_middleware
 from sparkd.http.validation import validate_body
 
@@ -260,7 +261,7 @@ async def test_max_output_tokens_is_capped_by_the_exact_count() -> None:
     body = {"model": "m", "input": "What is the capital of France?", "max_output_tokens": 32000}
     assert responses.needs_fitting(fixups, model, "/v1/responses", body)
     engine = CountingEngine(20)
-    fitted, headers = await responses.fit(engine, Endpoint(1, "k"), model, fixups, "/v1/responses", body)  # type: ignore[arg-type]
+    fitted, headers = await responses.fit(engine, Endpoint(1, "k"), model, fixups, "/v1/responses", body, TokenizeFailures())  # type: ignore[arg-type]
     assert fitted["max_output_tokens"] == 4096 - 20 - 32 and "max_tokens" not in fitted
     assert headers["X-Sparkd-Max-Tokens-Capped"] == "requested=32000 sent=4044 prompt_tokens=20 max_model_len=4096 counted=exact"
     assert engine.asked == [("/tokenize", {"model": "m", "messages": [{"role": "user", "content": body["input"]}]})]
@@ -273,5 +274,5 @@ async def test_a_responses_prompt_that_fills_the_context_is_refused() -> None:
     fixups = compile_profile(BUILTIN_PROFILES["default"], "full")
     body = {"model": "m", "input": "word " * 5000, "max_output_tokens": 100}
     with pytest.raises(BadRequest) as refused:
-        await responses.fit(CountingEngine(5000), Endpoint(1, "k"), model, fixups, "/v1/responses", body)  # type: ignore[arg-type]
+        await responses.fit(CountingEngine(5000), Endpoint(1, "k"), model, fixups, "/v1/responses", body, TokenizeFailures())  # type: ignore[arg-type]
     assert refused.value.code == "context_length_exceeded"

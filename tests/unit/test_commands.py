@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -99,11 +100,70 @@ def test_a_profile_that_strips_tools_is_advertised_without_tools():
     assert clients.opencode(config, "http://x/v1")["provider"]["sparkd"]["models"]["small"]["tool_call"] is False
 
 
-def test_cline_config_lists_every_enabled_model():
-    entries = clients.cline(catalog(), "http://spark:8009/v1")["cline"]
+def test_cline_vscode_settings_list_every_enabled_model_with_the_extensions_keys_only():
+    entries = clients.cline_vscode(catalog(), "http://spark:8009/v1")["cline"]
     assert [e["openAiModelId"] for e in entries] == ["big", "coder", "vision"]
     assert all(e["openAiModelInfo"]["contextWindow"] < catalog().models[e["openAiModelId"]].max_model_len for e in entries)
     assert entries[2]["openAiModelInfo"]["supportsImages"] is True
+    for entry in entries:  # the keys of the extension's "OpenAI Compatible" provider, nothing it does not know (notes)
+        assert set(entry) == {"apiProvider", "openAiBaseUrl", "openAiApiKey", "openAiModelId", "openAiModelInfo"}
+        assert set(entry["openAiModelInfo"]) == {"contextWindow", "maxTokens", "supportsImages", "supportsPromptCache"}
+
+
+def test_cline_cli_script_runs_cline_auth_for_the_first_model_and_offers_the_others():
+    script = clients.cline_cli(catalog(), "http://spark:8009/v1")
+    commands = [line for line in script.splitlines() if "cline auth" in line]
+    assert [line.startswith("#") for line in commands] == [False, True, True]
+    words = shlex.split(commands[0])
+    assert words == [
+        "cline", "auth", "--provider", "openai-compatible", "--apikey", "$SPARKD_API_KEY", "--modelid", "big",
+        "--baseurl", "http://spark:8009/v1",
+    ]
+    assert '"$SPARKD_API_KEY"' in commands[0]  # expanded by the shell that runs it, never written into the script
+    assert "--modelid coder" in commands[1] and "--modelid vision" in commands[2]
+
+
+def test_cline_cli_script_quotes_what_the_shell_would_split():
+    for url in ("http://spark:8009/v1; rm -rf ~", "http://x KEY y/v1", "http://x/$HOME/v1"):
+        script = clients.cline_cli(catalog(), url, [catalog().models["big"]])
+        command = next(line for line in script.splitlines() if line.startswith("cline auth"))
+        assert shlex.split(command)[-1] == url and shlex.split(command)[5] == "$SPARKD_API_KEY"
+    assert "no model" in clients.cline_cli(catalog(), "http://x/v1", [])
+
+
+def host(images=("i",), podman_error=None, devices=("nvidia.com/gpu=all",), encoding_problems=()) -> clients.HostFacts:
+    return clients.HostFacts(frozenset(images), podman_error, frozenset(devices), tuple(encoding_problems))
+
+
+def test_only_models_this_host_can_run_are_listed():
+    config = Config(
+        models={
+            "ready": ModelConfig(name="ready", image="present", gpu=False),
+            "noimage": ModelConfig(name="noimage", image="absent", gpu=False),
+            "gpu": ModelConfig(name="gpu", image="present", gpu=True),
+            "gptoss": ModelConfig(name="gptoss", image="present", gpu=False, encodings=True),
+            "off": ModelConfig(name="off", image="present", gpu=False, enabled=False),
+        }
+    )
+    facts = host(images=("present",), devices=(), encoding_problems=("o200k_base.tiktoken is missing",))
+    kept, left_out = clients.runnable_models(config, facts)
+    assert [m.name for m in kept] == ["ready"]
+    reasons = dict(left_out)
+    assert set(reasons) == {"noimage", "gpu", "gptoss"}
+    assert "absent is missing" in reasons["noimage"] and "podman pull absent" in reasons["noimage"]
+    assert "CDI" in reasons["gpu"] and "nvidia.com/gpu=all" in reasons["gpu"]
+    assert "sparkd encodings fetch" in reasons["gptoss"]
+    assert clients.runnable_models(config, host(images=("present", "absent")))[0][-1].name == "gptoss"
+    # --all: every enabled model, whatever the host has
+    assert [m.name for m in clients.runnable_models(config, None)[0]] == ["ready", "noimage", "gpu", "gptoss"]
+    document = clients.opencode(config, "http://x/v1", kept)
+    assert list(document["provider"]["sparkd"]["models"]) == ["ready"]
+
+
+def test_without_podman_no_image_counts_as_present_and_the_reason_says_why():
+    config = Config(models={"m": ModelConfig(name="m", image="present", gpu=False)})
+    kept, left_out = clients.runnable_models(config, host(images=(), podman_error="Podman does not answer at unix:///x"))
+    assert kept == [] and "Podman does not answer" in left_out[0][1]
 
 
 def test_every_recipe_has_a_containerfile():
@@ -114,11 +174,14 @@ def test_every_recipe_has_a_containerfile():
 
 def test_clients_cli_prints_json(tmp_path):
     config = tmp_path / "sparkd.toml"
-    config.write_text('[models.m]\nimage = "x"\nmax_model_len = 8192\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "sparkd", "clients", "opencode", "--config", str(config)], capture_output=True, text=True
-    )
+    config.write_text('[models.m]\nimage = "localhost/sparkd-test/no-such-image:none"\nmax_model_len = 8192\n')
+    command = [sys.executable, "-m", "sparkd", "clients", "opencode", "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["provider"]["sparkd"]["options"]["baseURL"] == "http://127.0.0.1:8009/v1"
+    assert document["provider"]["sparkd"]["models"] == {}  # its image is nowhere: left out, and stderr says why
+    assert "left out m:" in result.stderr and "--all" in result.stderr
+    listed = subprocess.run([*command, "--all"], capture_output=True, text=True, check=False)
+    assert list(json.loads(listed.stdout)["provider"]["sparkd"]["models"]) == ["m"] and listed.stderr == ""
     assert Path(config).exists()
