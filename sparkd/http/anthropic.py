@@ -55,10 +55,11 @@ def is_anthropic_path(request_path: str) -> bool:
     return len(segments) >= 2 and segments[1] == "messages"
 
 
-def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": error_type(status), "message": message}
+def error_body(status: int, message: str, code: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # sparkd's own code (e.g. context_length_exceeded) and details (a model's endpoints), for scripts: the SDKs ignore them
+    error: dict[str, Any] = {**(extra or {}), "type": error_type(status), "message": message}
     if code:
-        error["code"] = code  # sparkd's own code (e.g. context_length_exceeded), for scripts; the SDKs ignore it
+        error["code"] = code
     return {"type": "error", "error": error}
 
 
@@ -68,7 +69,7 @@ def error_response(error: ApiError) -> web.Response:
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return web.Response(
-        status=error.status, body=json.dumps(error_body(error.status, error.message, error.code)).encode(),
+        status=error.status, body=json.dumps(error_body(error.status, error.message, error.code, error.extra)).encode(),
         content_type="application/json", headers=headers,
     )
 

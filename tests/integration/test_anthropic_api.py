@@ -271,7 +271,8 @@ def test_the_demo_model_refuses_the_anthropic_sdk_clearly_plain_and_streaming(de
     for refused in (plain, streamed):
         message = refused.value.body["error"]["message"]
         assert refused.value.status_code == 404 and refused.value.body["error"]["type"] == "not_found_error"
-        assert name in message and "does not serve POST /v1/messages of the Anthropic Messages API" in message and "/v1/chat/completions" in message
+        assert name in message and "does not serve POST /v1/messages" in message and "/v1/chat/completions" in message
+        assert refused.value.body["error"]["code"] == "unsupported_endpoint"
         assert "detail" not in message
     # The model itself works: the same daemon answers its OpenAI API.
     chat = openai.OpenAI(base_url=demo.sparkd.base_url + "/v1", api_key=demo.key, max_retries=0).chat.completions.create(

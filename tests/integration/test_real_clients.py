@@ -119,6 +119,9 @@ def isolated_env(home: Path, key: str) -> dict[str, str]:
         "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
         "OPENCODE_DISABLE_SHARE": "1",
         "OPENCODE_DISABLE_CLAUDE_CODE": "1",
+        # The machine reaches package registries only: no telemetry from either client.
+        "DO_NOT_TRACK": "1",
+        "DISABLE_TELEMETRY": "1",
     }
     for directory in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
         Path(env[directory]).mkdir(parents=True, exist_ok=True)
