@@ -271,6 +271,15 @@ def unique_prefix() -> str:
     return "t" + uuid.uuid4().hex[:8]
 
 
+def run_async(coroutine: Any) -> Any:
+    """Run a coroutine from a synchronous (module-scoped) fixture or test on a loop of its own."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
 def remove_containers(client: Any, prefix: str) -> None:
     """Remove every container of the test's models (label io.sparkd.model=<prefix>-*)."""
     for container in client.containers.list(all=True, filters={"label": "io.sparkd.managed=true"}):

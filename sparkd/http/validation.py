@@ -83,13 +83,18 @@ def validate_body(path: str, body: dict[str, Any]) -> None:
             raise _fail("input", "a string or an array", value, "; /v1/embeddings needs an input")
 
 
-def _messages(body: dict[str, Any]) -> None:
+def _message_list(body: dict[str, Any], path: str) -> list[Any]:
+    """The body's non-empty ``messages`` array, or the 400 that says what is wrong with it."""
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise _fail("messages", "an array of message objects", messages, "; /v1/chat/completions needs messages")
+        raise _fail("messages", "an array of message objects", messages, f"; {path} needs messages")
     if not messages:
         raise BadRequest("'messages' is empty: send at least one message", code="invalid_value", extra={"param": "messages"})
-    for index, message in enumerate(messages):
+    return messages
+
+
+def _messages(body: dict[str, Any]) -> None:
+    for index, message in enumerate(_message_list(body, "/v1/chat/completions")):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise _fail(where, "an object with role and content", message)
@@ -123,12 +128,7 @@ def _anthropic(path: str, body: dict[str, Any]) -> None:
     ):
         if body.get(name) is not None and not test(body[name]):
             raise _fail(name, expected, body[name])
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise _fail("messages", "an array of message objects", messages, f"; {path} needs messages")
-    if not messages:
-        raise BadRequest("'messages' is empty: send at least one message", code="invalid_value", extra={"param": "messages"})
-    for index, message in enumerate(messages):
+    for index, message in enumerate(_message_list(body, path)):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise _fail(where, "an object with role and content", message)

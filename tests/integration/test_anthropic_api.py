@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from harness import Sparkd, engine_model, remove_containers, unique_prefix, write_keys
+from harness import Sparkd, engine_model, remove_containers, run_async, unique_prefix, write_keys
 from test_demo_model import shipped_demo_table, shipped_document
 
 pytestmark = pytest.mark.podman
@@ -30,14 +30,6 @@ openai = pytest.importorskip("openai")
 TOOL = {"name": "read_file", "description": "Read a file", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}
 HELLO = [{"role": "user", "content": "Say hello"}]
 MAX_MODEL_LEN = 4096
-
-
-def run_async(coroutine: Any) -> Any:
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 @dataclass

@@ -7,7 +7,6 @@ import asyncio
 import json
 import secrets
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest

@@ -25,21 +25,12 @@ import aiohttp
 import pytest
 
 import realvllm
-from harness import Sparkd, remove_containers, unique_prefix
+from harness import Sparkd, remove_containers, run_async, unique_prefix
 from realvllm import MAX_MODEL_LEN, engine_address, metric, metrics, model_table
 
 pytestmark = pytest.mark.podman
 
 QUESTION = "What is the capital of France?"
-
-
-def run_async(coroutine: Any) -> Any:
-    """Run a coroutine from a (module-scoped, synchronous) fixture on a loop of its own."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 @pytest.fixture(scope="module")
