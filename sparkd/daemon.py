@@ -17,13 +17,14 @@ from aiohttp import web
 
 from . import logs
 from .config import Config, ConfigError, load_config, parse_listen
+from .config.keys import KeysFileError, keys_of
 from .cluster.head import HeadCoordinator
 from .cluster.peers import PeerClient, PeerError, load_peers, warn_insecure
 from .cluster.workers import WorkerLeases
 from .engine.client import EngineClient
 from .history import HistoryUnavailable
 from .http.app import build_app
-from .http.auth import KeyRing, KeysFileError, load_keys
+from .http.auth import KeyRing
 from .http.connections import ConnectionGate, GuardedListener
 from .http.context import TokenizeFailures
 from .http.routing import ModelDirectory
@@ -91,7 +92,7 @@ class Daemon:
         """Start, serve, shut down; whatever was set up is torn down by ``cleanup`` (in reverse), on failure too."""
         config = self.config
         try:
-            self.keys = await asyncio.to_thread(load_keys, config)
+            self.keys = KeyRing(await asyncio.to_thread(keys_of, config))
         except KeysFileError as error:
             raise StartupError(str(error)) from error
         _log_keys(self.keys, config)
@@ -242,7 +243,7 @@ class Daemon:
             self.notifier.reloading()
             try:
                 new = await asyncio.to_thread(load_config, self.config_path)
-                keys = await asyncio.to_thread(load_keys, new)
+                keys = KeyRing(await asyncio.to_thread(keys_of, new))
             except KeysFileError as error:
                 for problem in error.problems:
                     log.error("keys_problem", file=error.path, problem=problem)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from ..fixups.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE, Profile, expand_tables
-from ..http.cors import pattern_error
 from .schema import (
     ClusterConfig,
     Config,
@@ -30,6 +29,7 @@ from .schema import (
     ServerConfig,
     WorkerConfig,
 )
+from .origins import pattern_error
 from .validate import ConfigError, Problem, build, describe, key_path
 
 if sys.version_info >= (3, 11):

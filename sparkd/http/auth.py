@@ -1,15 +1,4 @@
-"""Client keys: the keys file, and who a request is.
-
-The keys file (``server.keys_file``, TOML, owned by the user sparkd runs as, mode 0600)::
-
-    [keys.alice]
-    key = "sk-sparkd-..."     # at least 16 characters, no whitespace
-    role = "admin"            # "admin" (models and the admin API), "user" (default: models only)
-                              # or "peer" (a head sparkd asking this node for worker leases, nothing else)
-
-    [keys.ci]
-    key = "sk-sparkd-..."
-    models = ["qwen2.5-1.5b-instruct"]   # optional: only these models (names or aliases)
+"""Who a request is, given the client keys of the keys file (``config/keys.py``).
 
 A client sends its key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
 Checking costs one SHA-256 of the presented key and one dict lookup, however
@@ -44,41 +33,27 @@ GET). Such a request gets a 403; a key, which no such page has, lifts the rule.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
-import re
 import socket
-import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from aiohttp import web
 
-from ..config import Config, ModelConfig
+from ..config import ModelConfig
+from ..config.keys import ADMIN, PEER, USER, ClientKey, digest_key, read_keys_file
 from ..errors import Forbidden, Unauthorized
-from ..private_files import PrivateFileError, read_private_file
 from .hosts import is_address_host
 from .routing import shown
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
-ADMIN = "admin"
-USER = "user"
-PEER = "peer"
-ROLES = (ADMIN, USER, PEER)
 MODEL_ROLES = frozenset({ADMIN, USER})
 ADMIN_ROLES = frozenset({ADMIN})
 PEER_ROLES = frozenset({PEER})
 VERSION_ROLES = frozenset({ADMIN, PEER})
-ALL_ROLES = frozenset(ROLES)
-MIN_KEY_LENGTH = 16
-KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENTRY_FIELDS = frozenset({"key", "role", "models"})
+ALL_ROLES = frozenset({ADMIN, USER, PEER})
 
 
 @dataclass(frozen=True)
@@ -87,7 +62,7 @@ class Principal:
 
     name: str
     role: str
-    models: Optional[frozenset[str]] = None
+    models: frozenset[str] | None = None
     """Model names/aliases this key may use; None = all."""
     anonymous: bool = False
     """Sent no key (the anonymous client, the admin socket's client)."""
@@ -113,27 +88,13 @@ ADMIN_SOCKET = Principal("admin-socket", ADMIN, anonymous=True)
 PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "principal"
 
 
-class KeysFileError(Exception):
-    """The keys file cannot be used; ``problems`` say why (never quoting a key)."""
-
-    def __init__(self, path: str, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.path = path
-        self.problems = problems
-
-    def __str__(self) -> str:
-        return f"keys file {self.path}: " + "; ".join(self.problems)
-
-
 class KeyRing:
     """The client keys, by the SHA-256 digest of each key."""
 
-    def __init__(self, entries: Mapping[str, tuple[str, str, Optional[frozenset[str]]]] | None = None) -> None:
-        """``entries``: name → (key, role, models or None)."""
-        self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
-        for name, (key, role, models) in (entries or {}).items():
-            digest = _digest(key)
-            self._by_digest[digest] = (digest, Principal(name, role, models))
+    def __init__(self, keys: Iterable[ClientKey] = ()) -> None:
+        self._by_digest: dict[bytes, tuple[bytes, Principal]] = {
+            key.digest: (key.digest, Principal(key.name, key.role, key.models)) for key in keys
+        }
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -144,107 +105,16 @@ class KeyRing:
 
     def check(self, presented: str) -> Principal | None:
         """The principal whose key this is, or None."""
-        digest = _digest(presented)
+        digest = digest_key(presented)
         found = self._by_digest.get(digest)
         if found is None or not hmac.compare_digest(digest, found[0]):
             return None
         return found[1]
 
     @classmethod
-    def load(cls, path: str | Path, *, required: bool) -> "KeyRing":
-        """Read and check the keys file. A missing file is an empty ring unless ``required``.
-
-        Raises ``KeysFileError`` for a file that is group/world-accessible, unreadable,
-        not valid TOML or holds an invalid entry.
-        """
-        path = Path(path)
-        try:
-            raw = read_private_file(path)
-        except FileNotFoundError:
-            if required:
-                raise KeysFileError(
-                    str(path),
-                    [
-                        (
-                            "no such file, and server.anonymous = \"off\" would refuse every request; create it with "
-                            "[keys.<name>] tables (key, role, models) and mode 600, or set server.anonymous"
-                        )
-                    ],
-                ) from None
-            return cls()
-        except PrivateFileError as error:
-            raise KeysFileError(str(path), [str(error)]) from None
-        try:
-            document = tomllib.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise KeysFileError(str(path), ["not UTF-8 text"]) from None
-        except tomllib.TOMLDecodeError as error:
-            raise KeysFileError(str(path), [f"not valid TOML: {error}"]) from None
-        entries, problems = parse_keys(document)
-        if not problems and required and not entries:
-            problems.append(
-                "it holds no [keys.<name>] table, and server.anonymous = \"off\" would refuse every request; add a key or set server.anonymous"
-            )
-        if problems:
-            raise KeysFileError(str(path), problems)
-        return cls(entries)
-
-
-def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Optional[frozenset[str]]]], list[str]]:
-    """Entries of a parsed keys file and the problems found (which never quote a key)."""
-    problems: list[str] = []
-    entries: dict[str, tuple[str, str, Optional[frozenset[str]]]] = {}
-    for section in document:
-        if section != "keys":
-            problems.append(f"unknown section {section!r}: only [keys.<name>] tables belong here")
-    tables = document.get("keys", {})
-    if not isinstance(tables, dict):
-        return {}, problems + ["'keys' must hold tables [keys.<name>]"]
-    seen: dict[bytes, str] = {}
-    for name, table in tables.items():
-        where = f"keys.{name}"
-        if not KEY_NAME.match(name):
-            problems.append(f"{where}: a key name is letters, digits, '.', '_' or '-' (at most 64)")
-            continue
-        if not isinstance(table, dict):
-            problems.append(f"{where}: expected a table with key, role and models")
-            continue
-        for unknown in sorted(set(table) - ENTRY_FIELDS):
-            problems.append(f"{where}.{unknown}: unknown field (known: key, role, models)")
-        key = table.get("key")
-        if not isinstance(key, str):
-            problems.append(f"{where}.key: expected a string" + (" (missing)" if key is None else f", found a {type(key).__name__}"))
-            continue
-        if len(key) < MIN_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
-            problems.append(f"{where}.key: expected at least {MIN_KEY_LENGTH} printable characters without whitespace")
-            continue
-        digest = _digest(key)
-        if digest in seen:
-            problems.append(f"{where}.key: the same key as keys.{seen[digest]}; every key must be distinct")
-            continue
-        seen[digest] = name
-        role = table.get("role", USER)
-        if role not in ROLES:
-            problems.append(f"{where}.role: expected \"admin\", \"user\" or \"peer\", found {role!r}")
-            continue
-        models = table.get("models")
-        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-            problems.append(f"{where}.models: expected an array of model names")
-            continue
-        if models is not None and role == PEER:
-            problems.append(f"{where}.models: a peer key serves worker leases only (the [workers.<model>] tables decide which)")
-            continue
-        entries[name] = (key, role, frozenset(models) if models is not None else None)
-    return entries, problems
-
-
-def load_keys(config: Config) -> KeyRing:
-    """The keys file of ``config``; required (non-empty) unless anonymous access is on."""
-    return KeyRing.load(config.server.keys_file, required=config.server.anonymous == "off")
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    def load(cls, path: str | Path, *, required: bool) -> KeyRing:
+        """The keys of the keys file at ``path`` (``KeysFileError`` when it cannot be used)."""
+        return cls(read_keys_file(path, required=required))
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:

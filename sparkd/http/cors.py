@@ -20,11 +20,12 @@ through untouched; a keyless one of those must name this machine by address in
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
-from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from ..config.origins import pattern_error
 from ..errors import Forbidden
 from .hosts import is_address_host
 
@@ -40,20 +41,6 @@ _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _HOST_CHARS = "[A-Za-z0-9.-]+"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def pattern_error(pattern: str) -> str | None:
-    """Why ``pattern`` is not a usable origin pattern, or None."""
-    if pattern == "*":
-        return None
-    if not pattern or any(c.isspace() for c in pattern):
-        return "empty or holds whitespace"
-    scheme, sep, rest = pattern.partition("://")
-    if not sep or not scheme or not rest:
-        return "expected scheme://host[:port]"
-    if "/" in rest:
-        return "an origin has no path"
-    return None
 
 
 def _regex(pattern: str) -> str:

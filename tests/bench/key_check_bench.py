@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sparkd.config.keys import ClientKey  # noqa: E402
 from sparkd.http.auth import KeyRing, authenticate  # noqa: E402
 
 ROUNDS = 20_000
@@ -24,11 +25,11 @@ ROUNDS = 20_000
 
 def cost_us(count: int) -> float:
     """Microseconds per ``authenticate`` of the last of ``count`` keys."""
-    entries = {f"k{i}": (f"sk-{secrets.token_hex(24)}", "user", None) for i in range(count)}
-    keys = KeyRing(entries)
+    secrets_by_name = {f"k{i}": f"sk-{secrets.token_hex(24)}" for i in range(count)}
+    keys = KeyRing(ClientKey.of(name, secret) for name, secret in secrets_by_name.items())
     sock = SimpleNamespace(family=socket.AF_INET)
     request = SimpleNamespace(
-        headers={"Authorization": f"Bearer {entries[f'k{count - 1}'][0]}"},
+        headers={"Authorization": f"Bearer {secrets_by_name[f'k{count - 1}']}"},
         remote="192.168.1.20",
         transport=SimpleNamespace(get_extra_info=lambda name: sock if name == "socket" else None),
     )

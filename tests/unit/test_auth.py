@@ -12,6 +12,7 @@ from harness import write_keys
 from multidict import CIMultiDict
 
 from sparkd.config import ModelConfig
+from sparkd.config.keys import KeysFileError
 from sparkd.errors import Forbidden, Unauthorized
 from sparkd.http.auth import (
     ADMIN_ROLES,
@@ -21,7 +22,6 @@ from sparkd.http.auth import (
     PEER_ROLES,
     VERSION_ROLES,
     KeyRing,
-    KeysFileError,
     authenticate,
     authorize,
     identify,

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sparkd.config import ConfigError, ServerConfig, load_config
+from sparkd.config.keys import ClientKey
 from sparkd.http.auth import KeyRing
 from sparkd.http.connections import ConnectionGate, GuardedListener, watch_requests
 from sparkd.http.health import HealthRoutes
@@ -104,7 +105,7 @@ async def readiness_client(runtime: CountingRuntime, keys: KeyRing) -> TestClien
 async def test_readyz_pings_podman_once_a_second_for_every_caller_and_shows_details_to_admins_only():
     runtime = CountingRuntime()
     admin = "sk-admin-" + "a" * 32
-    client = await readiness_client(runtime, KeyRing({"root": (admin, "admin", None)}))
+    client = await readiness_client(runtime, KeyRing([ClientKey.of("root", admin, "admin")]))
     try:
         answers = await asyncio.gather(*(client.get("/readyz") for _ in range(50)))
         assert {a.status for a in answers} == {200} and runtime.pings == 1
