@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,9 +30,11 @@ from .scheduler.state import ModelState
 from .scheduler.status import snapshot
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .config import Config
+    from .runtime.podman import PodmanRuntime
     from .scheduler.memory import MemoryGauge
     from .scheduler.runner import ModelRunner
+    from .scheduler.scheduler import Scheduler
 
 log = structlog.get_logger("sparkd.ops")
 
@@ -57,7 +60,7 @@ class StatusHub:
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
 
-    def on_change(self, runner: "ModelRunner", previous: ModelState | None) -> None:
+    def on_change(self, runner: ModelRunner, previous: ModelState | None) -> None:
         if previous is not None:
             now = time.time()
             self.recent.append(
@@ -87,16 +90,19 @@ class StatusHub:
 
 
 class Operations:
-    def __init__(self, daemon: "Daemon", memory: "MemoryGauge") -> None:
-        self._daemon = daemon
+    def __init__(
+        self, config: Callable[[], Config], scheduler: Scheduler, runtime: PodmanRuntime, memory: MemoryGauge
+    ) -> None:
+        """``config``: the configuration in force (a reload replaces it)."""
+        self._config = config
+        self._scheduler = scheduler
+        self._runtime = runtime
         self._memory = memory
-        config = daemon.config
-        scheduler = daemon.scheduler
         self.started_at = time.time()
         self.metrics = Metrics(scheduler, memory)
-        self.history = History(Path(config.server.state_dir) / "history.sqlite3")
+        self.history = History(Path(config().server.state_dir) / "history.sqlite3")
         self.hub = StatusHub()
-        self.socket_path = Path(config.server.runtime_dir) / SOCKET_NAME
+        self.socket_path = Path(config().server.runtime_dir) / SOCKET_NAME
         self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkd-sampler")
         self._podman: Any = None  # the sampler thread's own Podman client
         self._tasks: list[asyncio.Task[Any]] = []
@@ -113,7 +119,7 @@ class Operations:
 
     async def adopted(self) -> None:
         """After adoption: close sessions of containers that did not survive, start the loops."""
-        running = {r.name for r in self._daemon.scheduler.runners.values() if r.state in RUNNING_STATES}
+        running = {r.name for r in self._scheduler.runners.values() if r.state in RUNNING_STATES}
         await self.history.close_stale(running)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._sample_loop()), loop.create_task(self._flush_loop())]
@@ -154,7 +160,7 @@ class Operations:
         except OSError:
             pass
 
-    def _session_ending(self, runner: "ModelRunner", previous: ModelState | None) -> None:
+    def _session_ending(self, runner: ModelRunner, previous: ModelState | None) -> None:
         """A model stops or fails: count its last requests in its session before the session ends."""
         if previous is not None and runner.state in (S.STOPPED, S.FAILED):
             usage = self.metrics.take_usage(runner.name)
@@ -165,10 +171,9 @@ class Operations:
 
     def live(self) -> dict[str, Any]:
         """What the status page and ``sparkctl top`` show: status, recent events and failures."""
-        daemon = self._daemon
-        config = daemon.config
+        config = self._config()
         return {
-            **snapshot(daemon.scheduler),
+            **snapshot(self._scheduler),
             "server": {
                 "version": __version__,
                 "instance": config.server.instance,
@@ -199,7 +204,7 @@ class Operations:
                 log.debug("memory_sample_failed", error=str(error))
 
     async def sample_memory(self) -> None:
-        running = {r.name: r.spec.name for r in self._daemon.scheduler.runners.values() if r.state in RUNNING_STATES}
+        running = {r.name: r.spec.name for r in self._scheduler.runners.values() if r.state in RUNNING_STATES}
         if not running:
             return
         loop = asyncio.get_running_loop()
@@ -225,7 +230,7 @@ class Operations:
             if self._podman is None:
                 from podman import PodmanClient
 
-                self._podman = PodmanClient(base_url=self._daemon.runtime.url, timeout=10)
+                self._podman = PodmanClient(base_url=self._runtime.url, timeout=10)
             for name in containers:
                 try:
                     stats = self._podman.containers.get(name).stats(stream=False, decode=True)
@@ -258,13 +263,13 @@ class Operations:
         return results
 
     async def _prepare_one(self, name: str) -> dict[str, Any]:
-        daemon = self._daemon
-        runner = daemon.scheduler.runners[name]
-        first, last = daemon.config.defaults.port_range[0], daemon.config.defaults.port_range[-1]
+        runner = self._scheduler.runners[name]
+        port_range = self._config().defaults.port_range
+        first, last = port_range[0], port_range[-1]
         entry: dict[str, Any] = {"model": name, "container": runner.spec.name, "image": runner.spec.image}
 
-        async def create(runner: "ModelRunner") -> dict[str, Any]:
-            runtime = daemon.runtime
+        async def create(runner: ModelRunner) -> dict[str, Any]:
+            runtime = self._runtime
             try:
                 before = await runtime.inspect(runner.spec.name)
                 info = await runtime.ensure(runner.spec, (first, last))
@@ -281,7 +286,7 @@ class Operations:
                 result = "exists"
             return {"result": result, "status": info.status, "port": info.host_port}
 
-        outcome = await daemon.scheduler.while_stopped(name, create)
+        outcome = await self._scheduler.while_stopped(name, create)
         if outcome is None:
             busy = runner.task is not None and not runner.task.done()
             if busy and runner.state in (S.STOPPED, S.FAILED):

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import encodings
 from ..config import Config, ModelConfig
-from ..fixups.profiles import effective_tools
+from ..fixups.profiles import DEFAULT_PROFILE, ToolMode
 from ..runtime import cdi
 from .doctor import image_fix
 
@@ -96,6 +96,11 @@ def runnable_models(config: Config, host: HostFacts | None) -> tuple[list[ModelC
         else:
             left_out.append((model.name, reason))
     return kept, left_out
+
+
+def effective_tools(config: Config, model: ModelConfig) -> ToolMode:
+    """How a model treats tools once its profile applied: the profile's setting wins over the model's."""
+    return config.profiles[model.profile or DEFAULT_PROFILE].tools or model.tools
 
 
 def opencode(config: Config, base_url: str, models: list[ModelConfig] | None = None) -> dict[str, Any]:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from .messages import alternate_roles, flatten_content, merge_system
 from .reasoning import map_thinking
 from .tokens import normalize_max_tokens, set_default_max_tokens
 from .tools import force_tool_choice, strip_tools
-
-if TYPE_CHECKING:
-    from ..config import Config, ModelConfig
 
 ToolMode = Literal["full", "none", "force-required"]
 Body = dict[str, Any]
@@ -153,11 +150,6 @@ class Fixups:
                 applied.append(name)
                 body = fixed
         return body, tuple(applied)
-
-
-def effective_tools(config: "Config", model: "ModelConfig") -> ToolMode:
-    """How a model treats tools once its profile applied: the profile's setting wins over the model's."""
-    return config.profiles[model.profile or DEFAULT_PROFILE].tools or model.tools
 
 
 def compile_profile(profile: Profile, model_tools: ToolMode) -> Fixups:

@@ -2,43 +2,37 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from ..errors import ModelDisabled
 from ..scheduler.status import snapshot
-
-if TYPE_CHECKING:
-    from ..daemon import Daemon
+from .appkeys import SCHEDULER, SNAPSHOT, WORKERS
 
 
 class AdminRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
-        self._daemon = daemon
-
     def add_to(self, app: web.Application) -> None:
+        self._snapshot, self._scheduler, self._workers = app[SNAPSHOT], app[SCHEDULER], app[WORKERS]
         app.router.add_get("/api/status", self.status)
         app.router.add_post("/api/models/{model}/{action:start|stop|sleep|wake}", self.act)
 
     async def status(self, request: web.Request) -> web.Response:
-        daemon = self._daemon
-        status = snapshot(daemon.scheduler)
-        coordinator = daemon.scheduler.lifecycle.cluster
+        status = snapshot(self._scheduler)
+        coordinator = self._scheduler.lifecycle.cluster
         if coordinator is not None:
+            models = self._snapshot.current.config.models
             for model in status["models"]:
-                config = daemon.config.models.get(model["name"])
+                config = models.get(model["name"])
                 if config is not None and len(config.nodes) > 1:
                     model["nodes"] = coordinator.nodes_view(config)
-        status["worker_leases"] = [lease.view() for lease in daemon.workers.leases()]
+        status["worker_leases"] = [lease.view() for lease in self._workers.leases()]
         return web.json_response(status)
 
     async def act(self, request: web.Request) -> web.Response:
-        daemon = self._daemon
-        model = daemon.directory.resolve(request.match_info["model"])
+        current = self._snapshot.current
+        model = current.directory.resolve(request.match_info["model"])
         action = request.match_info["action"]
-        scheduler = daemon.scheduler
-        timeout = daemon.config.lifecycle.start_timeout_s
+        scheduler = self._scheduler
+        timeout = current.config.lifecycle.start_timeout_s
         if action in ("start", "wake"):
             runner = await scheduler.start_model(model.name)
         elif action == "stop":

@@ -10,25 +10,56 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from ..errors import ApiError, Forbidden, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
+from ..cluster.workers import WorkerLeases
+from ..engine.client import EngineClient
+from ..errors import (
+    ApiError,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from ..ops import Operations
+from ..runtime.podman import PodmanRuntime
+from ..scheduler.scheduler import Scheduler
 from . import anthropic, cors
 from .admin import AdminRoutes
-from .auth import ADMIN_ROLES, ALL_ROLES, MODEL_ROLES, PEER_ROLES, PRINCIPAL, VERSION_ROLES, authenticate, authorize
+from .appkeys import (
+    ENGINE,
+    OPERATIONS,
+    RECONCILED,
+    RUNTIME,
+    SCHEDULER,
+    SNAPSHOT,
+    TOKENIZE_FAILURES,
+    WORKERS,
+)
+from .auth import (
+    ADMIN_ROLES,
+    ALL_ROLES,
+    MODEL_ROLES,
+    PEER_ROLES,
+    PRINCIPAL,
+    VERSION_ROLES,
+    authenticate,
+    authorize,
+)
 from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
 from .connections import watch_requests
+from .context import TokenizeFailures
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
 from .ops import OpsRoutes
 from .page import PAGE_PATHS, PageRoutes
 from .routing import shown
-
-if TYPE_CHECKING:
-    from ..daemon import Daemon
+from .snapshot import SnapshotHolder
 
 log = structlog.get_logger("sparkd.http")
 
@@ -42,18 +73,34 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", *PAGE_PATHS})
 HANDLER_ARGS = {"max_field_size": 16 * 1024, "max_line_size": 16 * 1024, "max_headers": 100}
 
 
-def build_app(daemon: "Daemon") -> web.Application:
+def build_app(
+    snapshot: SnapshotHolder,
+    *,
+    scheduler: Scheduler,
+    engine: EngineClient,
+    runtime: PodmanRuntime,
+    operations: Operations,
+    workers: WorkerLeases,
+    tokenize_failures: TokenizeFailures,
+    reconciled: asyncio.Event,
+) -> web.Application:
+    """The application; each route takes the services it uses from the app's keys (``appkeys.py``)."""
     app = web.Application(
-        middlewares=[watch_requests, cors.cors_middleware(lambda: daemon.config.server.cors_origins), error_middleware, auth_middleware(daemon)],
-        client_max_size=daemon.config.server.max_body_bytes,
+        middlewares=[
+            watch_requests, cors.cors_middleware(lambda: snapshot.current.config.server.cors_origins), error_middleware,
+            auth_middleware(snapshot),
+        ],
+        client_max_size=snapshot.current.config.server.max_body_bytes,
         handler_args=HANDLER_ARGS,
     )
+    app[SNAPSHOT], app[SCHEDULER], app[ENGINE], app[RUNTIME] = snapshot, scheduler, engine, runtime
+    app[OPERATIONS], app[WORKERS], app[TOKENIZE_FAILURES], app[RECONCILED] = operations, workers, tokenize_failures, reconciled
     app.on_response_prepare.append(cors.on_response_prepare)
-    HealthRoutes(daemon).add_to(app)
-    OpenAIRoutes(daemon).add_to(app)
-    AdminRoutes(daemon).add_to(app)
-    ClusterRoutes(daemon).add_to(app)
-    OpsRoutes(daemon).add_to(app)
+    HealthRoutes().add_to(app)
+    OpenAIRoutes().add_to(app)
+    AdminRoutes().add_to(app)
+    ClusterRoutes().add_to(app)
+    OpsRoutes().add_to(app)
     PageRoutes().add_to(app)
     return app
 
@@ -93,7 +140,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         ))
 
 
-def auth_middleware(daemon: "Daemon") -> Middleware:
+def auth_middleware(snapshot: SnapshotHolder) -> Middleware:
     """Who is calling (``request[PRINCIPAL]``); 401 without a valid key, 403 when the key's role may not use the route."""
 
     @web.middleware
@@ -102,7 +149,8 @@ def auth_middleware(daemon: "Daemon") -> Middleware:
             return await handler(request)
         allowed, what = route_access(request)
         try:
-            principal = authenticate(daemon.keys, daemon.config.server.anonymous, request)
+            current = snapshot.current
+            principal = authenticate(current.keys, current.config.server.anonymous, request)
             authorize(principal, allowed, what)
         except (Unauthorized, Forbidden) as refusal:
             log.info("auth_refused", reason=refusal.code, remote=request.remote, path=shown(request.path))

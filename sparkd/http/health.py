@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from ..runtime.errors import RuntimeFailure
+from .appkeys import RECONCILED, RUNTIME, SNAPSHOT
 from .auth import ADMIN_ROLES, presented_key, via_unix_socket
-
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
 READINESS_CACHE_S = 1.0
 
@@ -35,12 +33,12 @@ class Readiness:
 
 
 class HealthRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
-        self._daemon = daemon
+    def __init__(self) -> None:
         self._checked: tuple[float, Readiness] | None = None
         self._checking: asyncio.Task[Readiness] | None = None
 
     def add_to(self, app: web.Application) -> None:
+        self._snapshot, self._runtime, self._reconciled = app[SNAPSHOT], app[RUNTIME], app[RECONCILED]
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
 
@@ -60,12 +58,11 @@ class HealthRoutes:
         if via_unix_socket(request):
             return True
         key = presented_key(request.headers)
-        principal = self._daemon.keys.check(key) if key is not None else None
+        principal = self._snapshot.current.keys.check(key) if key is not None else None
         return principal is not None and principal.role in ADMIN_ROLES
 
     async def _readiness(self) -> Readiness:
-        daemon = self._daemon
-        if not daemon.reconciled:
+        if not self._reconciled.is_set():
             return Readiness("starting", {"reason": "reconciling running containers"})
         now = time.monotonic()
         if self._checked is not None and now - self._checked[0] < READINESS_CACHE_S:
@@ -76,13 +73,12 @@ class HealthRoutes:
         return await asyncio.shield(self._checking)
 
     async def _check(self) -> Readiness:
-        daemon = self._daemon
         try:
-            await daemon.runtime.ping()
+            await self._runtime.ping()
         except RuntimeFailure as error:
             readiness = Readiness("unavailable", {"reason": str(error)})
         else:
-            readiness = Readiness("ready", {"config": daemon.config.source})
+            readiness = Readiness("ready", {"config": self._snapshot.current.config.source})
         finally:
             self._checking = None
         self._checked = (time.monotonic(), readiness)

@@ -17,50 +17,38 @@ import asyncio
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import StreamReader, web
 
-from ..config import Config, ModelConfig, ServerConfig
+from ..config import ServerConfig
 from ..engine.proxy import forward
 from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
-from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
+from ..fixups import DEFAULT_PROFILE
 from . import anthropic, responses
+from .appkeys import ENGINE, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
 from .routing import target
+from .snapshot import Snapshot
 from .validation import validate_body
 
 FIXUPS_HEADER = "X-Sparkd-Fixups"
 CLIENT_GONE = 499
 """The status counted for a request whose client went away before its answer ended (nginx's convention)."""
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
-
 log = structlog.get_logger("sparkd.requests")
 
 
 class OpenAIRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
-        self._daemon = daemon
+    def __init__(self) -> None:
         self._created = int(time.time())
-        self._fixups: tuple[Config | None, dict[str, Fixups]] = (None, {})
-
-    def fixups(self, config: Config, model: ModelConfig) -> Fixups:
-        """The model's compiled profile; compiled once per configuration (reload swaps the config)."""
-        compiled_for, table = self._fixups
-        if compiled_for is not config:
-            table = {
-                name: compile_profile(config.profiles[m.profile or DEFAULT_PROFILE], m.tools)
-                for name, m in config.models.items()
-            }
-            self._fixups = (config, table)
-        return table[model.name]
 
     def add_to(self, app: web.Application) -> None:
+        self._snapshot, self._scheduler, self._engine = app[SNAPSHOT], app[SCHEDULER], app[ENGINE]
+        self._metrics, self._tokenize_failures = app[OPERATIONS].metrics, app[TOKENIZE_FAILURES]
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/v1/{model}/models", self.list_models_path_form)
@@ -68,10 +56,9 @@ class OpenAIRoutes:
 
     # -- models ------------------------------------------------------------------
 
-    def _model_entry(self, name: str) -> dict[str, Any]:
-        daemon = self._daemon
-        model = daemon.config.models[name]
-        runner = daemon.scheduler.runners.get(name)
+    def _model_entry(self, current: Snapshot, name: str) -> dict[str, Any]:
+        model = current.config.models[name]
+        runner = self._scheduler.runners.get(name)
         entry: dict[str, Any] = {
             "id": name,
             "object": "model",
@@ -81,7 +68,7 @@ class OpenAIRoutes:
             "max_model_len": model.max_model_len,
             "aliases": list(model.aliases),
             "lifecycle": model.lifecycle,
-            "tools": self.fixups(daemon.config, model).tools,
+            "tools": current.fixups_of(model).tools,
             "profile": model.profile or DEFAULT_PROFILE,
             "endpoints": list(model.api_paths),
         }
@@ -95,27 +82,29 @@ class OpenAIRoutes:
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The models this key may use."""
-        config = self._daemon.config
+        current = self._snapshot.current
         principal = request[PRINCIPAL]
-        usable = [m for m in config.models.values() if principal.may_use(m)]
+        usable = [m for m in current.config.models.values() if principal.may_use(m)]
         return web.json_response(
             {
                 "object": "list",
-                "data": [self._model_entry(m.name) for m in usable if m.enabled],
+                "data": [self._model_entry(current, m.name) for m in usable if m.enabled],
                 # Off models stay out of "data" so clients do not offer them; their reasons are here.
-                "unavailable": [self._model_entry(m.name) for m in usable if not m.enabled],
+                "unavailable": [self._model_entry(current, m.name) for m in usable if not m.enabled],
             }
         )
 
     async def get_model(self, request: web.Request) -> web.Response:
-        model = self._daemon.directory.resolve(request.match_info["model"])
+        current = self._snapshot.current
+        model = current.directory.resolve(request.match_info["model"])
         request[PRINCIPAL].check_model(model)
-        return web.json_response(self._model_entry(model.name))
+        return web.json_response(self._model_entry(current, model.name))
 
     async def list_models_path_form(self, request: web.Request) -> web.Response:
-        model = self._daemon.directory.resolve(request.match_info["model"])
+        current = self._snapshot.current
+        model = current.directory.resolve(request.match_info["model"])
         request[PRINCIPAL].check_model(model)
-        return web.json_response({"object": "list", "data": [self._model_entry(model.name)]})
+        return web.json_response({"object": "list", "data": [self._model_entry(current, model.name)]})
 
     # -- inference -------------------------------------------------------------------
 
@@ -140,24 +129,23 @@ class OpenAIRoutes:
             raise
         finally:
             now = time.monotonic()
-            self._daemon.ops.metrics.request_done(record.model, status, started, record, now)
-            if self._daemon.config.log.requests:
+            self._metrics.request_done(record.model, status, started, record, now)
+            if self._snapshot.current.config.log.requests:
                 log_request(request[PRINCIPAL].name, record, status, code, now - started)
 
     async def _proxy(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
-        daemon = self._daemon
-        raw = await read_body(request, daemon.config.server)
+        raw = await read_body(request, self._snapshot.current.config.server)
         # A reload may land while the body arrives: resolve against the configuration of now.
-        config, directory = daemon.config, daemon.directory
+        current = self._snapshot.current
         payload = parse_json_object(raw)
-        route = target(directory, request.match_info["tail"], payload.get("model"))
+        route = target(current.directory, request.match_info["tail"], payload.get("model"))
         model = route.model
         record.model, record.path = model.name, route.path
         request[PRINCIPAL].check_model(model)
         if not serves(model, route.path):
             raise unsupported(model, route.path)
         validate_body(route.path, payload)
-        fixups = self.fixups(config, model)
+        fixups = current.fixups_of(model)
         body, applied = fixups.apply(payload)
         if body.get("model") != model.name:
             body = {**body, "model": model.name}  # aliases and the path form reach the engine by its served name
@@ -168,7 +156,7 @@ class OpenAIRoutes:
         fitting = responses.needs_fitting(fixups, model, route.path, body)
         if fitting:
             responses.refuse_certain_overflow(model, route.path, body)
-        runner = daemon.scheduler.acquire_now(model.name)
+        runner = self._scheduler.acquire_now(model.name)
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs
             # several times its size (~7x for a long chat), and the queue bounds bytes.
@@ -177,7 +165,7 @@ class OpenAIRoutes:
             del body
             queued = time.monotonic()
             try:
-                runner = await daemon.scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
+                runner = await self._scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
             finally:
                 record.queued_s = time.monotonic() - queued
             body = parse_json_object(raw) if fitting else {}
@@ -185,21 +173,21 @@ class OpenAIRoutes:
             assert runner.endpoint is not None
             if fitting:
                 fitted, capped = await responses.fit(
-                    daemon.engine, runner.endpoint, model, fixups, route.path, body, daemon.tokenize_failures
+                    self._engine, runner.endpoint, model, fixups, route.path, body, self._tokenize_failures
                 )
                 headers.update(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             answer = await forward(
-                request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
-                streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner),
+                request, self._engine.session, runner.endpoint, route.path, raw, model.name, current.config.engine, headers or None,
+                streaming, record, last_words=lambda: self._scheduler.lifecycle.tail_logs(runner),
             )
             if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
                 raise unsupported(model, route.path)
             return anthropic.engine_answer(answer, model.name, route.path) if route.path in anthropic.PATHS else answer
         finally:
-            daemon.scheduler.release(runner)
+            self._scheduler.release(runner)
 
 
 def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float) -> None:

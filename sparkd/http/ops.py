@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -19,10 +19,8 @@ from ..metrics import CONTENT_TYPE
 from ..runtime.errors import RuntimeFailure
 from ..runtime.logs import LogFollower
 from ..runtime.spec import container_name
+from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT
 from .routing import shown
-
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TEXT_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -31,10 +29,8 @@ COALESCE_S = 0.05
 
 
 class OpsRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
-        self._daemon = daemon
-
     def add_to(self, app: web.Application) -> None:
+        self._snapshot, self._scheduler, self._runtime, self._ops = app[SNAPSHOT], app[SCHEDULER], app[RUNTIME], app[OPERATIONS]
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/models", self.models)
@@ -45,7 +41,7 @@ class OpsRoutes:
     # -- helpers ------------------------------------------------------------------------
 
     def _configured(self, name: str) -> ModelConfig:
-        model = self._daemon.directory.lookup(name)
+        model = self._snapshot.current.directory.lookup(name)
         if model is None:
             raise NotFound(f"model {shown(name)} is not configured on this server; `sparkctl models` lists them", code="model_not_found")
         return model
@@ -64,7 +60,7 @@ class OpsRoutes:
     # -- metrics --------------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = await self._daemon.ops.metrics.render()
+        body = await self._ops.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     # -- live status (status page, sparkctl top) -------------------------------------------
@@ -72,7 +68,7 @@ class OpsRoutes:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: a ``status`` event with the full live status on every change
         (coalesced) and at least every ``interval`` seconds (default 1)."""
-        ops = self._daemon.ops
+        ops = self._ops
         try:
             interval = min(60.0, max(0.2, float(request.query.get("interval", "1"))))
         except ValueError:
@@ -90,10 +86,10 @@ class OpsRoutes:
     # -- catalog ----------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        daemon = self._daemon
-        runners = daemon.scheduler.runners
+        config = self._snapshot.current.config
+        runners = self._scheduler.runners
         entries = []
-        for name, model in daemon.config.models.items():
+        for name, model in config.models.items():
             runner = runners.get(name)
             entries.append(
                 {
@@ -113,7 +109,7 @@ class OpsRoutes:
                     "tools": model.tools,
                     "hf_model": model.hf_model,
                     "notes": list(model.notes),
-                    "container": runner.spec.name if runner else container_name(name, daemon.config.server.instance),
+                    "container": runner.spec.name if runner else container_name(name, config.server.instance),
                 }
             )
         return web.json_response({"models": entries})
@@ -123,14 +119,13 @@ class OpsRoutes:
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """The model's container log: the last ``tail`` lines, then (``follow=1``) new lines live,
         across restarts of the container, until the client leaves."""
-        daemon = self._daemon
         model = self._configured(request.match_info["model"])
-        runner = daemon.scheduler.runners.get(model.name)
-        name = runner.spec.name if runner else container_name(model.name, daemon.config.server.instance)
+        runner = self._scheduler.runners.get(model.name)
+        name = runner.spec.name if runner else container_name(model.name, self._snapshot.current.config.server.instance)
         tail = self._int(request, "tail", 100, 0, MAX_TAIL)
         follow = request.query.get("follow", "") in ("1", "true", "yes")
         try:
-            info = await daemon.runtime.inspect(name)
+            info = await self._runtime.inspect(name)
         except RuntimeFailure as error:
             raise ServiceUnavailable(str(error), code="podman_unavailable") from None
         if info is None and not follow:
@@ -141,7 +136,7 @@ class OpsRoutes:
         response = web.StreamResponse(headers=TEXT_HEADERS)
         await response.prepare(request)
         if not follow:
-            lines = await daemon.runtime.tail_logs(name, tail) if tail else []
+            lines = await self._runtime.tail_logs(name, tail) if tail else []
             await response.write("".join(line + "\n" for line in lines).encode())
             await response.write_eof()
             return response
@@ -149,8 +144,7 @@ class OpsRoutes:
         return response
 
     async def _follow(self, response: web.StreamResponse, name: str, info: Any, tail: int) -> None:
-        daemon = self._daemon
-        hub = daemon.ops.hub
+        hub = self._ops.hub
         loop = asyncio.get_running_loop()
         since: float | None = None
         shown_start = info.started_at if info is not None else None
@@ -160,7 +154,7 @@ class OpsRoutes:
             if info is not None:
                 queue: asyncio.Queue[str | None] = asyncio.Queue()
                 follower = LogFollower(
-                    daemon.runtime.url, name, loop, queue.put_nowait, since=since, tail=tail if since is None else None,
+                    self._runtime.url, name, loop, queue.put_nowait, since=since, tail=tail if since is None else None,
                     on_end=lambda q=queue: q.put_nowait(None),
                 )
                 follower.start()
@@ -191,7 +185,7 @@ class OpsRoutes:
             while not hub.closing:
                 await hub.wait(1.0)
                 try:
-                    info = await daemon.runtime.inspect(name)
+                    info = await self._runtime.inspect(name)
                 except RuntimeFailure:
                     info = None
                 if info is not None and info.running and info.started_at != shown_start:
@@ -204,7 +198,7 @@ class OpsRoutes:
 
     async def prepare(self, request: web.Request) -> web.Response:
         """Create the containers of the named (default: every enabled) model ahead of time."""
-        daemon = self._daemon
+        current = self._snapshot.current
         raw = await request.read()
         names: list[str]
         if raw.strip():
@@ -220,13 +214,13 @@ class OpsRoutes:
         if requested:
             names = []
             for name in requested:
-                model = daemon.directory.resolve(name)  # 404 unknown, 409 disabled
+                model = current.directory.resolve(name)  # 404 unknown, 409 disabled
                 if model.name not in names:
                     names.append(model.name)
         else:
-            names = [m.name for m in daemon.config.enabled_models()]
-        names = [n for n in names if n in daemon.scheduler.runners]
-        results = await daemon.ops.prepare(names)
+            names = [m.name for m in current.config.enabled_models()]
+        names = [n for n in names if n in self._scheduler.runners]
+        results = await self._ops.prepare(names)
         ok = all(r["result"] in ("created", "recreated", "exists", "running") for r in results)
         return web.json_response({"ok": ok, "results": results})
 
@@ -238,5 +232,5 @@ class OpsRoutes:
             name = self._configured(name).name
         days = self._int(request, "days", 30, 1, 3660)
         limit = self._int(request, "limit", 20, 1, 1000)
-        data: dict[str, Any] = await self._daemon.ops.history.query(name, days, limit)
+        data: dict[str, Any] = await self._ops.history.query(name, days, limit)
         return web.json_response(data)

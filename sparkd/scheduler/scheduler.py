@@ -25,7 +25,7 @@ from .lifecycle import Lifecycle
 from .queue import KeyQueueFull, QueueBytesFull, QueueFull, QueueLimits, Waiter, WaitQueue
 from .runner import ModelRunner
 from .state import ModelState
-from .status import busy_refusal
+from .refusal import busy_refusal
 
 log = structlog.get_logger("sparkd.scheduler")
 S = ModelState

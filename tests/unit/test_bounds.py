@@ -7,17 +7,18 @@ import os
 import socket
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sparkd.config import ConfigError, ServerConfig, load_config
+from sparkd.config import Config, ConfigError, ServerConfig, load_config
 from sparkd.config.keys import ClientKey
+from sparkd.http.appkeys import RECONCILED, RUNTIME, SNAPSHOT
 from sparkd.http.auth import KeyRing
 from sparkd.http.connections import ConnectionGate, GuardedListener, watch_requests
 from sparkd.http.health import HealthRoutes
+from sparkd.http.snapshot import Snapshot, SnapshotHolder
 from sparkd.runtime.errors import RuntimeFailure
 from sparkd.scheduler.memory import MemoryGauge
 from sparkd.scheduler.queue import (
@@ -94,9 +95,12 @@ class CountingRuntime:
 
 
 async def readiness_client(runtime: CountingRuntime, keys: KeyRing) -> TestClient:
-    daemon = SimpleNamespace(reconciled=True, runtime=runtime, keys=keys, config=SimpleNamespace(source="/etc/sparkd/sparkd.toml"))
     app = web.Application()
-    HealthRoutes(daemon).add_to(app)  # type: ignore[arg-type]
+    app[SNAPSHOT] = SnapshotHolder(Snapshot.of(Config(source="/etc/sparkd/sparkd.toml"), keys))
+    app[RUNTIME] = runtime  # type: ignore[assignment]
+    app[RECONCILED] = asyncio.Event()
+    app[RECONCILED].set()
+    HealthRoutes().add_to(app)
     client = TestClient(TestServer(app))
     await client.start_server()
     return client
