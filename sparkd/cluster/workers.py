@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from ..config import Config, ModelConfig
-from ..config.load import MODEL_NAME
+from ..config.values import MODEL_NAME
 from ..config.schema import WorkerConfig
 from ..config.validate import describe
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable

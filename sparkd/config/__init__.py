@@ -1,6 +1,6 @@
 """Configuration: schema (typed dataclasses), loading, validation."""
 
-from .load import DEFAULT_PATH, load_config, parse_listen
+from .load import DEFAULT_PATH, load_config
 from .schema import (
     ClusterConfig,
     Config,
@@ -15,6 +15,7 @@ from .schema import (
     ServerConfig,
 )
 from .validate import ConfigError, Problem
+from .values import parse_listen
 
 __all__ = [
     "DEFAULT_PATH",

@@ -8,17 +8,79 @@ kept where they were sound (idle stop 20 min, min uptime 30 s, start timeout 15 
 ``validate.py`` reads these annotations to check a TOML document, so the annotation
 of a field *is* its schema: keep them to the small set of types it understands
 (bool, int, float, str, Literal, Optional, tuple[X, ...], dict[str, X], nested
-dataclasses).
+dataclasses), optionally wrapped in ``Annotated[type, *constraints]`` (``constraints.py``).
+Checks across fields (a port no other model uses, a claim within the budget) are in
+``load.py``, one function per section.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal
 
 from ..fixups.profiles import BUILTIN_PROFILES, Profile
+from .constraints import (
+    AbsolutePath,
+    AtLeastZero,
+    Check,
+    Each,
+    Entries,
+    Explained,
+    Fraction,
+    Port,
+    Positive,
+    PositiveSeconds,
+    PositiveTokens,
+    distinct,
+    matches,
+    not_blank,
+    not_empty,
+)
+from .origins import pattern_error
+from .validate import describe
+from .values import (
+    MODEL_NAME,
+    PEER_URL,
+    SHM_SIZE,
+    listen_error,
+    ulimit_problem,
+    volume_error,
+)
 
 MIB = 1024 * 1024
+MAX_LEASE_TIMEOUT_S = 300.0
+
+PositiveFloat = Annotated[float, Positive]
+PositiveInt = Annotated[int, Positive]
+AtLeastZeroFloat = Annotated[float, AtLeastZero]
+PortNumber = Annotated[int, Port]
+ImageReference = Annotated[str, not_blank("an image reference, e.g. localhost/sparkd/vllm-gb10:v1")]
+ListenAddresses = Annotated[
+    tuple[str, ...],
+    not_empty("at least one host:port address", "an empty array"),
+    Each(Explained(listen_error, "host:port, e.g. 127.0.0.1:8009 or [::1]:8009")),
+    distinct("distinct addresses", "the same address twice"),
+]
+OriginPatterns = Annotated[
+    tuple[str, ...], Each(Explained(pattern_error, "an origin pattern like http://localhost:* or vscode-webview://*"))
+]
+ModelVolumes = Annotated[tuple[str, ...], Each(Explained(volume_error, "host_path:/container/path[:ro|rw]"))]
+Ulimits = Annotated[dict[str, int], Entries(ulimit_problem)]
+# Named here, not written inline in an annotation: typing.get_type_hints evaluates a
+# class's annotations with the class namespace as globals, so a lambda written there
+# could not see this module's names when it runs.
+PortRange = Check(
+    lambda ports: len(ports) == 2 and all(1 <= p <= 65535 for p in ports) and ports[0] <= ports[1],
+    "[first, last] host ports within 1-65535",
+    lambda ports: describe(list(ports)),
+)
+UrlPath = Check(lambda path: path.startswith("/"), "an absolute URL path such as /health")
+ApiPath = Check(lambda path: path.startswith("/v1/") and not path.endswith("/"), "an API path such as /v1/chat/completions")
+ContainerDirectory = Check(
+    lambda path: path.startswith("/") and ":" not in path and ".." not in path.split("/"),
+    "an absolute directory inside the container, without ':' or '..'",
+)
+LeaseTimeoutCap = Check(lambda value: value <= MAX_LEASE_TIMEOUT_S, f"at most {MAX_LEASE_TIMEOUT_S:.0f} seconds")
 
 QueuePolicy = Literal["queue", "reject"]
 LifecycleClass = Literal["normal", "exclusive", "utility", "pinned"]
@@ -40,32 +102,32 @@ TokenizeApi = Literal["vllm", "llama-cpp", "none"]
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: tuple[str, ...] = ("127.0.0.1:8009",)
+    listen: ListenAddresses = ("127.0.0.1:8009",)
     """``host:port`` addresses; ``0.0.0.0:8009`` (or a LAN address) exposes sparkd to the LAN."""
     keys_file: str = "/etc/sparkd/keys.toml"
     anonymous: AnonymousAccess = "off"
     """Requests without a valid key: refused (off), served from loopback only, or from anywhere (see http/auth.py)."""
-    cors_origins: tuple[str, ...] = (
+    cors_origins: OriginPatterns = (
         "http://localhost:*",
         "http://127.0.0.1:*",
         "vscode-webview://*",
     )
-    max_body_bytes: int = 64 * MIB
-    body_timeout_s: float = 120.0
+    max_body_bytes: PositiveInt = 64 * MIB
+    body_timeout_s: PositiveFloat = 120.0
     """A request body must arrive within this time (slow or stalled uploads get a 408); answers are not limited."""
-    keepalive_timeout_s: float = 75.0
+    keepalive_timeout_s: PositiveFloat = 75.0
     """An idle keep-alive connection is closed after this long (nginx's default; aiohttp's own is an hour)."""
-    header_timeout_s: float = 10.0
+    header_timeout_s: PositiveFloat = 10.0
     """A request's line and headers must arrive within this time of the connection opening (or of its
     first byte, on a kept-alive connection), or the connection is closed: slow-header clients hold no slot."""
-    max_connections: int = 2048
+    max_connections: PositiveInt = 2048
     """Open TCP connections at most (the admin unix socket is not counted); more are closed at once."""
-    instance: str = "default"
+    instance: Annotated[str, matches(MODEL_NAME, "a name of letters, digits, '.', '_' or '-'")] = "default"
     """Names this daemon's containers (``sparkd-<model>``, or ``sparkd-<instance>-<model>``
     otherwise) so several sparkd on one Podman never touch each other's containers."""
-    state_dir: str = "/var/lib/sparkd"
-    runtime_dir: str = "/run/sparkd"
-    shutdown_grace_s: float = 30.0
+    state_dir: Annotated[str, AbsolutePath] = "/var/lib/sparkd"
+    runtime_dir: Annotated[str, AbsolutePath] = "/run/sparkd"
+    shutdown_grace_s: AtLeastZeroFloat = 30.0
     on_shutdown: OnShutdown = "stop"
 
 
@@ -80,36 +142,38 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class PodmanConfig:
-    url: str = "unix:///run/podman/podman.sock"
-    timeout_s: float = 60.0
+    url: Annotated[
+        str, matches(r"^(unix|http|https|tcp)://.+", "unix:///path/to/podman.sock or http(s)://host:port")
+    ] = "unix:///run/podman/podman.sock"
+    timeout_s: PositiveFloat = 60.0
 
 
 @dataclass(frozen=True)
 class GpuConfig:
     devices: tuple[str, ...] = ("nvidia.com/gpu=all",)
     """CDI device names given to models with ``gpu = true``."""
-    memory_budget: float = 0.94
+    memory_budget: Annotated[float, Fraction] = 0.94
     """Fraction of GPU memory the models may claim together."""
     memory_probe: MemoryProbe = "auto"
-    reclaim_timeout_s: float = 30.0
+    reclaim_timeout_s: PositiveFloat = 30.0
     """Upper bound on waiting for memory to come back after a model stopped."""
 
 
 @dataclass(frozen=True)
 class LifecycleConfig:
-    idle_stop_s: float = 1200.0
-    min_uptime_s: float = 30.0
-    start_timeout_s: float = 900.0
-    stop_timeout_s: float = 5.0
-    probe_interval_s: float = 0.1
-    failure_backoff_s: float = 5.0
+    idle_stop_s: PositiveFloat = 1200.0
+    min_uptime_s: AtLeastZeroFloat = 30.0
+    start_timeout_s: PositiveFloat = 900.0
+    stop_timeout_s: PositiveFloat = 5.0
+    probe_interval_s: PositiveFloat = 0.1
+    failure_backoff_s: AtLeastZeroFloat = 5.0
     """After a failed start, requests get the failure at once for this long instead of a new start."""
     policy: QueuePolicy = "queue"
-    queue_size: int = 1024
-    queue_timeout_s: float = 900.0
+    queue_size: PositiveInt = 1024
+    queue_timeout_s: PositiveFloat = 900.0
     queue_body_bytes: int = 256 * MIB
     """Request bodies held by waiting requests, in bytes, at most (503 past it); at least server.max_body_bytes."""
-    queue_per_key: int = 256
+    queue_per_key: PositiveInt = 256
     """Waiting requests of one key at most (429 past it), so one client cannot fill the queue."""
 
 
@@ -117,17 +181,17 @@ class LifecycleConfig:
 class EngineConfig:
     """Time limits toward engines and toward clients of engine answers (0 = no limit)."""
 
-    connect_timeout_s: float = 10.0
-    response_head_timeout_s: float = 3600.0
+    connect_timeout_s: AtLeastZeroFloat = 10.0
+    response_head_timeout_s: AtLeastZeroFloat = 3600.0
     """Request sent → the engine's response head; a non-streamed answer's head comes after the whole
     generation, so this is longer than any client waits (the OpenAI SDKs give up after 600 s)."""
-    idle_read_timeout_s: float = 300.0
+    idle_read_timeout_s: AtLeastZeroFloat = 300.0
     """Longest silence between two reads of an engine's answer (a stream's tokens, a body's bytes)."""
-    write_stall_timeout_s: float = 60.0
+    write_stall_timeout_s: AtLeastZeroFloat = 60.0
     """Longest a client may leave a write of the answer blocked (it stopped reading)."""
-    readiness_check_s: float = 10.0
+    readiness_check_s: PositiveFloat = 10.0
     """How often the readiness path of a READY model's engine is probed."""
-    unresponsive_fail_s: float = 60.0
+    unresponsive_fail_s: AtLeastZeroFloat = 60.0
     """A READY model whose engine has not answered its readiness path for this long is failed."""
 
 
@@ -139,7 +203,7 @@ class ContainerDefaults:
     the other keys are replaced by the model's value when it sets one.
     """
 
-    port_range: tuple[int, ...] = (18000, 18999)
+    port_range: Annotated[tuple[int, ...], PortRange] = (18000, 18999)
     """Host ports (published on 127.0.0.1 only) for models without an explicit ``port``."""
     engine_port: int = 8000
     readiness_path: str = "/health"
@@ -152,14 +216,14 @@ class ContainerDefaults:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    image: str
+    image: ImageReference
     entrypoint: tuple[str, ...] = ()
     """Replaces the image's entrypoint (empty: keep it)."""
     command: tuple[str, ...] = ()
     """Tokens before ``args`` (e.g. ``["vllm", "serve"]``); empty = the image's entrypoint."""
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    volumes: tuple[str, ...] = ()
+    volumes: ModelVolumes = ()
     """``host_path:container_path[:ro]`` entries, added to the defaults' volumes (one
     at the same container path replaces the default's)."""
     skip_default_volumes: tuple[str, ...] = ()
@@ -168,44 +232,44 @@ class ModelConfig:
     devices: tuple[str, ...] = ()
     gpu: bool = True
     """Attach ``gpu.devices`` (CDI) to the container."""
-    port: Optional[int] = None
+    port: Annotated[int | None, Port] = None
     """Host port on 127.0.0.1; unset = the first free port of ``defaults.port_range``."""
-    engine_port: int = 8000
+    engine_port: PortNumber = 8000
     """The port the engine listens on inside the container (its ``--port``)."""
-    readiness_path: str = "/health"
+    readiness_path: Annotated[str, UrlPath] = "/health"
     engine_key_env: str = "VLLM_API_KEY"
     """The env variable through which the engine reads its internal API key."""
-    shm_size: str = "16g"
-    ulimits: dict[str, int] = field(default_factory=dict)
+    shm_size: Annotated[str, matches(SHM_SIZE, "a size like 16g, 512m or 1073741824")] = "16g"
+    ulimits: Ulimits = field(default_factory=dict)
     gpu_memory: float = 0.0
     """The model's claim on the GPU lease (its ``--gpu-memory-utilization``)."""
-    max_model_len: Optional[int] = None
+    max_model_len: Annotated[int | None, PositiveTokens] = None
     tokenize: TokenizeApi = "vllm"
     """The engine's token-count endpoint, used to fit a prompt into ``max_model_len`` exactly."""
     lifecycle: LifecycleClass = "normal"
     sleep_mode: bool = False
     sleep_gpu_memory: float = 0.0
-    profile: Optional[str] = None
+    profile: str | None = None
     tools: ToolSupport = "full"
     multimodal: bool = False
     """Accepts images (vision models): client configs advertise image support."""
     aliases: tuple[str, ...] = ()
-    hf_model: Optional[str] = None
+    hf_model: str | None = None
     enabled: bool = True
     experimental: bool = False
-    experimental_reason: Optional[str] = None
-    disabled_reason: Optional[str] = None
+    experimental_reason: str | None = None
+    disabled_reason: str | None = None
     notes: tuple[str, ...] = ()
-    api_paths: tuple[str, ...] = VLLM_API_PATHS
+    api_paths: Annotated[tuple[str, ...], Each(ApiPath)] = VLLM_API_PATHS
     """The API paths the model's engine serves: others are refused before the engine (and shown in /v1/models)."""
     nodes: tuple[str, ...] = ()
     """Nodes a model spans (``["local", "<peer>", ...]``): vLLM over a Ray cluster, one worker per peer."""
     parallel: Parallelism = "tensor"
     """How a multi-node model is split: ``--tensor-parallel-size N`` or ``--pipeline-parallel-size N``."""
-    worker_image: Optional[str] = None
+    worker_image: str | None = None
     """Image the peers' Ray workers run (default: ``image``); a peer whose ``[workers.<model>]`` names another refuses."""
-    idle_stop_s: Optional[float] = None
-    start_timeout_s: Optional[float] = None
+    idle_stop_s: Annotated[float | None, PositiveSeconds] = None
+    start_timeout_s: Annotated[float | None, PositiveSeconds] = None
     """Overrides ``lifecycle.start_timeout_s`` for a model known to load slowly."""
     encodings: bool = False
     """Mount the tiktoken encodings GPT-OSS needs (``sparkd encodings fetch``) read-only."""
@@ -224,7 +288,7 @@ class EngineCacheConfig:
     image id: models of one image share them, another vLLM build never reads them.
     """
 
-    paths: tuple[str, ...] = (
+    paths: Annotated[tuple[str, ...], Each(ContainerDirectory)] = (
         "/root/.cache/vllm",
         "/tmp/torchinductor_root",
         "/root/.triton",
@@ -237,13 +301,13 @@ class EngineCacheConfig:
 @dataclass(frozen=True)
 class PeerConfig:
     name: str
-    url: str
+    url: Annotated[str, matches(PEER_URL, "the peer sparkd's URL, e.g. https://spark2.lan:8443")]
     """The peer sparkd's URL, ``https://spark2.lan:8443`` (``http://`` only with ``insecure = true``)."""
     key_file: str
     """File holding the key the peer made for this head (role ``peer``); owned by sparkd, mode 0600."""
-    address: str
+    address: Annotated[str, not_empty("the peer's cluster-network address", "an empty string")]
     """The peer's address on the cluster network (its ConnectX-7 link)."""
-    tls_ca: Optional[str] = None
+    tls_ca: str | None = None
     tls_verify: bool = True
     insecure: bool = False
     """Allow an ``http://`` URL: the peer key then crosses the network in clear text (logged as a warning at start-up)."""
@@ -262,8 +326,10 @@ class WorkerConfig:
     """
 
     name: str
-    image: str
-    command: tuple[str, ...] = WORKER_COMMAND
+    image: ImageReference
+    command: Annotated[
+        tuple[str, ...], not_empty("the worker's command, e.g. the default ray start ...", "an empty list")
+    ] = WORKER_COMMAND
     gpu_memory: float = 0.0
     """This node's GPU share for the worker (more than 0, at most ``gpu.memory_budget``)."""
     env: dict[str, str] = field(default_factory=dict)
@@ -285,11 +351,11 @@ class ClusterConfig:
     ib_hca: str = ""
     """InfiniBand/RoCE device for NCCL (NCCL_IB_HCA)."""
     devices: tuple[str, ...] = ("/dev/infiniband",)
-    ray_port: int = 6379
-    heartbeat_s: float = 5.0
-    lease_timeout_s: float = 30.0
+    ray_port: PortNumber = 6379
+    heartbeat_s: PositiveFloat = 5.0
+    lease_timeout_s: Annotated[float, LeaseTimeoutCap] = 30.0
     """A worker lease whose head sent no heartbeat for this long is released (and vice versa); at most 300 s."""
-    max_leases_per_head: int = 4
+    max_leases_per_head: PositiveInt = 4
     """Worker leases one head (one peer key) may hold on this node at a time."""
 
 

@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -99,6 +100,22 @@ def _plural(annotation: Any) -> str:
     )
 
 
+def _unannotated(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
+    """The type of ``Annotated[type, *constraints]`` and its constraints (``constraints.py``)."""
+    if typing.get_origin(annotation) is Annotated:
+        return annotation.__origin__, annotation.__metadata__
+    return annotation, ()
+
+
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    bool: lambda value: isinstance(value, bool),
+    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    float: lambda value: isinstance(value, (int, float)) and not isinstance(value, bool),
+    str: lambda value: isinstance(value, str),
+}
+"""Whether a TOML value is one of the scalar types (TOML's booleans are no integers; integers are numbers)."""
+
+
 def convert(annotation: Any, value: Any) -> Any:
     """Return ``value`` as ``annotation`` wants it, or raise ``_Mismatch``."""
     origin = typing.get_origin(annotation)
@@ -106,42 +123,32 @@ def convert(annotation: Any, value: Any) -> Any:
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return convert(inner[0], value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
+    if annotation in _SCALARS:
+        if _SCALARS[annotation](value):
+            return float(value) if annotation is float else value
     elif origin is Literal:
         if value in args and type(value) is type(args[0]):
             return value
     elif origin is tuple:
         if isinstance(value, list):
-            items = []
-            for index, item in enumerate(value):
-                try:
-                    items.append(convert(args[0], item))
-                except _Mismatch as inner:
-                    raise _Mismatch(inner.expected, inner.found, (f"[{index}]",) + inner.where) from None
-            return tuple(items)
+            return tuple(_convert_items(args[0], ((f"[{index}]", item) for index, item in enumerate(value))).values())
     elif origin is dict:
         if isinstance(value, dict):
-            table = {}
-            for name, item in value.items():
-                try:
-                    table[name] = convert(args[1], item)
-                except _Mismatch as inner:
-                    raise _Mismatch(inner.expected, inner.found, (name,) + inner.where) from None
-            return table
+            return _convert_items(args[1], value.items())
     else:
         raise TypeError(f"unsupported annotation in config schema: {annotation!r}")
     raise _Mismatch(_expected_text(annotation), value)
+
+
+def _convert_items(annotation: Any, items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Each item of an array or table as ``annotation`` wants it; a mismatch names the item (``[1]``, ``name``)."""
+    converted = {}
+    for where, item in items:
+        try:
+            converted[where] = convert(annotation, item)
+        except _Mismatch as inner:
+            raise _Mismatch(inner.expected, inner.found, (where,) + inner.where) from None
+    return converted
 
 
 def build(
@@ -164,7 +171,7 @@ def build(
     if not isinstance(table, dict):
         problems.append(Problem(file, key_path(*path), "a table", describe(table)))
         return None
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}  # type: ignore[arg-type]
     values: dict[str, Any] = dict(fixed)
     for name, raw in table.items():
@@ -180,28 +187,44 @@ def build(
                 )
             )
             continue
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            built = build(annotation, raw, file=file, path=path + (name,), problems=problems)
-            if built is not None:
-                values[name] = built
-            continue
-        try:
-            values[name] = convert(annotation, raw)
-        except _Mismatch as mismatch:
-            found = raw if mismatch.found is None else mismatch.found
-            problems.append(
-                Problem(file, key_path(*path, name, *mismatch.where), mismatch.expected, describe(found))
-            )
+        value = _build_value(hints[name], raw, file=file, path=path + (name,), problems=problems)
+        if value is not _INVALID:
+            values[name] = value
     missing = [
         name
         for name, f in fields.items()
         if name not in values
         and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        and f.default_factory is dataclasses.MISSING
     ]
     for name in missing:
-        problems.append(Problem(file, key_path(*path, name), f"{_expected_text(hints[name])} (required)", "nothing"))
+        problems.append(Problem(file, key_path(*path, name), f"{_expected_text(_unannotated(hints[name])[0])} (required)", "nothing"))
     if missing:
         return None
     return cls(**values)
+
+
+_INVALID = object()
+"""What ``_build_value`` returns for a value that does not have the field's type."""
+
+
+def _build_value(hint: Any, raw: Any, *, file: str, path: tuple[str, ...], problems: list[Problem]) -> Any:
+    """``raw`` as the field's type wants it (a nested dataclass is built), its constraints checked.
+
+    A value that breaks a constraint is kept (its problem reported), so checks across fields
+    still see it; one of the wrong type is ``_INVALID`` and the field keeps its default.
+    """
+    annotation, constraints = _unannotated(hint)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        built = build(annotation, raw, file=file, path=path, problems=problems)
+        return _INVALID if built is None else built
+    try:
+        value = convert(annotation, raw)
+    except _Mismatch as mismatch:
+        found = raw if mismatch.found is None else mismatch.found
+        problems.append(Problem(file, key_path(*path, *mismatch.where), mismatch.expected, describe(found)))
+        return _INVALID
+    for constraint in constraints:
+        for where, expected, found_text in constraint.failures(value):
+            problems.append(Problem(file, key_path(*path, *where), expected, found_text))
+    return value
