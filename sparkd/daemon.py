@@ -123,7 +123,7 @@ class Daemon:
         services = await self._build_services(stack, config)
         listeners = await self._listen(stack, services, config)
         await self._reconcile(stack, services, config)
-        self._handle_signals(stack, services)
+        self._handle_signals(services)
         await self._start_background(stack, services)
         self.notifier.ready(self._status_text(services.scheduler))
         log.info("sparkd_ready", models=len(services.scheduler.runners), config=str(self.config_path))
@@ -219,12 +219,13 @@ class Daemon:
             await services.ops.adopted()
         self.reconciled.set()
 
-    def _handle_signals(self, stack: AsyncExitStack, services: Services) -> None:
+    def _handle_signals(self, services: Services) -> None:
+        # Not undone on the exit stack: until the loop closes, a second SIGTERM or a SIGHUP
+        # while sparkd releases its resources must not kill it half-way through (their default action).
         loop = asyncio.get_running_loop()
         handlers = ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set), (signal.SIGHUP, partial(self._on_sighup, services)))
         for signum, handler in handlers:
             loop.add_signal_handler(signum, handler)
-            stack.callback(loop.remove_signal_handler, signum)
 
     async def _start_background(self, stack: AsyncExitStack, services: Services) -> None:
         scheduler = services.scheduler

@@ -8,14 +8,17 @@ come before sparkd first calls Podman, so no Podman is needed here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
 from pathlib import Path
 
 import pytest
+from harness import write_keys
+from structlog.testing import capture_logs
 
-from sparkd.config import load_config
+from sparkd.config import Config, load_config
 from sparkd.daemon import Daemon, StartupError
 from sparkd.lock import GpuLock
 
@@ -64,7 +67,7 @@ def assert_released(tmp_path: Path, ports: list[int]) -> None:
 
 
 async def test_a_failure_after_the_lock_releases_the_lock_and_everything_after_it(tmp_path: Path):
-    """The usage history cannot be opened: the lock, Podman client, engine session and sampler thread go."""
+    """The usage history cannot be opened: the lock, the Podman client, the engine session and the sampler thread go."""
     port = free_port()
     daemon = daemon_for(tmp_path, [f"127.0.0.1:{port}"])
     (tmp_path / "state" / "history.sqlite3").mkdir(parents=True)  # a directory where the database should be
@@ -85,3 +88,48 @@ async def test_a_port_in_use_releases_the_listeners_already_bound_the_history_an
             await daemon.run()
     assert (tmp_path / "state" / "history.sqlite3").exists()  # opened before the failure
     assert_released(tmp_path, [first])
+
+
+class AppliedConfigs:
+    """Stands in for the scheduler on a reload: what ``status_line`` reads, and the configurations it was given."""
+
+    def __init__(self) -> None:
+        self.runners: dict[str, object] = {}
+        self.queue: list[object] = []
+        self.gpu_missing: str | None = None
+        self.applied: list[Config] = []
+
+    def apply_config(self, config: Config) -> None:
+        self.applied.append(config)
+
+
+async def test_a_reload_swaps_one_frozen_snapshot_and_a_refused_one_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    alice = "sk-alice-" + "a" * 32
+    keys = tmp_path / "keys.toml"
+    daemon = daemon_for(tmp_path, ["127.0.0.1:18009"])
+    before = daemon.snapshot.current
+    write_keys(keys, {"alice": {"key": alice}})
+    config = tmp_path / "sparkd.toml"
+    config.write_text(config.read_text() + '[models.m]\nimage = "i"\ngpu = false\naliases = ["em"]\n')
+    scheduler = AppliedConfigs()
+    assert await daemon.reload(scheduler)  # type: ignore[arg-type]
+    after = daemon.snapshot.current
+    # One new value for the configuration, the model directory, the keys and the compiled fixups together.
+    assert after is not before and scheduler.applied == [after.config]
+    assert after.directory.resolve("em").name == "m" and after.fixups_of(after.config.models["m"]) is not None
+    assert after.keys.check(alice) is not None and before.keys.check(alice) is None
+    assert "m" not in before.config.models and before.directory.lookup("m") is None  # the old snapshot is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.keys = before.keys  # type: ignore[misc]
+
+    config.write_text(config.read_text() + "[lifecycle]\nqueue_size = 0\n")
+    with capture_logs() as logged:
+        assert not await daemon.reload(scheduler)  # type: ignore[arg-type]
+    assert [e["key"] for e in logged if e["event"] == "config_problem"] == ["lifecycle.queue_size"]
+    keys.chmod(0o644)
+    config.write_text(config.read_text().replace("[lifecycle]\nqueue_size = 0\n", ""))
+    with capture_logs() as logged:
+        assert not await daemon.reload(scheduler)  # type: ignore[arg-type]
+    assert [e["event"] for e in logged if e["log_level"] == "error"] == ["keys_problem", "reload_rejected"]
+    assert daemon.snapshot.current is after and len(scheduler.applied) == 1
