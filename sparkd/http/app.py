@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from ..cluster.workers import WorkerLeases
 from ..engine.client import EngineClient
@@ -62,9 +62,6 @@ from .routing import shown
 from .snapshot import SnapshotHolder
 
 log = structlog.get_logger("sparkd.http")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 # Answer without a key: liveness and readiness checks.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", *PAGE_PATHS})

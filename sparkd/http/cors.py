@@ -20,10 +20,11 @@ through untouched; a keyless one of those must name this machine by address in
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import lru_cache
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from ..config.origins import pattern_error
 from ..errors import Forbidden
@@ -39,8 +40,6 @@ MAX_AGE = "600"
 ORIGIN_KEY = web.RequestKey("cors_origin", str) if hasattr(web, "RequestKey") else "cors_origin"
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _HOST_CHARS = "[A-Za-z0-9.-]+"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _regex(pattern: str) -> str:
@@ -88,7 +87,7 @@ def preflight_headers(origin: str, requested: str | None) -> dict[str, str]:
     }
 
 
-def cors_middleware(patterns: Callable[[], tuple[str, ...]]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def cors_middleware(patterns: Callable[[], tuple[str, ...]]) -> Middleware:
     """The middleware; ``patterns()`` gives the current allowlist (it changes on reload)."""
 
     @web.middleware

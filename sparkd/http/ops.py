@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -155,7 +156,7 @@ class OpsRoutes:
                 queue: asyncio.Queue[str | None] = asyncio.Queue()
                 follower = LogFollower(
                     self._runtime.url, name, loop, queue.put_nowait, since=since, tail=tail if since is None else None,
-                    on_end=lambda q=queue: q.put_nowait(None),
+                    on_end=partial(queue.put_nowait, None),
                 )
                 follower.start()
                 try:
