@@ -126,7 +126,7 @@ class Daemon:
         lifecycle = Lifecycle(config, self.runtime, self.engine, memory, load_times, cluster=coordinator)
         self.scheduler = Scheduler(config, lifecycle)
         self.workers = WorkerLeases(self.scheduler)
-        self.scheduler.subscribe(lambda _runner, _previous: self._publish_status())
+        self.scheduler.subscribe(lambda _event: self._publish_status())
         self.ops = Operations(self, memory)  # metrics, history, live status, the admin socket
         cleanup.push_async_callback(self.ops.close)
         try:

@@ -1,8 +1,9 @@
 """Scheduling decisions with an in-process fake of the container lifecycle.
 
-The fake moves each model's state machine exactly as the real Lifecycle does,
-with short sleeps instead of containers, and records what ran when; the
-integration tests repeat the important cases on real Podman.
+The fake does the slow work with short sleeps instead of containers and
+returns outcomes as the real Lifecycle does (the scheduler alone moves the
+models' states), and records what ran when; the integration tests repeat the
+important cases on real Podman.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
 from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
 from sparkd.scheduler.loadtimes import LoadTimes
+from sparkd.scheduler.outcomes import Failed, Slept, Started, Stopped, Woke
 from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
@@ -35,6 +37,8 @@ class FakeRuntime:
 
 
 class FakeLifecycle:
+    """Does the slow work with short sleeps and returns its outcomes, as the real Lifecycle does."""
+
     def __init__(self, tmp: Path, start_delay: float = 0.02) -> None:
         self.runtime = FakeRuntime()
         self.load_times = LoadTimes(tmp / "load-times.json")
@@ -49,37 +53,34 @@ class FakeLifecycle:
         self.timeline.append((action, name))
         self.overlaps.append(set(self.running))
 
-    async def start(self, runner, reason):
-        runner.transition(ModelState.STARTING, reason=reason)
+    async def start(self, runner, on_progress):
         self.running.add(runner.name)
         self._record("start", runner.name)
         await asyncio.sleep(self.start_delay)
         if runner.name in self.failing:
             self.running.discard(runner.name)
-            runner.fail(f"model {runner.name}: its container exited during start with code 1", [self.failing[runner.name]])
-            return
-        runner.endpoint = Endpoint(port=1, key="k")
-        runner.transition(ModelState.READY, reason=reason)
+            return Failed(f"model {runner.name}: its container exited during start with code 1", (self.failing[runner.name],))
+        return Started(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), took=self.start_delay)
 
     async def stop(self, runner, reason):
-        runner.transition(ModelState.STOPPING, reason=reason)
         await asyncio.sleep(0.005)
         self.running.discard(runner.name)
         self._record("stop", runner.name)
-        runner.transition(ModelState.STOPPED, reason=reason)
-        return True
+        return Stopped()
 
-    async def sleep(self, runner, reason):
+    async def stop_after_loss(self, runner, reason):
+        self.running.discard(runner.name)
+        return Failed(reason)
+
+    async def sleep(self, runner):
         await asyncio.sleep(0.005)
         self._record("sleep", runner.name)
-        runner.transition(ModelState.SLEEPING, reason=reason)
-        return True
+        return Slept()
 
-    async def wake(self, runner, reason):
-        runner.transition(ModelState.WAKING, reason=reason)
+    async def wake(self, runner):
         await asyncio.sleep(0.005)
         self._record("wake", runner.name)
-        runner.transition(ModelState.READY, reason=reason)
+        return Woke(took=0.005)
 
     async def tail_logs(self, runner):
         return []
