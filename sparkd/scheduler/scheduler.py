@@ -71,6 +71,7 @@ log = structlog.get_logger("sparkd.scheduler")
 S = ModelState
 
 REAPER_PERIOD_S = 1.0
+STOP_RETRY_FIRST_S = 2.0
 STOP_RETRY_MAX_S = 60.0
 LIVE = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})
 """States in which the model's container may run."""
@@ -548,7 +549,7 @@ class Scheduler:
                 self._fail(runner, S.STOPPING, Failed(outcome.message))
                 return
             attempt += 1
-            delay = min(STOP_RETRY_MAX_S, 2.0 ** attempt)
+            delay = min(STOP_RETRY_MAX_S, STOP_RETRY_FIRST_S * 2.0 ** (attempt - 1))
             log.warning("model_stop_failed", model=runner.name, error=outcome.message, attempt=attempt, retry_in_s=delay)
             await asyncio.sleep(delay)
 

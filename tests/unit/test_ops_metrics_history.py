@@ -151,6 +151,23 @@ async def test_transitions_count_starts_stops_failures_swaps_and_load_times(tmp_
     assert not any(name.endswith("_created") for name, _ in found)
 
 
+async def test_wakes_are_timed_once_and_a_sleep_for_another_model_is_a_swap(tmp_path):
+    sleepy = {"sleep_mode": True, "sleep_gpu_memory": 0.05}
+    scheduler = Scheduler(config_with(model("a", 0.8, **sleepy), model("b", 0.8, **sleepy)), FakeLifecycle(tmp_path))
+    scheduler.start_serving()
+    metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
+    scheduler.subscribe(metrics.on_event)
+    await serve(scheduler, "a")
+    await serve(scheduler, "b")  # a sleeps for b
+    await serve(scheduler, "a")  # b sleeps for a, a wakes
+    found = samples(await metrics.render())
+    assert get(found, "sparkd_swaps_total", model="a", for_model="b") == 1
+    assert get(found, "sparkd_swaps_total", model="b", for_model="a") == 1
+    assert get(found, "sparkd_model_load_duration_seconds_count", model="a", kind="wake") == 1
+    assert get(found, "sparkd_model_load_duration_seconds_count", model="a", kind="start") == 1
+    assert get(found, "sparkd_container_starts_total", model="a") == 1
+
+
 async def test_request_done_counts_status_latency_and_tokens(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       131072000 kB\nMemFree:        1000 kB\nMemAvailable:   65536000 kB\n")
@@ -228,6 +245,25 @@ async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_p
     assert data["sessions"][0]["end_reason"].startswith("gone when sparkd restarted")
     assert data["sessions"][0]["ended_at"] is not None
     await again.close()
+
+
+async def test_a_sessions_last_requests_count_in_it_whatever_the_subscription_order(tmp_path):
+    scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8)), FakeLifecycle(tmp_path))
+    scheduler.start_serving()
+    metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
+    history = History(tmp_path / "history.sqlite3", pending_usage=metrics.take_usage)
+    await history.open()
+    scheduler.subscribe(history.on_event)  # before the metrics: the order does not matter
+    scheduler.subscribe(metrics.on_event)
+    await serve(scheduler, "a")
+    now = time.monotonic()
+    metrics.request_done("a", 200, now, None, now)
+    metrics.request_done("a", 500, now, None, now)
+    await serve(scheduler, "b")  # a's session ends: its last two requests count in it
+    [a_session] = (await history.query("a"))["sessions"]
+    assert not a_session["running"] and a_session["requests"] == 2
+    assert metrics.take_usage("a") is None  # taken once, not counted again by the next flush
+    await history.close()
 
 
 async def test_history_reuses_an_open_session_for_an_adopted_container(tmp_path):
