@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,6 +32,7 @@ from .scheduler.events import Adopted, Event, LoadFinished, Transitioned
 from .scheduler.state import ModelState
 
 log = structlog.get_logger("sparkd.history")
+T = TypeVar("T")
 
 S = ModelState
 SCHEMA_VERSION = 1
@@ -94,7 +95,7 @@ class History:
 
     # -- plumbing -----------------------------------------------------------------
 
-    async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     def _submit(self, func: Callable[..., Any], *args: Any) -> None:

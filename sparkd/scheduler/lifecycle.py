@@ -29,6 +29,7 @@ from .memory import MemoryGauge
 from .outcomes import (
     Adoption,
     Failed,
+    Launched,
     NotAdoptable,
     Slept,
     Started,
@@ -65,8 +66,8 @@ class Lifecycle:
 
     # -- start ----------------------------------------------------------------
 
-    async def start(self, runner: ModelRunner, on_progress: ProgressSink) -> Started | Failed:
-        """Bring the model's container up and wait until its engine is ready."""
+    async def launch(self, runner: ModelRunner) -> Launched | Failed:
+        """Bring the model's container up (create or re-create it, start it); ``await_ready`` follows."""
         began = time.monotonic()
         try:
             await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
@@ -78,8 +79,7 @@ class Lifecycle:
             return await self._failed(runner, str(error), [], error)
         except (StartFailed, WorkersUnavailable) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
-        started_at = info.started_at or time.time()
-        return await self._finish_start(runner, endpoint, started_at, began, on_progress, record_load_time=True)
+        return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began)
 
     async def _create_and_start(self, runner: ModelRunner) -> ContainerInfo:
         attempts = 0
@@ -118,28 +118,26 @@ class Lifecycle:
         serving = endpoint is None or await self.engine.is_ready(endpoint, runner.config.readiness_path, timeout=5.0)
         return Adoption(container=info.name, endpoint=endpoint, started_at=started_at, serving=serving)
 
-    async def await_ready(self, runner: ModelRunner, on_progress: ProgressSink) -> Started | Failed:
-        """Finish the start of an adopted, still-loading container (its endpoint is the runner's)."""
-        started_at = runner.started_at or time.time()
-        return await self._finish_start(
-            runner, runner.endpoint, started_at, time.monotonic(), on_progress, record_load_time=False
-        )
-
-    async def _finish_start(
-        self, runner: ModelRunner, endpoint: Endpoint | None, started_at: float, began: float,
-        on_progress: ProgressSink, record_load_time: bool,
+    async def await_ready(
+        self, runner: ModelRunner, on_progress: ProgressSink, launched: Launched | None,
     ) -> Started | Failed:
+        """Wait until the engine of the runner's container answers (at the runner's endpoint).
+
+        ``launched``: this sparkd started the container (its start timeout counts from then, its
+        load time is recorded); None: an adopted container that was still loading.
+        """
+        began = launched.began if launched is not None else time.monotonic()
         follower = self._follow_progress(runner, on_progress)
         try:
-            await self._wait_ready(runner, endpoint, began)
+            await self._wait_ready(runner, runner.endpoint, began)
         except (StartFailed, RuntimeFailure) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         finally:
             follower.stop()
         took = time.monotonic() - began
-        if record_load_time:
+        if launched is not None:
             await self.load_times.record(runner.name, took)
-        return Started(endpoint=endpoint, started_at=started_at, took=took)
+        return Started(took=took)
 
     async def _failed(self, runner: ModelRunner, message: str, log_lines: list[str],
                       cause: RuntimeFailure | None = None) -> Failed:

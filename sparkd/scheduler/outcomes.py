@@ -12,13 +12,21 @@ from ..engine.client import Endpoint
 
 
 @dataclass(frozen=True)
-class Started:
-    """The engine answers its readiness path."""
+class Launched:
+    """The model's container runs; its engine may still be loading."""
 
     endpoint: Endpoint | None
     """None for a container without an engine API (a Ray worker)."""
     started_at: float
     """Wall-clock time the container started (from Podman)."""
+    began: float
+    """time.monotonic() the start began: the start timeout and the load time count from then."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """The engine answers its readiness path."""
+
     took: float
 
 

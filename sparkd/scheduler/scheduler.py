@@ -287,15 +287,14 @@ class Scheduler:
         except asyncio.CancelledError:
             self._abandon(waiter, runner)
             raise
-        if not done:
-            if self.queue.remove(waiter):
-                self.pump()
-                raise GatewayTimeout(
-                    f"model {name} was not ready after waiting {timeout:.0f}s (lifecycle.queue_timeout_s): "
-                    f"{self._why_waiting(runner)}",
-                    retry_after=self.retry_after(name),
-                    code="queue_timeout",
-                )
+        if not done and self.queue.remove(waiter):
+            self.pump()
+            raise GatewayTimeout(
+                f"model {name} was not ready after waiting {timeout:.0f}s (lifecycle.queue_timeout_s): "
+                f"{self._why_waiting(runner)}",
+                retry_after=self.retry_after(name),
+                code="queue_timeout",
+            )
         waiter.future.result()  # raises the model's failure, if it failed
         return runner
 
@@ -500,13 +499,18 @@ class Scheduler:
             self.pump()
 
     async def _run_start(self, runner: ModelRunner, cause: Cause) -> None:
-        outcome = await self.lifecycle.start(runner, self._progress(runner))
-        if isinstance(outcome, Started):
-            runner.stale_spec = False
-        self._finish_load(runner, S.STARTING, cause, outcome)
+        launched = await self.lifecycle.launch(runner)
+        if isinstance(launched, Failed):
+            self._finish_load(runner, S.STARTING, cause, launched)
+            return
+        # The container runs: its port and uptime show while its engine loads.
+        runner.endpoint, runner.started_at, runner.stale_spec = launched.endpoint, launched.started_at, False
+        ready = await self.lifecycle.await_ready(runner, self._progress(runner), launched)
+        self._finish_load(runner, S.STARTING, cause, ready)
 
     async def _run_adopted(self, runner: ModelRunner, cause: Adopted) -> None:
-        self._finish_load(runner, S.STARTING, cause, await self.lifecycle.await_ready(runner, self._progress(runner)))
+        ready = await self.lifecycle.await_ready(runner, self._progress(runner), None)
+        self._finish_load(runner, S.STARTING, cause, ready)
 
     async def _run_wake(self, runner: ModelRunner, cause: Cause) -> None:
         self._finish_load(runner, S.WAKING, cause, await self.lifecycle.wake(runner))
@@ -520,8 +524,6 @@ class Scheduler:
                 self._emit(LoadFinished(runner.name, kind, began, time.time() - began, "failed", outcome.message))
             self._fail_waiters(runner, self._failure_error(runner))
             return
-        if isinstance(outcome, Started):
-            runner.endpoint, runner.started_at = outcome.endpoint, outcome.started_at
         if self._move(runner, loading, S.READY, cause):
             self._emit(LoadFinished(runner.name, kind, began, time.time() - began, "ready", cause.describe(S.READY)))
             self._grant(runner)

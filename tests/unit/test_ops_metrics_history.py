@@ -17,7 +17,7 @@ from sparkd.errors import ServiceUnavailable
 from sparkd.history import History, HistoryUnavailable
 from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
 from sparkd.scheduler.loadtimes import LoadTimes
-from sparkd.scheduler.outcomes import Adoption, Failed, Slept, Started, Stopped, Woke
+from sparkd.scheduler.outcomes import Adoption, Failed, Launched, Slept, Started, Stopped, Woke
 from sparkd.scheduler.scheduler import Scheduler
 
 
@@ -29,11 +29,14 @@ class FakeLifecycle:
         self.load_times = LoadTimes(tmp / "load-times.json")
         self.failing = failing or set()
 
-    async def start(self, runner, on_progress):
+    async def launch(self, runner):
+        return Launched(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), began=time.monotonic())
+
+    async def await_ready(self, runner, on_progress, launched):
         await asyncio.sleep(0.02)
         if runner.name in self.failing:
             return Failed(f"model {runner.name}: its container exited during start with code 1", ("CUDA error: boom",))
-        return Started(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), took=0.02)
+        return Started(took=0.02)
 
     async def stop(self, runner, reason):
         await asyncio.sleep(0.005)

@@ -25,7 +25,7 @@ from sparkd.scheduler.events import (
     FailureCause, Idle, LoadFinished, OperatorAction, Progress, Requested, SwapFor, Transitioned,
 )
 from sparkd.scheduler.loadtimes import LoadTimes
-from sparkd.scheduler.outcomes import Failed, Slept, Started, StopFailed, Stopped, Woke
+from sparkd.scheduler.outcomes import Failed, Launched, Slept, Started, StopFailed, Stopped, Woke
 from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
@@ -59,14 +59,17 @@ class FakeLifecycle:
         self.timeline.append((action, name))
         self.overlaps.append(set(self.running))
 
-    async def start(self, runner, on_progress):
+    async def launch(self, runner):
         self.running.add(runner.name)
         self._record("start", runner.name)
+        return Launched(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), began=time.monotonic())
+
+    async def await_ready(self, runner, on_progress, launched):
         await asyncio.sleep(self.start_delay)
         if runner.name in self.failing:
             self.running.discard(runner.name)
             return Failed(f"model {runner.name}: its container exited during start with code 1", (self.failing[runner.name],))
-        return Started(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), took=self.start_delay)
+        return Started(took=self.start_delay)
 
     async def stop(self, runner, reason):
         await asyncio.sleep(0.005)
@@ -445,14 +448,15 @@ async def test_events_carry_structured_causes_and_one_load_record_per_start_and_
 
 async def test_load_progress_is_an_event_and_shown_only_while_starting(fake):
     progress = LoadProgress("loading weights", 0.5, "Loading safetensors checkpoint shards: 50%")
-    started = fake.start
+    await_ready = fake.await_ready
 
-    async def start_with_progress(runner, on_progress):
+    async def ready_with_progress(runner, on_progress, launched):
+        assert runner.endpoint is not None and runner.uptime() is not None  # the container runs: its port shows
         on_progress(progress)
         assert runner.progress == progress
-        return await started(runner, on_progress)
+        return await await_ready(runner, on_progress, launched)
 
-    fake.start = start_with_progress
+    fake.await_ready = ready_with_progress
     scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
     events = recorded(scheduler)
     runner = await scheduler.acquire("a")
@@ -462,10 +466,10 @@ async def test_load_progress_is_an_event_and_shown_only_while_starting(fake):
 
 
 async def test_a_crashed_task_fails_its_model_stops_what_runs_and_frees_its_share(fake):
-    async def crash(runner, on_progress):
+    async def crash(runner, on_progress, launched):
         raise RuntimeError("bug in the start path")
 
-    fake.start = crash
+    fake.await_ready = crash
     losses: list[str] = []
     stop_after_loss = fake.stop_after_loss
 
