@@ -134,9 +134,11 @@ class Lifecycle:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         finally:
             follower.stop()
+        if launched is None:
+            # An adopted container's load began with the container, under the earlier sparkd.
+            return Started(took=max(0.0, time.time() - (runner.started_at or time.time())))
         took = time.monotonic() - began
-        if launched is not None:
-            await self.load_times.record(runner.name, took)
+        await self.load_times.record(runner.name, took)
         return Started(took=took)
 
     async def _failed(self, runner: ModelRunner, message: str, log_lines: list[str],

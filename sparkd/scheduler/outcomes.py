@@ -28,6 +28,7 @@ class Started:
     """The engine answers its readiness path."""
 
     took: float
+    """Seconds since the start began (for an adopted container: since the container started)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Slept:
 @dataclass(frozen=True)
 class Woke:
     took: float
+    """Seconds from the wake's beginning (waiting for the memory included) to the engine answering."""
 
 
 @dataclass(frozen=True)

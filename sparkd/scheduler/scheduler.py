@@ -525,7 +525,7 @@ class Scheduler:
             self._fail_waiters(runner, self._failure_error(runner))
             return
         if self._move(runner, loading, S.READY, cause):
-            self._emit(LoadFinished(runner.name, kind, began, time.time() - began, "ready", cause.describe(S.READY)))
+            self._emit(LoadFinished(runner.name, kind, began, outcome.took, "ready", cause.describe(S.READY)))
             self._grant(runner)
 
     def _stop(self, runner: ModelRunner, cause: Cause) -> None:
