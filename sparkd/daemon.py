@@ -153,7 +153,7 @@ class Daemon:
         lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator)
         scheduler = Scheduler(config, lifecycle)
         workers = WorkerLeases(scheduler)
-        scheduler.subscribe(lambda _runner, _previous: self._publish_status(scheduler))
+        scheduler.subscribe(lambda _event: self._publish_status(scheduler))
         ops = Operations(lambda: self.config, scheduler, runtime, memory)  # metrics, history, live status, the admin socket
         stack.push_async_callback(ops.close)
         try:

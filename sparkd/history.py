@@ -21,18 +21,18 @@ import asyncio
 import sqlite3
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, TypeVar
 
 import structlog
 
+from .scheduler.events import Adopted, Event, LoadFinished, Transitioned
 from .scheduler.state import ModelState
 
-if TYPE_CHECKING:
-    from .scheduler.runner import ModelRunner
-
 log = structlog.get_logger("sparkd.history")
+T = TypeVar("T")
 
 S = ModelState
 SCHEMA_VERSION = 1
@@ -79,18 +79,23 @@ class HistoryUnavailable(Exception):
     pass
 
 
+UsageSource = Callable[[str], list[int] | None]
+"""A model's [requests, errors, prompt, completion] not yet written, taken (``Metrics.take_usage``)."""
+
+
 class History:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pending_usage: UsageSource | None = None) -> None:
+        """``pending_usage``: where a session that ends takes its model's last request counts from."""
         self.path = path
+        self._pending_usage = pending_usage
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkd-history")
         self._db: sqlite3.Connection | None = None  # touched only by the executor's thread
         self._open: dict[str, int] = {}  # model -> open session row id; executor's thread only
-        self._wake_began: dict[str, float] = {}  # event loop only
         self.problem: str | None = None
 
     # -- plumbing -----------------------------------------------------------------
 
-    async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     def _submit(self, func: Callable[..., Any], *args: Any) -> None:
@@ -176,31 +181,24 @@ class History:
 
     # -- recording --------------------------------------------------------------------
 
-    def on_transition(self, runner: "ModelRunner", previous: ModelState | None) -> None:
+    def on_event(self, event: Event) -> None:
         """Scheduler listener: sessions and loads (runs on the loop, queues the writes)."""
-        if previous is None:
-            return
-        now = time.time()
-        name, state = runner.name, runner.state
-        if state in (S.STARTING, S.READY) and previous in (S.STOPPED, S.FAILED):
+        if isinstance(event, LoadFinished):
+            self._submit(self._load_sync, event.model, event.kind, event.began, event.took, event.outcome, event.message)
+        elif isinstance(event, Transitioned):
+            self._record_move(event)
+
+    def _record_move(self, event: Transitioned) -> None:
+        name, old, new = event.model, event.old, event.new
+        if new in (S.STARTING, S.READY) and old in (S.STOPPED, S.FAILED):
             # A start, or a container adopted at start-up: an open session continues.
-            self._submit(self._begin_sync, name, runner.start_requested_at or runner.started_at or now, now)
-        if state is S.WAKING:
-            self._wake_began[name] = now
-        if state is S.READY and previous is S.STARTING and runner.start_requested_at:
-            started = runner.start_requested_at
-            self._submit(self._load_sync, name, "start", started, now - started, "ready", runner.reason)
-        elif state is S.READY and previous is S.WAKING:
-            began = self._wake_began.pop(name, now)
-            self._submit(self._load_sync, name, "wake", began, now - began, "ready", runner.reason)
-        elif state is S.FAILED and previous in (S.STARTING, S.WAKING):
-            kind = "start" if previous is S.STARTING else "wake"
-            began = runner.start_requested_at if kind == "start" else self._wake_began.pop(name, now)
-            message = runner.failure.message if runner.failure else runner.reason
-            self._submit(self._load_sync, name, kind, began or now, now - (began or now), "failed", message)
-        if state in (S.STOPPED, S.FAILED):
-            reason = runner.failure.message if state is S.FAILED and runner.failure else runner.reason
-            self._submit(self._end_sync, name, now, state.value, reason)
+            started = event.cause.started_at if isinstance(event.cause, Adopted) else event.at
+            self._submit(self._begin_sync, name, started, event.at)
+        if new in (S.STOPPED, S.FAILED):
+            usage = self._pending_usage(name) if self._pending_usage is not None else None
+            if usage:
+                self._submit(self._flush_sync, {name: usage}, event.at)  # the session's last requests count in it
+            self._submit(self._end_sync, name, event.at, new.value, event.reason)
 
     def _begin_sync(self, model: str, started_at: float, now: float) -> None:
         assert self._db is not None
@@ -245,10 +243,6 @@ class History:
             "ELSE MAX(COALESCE(peak_gpu_used_bytes, 0), ?) END WHERE id = ?",
             (host_used, container, gpu_used, gpu_used, row_id),
         )
-
-    def add_usage(self, usage: dict[str, list[int]]) -> None:
-        """Like ``flush`` without waiting (a session is about to end: count its last requests)."""
-        self._submit(self._flush_sync, usage, time.time())
 
     async def flush(self, usage: dict[str, list[int]]) -> None:
         """Add per-model [requests, errors, prompt, completion] to today's row; mark open sessions seen."""

@@ -3,8 +3,8 @@
 Two kinds of figures:
 
 * **events** (counters, histograms) are updated as things happen: a request ends
-  (``request_done``, called once per request from the request path) or a model
-  changes state (``on_transition``, a scheduler listener);
+  (``request_done``, called once per request from the request path) or the
+  scheduler emits an event (``on_event``: a move, a finished load);
 * **levels** (in flight, queued, model states, the lease, host memory) are read
   from the scheduler when Prometheus scrapes, so they cost the request path
   nothing.
@@ -16,7 +16,6 @@ word, never client input, so the number of series stays bounded.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -27,16 +26,15 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .engine.usage import NO_MODEL, RequestRecord, parse_usage  # noqa: F401 - re-exported for tests
 from .scheduler.memory import parse_meminfo
+from .scheduler.events import Event, LoadFinished, Transitioned, swap_target
 from .scheduler.state import ModelState
 
 if TYPE_CHECKING:
     from .scheduler.memory import MemoryGauge
-    from .scheduler.runner import ModelRunner
     from .scheduler.scheduler import Scheduler
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
-SWAP_PREFIX = "swapped out for "
 
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -85,7 +83,6 @@ class Metrics:
         r.register(self._levels)
         self._request_children: dict[tuple[str, int], tuple[Any, ...]] = {}
         self._known: set[str] = set()
-        self._waking_since: dict[str, float] = {}
         self.usage_pending: dict[str, list[int]] = {}
         """Per model [requests, errors, prompt tokens, completion tokens] since the last ``drain_usage``."""
         for name in scheduler.runners:
@@ -102,11 +99,15 @@ class Metrics:
         self.stops.labels(model)
         self.failures.labels(model)
 
-    def on_transition(self, runner: "ModelRunner", previous: ModelState | None) -> None:
+    def on_event(self, event: Event) -> None:
         """Scheduler listener: count starts, stops, failures, swaps and load times."""
-        if previous is None:
+        if isinstance(event, LoadFinished):
+            if event.outcome == "ready":
+                self.load_duration.labels(event.model, event.kind).observe(max(0.0, event.took))
+            return
+        if not isinstance(event, Transitioned):
             return  # progress news
-        name, state = runner.name, runner.state
+        name, state = event.model, event.new
         self._know(name)
         if state is ModelState.STARTING:
             self.starts.labels(name).inc()
@@ -114,16 +115,9 @@ class Metrics:
             self.stops.labels(name).inc()
         elif state is ModelState.FAILED:
             self.failures.labels(name).inc()
-        elif state is ModelState.READY and previous is ModelState.STARTING and runner.start_requested_at:
-            self.load_duration.labels(name, "start").observe(max(0.0, time.time() - runner.start_requested_at))
-        elif state is ModelState.WAKING:
-            self._waking_since[name] = time.monotonic()
-        elif state is ModelState.READY and previous is ModelState.WAKING and name in self._waking_since:
-            self.load_duration.labels(name, "wake").observe(time.monotonic() - self._waking_since.pop(name))
-        if state in (ModelState.STOPPING, ModelState.SLEEPING) and runner.reason.startswith(SWAP_PREFIX):
-            for_model = runner.reason[len(SWAP_PREFIX):].split(" ", 1)[0]
-            if for_model in self.scheduler.runners:
-                self.swaps.labels(name, for_model).inc()
+        for_model = swap_target(event.cause)
+        if state in (ModelState.STOPPING, ModelState.SLEEPING) and for_model is not None:
+            self.swaps.labels(name, for_model).inc()
 
     def request_done(self, model: str, status: int, started: float, record: RequestRecord | None, now: float) -> None:
         """One request ended (any status). ``started``/``now`` are time.monotonic()."""

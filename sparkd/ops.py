@@ -2,7 +2,7 @@
 status for the page and ``sparkctl top``, ``prepare``, and the admin unix socket.
 
 ``Operations`` is created by the daemon right after the scheduler; it subscribes
-the metrics, the history and the status hub to the scheduler's transitions,
+the metrics, the history and the status hub to the scheduler's events,
 runs two small background loops (memory sampling for the history's peaks, and
 the history's periodic flush), and owns the admin socket's lifecycle.
 """
@@ -25,6 +25,7 @@ from . import __version__
 from .history import History
 from .metrics import Metrics
 from .runtime.errors import ImageMissing, RuntimeFailure
+from .scheduler.events import Event, FailureCause, Transitioned
 from .scheduler.memory import parse_meminfo
 from .scheduler.state import ModelState
 from .scheduler.status import snapshot
@@ -60,16 +61,16 @@ class StatusHub:
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
 
-    def on_change(self, runner: ModelRunner, previous: ModelState | None) -> None:
-        if previous is not None:
-            now = time.time()
+    def on_event(self, event: Event) -> None:
+        """Scheduler listener: keep moves and failures, wake the live views on any news."""
+        if isinstance(event, Transitioned):
+            at = round(event.at, 3)
             self.recent.append(
-                {"at": round(now, 3), "model": runner.name, "from": previous.value, "to": runner.state.value, "reason": runner.reason}
+                {"at": at, "model": event.model, "from": event.old.value, "to": event.new.value, "reason": event.reason}
             )
-            if runner.state is S.FAILED and runner.failure is not None:
+            if isinstance(event.cause, FailureCause):
                 self.failures.append(
-                    {"at": round(now, 3), "model": runner.name, "message": runner.failure.message,
-                     "log_lines": list(runner.failure.log_lines)}
+                    {"at": at, "model": event.model, "message": event.cause.message, "log_lines": list(event.cause.log_lines)}
                 )
         self.poke()
 
@@ -100,16 +101,15 @@ class Operations:
         self._memory = memory
         self.started_at = time.time()
         self.metrics = Metrics(scheduler, memory)
-        self.history = History(Path(config().server.state_dir) / "history.sqlite3")
+        self.history = History(Path(config().server.state_dir) / "history.sqlite3", pending_usage=self.metrics.take_usage)
         self.hub = StatusHub()
         self.socket_path = Path(config().server.runtime_dir) / SOCKET_NAME
         self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkd-sampler")
         self._podman: Any = None  # the sampler thread's own Podman client
         self._tasks: list[asyncio.Task[Any]] = []
-        scheduler.subscribe(self.metrics.on_transition)
-        scheduler.subscribe(self._session_ending)  # before the history's listener: its writes queue first
-        scheduler.subscribe(self.history.on_transition)
-        scheduler.subscribe(self.hub.on_change)
+        scheduler.subscribe(self.metrics.on_event)
+        scheduler.subscribe(self.history.on_event)
+        scheduler.subscribe(self.hub.on_event)
 
     # -- lifespan ---------------------------------------------------------------------
 
@@ -159,13 +159,6 @@ class Operations:
                 self.socket_path.unlink()
         except OSError:
             pass
-
-    def _session_ending(self, runner: ModelRunner, previous: ModelState | None) -> None:
-        """A model stops or fails: count its last requests in its session before the session ends."""
-        if previous is not None and runner.state in (S.STOPPED, S.FAILED):
-            usage = self.metrics.take_usage(runner.name)
-            if usage:
-                self.history.add_usage({runner.name: usage})
 
     # -- live status ------------------------------------------------------------------
 
@@ -277,7 +270,7 @@ class Operations:
                 return {"result": "image_missing", "message": str(error)}
             except RuntimeFailure as error:
                 return {"result": "error", "message": str(error)}
-            runner.stale_spec = False
+            self._scheduler.container_current(runner)
             if before is None:
                 result = "created"
             elif before.id != info.id:

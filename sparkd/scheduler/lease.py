@@ -40,9 +40,13 @@ class Lease:
         return self.claimed + claim <= self.budget + EPSILON
 
     def grant(self, model: str, claim: float) -> None:
-        """Give ``model`` a share of ``claim`` (replacing any share it held)."""
+        """Give ``model`` a share of ``claim`` (replacing any share it held).
+
+        Growing past the budget is refused; shrinking never is, even when a reload lowered
+        the budget below what is held (the share only comes closer to it).
+        """
         held = self.holders.get(model, 0.0)
-        if self.claimed - held + claim > self.budget + EPSILON:
+        if claim > held and self.claimed - held + claim > self.budget + EPSILON:
             raise ValueError(f"lease over budget: {model} wants {claim}, free {self.budget - self.claimed + held:.2f}")
         self.holders[model] = claim
 

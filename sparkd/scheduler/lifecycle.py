@@ -1,36 +1,51 @@
 """Carrying out one model's start, stop, sleep, wake and adoption.
 
-The scheduler decides *what* happens (and holds the lease); this module does
-it, driving Podman and the engine, and moves the model's state machine.  Each
-action records failures on the model (``runner.fail``) instead of raising, so a
-caller can always just await it.
+The scheduler decides *what* happens, and alone moves the model's state and its
+lease share; this module does the slow work, driving Podman and the engine, and
+returns what came of it (``outcomes``).  Every failure is an outcome too, never
+an exception, so the scheduler can always just await an action.  It reads the
+model's runner (its spec, its endpoint, whether its container died) and writes
+nothing on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
-from ..engine.client import EngineClient, EngineError, Endpoint
-from ..engine.progress import parse_line
+from ..engine.client import Endpoint, EngineClient, EngineError
+from ..engine.progress import LoadProgress, parse_line
 from ..runtime.errors import PortInUse, RuntimeFailure
 from ..runtime.logs import LogFollower
-from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..runtime.podman import ContainerInfo, PodmanRuntime
 from .loadtimes import LoadTimes
 from .memory import MemoryGauge
+from .outcomes import (
+    Adoption,
+    Failed,
+    Launched,
+    NotAdoptable,
+    Slept,
+    Started,
+    StopFailed,
+    Stopped,
+    Woke,
+)
 from .runner import ModelRunner
-from .state import ModelState
 
 log = structlog.get_logger("sparkd.scheduler")
 
 INSPECT_EVERY_S = 2.0
 PORT_ATTEMPTS = 3
 LOG_LINES_ON_FAILURE = 20
+
+ProgressSink = Callable[[LoadProgress], None]
 
 
 class StartFailed(Exception):
@@ -51,27 +66,20 @@ class Lifecycle:
 
     # -- start ----------------------------------------------------------------
 
-    async def start(self, runner: ModelRunner, reason: str) -> None:
-        """Bring the model's container up and wait until its engine is ready (or failed)."""
-        runner.start_requested_at = time.time()
-        runner.died.clear()
-        runner.loss = None
-        runner.transition(ModelState.STARTING, reason=reason)
+    async def launch(self, runner: ModelRunner) -> Launched | Failed:
+        """Bring the model's container up (create or re-create it, start it); ``await_ready`` follows."""
         began = time.monotonic()
         try:
             await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
             if len(runner.config.nodes) > 1:
                 await self._acquire_workers(runner)
             info = await self._create_and_start(runner)
-            runner.stale_spec = False
-            self._attach(runner, info)
+            endpoint = self._endpoint(runner, info)
         except RuntimeFailure as error:
-            await self._record_failure(runner, str(error), [], error)
-            return
+            return await self._failed(runner, str(error), [], error)
         except (StartFailed, WorkersUnavailable) as error:
-            await self._record_failure(runner, str(error), getattr(error, "log_lines", []))
-            return
-        await self._finish_start(runner, began, reason, record_load_time=True)
+            return await self._failed(runner, str(error), getattr(error, "log_lines", []))
+        return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began)
 
     async def _create_and_start(self, runner: ModelRunner) -> ContainerInfo:
         attempts = 0
@@ -99,73 +107,69 @@ class Lifecycle:
         if self.cluster is not None and len(runner.config.nodes) > 1:
             await self.cluster.release(runner.name, reason)
 
-    async def adopt(self, runner: ModelRunner, info: ContainerInfo) -> bool:
-        """Take over a container left running by an earlier sparkd.
-
-        True: it serves (READY).  False: it is still loading (STARTING; finish
-        with ``await_ready``) or cannot be adopted (state unchanged).
-        """
+    async def adopt(self, runner: ModelRunner, info: ContainerInfo) -> Adoption | NotAdoptable:
+        """Look at a container left running by an earlier sparkd: serving, still loading, or not adoptable."""
         try:
-            self._attach(runner, info)
+            endpoint = self._endpoint(runner, info)
         except StartFailed as error:
             log.warning("container_not_adoptable", model=runner.name, error=str(error))
-            return False
-        runner.start_requested_at = info.started_at or time.time()
-        assert runner.endpoint is not None
-        if await self.engine.is_ready(runner.endpoint, runner.config.readiness_path, timeout=5.0):
-            runner.transition(ModelState.READY, reason="adopted running container", container=info.name)
-            return True
-        runner.transition(ModelState.STARTING, reason="adopted a container that is still loading", container=info.name)
-        return False
+            return NotAdoptable(str(error))
+        started_at = info.started_at or time.time()
+        serving = endpoint is None or await self.engine.is_ready(endpoint, runner.config.readiness_path, timeout=5.0)
+        return Adoption(container=info.name, endpoint=endpoint, started_at=started_at, serving=serving)
 
-    async def await_ready(self, runner: ModelRunner, reason: str) -> None:
-        """Finish the start of an adopted, still-loading container."""
-        await self._finish_start(runner, time.monotonic(), reason, record_load_time=False)
+    async def await_ready(
+        self, runner: ModelRunner, on_progress: ProgressSink, launched: Launched | None,
+    ) -> Started | Failed:
+        """Wait until the engine of the runner's container answers (at the runner's endpoint).
 
-    async def _finish_start(self, runner: ModelRunner, began: float, reason: str, record_load_time: bool) -> None:
-        follower = self._follow_progress(runner)
+        ``launched``: this sparkd started the container (its start timeout counts from then, its
+        load time is recorded); None: an adopted container that was still loading.
+        """
+        began = launched.began if launched is not None else time.monotonic()
+        follower = self._follow_progress(runner, on_progress)
         try:
-            await self._wait_ready(runner, began)
+            await self._wait_ready(runner, runner.endpoint, began)
         except (StartFailed, RuntimeFailure) as error:
-            await self._record_failure(runner, str(error), getattr(error, "log_lines", []))
-            return
+            return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         finally:
             follower.stop()
+        if launched is None:
+            # An adopted container's load began with the container, under the earlier sparkd.
+            return Started(took=max(0.0, time.time() - (runner.started_at or time.time())))
         took = time.monotonic() - began
-        runner.transition(ModelState.READY, reason=reason, load_s=round(took, 3))
-        if record_load_time:
-            await self.load_times.record(runner.name, took)
+        await self.load_times.record(runner.name, took)
+        return Started(took=took)
 
-    async def _record_failure(self, runner: ModelRunner, message: str, log_lines: list[str],
-                              cause: RuntimeFailure | None = None) -> None:
-        """``cause``: the container operation that failed, which says whether retrying can help."""
+    async def _failed(self, runner: ModelRunner, message: str, log_lines: list[str],
+                      cause: RuntimeFailure | None = None) -> Failed:
+        """Stop what is left of a failed model; ``cause``: the container operation that failed, which
+        says whether retrying can help."""
         lines = log_lines or await self.tail_logs(runner)
         await self._clean_up_failed(runner)
         await self.release_workers(runner, "the model failed")
         if cause is not None:
-            runner.fail(message, lines, needs_operator=cause.needs_operator, code=cause.code)
-        else:
-            runner.fail(message, lines)
+            return Failed(message, tuple(lines), needs_operator=cause.needs_operator, code=cause.code)
+        return Failed(message, tuple(lines))
 
-    def _attach(self, runner: ModelRunner, info: ContainerInfo) -> None:
+    def _endpoint(self, runner: ModelRunner, info: ContainerInfo) -> Endpoint | None:
+        """Where the container's engine answers; None when it has no engine API (a Ray worker)."""
         # A host-network container (multi-node) publishes nothing: its engine listens on the port itself.
         port = info.host_port or runner.spec.host_port
-        runner.started_at = info.started_at or time.time()
         if not runner.config.readiness_path:
-            return  # no engine API (a Ray worker): nothing to call
+            return None
         if port is None or info.engine_key is None:
             raise StartFailed(
                 f"container {info.name} has no published port or engine key; remove it with "
                 f"`podman rm -f {info.name}` and sparkd re-creates it"
             )
-        runner.endpoint = Endpoint(port=port, key=info.engine_key)
+        return Endpoint(port=port, key=info.engine_key)
 
-    def _follow_progress(self, runner: ModelRunner) -> LogFollower:
+    def _follow_progress(self, runner: ModelRunner, on_progress: ProgressSink) -> LogFollower:
         def on_line(line: str) -> None:
             progress = parse_line(line)
-            if progress is not None and runner.state == ModelState.STARTING:
-                runner.progress = progress
-                runner.on_change(runner, None)
+            if progress is not None:
+                on_progress(progress)
 
         follower = LogFollower(
             self.runtime.url,
@@ -177,7 +181,7 @@ class Lifecycle:
         follower.start()
         return follower
 
-    async def _wait_ready(self, runner: ModelRunner, began: float) -> None:
+    async def _wait_ready(self, runner: ModelRunner, endpoint: Endpoint | None, began: float) -> None:
         lifecycle = self.config.lifecycle
         timeout = runner.config.start_timeout_s or lifecycle.start_timeout_s
         deadline = began + timeout
@@ -185,13 +189,13 @@ class Lifecycle:
         while True:
             if runner.died.is_set():
                 raise StartFailed(await self._exit_message(runner))
-            if runner.endpoint is None:
+            if endpoint is None:
                 # No readiness path (a Ray worker): a running container is ready.
                 info = await self.runtime.inspect(runner.spec.name)
                 if info is None or not info.running:
                     raise StartFailed(await self._exit_message(runner, info))
                 return
-            if await self.engine.is_ready(runner.endpoint, runner.config.readiness_path):
+            if await self.engine.is_ready(endpoint, runner.config.readiness_path):
                 return
             now = time.monotonic()
             if now >= deadline:
@@ -241,53 +245,55 @@ class Lifecycle:
 
     # -- stop -----------------------------------------------------------------
 
-    async def stop(self, runner: ModelRunner, reason: str) -> bool:
-        """Stop the model's container; True once it is really gone from the GPU."""
-        runner.transition(ModelState.STOPPING, reason=reason)
+    async def stop(self, runner: ModelRunner, reason: str) -> Stopped | StopFailed:
+        """Stop the model's container and return its worker leases."""
         try:
             info = await self.runtime.stop(runner.spec.name, self.config.lifecycle.stop_timeout_s)
         except RuntimeFailure as error:
-            runner.fail(f"could not stop model {runner.name}: {error}")
-            return False
+            return StopFailed(f"could not stop model {runner.name}: {error}", await self._still_running(runner))
         if info is not None and info.running:
-            runner.fail(f"model {runner.name}: container still running after stop")
-            return False
+            return StopFailed(f"model {runner.name}: container still running after stop", container_running=True)
         await self.release_workers(runner, reason)
-        runner.transition(ModelState.STOPPED, reason=reason)
-        return True
+        return Stopped()
 
-    async def stop_after_loss(self, runner: ModelRunner, reason: str) -> None:
-        """Fail a model whose container or peer went away: make sure it is stopped, return its worker leases."""
+    async def _still_running(self, runner: ModelRunner) -> bool:
+        """Whether the container may still run after a failed stop (True when Podman cannot tell)."""
+        try:
+            info = await self.runtime.inspect(runner.spec.name)
+        except RuntimeFailure:
+            return True
+        return info is not None and info.running
+
+    async def stop_after_loss(self, runner: ModelRunner, reason: str) -> Failed:
+        """A model whose container or peer went away: make sure it is stopped, return its worker leases."""
         lines = await self.tail_logs(runner)
         await self._clean_up_failed(runner)
         await self.release_workers(runner, reason)
-        runner.fail(reason, lines)
+        return Failed(reason, tuple(lines))
 
     # -- sleep / wake (vLLM sleep mode) -----------------------------------------
 
-    async def sleep(self, runner: ModelRunner, reason: str) -> bool:
-        """Put the engine to sleep (weights offloaded, KV cache freed); True on success."""
+    async def sleep(self, runner: ModelRunner) -> Slept | Failed:
+        """Put the engine to sleep (weights offloaded, KV cache freed)."""
         assert runner.endpoint is not None
         try:
             await self.engine.post_json(runner.endpoint, "/sleep?level=1", timeout=self.config.lifecycle.start_timeout_s)
         except EngineError as error:
             log.warning("model_sleep_failed", model=runner.name, error=str(error))
-            return False
-        runner.transition(ModelState.SLEEPING, reason=reason)
-        return True
+            return Failed(f"model {runner.name} could not be put to sleep: {error}")
+        return Slept()
 
-    async def wake(self, runner: ModelRunner, reason: str) -> None:
-        runner.transition(ModelState.WAKING, reason=reason)
+    async def wake(self, runner: ModelRunner) -> Woke | Failed:
         began = time.monotonic()
-        assert runner.endpoint is not None
+        endpoint = runner.endpoint
+        assert endpoint is not None
         try:
             await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
-            await self.engine.post_json(runner.endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
-            await self._wait_ready(runner, began)
+            await self.engine.post_json(endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
+            await self._wait_ready(runner, endpoint, began)
         except (EngineError, StartFailed, RuntimeFailure) as error:
-            await self._record_failure(runner, f"model {runner.name} failed to wake up: {error}", [])
-            return
-        runner.transition(ModelState.READY, reason=reason, wake_s=round(time.monotonic() - began, 3))
+            return await self._failed(runner, f"model {runner.name} failed to wake up: {error}", [])
+        return Woke(took=time.monotonic() - began)
 
 
 def _port_range(config: Config) -> tuple[int, int]:

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..runtime.podman import ContainerInfo
+from .lease import Lease
+from .outcomes import NotAdoptable
 from .runner import ModelRunner
-from .state import ModelState
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sparkd.scheduler")
 
 
-async def adopt_running(scheduler: "Scheduler") -> None:
+async def adopt_running(scheduler: Scheduler) -> None:
     lifecycle = scheduler.lifecycle
     runtime = lifecycle.runtime
     running = sorted(
@@ -31,6 +32,8 @@ async def adopt_running(scheduler: "Scheduler") -> None:
         key=lambda info: info.started_at or 0.0,
         reverse=True,
     )
+    # What the adopted models will hold, planned on a copy: the scheduler grants the real shares.
+    ledger = Lease(scheduler.lease.budget, dict(scheduler.lease.holders))
     adopting: list[tuple[ModelRunner, ContainerInfo]] = []
     leftovers: list[tuple[ContainerInfo, str]] = []
     for info in running:
@@ -41,15 +44,17 @@ async def adopt_running(scheduler: "Scheduler") -> None:
             leftovers.append((info, "made from an older spec"))
         elif len(runner.config.nodes) > 1:
             leftovers.append((info, "a multi-node model: its worker leases did not survive the restart"))
-        elif not scheduler.hold(runner):
+        elif not ledger.fits(runner.claim):
             leftovers.append((info, "beyond the GPU budget"))
         else:
+            ledger.grant(runner.name, runner.claim)
             adopting.append((runner, info))
-    ready = await asyncio.gather(*(lifecycle.adopt(runner, info) for runner, info in adopting))
-    for (runner, info), serving in zip(adopting, ready):
-        if not serving and runner.state is ModelState.STOPPED:
+    outcomes = await asyncio.gather(*(lifecycle.adopt(runner, info) for runner, info in adopting))
+    for (runner, info), outcome in zip(adopting, outcomes):
+        if isinstance(outcome, NotAdoptable):
             leftovers.append((info, "its engine cannot be reached"))
-        scheduler.adopted(runner)
+        else:
+            scheduler.adopt(runner, outcome)
     for info, why in leftovers:
         log.info("container_not_adopted", container=info.name, reason=why)
     await asyncio.gather(*(runtime.stop(info.name, scheduler.config.lifecycle.stop_timeout_s) for info, _ in leftovers))

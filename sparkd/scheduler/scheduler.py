@@ -4,33 +4,78 @@
 flight; ``release`` ends it.  Every change (a request queued or gone, a model
 ready, stopped or failed) calls ``pump``, a synchronous pass over the queue
 that grants, starts, drains and evicts; the slow work it decides runs in tasks
-(``Lifecycle``), which call ``pump`` again when they finish.
+(``Lifecycle``), which return an outcome and call ``pump`` again when they finish.
+
+The scheduler is the only writer of a model's state and of the lease: ``_move``
+moves a model from the state it is expected to be in to a new one, checks the
+move against ``state.ALLOWED``, sets the lease share the new state implies
+(``share_for``) and emits one ``Transitioned`` event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
 
 import structlog
 
 from ..config import Config, ModelConfig
 from ..engine.lastwords import telling_lines
-from ..errors import ApiError, GatewayTimeout, ModelUnavailable, ServiceUnavailable, TooManyRequests
+from ..engine.progress import LoadProgress
+from ..errors import (
+    ApiError,
+    GatewayTimeout,
+    ModelUnavailable,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from ..runtime.events import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
+from .eventlog import log_event
+from .events import (
+    Adopted,
+    Cause,
+    Event,
+    FailureCause,
+    Idle,
+    KeepUtility,
+    Listener,
+    LoadFinished,
+    OperatorAction,
+    Progress,
+    Requested,
+    Shutdown,
+    SleepFailed,
+    SwapCalledOff,
+    SwapFor,
+    Transitioned,
+)
 from .lease import Eviction, Holder, Lease, plan
 from .lifecycle import Lifecycle
-from .queue import KeyQueueFull, QueueBytesFull, QueueFull, QueueLimits, Waiter, WaitQueue
-from .runner import ModelRunner
-from .state import ModelState
+from .outcomes import Adoption, Failed, Slept, Started, StopFailed, Stopped, Woke
+from .queue import (
+    KeyQueueFull,
+    QueueBytesFull,
+    QueueFull,
+    QueueLimits,
+    Waiter,
+    WaitQueue,
+)
+from .runner import Failure, ModelRunner
+from .state import ALLOWED, ModelState
 from .refusal import busy_refusal
 
 log = structlog.get_logger("sparkd.scheduler")
 S = ModelState
 
 REAPER_PERIOD_S = 1.0
+STOP_RETRY_FIRST_S = 2.0
+STOP_RETRY_MAX_S = 60.0
+LIVE = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})
+"""States in which the model's container may run."""
+STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING})
 
 
 class Scheduler:
@@ -40,7 +85,7 @@ class Scheduler:
         self.lease = Lease(config.gpu.memory_budget)
         self.queue = WaitQueue(queue_limits(config))
         self.runners: dict[str, ModelRunner] = {}
-        self._listeners: list[Callable[[ModelRunner, ModelState | None], None]] = []
+        self._listeners: list[Listener] = [log_event]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
         self._closing = False
@@ -56,18 +101,18 @@ class Scheduler:
             self.runners[model.name] = self._new_runner(model)
 
     def _new_runner(self, model: ModelConfig) -> ModelRunner:
-        return ModelRunner(config=model, spec=render(self.config, model), on_change=self._on_runner_change)
+        return ModelRunner(config=model, spec=render(self.config, model))
 
     def add_transient(self, model: ModelConfig, spec: ContainerSpec) -> ModelRunner:
         """A model that is not in the configuration (a peer's worker lease) until ``remove_transient``."""
-        runner = ModelRunner(config=model, spec=spec, on_change=self._on_runner_change)
+        runner = ModelRunner(config=model, spec=spec)
         self.runners[model.name] = runner
         self._transient.add(model.name)
         return runner
 
     async def remove_transient(self, name: str) -> None:
         runner = self.runners[name]
-        if runner.state is not S.STOPPED or name in self.lease.holders:
+        if runner.state is not S.STOPPED:
             await self.stop_model(name, self.config.lifecycle.stop_timeout_s + 30)
         self._transient.discard(name)
         self.runners.pop(name, None)
@@ -86,9 +131,14 @@ class Scheduler:
             self._spawn(runner, self._run_lost(runner, reason))
 
     async def _run_lost(self, runner: ModelRunner, reason: str) -> None:
-        """The container died, or a peer it needs: fail it, clean up, free its share."""
-        await self.lifecycle.stop_after_loss(runner, reason)
-        self.lease.release(runner.name)
+        """The container died, or a peer it needs, or a task of the model crashed: clean up, fail it."""
+        try:
+            outcome = await self.lifecycle.stop_after_loss(runner, reason)
+        except Exception as error:  # the model must end FAILED whatever the clean-up did
+            log.error("model_clean_up_crashed", model=runner.name, error=repr(error), exc_info=error)
+            outcome = Failed(reason)
+        if self._fail(runner, LIVE, outcome):
+            self._fail_waiters(runner, self._failure_error(runner))
 
     def apply_config(self, config: Config) -> None:
         """Switch to a reloaded configuration without killing anything.
@@ -125,17 +175,52 @@ class Scheduler:
 
     # -- observers ---------------------------------------------------------------
 
-    def subscribe(self, listener: Callable[[ModelRunner, ModelState | None], None]) -> None:
-        """Call ``listener(runner, previous_state)`` after a model changes state, or with
-        ``previous_state=None`` after other news such as load progress (sd_notify STATUS,
-        metrics, history, the status page)."""
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every event (``events.Transitioned``, ``LoadFinished``,
+        ``Progress``): sd_notify STATUS, metrics, history, the status page."""
         self._listeners.append(listener)
 
-    def _on_runner_change(self, runner: ModelRunner, previous: ModelState | None) -> None:
+    def _emit(self, event: Event) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
         for listener in self._listeners:
-            listener(runner, previous)
+            listener(event)
+
+    # -- the one place a model's state and lease share change -------------------------
+
+    def _move(self, runner: ModelRunner, expected: ModelState | frozenset[ModelState], new: ModelState, cause: Cause) -> bool:
+        """Move ``runner`` from an ``expected`` state to ``new``: the state, the fields it implies,
+        the lease share, one event.  Any other current state is a bug: logged loudly, nothing moves."""
+        old = runner.state
+        allowed = expected if isinstance(expected, frozenset) else frozenset({expected})
+        if old not in allowed or new not in ALLOWED[old]:
+            log.error(
+                "transition_unexpected", model=runner.name, state=old.value, expected=sorted(s.value for s in allowed),
+                new=new.value, reason=cause.describe(new),
+            )
+            return False
+        now = time.time()
+        runner.state, runner.cause, runner.state_since = new, cause, now
+        _enter(runner, new, cause, now)
+        share = share_for(runner, new, self.lease.holders.get(runner.name))
+        if share is None:
+            self.lease.release(runner.name)
+        else:
+            self.lease.grant(runner.name, share)
+        self._emit(Transitioned(runner.name, old, new, cause, now))
+        return True
+
+    def _fail(self, runner: ModelRunner, expected: ModelState | frozenset[ModelState], outcome: Failed) -> bool:
+        cause = FailureCause(outcome.message, outcome.log_lines, needs_operator=outcome.needs_operator, code=outcome.code)
+        return self._move(runner, expected, S.FAILED, cause)
+
+    def _progress(self, runner: ModelRunner) -> Callable[[LoadProgress], None]:
+        """Where the lifecycle reports a start's load progress read from the engine's log."""
+        def report(progress: LoadProgress) -> None:
+            if runner.state is S.STARTING:
+                runner.progress = progress
+                self._emit(Progress(runner.name, progress, time.time()))
+        return report
 
     # -- the request path ----------------------------------------------------------
 
@@ -202,15 +287,14 @@ class Scheduler:
         except asyncio.CancelledError:
             self._abandon(waiter, runner)
             raise
-        if not done:
-            if self.queue.remove(waiter):
-                self.pump()
-                raise GatewayTimeout(
-                    f"model {name} was not ready after waiting {timeout:.0f}s (lifecycle.queue_timeout_s): "
-                    f"{self._why_waiting(runner)}",
-                    retry_after=self.retry_after(name),
-                    code="queue_timeout",
-                )
+        if not done and self.queue.remove(waiter):
+            self.pump()
+            raise GatewayTimeout(
+                f"model {name} was not ready after waiting {timeout:.0f}s (lifecycle.queue_timeout_s): "
+                f"{self._why_waiting(runner)}",
+                retry_after=self.retry_after(name),
+                code="queue_timeout",
+            )
         waiter.future.result()  # raises the model's failure, if it failed
         return runner
 
@@ -258,7 +342,7 @@ class Scheduler:
                 self.lease.budget,
             )
             if decision.verdict == "admit":
-                self._admit(runner, reason="requested")
+                self._admit(runner, Requested())
             elif decision.verdict == "impossible":
                 self._fail_waiters(runner, ModelUnavailable(
                     f"model {name} cannot be loaded: {decision.reason}; change its gpu_memory or gpu.memory_budget",
@@ -267,37 +351,51 @@ class Scheduler:
             else:
                 head = name
                 victims = {e.name: e for e in decision.evictions}
-        self._apply_evictions(victims, head)
+        self._call_off_swaps(victims)
+        if head is not None:
+            self._evict(victims, head)
+        self._carry_out_operator_requests()
         if head is None:
             self._keep_utility_models()
 
-    def _apply_evictions(self, victims: dict[str, Eviction], head: str | None) -> None:
-        for runner in self.runners.values():
-            if runner.state is S.DRAINING and runner.name not in victims and runner.name not in self._operator_requests:
-                runner.transition(S.READY, reason="swap called off")
+    def _call_off_swaps(self, victims: dict[str, Eviction]) -> None:
+        """A model draining for a swap that is needed no more serves again."""
+        for runner in list(self.runners.values()):
+            if runner.state is not S.DRAINING or runner.name in victims or runner.name in self._operator_requests:
+                continue
+            if not self._busy(runner) and self._move(runner, S.DRAINING, S.READY, SwapCalledOff()):
                 self._grant(runner)
+
+    def _evict(self, victims: dict[str, Eviction], head: str) -> None:
+        """Drain the models that make room for ``head``; stop or sleep each once its requests are done."""
+        cause = SwapFor(head)
         for name, eviction in victims.items():
             runner = self.runners[name]
             if runner.state is S.READY:
-                runner.transition(S.DRAINING, reason=f"making room for {head}", in_flight=runner.in_flight)
+                self._move(runner, S.READY, S.DRAINING, cause)
             if self._busy(runner):
                 continue
             if runner.state is S.DRAINING and runner.in_flight == 0:
                 if eviction.action == "sleep":
-                    self._spawn(runner, self._run_sleep(runner, f"swapped out for {head}"))
+                    self._spawn(runner, self._run_sleep(runner, cause))
                 else:
-                    self._stop(runner, f"swapped out for {head}")
+                    self._stop(runner, cause)
             elif runner.state is S.SLEEPING and eviction.action == "stop":
-                self._stop(runner, f"swapped out for {head}")
-        for name, action in self._operator_requests.items():
+                self._stop(runner, cause)
+
+    def _carry_out_operator_requests(self) -> None:
+        for name, action in list(self._operator_requests.items()):
             runner = self.runners.get(name)
-            if runner and runner.state is S.READY:
-                runner.transition(S.DRAINING, reason=f"{action} requested by an operator", in_flight=runner.in_flight)
-            if runner and runner.state is S.DRAINING and runner.in_flight == 0 and not self._busy(runner):
-                if action == "sleep":
-                    self._spawn(runner, self._run_sleep(runner, "put to sleep by an operator"))
+            if runner is None:
+                continue
+            cause = OperatorAction("sleep" if action == "sleep" else "stop")
+            if runner.state is S.READY:
+                self._move(runner, S.READY, S.DRAINING, cause)
+            if runner.state is S.DRAINING and runner.in_flight == 0 and not self._busy(runner):
+                if cause.action == "sleep":
+                    self._spawn(runner, self._run_sleep(runner, cause))
                 else:
-                    self._stop(runner, "stopped by an operator")
+                    self._stop(runner, cause)
 
     def _keep_utility_models(self) -> None:
         """Utility models run whenever no exclusive model holds or wants the GPU."""
@@ -313,14 +411,19 @@ class Scheduler:
                 continue  # it would only fail; it still starts on its first request
             # A failed utility model is not retried on its own: its next request retries it.
             if runner.state is S.STOPPED and self.lease.fits(runner.claim):
-                self._admit(runner, reason="utility model kept running")
+                self._admit(runner, KeepUtility())
 
-    def _admit(self, runner: ModelRunner, reason: str) -> None:
-        self.lease.grant(runner.name, runner.claim)
+    def _admit(self, runner: ModelRunner, cause: Cause) -> None:
+        """Start (or wake) the model; the move takes its lease share at once."""
         if runner.state is S.SLEEPING:
-            self._spawn(runner, self._run_wake(runner, reason))
-        else:
-            self._spawn(runner, self._run_start(runner, reason))
+            if self._move(runner, S.SLEEPING, S.WAKING, cause):
+                self._spawn(runner, self._run_wake(runner, cause))
+            return
+        if self._move(runner, frozenset({S.STOPPED, S.FAILED}), S.STARTING, cause):
+            runner.start_requested_at = runner.load_began
+            runner.died.clear()
+            runner.loss = None
+            self._spawn(runner, self._run_start(runner, cause))
 
     def _grant(self, runner: ModelRunner) -> None:
         for waiter in self.queue.take(runner.name):
@@ -359,7 +462,7 @@ class Scheduler:
         failure = runner.failure
         if failure is None:
             return 0.0
-        backoff = self.config.lifecycle.failure_backoff_s * min(2 ** (runner.consecutive_failures - 1), 12)
+        backoff = self.config.lifecycle.failure_backoff_s * min(2.0 ** (runner.consecutive_failures - 1), 12.0)
         return max(0.0, backoff - (time.monotonic() - failure.at))
 
     def _in_backoff(self, runner: ModelRunner) -> bool:
@@ -375,7 +478,7 @@ class Scheduler:
         retry = max(self._backoff_left(runner), 1.0)
         return ServiceUnavailable(text, retry_after=retry, code="model_failed", extra={"log_lines": lines})
 
-    # -- tasks -----------------------------------------------------------------------
+    # -- tasks: the slow work, and what its outcome moves ---------------------------------
 
     def _spawn(self, runner: ModelRunner, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -388,43 +491,69 @@ class Scheduler:
         error = None if task.cancelled() else task.exception()
         if error is not None:
             log.error("scheduler_task_crashed", model=runner.name, state=runner.state.value, error=repr(error), exc_info=error)
-            # Never leave a model stuck mid-transition: fail it; the reaper then stops its container
-            # and frees its share ("clean up after a failure").
-            if runner.state not in (S.STOPPED, S.FAILED):
-                runner.fail(f"model {runner.name}: internal error while {runner.state}: {error!r}")
-                self._fail_waiters(runner, self._failure_error(runner))
+            # Never leave a model stuck mid-transition: stop what may run, then fail it.
+            if runner.state in LIVE and not self._closing:
+                self._spawn(runner, self._run_lost(runner, f"model {runner.name}: internal error while {runner.state}: {error!r}"))
+                return  # that task pumps when it ends
         if not self._closing:
             self.pump()
 
-    async def _run_start(self, runner: ModelRunner, reason: str) -> None:
-        await self.lifecycle.start(runner, reason)
-        self._after_start(runner)
+    async def _run_start(self, runner: ModelRunner, cause: Cause) -> None:
+        launched = await self.lifecycle.launch(runner)
+        if isinstance(launched, Failed):
+            self._finish_load(runner, S.STARTING, cause, launched)
+            return
+        # The container runs: its port and uptime show while its engine loads.
+        runner.endpoint, runner.started_at, runner.stale_spec = launched.endpoint, launched.started_at, False
+        ready = await self.lifecycle.await_ready(runner, self._progress(runner), launched)
+        self._finish_load(runner, S.STARTING, cause, ready)
 
-    async def _run_adopted(self, runner: ModelRunner) -> None:
-        await self.lifecycle.await_ready(runner, "adopted container finished loading")
-        self._after_start(runner)
+    async def _run_adopted(self, runner: ModelRunner, cause: Adopted) -> None:
+        ready = await self.lifecycle.await_ready(runner, self._progress(runner), None)
+        self._finish_load(runner, S.STARTING, cause, ready)
 
-    def _after_start(self, runner: ModelRunner) -> None:
-        if runner.state is S.READY:
-            self._grant(runner)
-        else:
-            self.lease.release(runner.name)
+    async def _run_wake(self, runner: ModelRunner, cause: Cause) -> None:
+        self._finish_load(runner, S.WAKING, cause, await self.lifecycle.wake(runner))
+
+    def _finish_load(self, runner: ModelRunner, loading: ModelState, cause: Cause, outcome: Started | Woke | Failed) -> None:
+        """A start or wake ended: READY and the waiters served, or FAILED and the waiters told why."""
+        kind: Literal["start", "wake"] = "start" if loading is S.STARTING else "wake"
+        began = runner.load_began
+        if isinstance(outcome, Failed):
+            if self._fail(runner, loading, outcome):
+                self._emit(LoadFinished(runner.name, kind, began, time.time() - began, "failed", outcome.message))
             self._fail_waiters(runner, self._failure_error(runner))
+            return
+        if self._move(runner, loading, S.READY, cause):
+            self._emit(LoadFinished(runner.name, kind, began, outcome.took, "ready", cause.describe(S.READY)))
+            self._grant(runner)
 
-    def _stop(self, runner: ModelRunner, reason: str) -> None:
+    def _stop(self, runner: ModelRunner, cause: Cause) -> None:
         """Stop the model; STOPPING at once, so no request slips in before the task runs."""
-        runner.transition(S.STOPPING, reason=reason)
-        self._spawn(runner, self._run_stop(runner, reason))
+        if self._move(runner, STOPPABLE, S.STOPPING, cause):
+            self._spawn(runner, self._run_stop(runner, cause))
 
-    async def _run_stop(self, runner: ModelRunner, reason: str) -> None:
-        if await self.lifecycle.stop(runner, reason):
-            self.lease.release(runner.name)
-        else:
-            info = await self.lifecycle.runtime.inspect(runner.spec.name)
-            if info is None or not info.running:
-                self.lease.release(runner.name)
+    async def _run_stop(self, runner: ModelRunner, cause: Cause) -> None:
+        await self._stop_container(runner, cause, retry=True)
         self._operator_requests.pop(runner.name, None)
         self._forget_if_gone(runner)
+
+    async def _stop_container(self, runner: ModelRunner, cause: Cause, *, retry: bool) -> None:
+        """STOPPING -> STOPPED; a stop that failed is retried (``retry``) while the container may still
+        run, since it holds its share until it is gone; otherwise the model is FAILED."""
+        attempt = 0
+        while True:
+            outcome: Stopped | StopFailed = await self.lifecycle.stop(runner, cause.describe(S.STOPPED))
+            if isinstance(outcome, Stopped):
+                self._move(runner, S.STOPPING, S.STOPPED, cause)
+                return
+            if not (retry and outcome.container_running):
+                self._fail(runner, S.STOPPING, Failed(outcome.message))
+                return
+            attempt += 1
+            delay = min(STOP_RETRY_MAX_S, STOP_RETRY_FIRST_S * 2.0 ** (attempt - 1))
+            log.warning("model_stop_failed", model=runner.name, error=outcome.message, attempt=attempt, retry_in_s=delay)
+            await asyncio.sleep(delay)
 
     def _forget_if_gone(self, runner: ModelRunner) -> None:
         """Drop the runner of a model the configuration no longer enables, once it is stopped."""
@@ -433,16 +562,15 @@ class Scheduler:
             self.runners.pop(runner.name, None)
             self._operator_requests.pop(runner.name, None)
 
-    async def _run_sleep(self, runner: ModelRunner, reason: str) -> None:
+    async def _run_sleep(self, runner: ModelRunner, cause: Cause) -> None:
         self._operator_requests.pop(runner.name, None)
-        if await self.lifecycle.sleep(runner, reason):
-            self.lease.grant(runner.name, runner.sleep_claim)
-        else:
-            await self._run_stop(runner, reason + " (sleep failed)")
-
-    async def _run_wake(self, runner: ModelRunner, reason: str) -> None:
-        await self.lifecycle.wake(runner, reason)
-        self._after_start(runner)
+        outcome: Slept | Failed = await self.lifecycle.sleep(runner)
+        if isinstance(outcome, Slept):
+            self._move(runner, S.DRAINING, S.SLEEPING, cause)
+            return
+        stop_cause = SleepFailed(cause)
+        if self._move(runner, S.DRAINING, S.STOPPING, stop_cause):
+            await self._run_stop(runner, stop_cause)
 
     # -- container events --------------------------------------------------------------
 
@@ -464,19 +592,21 @@ class Scheduler:
         self._serving.set()
         self.pump()
 
-    def hold(self, runner: ModelRunner) -> bool:
-        """Give an adopted model its lease share; False when it does not fit the budget."""
-        if not self.lease.fits(runner.claim):
-            return False
-        self.lease.grant(runner.name, runner.claim)
-        return True
+    def adopt(self, runner: ModelRunner, adoption: Adoption) -> None:
+        """Take over a container an earlier sparkd left running: READY when its engine answers,
+        else STARTING until it does.  ``adopt_running`` made sure its share fits the budget."""
+        cause = Adopted(container=adoption.container, started_at=adoption.started_at, loading=not adoption.serving)
+        runner.endpoint, runner.started_at = adoption.endpoint, adoption.started_at
+        runner.start_requested_at = adoption.started_at
+        if adoption.serving:
+            self._move(runner, S.STOPPED, S.READY, cause)
+        elif self._move(runner, S.STOPPED, S.STARTING, cause):
+            runner.load_began = adoption.started_at  # its load began with its container
+            self._spawn(runner, self._run_adopted(runner, cause))
 
-    def adopted(self, runner: ModelRunner) -> None:
-        """An adopted model is serving, still loading, or could not be adopted."""
-        if runner.state is S.STARTING:
-            self._spawn(runner, self._run_adopted(runner))
-        elif runner.state is not S.READY:
-            self.lease.release(runner.name)
+    def container_current(self, runner: ModelRunner) -> None:
+        """The model's container was just (re-)created from its current spec (``sparkctl prepare``)."""
+        runner.stale_spec = False
 
     # -- idle reaper ---------------------------------------------------------------------
 
@@ -488,18 +618,16 @@ class Scheduler:
     def reap_idle(self) -> None:
         now = time.monotonic()
         lifecycle = self.config.lifecycle
-        for runner in self.runners.values():
+        for runner in list(self.runners.values()):
             if self._busy(runner) or runner.in_flight or runner.config.lifecycle in ("pinned", "utility"):
                 continue
             idle_limit = runner.config.idle_stop_s or lifecycle.idle_stop_s
             if runner.state is S.READY:
                 uptime = now - (runner.ready_at or now)
                 if runner.idle_for(now) >= idle_limit and uptime >= lifecycle.min_uptime_s:
-                    self._stop(runner, f"idle for {idle_limit:.0f}s")
+                    self._stop(runner, Idle(idle_limit))
             elif runner.state is S.SLEEPING and runner.idle_for(now) >= idle_limit:
-                self._stop(runner, f"asleep and idle for {idle_limit:.0f}s")
-            elif runner.state is S.FAILED and runner.name in self.lease.holders:
-                self._stop(runner, "clean up after a failure")
+                self._stop(runner, Idle(idle_limit, asleep=True))
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -540,7 +668,7 @@ class Scheduler:
                 return runner
             self._operator_requests[name] = action
             if runner.state in (S.SLEEPING, S.FAILED) and not self._busy(runner):
-                self._stop(runner, "stopped by an operator")
+                self._stop(runner, OperatorAction("stop"))
             self.pump()
         await self.wait_for_state(runner, done, timeout)
         return runner
@@ -580,6 +708,7 @@ class Scheduler:
         holders = [n for n in self.lease.holders if n != runner.name]
         return "the GPU is busy with " + ", ".join(holders) if holders else f"it is {runner.state}"
 
+
     # -- shutdown ------------------------------------------------------------------------------
 
     async def drain(self, grace: float) -> None:
@@ -593,18 +722,67 @@ class Scheduler:
 
     async def stop_multi_node(self) -> None:
         """Stop the models that span nodes (``on_shutdown = "keep"`` cannot keep their worker leases)."""
-        await asyncio.gather(
-            *(self._run_stop(r, "sparkd is stopping") for r in self.runners.values() if len(r.config.nodes) > 1 and r.state is not S.STOPPED)
-        )
+        spanning = [r for r in self.runners.values() if len(r.config.nodes) > 1 and r.state is not S.STOPPED]
+        await self._cancel_tasks([r.task for r in spanning if r.task is not None])
+        await asyncio.gather(*(self._shutdown_stop(r, Shutdown("sparkd is stopping")) for r in spanning))
 
     async def stop_all(self) -> None:
         """Stop every model whose container may be running (``on_shutdown = "stop"``)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._cancel_tasks(list(self._tasks))
         await asyncio.gather(
-            *(self._run_stop(r, "sparkd is shutting down") for r in self.runners.values() if r.state is not S.STOPPED)
+            *(self._shutdown_stop(r, Shutdown()) for r in self.runners.values() if r.state is not S.STOPPED)
         )
+
+    async def _cancel_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown_stop(self, runner: ModelRunner, cause: Cause) -> None:
+        """One attempt to stop the model; a stop cancelled half-way (STOPPING already) is finished."""
+        if runner.state is S.STOPPING or self._move(runner, STOPPABLE, S.STOPPING, cause):
+            await self._stop_container(runner, cause, retry=False)
+
+
+def share_for(runner: ModelRunner, state: ModelState, held: float | None) -> float | None:
+    """The lease share a model holds in ``state`` (None: none), given the share it ``held``.
+
+    Loading or serving models hold their claim (a share granted at the start stays as it
+    was, even if a reload changed the claim since); a sleeping model its sleep claim; a
+    stopping one what it held until its container is gone; stopped and failed ones
+    nothing (a failed model's container was stopped before it was failed).
+    """
+    if state in (S.STOPPED, S.FAILED):
+        return None
+    if state is S.SLEEPING:
+        return runner.sleep_claim
+    if state in (S.STARTING, S.WAKING):
+        return runner.claim
+    if state is S.STOPPING:
+        return held
+    return held if held is not None else runner.claim  # READY, DRAINING: adopted at start-up holds nothing yet
+
+
+def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> None:
+    """The runner's fields that entering ``state`` sets or clears (``now``: wall-clock)."""
+    monotonic = time.monotonic()
+    if state is S.READY:
+        runner.ready_at = monotonic
+        runner.last_used = monotonic
+        runner.progress = None
+        runner.failure = None
+        runner.consecutive_failures = 0
+    elif state in (S.STARTING, S.WAKING):
+        runner.progress = None
+        runner.load_began = now
+    elif state in (S.STOPPED, S.FAILED):
+        runner.endpoint = None
+        runner.started_at = None
+        runner.ready_at = None
+        runner.progress = None
+    if state is S.FAILED and isinstance(cause, FailureCause):
+        runner.failure = Failure(cause.message, cause.log_lines, monotonic, needs_operator=cause.needs_operator, code=cause.code)
+        runner.consecutive_failures += 1
 
 
 def queue_limits(config: Config) -> QueueLimits:

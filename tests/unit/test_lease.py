@@ -23,6 +23,17 @@ def test_lease_never_exceeds_budget():
     assert lease.free == pytest.approx(0.94)
 
 
+def test_a_share_may_shrink_under_a_budget_a_reload_lowered():
+    lease = Lease(0.94)
+    lease.grant("a", 0.8)
+    lease.grant("b", 0.1)
+    lease.budget = 0.3  # a reload: the holders keep their shares until they go
+    lease.grant("a", 0.5)  # a goes to sleep: still over the new budget, but closer
+    assert lease.holders == {"a": 0.5, "b": 0.1}
+    with pytest.raises(ValueError):
+        lease.grant("b", 0.2)  # growing is refused
+
+
 def test_admit_when_it_fits():
     assert plan("b", 0.05, "utility", 0.0, [holder("a", 0.8)], 0.94).verdict == "admit"
 

@@ -17,44 +17,37 @@ from sparkd.errors import ServiceUnavailable
 from sparkd.history import History, HistoryUnavailable
 from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
 from sparkd.scheduler.loadtimes import LoadTimes
+from sparkd.scheduler.outcomes import Adoption, Failed, Launched, Slept, Started, Stopped, Woke
 from sparkd.scheduler.scheduler import Scheduler
-from sparkd.scheduler.state import ModelState
 
-S = ModelState
 
 
 class FakeLifecycle:
-    """Moves the state machine like the real Lifecycle, with no containers."""
+    """Returns the outcomes the real Lifecycle does, with no containers."""
 
     def __init__(self, tmp: Path, failing: set[str] | None = None) -> None:
         self.load_times = LoadTimes(tmp / "load-times.json")
         self.failing = failing or set()
 
-    async def start(self, runner, reason):
-        runner.start_requested_at = time.time()
-        runner.transition(S.STARTING, reason=reason)
+    async def launch(self, runner):
+        return Launched(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), began=time.monotonic())
+
+    async def await_ready(self, runner, on_progress, launched):
         await asyncio.sleep(0.02)
         if runner.name in self.failing:
-            runner.fail(f"model {runner.name}: its container exited during start with code 1", ["CUDA error: boom"])
-            return
-        runner.endpoint = Endpoint(port=1, key="k")
-        runner.started_at = time.time()
-        runner.transition(S.READY, reason=reason)
+            return Failed(f"model {runner.name}: its container exited during start with code 1", ("CUDA error: boom",))
+        return Started(took=0.02)
 
     async def stop(self, runner, reason):
-        runner.transition(S.STOPPING, reason=reason)
         await asyncio.sleep(0.005)
-        runner.transition(S.STOPPED, reason=reason)
-        return True
+        return Stopped()
 
-    async def sleep(self, runner, reason):
-        runner.transition(S.SLEEPING, reason=reason)
-        return True
+    async def sleep(self, runner):
+        return Slept()
 
-    async def wake(self, runner, reason):
-        runner.transition(S.WAKING, reason=reason)
+    async def wake(self, runner):
         await asyncio.sleep(0.01)
-        runner.transition(S.READY, reason=reason)
+        return Woke(took=0.01)
 
     async def tail_logs(self, runner):
         return []
@@ -137,7 +130,7 @@ async def test_transitions_count_starts_stops_failures_swaps_and_load_times(tmp_
     scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, {"c"}))
     scheduler.start_serving()  # as the daemon does once adoption is over
     metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
-    scheduler.subscribe(metrics.on_transition)
+    scheduler.subscribe(metrics.on_event)
     await serve(scheduler, "a")
     await serve(scheduler, "b")  # a is swapped out for b
     with pytest.raises(ServiceUnavailable) as failed:
@@ -159,6 +152,23 @@ async def test_transitions_count_starts_stops_failures_swaps_and_load_times(tmp_
     assert get(found, "sparkd_requests_in_flight", model="b") == 0
     assert get(found, "sparkd_queue_limit") == 1024
     assert not any(name.endswith("_created") for name, _ in found)
+
+
+async def test_wakes_are_timed_once_and_a_sleep_for_another_model_is_a_swap(tmp_path):
+    sleepy = {"sleep_mode": True, "sleep_gpu_memory": 0.05}
+    scheduler = Scheduler(config_with(model("a", 0.8, **sleepy), model("b", 0.8, **sleepy)), FakeLifecycle(tmp_path))
+    scheduler.start_serving()
+    metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
+    scheduler.subscribe(metrics.on_event)
+    await serve(scheduler, "a")
+    await serve(scheduler, "b")  # a sleeps for b
+    await serve(scheduler, "a")  # b sleeps for a, a wakes
+    found = samples(await metrics.render())
+    assert get(found, "sparkd_swaps_total", model="a", for_model="b") == 1
+    assert get(found, "sparkd_swaps_total", model="b", for_model="a") == 1
+    assert get(found, "sparkd_model_load_duration_seconds_count", model="a", kind="wake") == 1
+    assert get(found, "sparkd_model_load_duration_seconds_count", model="a", kind="start") == 1
+    assert get(found, "sparkd_container_starts_total", model="a") == 1
 
 
 async def test_request_done_counts_status_latency_and_tokens(tmp_path):
@@ -200,7 +210,7 @@ async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_p
     scheduler.start_serving()  # as the daemon does once adoption is over
     history = History(path)
     await history.open()
-    scheduler.subscribe(history.on_transition)
+    scheduler.subscribe(history.on_event)
     await serve(scheduler, "a")
     history.record_memory("a", 10 * 2**30, 2**30, None)
     history.record_memory("a", 12 * 2**30, 2**29, None)
@@ -240,13 +250,32 @@ async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_p
     await again.close()
 
 
+async def test_a_sessions_last_requests_count_in_it_whatever_the_subscription_order(tmp_path):
+    scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8)), FakeLifecycle(tmp_path))
+    scheduler.start_serving()
+    metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
+    history = History(tmp_path / "history.sqlite3", pending_usage=metrics.take_usage)
+    await history.open()
+    scheduler.subscribe(history.on_event)  # before the metrics: the order does not matter
+    scheduler.subscribe(metrics.on_event)
+    await serve(scheduler, "a")
+    now = time.monotonic()
+    metrics.request_done("a", 200, now, None, now)
+    metrics.request_done("a", 500, now, None, now)
+    await serve(scheduler, "b")  # a's session ends: its last two requests count in it
+    [a_session] = (await history.query("a"))["sessions"]
+    assert not a_session["running"] and a_session["requests"] == 2
+    assert metrics.take_usage("a") is None  # taken once, not counted again by the next flush
+    await history.close()
+
+
 async def test_history_reuses_an_open_session_for_an_adopted_container(tmp_path):
     path = tmp_path / "history.sqlite3"
     scheduler = Scheduler(config_with(model("a", 0.5)), FakeLifecycle(tmp_path))
     scheduler.start_serving()  # as the daemon does once adoption is over
     history = History(path)
     await history.open()
-    scheduler.subscribe(history.on_transition)
+    scheduler.subscribe(history.on_event)
     await serve(scheduler, "a")
     await history.close()
     # The next sparkd adopts the running container: STOPPED -> READY continues the session.
@@ -254,8 +283,9 @@ async def test_history_reuses_an_open_session_for_an_adopted_container(tmp_path)
     scheduler2.start_serving()  # as the daemon does once adoption is over
     again = History(path)
     await again.open()
-    scheduler2.subscribe(again.on_transition)
-    scheduler2.runners["a"].transition(S.READY, reason="adopted running container")
+    scheduler2.subscribe(again.on_event)
+    adoption = Adoption(container="sparkd-a", endpoint=Endpoint(port=1, key="k"), started_at=time.time(), serving=True)
+    scheduler2.adopt(scheduler2.runners["a"], adoption)
     await again.close_stale({"a"})
     data = await again.query("a")
     assert len(data["sessions"]) == 1 and data["sessions"][0]["running"]

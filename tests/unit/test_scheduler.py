@@ -1,8 +1,9 @@
 """Scheduling decisions with an in-process fake of the container lifecycle.
 
-The fake moves each model's state machine exactly as the real Lifecycle does,
-with short sleeps instead of containers, and records what ran when; the
-integration tests repeat the important cases on real Podman.
+The fake does the slow work with short sleeps instead of containers and
+returns outcomes as the real Lifecycle does (the scheduler alone moves the
+models' states), and records what ran when; the integration tests repeat the
+important cases on real Podman.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
 from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
+from sparkd.engine.progress import LoadProgress
+from sparkd.scheduler import scheduler as scheduler_module
+from sparkd.scheduler.events import (
+    FailureCause, Idle, LoadFinished, OperatorAction, Progress, Requested, SwapFor, Transitioned,
+)
 from sparkd.scheduler.loadtimes import LoadTimes
+from sparkd.scheduler.outcomes import Failed, Launched, Slept, Started, StopFailed, Stopped, Woke
 from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
@@ -35,6 +43,8 @@ class FakeRuntime:
 
 
 class FakeLifecycle:
+    """Does the slow work with short sleeps and returns its outcomes, as the real Lifecycle does."""
+
     def __init__(self, tmp: Path, start_delay: float = 0.02) -> None:
         self.runtime = FakeRuntime()
         self.load_times = LoadTimes(tmp / "load-times.json")
@@ -49,37 +59,37 @@ class FakeLifecycle:
         self.timeline.append((action, name))
         self.overlaps.append(set(self.running))
 
-    async def start(self, runner, reason):
-        runner.transition(ModelState.STARTING, reason=reason)
+    async def launch(self, runner):
         self.running.add(runner.name)
         self._record("start", runner.name)
+        return Launched(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), began=time.monotonic())
+
+    async def await_ready(self, runner, on_progress, launched):
         await asyncio.sleep(self.start_delay)
         if runner.name in self.failing:
             self.running.discard(runner.name)
-            runner.fail(f"model {runner.name}: its container exited during start with code 1", [self.failing[runner.name]])
-            return
-        runner.endpoint = Endpoint(port=1, key="k")
-        runner.transition(ModelState.READY, reason=reason)
+            return Failed(f"model {runner.name}: its container exited during start with code 1", (self.failing[runner.name],))
+        return Started(took=self.start_delay)
 
     async def stop(self, runner, reason):
-        runner.transition(ModelState.STOPPING, reason=reason)
         await asyncio.sleep(0.005)
         self.running.discard(runner.name)
         self._record("stop", runner.name)
-        runner.transition(ModelState.STOPPED, reason=reason)
-        return True
+        return Stopped()
 
-    async def sleep(self, runner, reason):
+    async def stop_after_loss(self, runner, reason):
+        self.running.discard(runner.name)
+        return Failed(reason)
+
+    async def sleep(self, runner):
         await asyncio.sleep(0.005)
         self._record("sleep", runner.name)
-        runner.transition(ModelState.SLEEPING, reason=reason)
-        return True
+        return Slept()
 
-    async def wake(self, runner, reason):
-        runner.transition(ModelState.WAKING, reason=reason)
+    async def wake(self, runner):
         await asyncio.sleep(0.005)
         self._record("wake", runner.name)
-        runner.transition(ModelState.READY, reason=reason)
+        return Woke(took=0.005)
 
     async def tail_logs(self, runner):
         return []
@@ -333,3 +343,178 @@ async def test_a_failure_retrying_cannot_fix_has_no_retry_after_and_a_transient_
     runner.failure = Failure("model a: its container exited during start with code 1", (), time.monotonic())
     error = scheduler._failure_error(runner)
     assert error.code == "model_failed" and error.retry_after is not None and error.retry_after >= 1
+
+
+# -- one owner: the scheduler alone moves states and lease shares, and says so in typed events --
+
+
+def recorded(scheduler: Scheduler) -> list:
+    events: list = []
+    scheduler.subscribe(events.append)
+    return events
+
+
+def moves(events: list, name: str) -> list[tuple[ModelState, ModelState, object]]:
+    return [(e.old, e.new, e.cause) for e in events if isinstance(e, Transitioned) and e.model == name]
+
+
+async def test_a_move_from_an_unexpected_state_is_logged_loudly_and_changes_nothing(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.01), fake))
+    await serve(scheduler, "a")
+    await asyncio.sleep(0.03)
+    scheduler.reap_idle()
+    runner = scheduler.runners["a"]
+    assert runner.state is ModelState.STOPPING
+    with capture_logs() as logs:
+        scheduler._stop(runner, Idle(0.01))  # a second STOPPING: a bug, not absorbed
+    [refused] = [entry for entry in logs if entry["event"] == "transition_unexpected"]
+    assert refused["log_level"] == "error" and refused["model"] == "a"
+    assert refused["state"] == "stopping" and refused["new"] == "stopping"
+    assert runner.state is ModelState.STOPPING
+    await scheduler.wait_for_state(runner, {ModelState.STOPPED}, 2)
+    assert fake.timeline.count(("stop", "a")) == 1
+
+
+async def test_the_lease_share_follows_every_move(fake):
+    sleepy = {"sleep_mode": True, "sleep_gpu_memory": 0.05}
+    fake.failing["c"] = "CUDA error: boom"
+    scheduler = serving(Scheduler(
+        config_with([model("a", 0.8, **sleepy), model("b", 0.8, **sleepy), model("c", 0.3)], idle_stop_s=0.05), fake,
+    ))
+    seen: list[tuple[ModelState, float | None]] = []
+
+    def check(event) -> None:
+        if not isinstance(event, Transitioned):
+            return
+        runner = scheduler.runners[event.model]
+        share = scheduler.lease.holders.get(event.model)
+        seen.append((event.new, share))
+        expected = {
+            ModelState.STOPPED: None, ModelState.FAILED: None, ModelState.SLEEPING: runner.sleep_claim,
+            ModelState.STARTING: runner.claim, ModelState.WAKING: runner.claim, ModelState.READY: runner.claim,
+            ModelState.DRAINING: runner.claim,
+        }
+        if event.new in expected:
+            assert share == expected[event.new], (event, share)
+        assert scheduler.lease.claimed <= scheduler.lease.budget + 1e-9
+
+    scheduler.subscribe(check)
+    await serve(scheduler, "a")
+    await serve(scheduler, "b")  # a sleeps
+    await serve(scheduler, "a")  # b sleeps, a wakes
+    with pytest.raises(ServiceUnavailable):
+        await serve(scheduler, "c")  # fails to start: no share
+    await asyncio.sleep(0.1)
+    scheduler.reap_idle()  # a idle: stopped; b asleep and idle: stopped
+    await asyncio.sleep(0.1)
+    assert scheduler.lease.holders == {}
+    assert {state for state, _ in seen} >= {
+        ModelState.STARTING, ModelState.READY, ModelState.DRAINING, ModelState.SLEEPING, ModelState.WAKING,
+        ModelState.STOPPING, ModelState.STOPPED, ModelState.FAILED,
+    }
+
+
+async def test_events_carry_structured_causes_and_one_load_record_per_start_and_wake(fake):
+    sleepy = {"sleep_mode": True, "sleep_gpu_memory": 0.05}
+    fake.failing["c"] = "CUDA error: boom"
+    scheduler = serving(Scheduler(config_with([model("a", 0.8, **sleepy), model("b", 0.8), model("c", 0.1)]), fake))
+    events = recorded(scheduler)
+    await serve(scheduler, "a")
+    await serve(scheduler, "b")
+    woke_from = time.time()
+    await serve(scheduler, "a")
+    with pytest.raises(ServiceUnavailable):
+        await serve(scheduler, "c")
+    await scheduler.stop_model("a", timeout=2)
+    S = ModelState
+    assert moves(events, "a") == [
+        (S.STOPPED, S.STARTING, Requested()), (S.STARTING, S.READY, Requested()),
+        (S.READY, S.DRAINING, SwapFor("b")), (S.DRAINING, S.SLEEPING, SwapFor("b")),
+        (S.SLEEPING, S.WAKING, Requested()), (S.WAKING, S.READY, Requested()),
+        (S.READY, S.DRAINING, OperatorAction("stop")), (S.DRAINING, S.STOPPING, OperatorAction("stop")),
+        (S.STOPPING, S.STOPPED, OperatorAction("stop")),
+    ]
+    assert moves(events, "b")[2:] == [
+        (S.READY, S.DRAINING, SwapFor("a")), (S.DRAINING, S.STOPPING, SwapFor("a")), (S.STOPPING, S.STOPPED, SwapFor("a")),
+    ]
+    [(_, _, failure)] = [m for m in moves(events, "c") if m[1] is S.FAILED]
+    assert isinstance(failure, FailureCause) and failure.log_lines == ("CUDA error: boom",)
+    assert "exited during start" in failure.message
+    loads = [(e.model, e.kind, e.outcome) for e in events if isinstance(e, LoadFinished)]
+    assert loads == [("a", "start", "ready"), ("b", "start", "ready"), ("a", "wake", "ready"), ("c", "start", "failed")]
+    wake = next(e for e in events if isinstance(e, LoadFinished) and e.kind == "wake")
+    assert wake.began >= woke_from and 0 <= wake.took < 2 and wake.message == "requested"
+
+
+async def test_load_progress_is_an_event_and_shown_only_while_starting(fake):
+    progress = LoadProgress("loading weights", 0.5, "Loading safetensors checkpoint shards: 50%")
+    await_ready = fake.await_ready
+
+    async def ready_with_progress(runner, on_progress, launched):
+        assert runner.endpoint is not None and runner.uptime() is not None  # the container runs: its port shows
+        on_progress(progress)
+        assert runner.progress == progress
+        return await await_ready(runner, on_progress, launched)
+
+    fake.await_ready = ready_with_progress
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
+    events = recorded(scheduler)
+    runner = await scheduler.acquire("a")
+    assert [e.progress for e in events if isinstance(e, Progress)] == [progress]
+    assert runner.progress is None  # cleared once ready
+    scheduler.release(runner)
+
+
+async def test_a_crashed_task_fails_its_model_stops_what_runs_and_frees_its_share(fake):
+    async def crash(runner, on_progress, launched):
+        raise RuntimeError("bug in the start path")
+
+    fake.await_ready = crash
+    losses: list[str] = []
+    stop_after_loss = fake.stop_after_loss
+
+    async def record_loss(runner, reason):
+        losses.append(reason)
+        return await stop_after_loss(runner, reason)
+
+    fake.stop_after_loss = record_loss
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], failure_backoff_s=30), fake))
+    with pytest.raises(ServiceUnavailable) as caught:
+        await asyncio.wait_for(serve(scheduler, "a"), 2)
+    assert "internal error while starting" in caught.value.message
+    assert scheduler.runners["a"].state is ModelState.FAILED
+    assert scheduler.lease.holders == {} and len(losses) == 1
+
+
+async def test_a_failed_stop_keeps_the_share_while_the_container_may_run_and_is_retried(fake, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "STOP_RETRY_FIRST_S", 0.01)
+    answers = [StopFailed("could not stop model a: Podman timed out", container_running=True)]
+    stop = fake.stop
+
+    async def flaky_stop(runner, reason):
+        if answers:
+            return answers.pop(0)
+        return await stop(runner, reason)
+
+    fake.stop = flaky_stop
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)], idle_stop_s=0.01), fake))
+    await serve(scheduler, "a")
+    await asyncio.sleep(0.03)
+    scheduler.reap_idle()
+    runner = scheduler.runners["a"]
+    await asyncio.sleep(0.005)
+    assert runner.state is ModelState.STOPPING and scheduler.lease.holders == {"a": 0.5}
+    await scheduler.wait_for_state(runner, {ModelState.STOPPED}, 2)
+    assert scheduler.lease.holders == {}
+
+
+async def test_a_failed_stop_of_a_container_that_is_gone_fails_the_model_without_a_share(fake):
+    async def failing_stop(runner, reason):
+        return StopFailed("could not stop model a: no such container", container_running=False)
+
+    fake.stop = failing_stop
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
+    await serve(scheduler, "a")
+    stopped = await scheduler.stop_model("a", timeout=2)
+    assert stopped.state is ModelState.FAILED and scheduler.lease.holders == {}
+    assert stopped.failure is not None and "no such container" in stopped.failure.message
