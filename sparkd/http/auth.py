@@ -10,6 +10,8 @@ The keys file (``server.keys_file``, TOML, owned by the user sparkd runs as, mod
     [keys.ci]
     key = "sk-sparkd-..."
     models = ["qwen2.5-1.5b-instruct"]   # optional: only these models (names or aliases)
+    loading_feedback = "reasoning"       # optional: how its streams show a model's loading ("off",
+                                         # "content", "reasoning"), over the model's own setting
 
 A client sends its key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
 Checking costs one SHA-256 of the presented key and one dict lookup, however
@@ -52,11 +54,13 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional, get_args
 
 from aiohttp import web
 
 from ..config import Config, ModelConfig
+from ..config.schema import LoadingFeedback
+from ..config.validate import describe as describe_value
 from ..errors import Forbidden, Unauthorized
 from ..private_files import PrivateFileError, read_private_file
 from .hosts import is_address_host
@@ -78,7 +82,8 @@ VERSION_ROLES = frozenset({ADMIN, PEER})
 ALL_ROLES = frozenset(ROLES)
 MIN_KEY_LENGTH = 16
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENTRY_FIELDS = frozenset({"key", "role", "models"})
+ENTRY_FIELDS = frozenset({"key", "role", "models", "loading_feedback"})
+LOADING_FEEDBACK = get_args(LoadingFeedback)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,11 @@ class Principal:
     """Model names/aliases this key may use; None = all."""
     anonymous: bool = False
     """Sent no key (the anonymous client, the admin socket's client)."""
+    loading_feedback: Optional[LoadingFeedback] = None
+    """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
+
+    def feedback_for(self, model: ModelConfig) -> LoadingFeedback:
+        return self.loading_feedback or model.loading_feedback
 
     def may_use(self, model: ModelConfig) -> bool:
         allowed = self.models
@@ -125,15 +135,24 @@ class KeysFileError(Exception):
         return f"keys file {self.path}: " + "; ".join(self.problems)
 
 
+class KeyEntry(NamedTuple):
+    key: str
+    role: str
+    models: Optional[frozenset[str]]
+    loading_feedback: Optional[LoadingFeedback] = None
+
+
 class KeyRing:
     """The client keys, by the SHA-256 digest of each key."""
 
-    def __init__(self, entries: Mapping[str, tuple[str, str, Optional[frozenset[str]]]] | None = None) -> None:
-        """``entries``: name → (key, role, models or None)."""
+    def __init__(self, entries: Mapping[str, KeyEntry | tuple[str, str, Optional[frozenset[str]]]] | None = None) -> None:
+        """``entries``: name → (key, role, models or None[, loading_feedback])."""
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
-        for name, (key, role, models) in (entries or {}).items():
-            digest = _digest(key)
-            self._by_digest[digest] = (digest, Principal(name, role, models))
+        for name, fields in (entries or {}).items():
+            entry = KeyEntry(*fields)
+            digest = _digest(entry.key)
+            principal = Principal(name, entry.role, entry.models, loading_feedback=entry.loading_feedback)
+            self._by_digest[digest] = (digest, principal)
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -190,10 +209,10 @@ class KeyRing:
         return cls(entries)
 
 
-def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Optional[frozenset[str]]]], list[str]]:
+def parse_keys(document: dict[str, Any]) -> tuple[dict[str, KeyEntry], list[str]]:
     """Entries of a parsed keys file and the problems found (which never quote a key)."""
     problems: list[str] = []
-    entries: dict[str, tuple[str, str, Optional[frozenset[str]]]] = {}
+    entries: dict[str, KeyEntry] = {}
     for section in document:
         if section != "keys":
             problems.append(f"unknown section {section!r}: only [keys.<name>] tables belong here")
@@ -210,7 +229,7 @@ def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Opti
             problems.append(f"{where}: expected a table with key, role and models")
             continue
         for unknown in sorted(set(table) - ENTRY_FIELDS):
-            problems.append(f"{where}.{unknown}: unknown field (known: key, role, models)")
+            problems.append(f"{where}.{unknown}: unknown field (known: key, role, models, loading_feedback)")
         key = table.get("key")
         if not isinstance(key, str):
             problems.append(f"{where}.key: expected a string" + (" (missing)" if key is None else f", found a {type(key).__name__}"))
@@ -234,7 +253,12 @@ def parse_keys(document: dict[str, Any]) -> tuple[dict[str, tuple[str, str, Opti
         if models is not None and role == PEER:
             problems.append(f"{where}.models: a peer key serves worker leases only (the [workers.<model>] tables decide which)")
             continue
-        entries[name] = (key, role, frozenset(models) if models is not None else None)
+        feedback = table.get("loading_feedback")
+        if feedback is not None and feedback not in LOADING_FEEDBACK:
+            choices = ", ".join(f'"{choice}"' for choice in LOADING_FEEDBACK)
+            problems.append(f"{where}.loading_feedback: expected one of {choices}, found {describe_value(feedback)}")
+            continue
+        entries[name] = KeyEntry(key, role, frozenset(models) if models is not None else None, feedback)
     return entries, problems
 
 

@@ -27,7 +27,7 @@ from ..engine.proxy import forward
 from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups, compile_profile
-from . import anthropic, responses
+from . import anthropic, loading, responses
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
 from .routing import target
@@ -39,6 +39,7 @@ CLIENT_GONE = 499
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
+    from ..scheduler.runner import ModelRunner
 
 log = structlog.get_logger("sparkd.requests")
 
@@ -169,18 +170,31 @@ class OpenAIRoutes:
         if fitting:
             responses.refuse_certain_overflow(model, route.path, body)
         runner = daemon.scheduler.acquire_now(model.name)
+        feed: loading.LoadingFeed | None = None
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs
             # several times its size (~7x for a long chat), and the queue bounds bytes.
             if changed:
                 raw, changed = json.dumps(body, separators=(",", ":")).encode(), False
             del body
+            if streaming and route.path in loading.STREAM_PATHS:
+                principal = request[PRINCIPAL]
+                feed = loading.LoadingFeed(request, daemon.scheduler, model.name, route.path, principal.feedback_for(model), headers)
             queued = time.monotonic()
             try:
-                runner = await daemon.scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
+                runner = await self._wait_for(model.name, request[PRINCIPAL].name, len(raw), feed)
+            except ApiError as error:
+                if feed is None or feed.response is None:
+                    raise
+                return await feed.fail(error, record)
             finally:
                 record.queued_s = time.monotonic() - queued
+            if runner is None:
+                assert feed is not None and feed.response is not None
+                record.stream_error = "client_gone"
+                return feed.response
             body = parse_json_object(raw) if fitting else {}
+        prepared = feed.response if feed is not None else None
         try:
             assert runner.endpoint is not None
             if fitting:
@@ -193,13 +207,23 @@ class OpenAIRoutes:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             answer = await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
-                streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner),
+                streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner), prepared=prepared,
             )
             if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
                 raise unsupported(model, route.path)
             return anthropic.engine_answer(answer, model.name, route.path) if route.path in anthropic.PATHS else answer
+        except ApiError as error:
+            if feed is None or feed.response is None:
+                raise
+            return await feed.fail(error, record)  # the stream's 200 went out while it waited
         finally:
             daemon.scheduler.release(runner)
+
+    async def _wait_for(self, model: str, key: str, body_bytes: int, feed: loading.LoadingFeed | None) -> ModelRunner | None:
+        """Wait for the model, telling a stream's client why (``feed``); None when that client left."""
+        if feed is not None:
+            return await feed.acquire(key=key, body_bytes=body_bytes)
+        return await self._daemon.scheduler.acquire(model, key=key, body_bytes=body_bytes)
 
 
 def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float) -> None:
