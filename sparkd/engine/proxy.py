@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import aiohttp
 import structlog
@@ -43,6 +43,14 @@ _DROP_RESPONSE = frozenset(
 )
 
 
+class StreamRewrite(Protocol):
+    """Changes the events of an engine's stream on their way to the client (the read-by-read relay only)."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
 def _response_headers(upstream: Mapping[str, str], extra: dict[str, str] | None) -> CIMultiDict[str]:
     headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE)
     if extra:
@@ -63,6 +71,7 @@ async def forward(
     record: RequestRecord | None = None,
     last_words: LastWords | None = None,
     prepared: web.StreamResponse | None = None,
+    rewrite: StreamRewrite | None = None,
 ) -> web.StreamResponse:
     """Send the JSON ``body`` to the engine at ``path`` and relay its answer to the client.
 
@@ -72,7 +81,8 @@ async def forward(
     quoted when a stream ends without its final event.  ``prepared``: the client's
     stream, already sent its 200 and headers (it waited for its model): the engine's
     status and headers are not relayed, its body follows, and an answer that is not a
-    stream becomes an error event in it.
+    stream becomes an error event in it.  ``rewrite``: what the stream's events need
+    changed to follow what ``prepared`` was sent (it takes the read-by-read relay).
     """
     ending = StreamEnding(model, path, last_words, record)
     outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
@@ -81,11 +91,11 @@ async def forward(
     watch = StallWatch(limits, task)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s or None)
     try:
-        if streaming and request.version >= HttpVersion11:
+        if streaming and request.version >= HttpVersion11 and rewrite is None:
             return await _forward_raw(request, endpoint, outbound, body, ending, watch, limits, extra_headers, record, prepared)
         async with session.request(request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout) as upstream:
             if upstream.content_type == SSE and (prepared is None or upstream.status == 200):
-                relayed = await _relay(request, upstream, watch, ending, extra_headers, record, prepared)
+                relayed = await _relay(request, upstream, watch, ending, extra_headers, record, prepared, rewrite)
                 watch.close()  # the answer is complete: leaving the upstream context must not time out
                 return relayed
             watch.enter(Phase.READ)
@@ -187,10 +197,11 @@ async def _relay(
     extra_headers: dict[str, str] | None,
     record: RequestRecord | None,
     prepared: web.StreamResponse | None,
+    rewrite: StreamRewrite | None,
 ) -> web.StreamResponse:
-    """Relay an SSE answer read by read (an HTTP/1.0 client, or a stream nobody asked for); a broken or
-    silent engine, or one that ends without a final event, ends it with an error event.
-    ``prepared``: the client's stream, its headers sent already."""
+    """Relay an SSE answer read by read (an HTTP/1.0 client, a stream nobody asked for, a stream
+    ``rewrite`` changes); a broken or silent engine, or one that ends without a final event, ends it
+    with an error event.  ``prepared``: the client's stream, its headers sent already."""
     model = ending.model
     response = prepared if prepared is not None else web.StreamResponse(
         status=upstream.status, headers=_response_headers(upstream.headers, extra_headers)
@@ -206,7 +217,7 @@ async def _relay(
         watch.enter(Phase.READ)
         async for chunk in upstream.content.iter_any():
             watch.enter(Phase.WRITE)
-            await response.write(chunk)
+            await response.write(chunk if rewrite is None else rewrite.feed(chunk))
             watch.enter(Phase.READ)
             if first is None:
                 first = time.monotonic()
@@ -232,6 +243,8 @@ async def _relay(
         return _abort(request, response)  # cut inside an event: an error event would be glued to its remains
     try:
         watch.enter(Phase.WRITE)
+        if rewrite is not None and broken is None:
+            await response.write(rewrite.flush())
         if broken is not None:
             await response.write(await ending.broken(broken, usage_tail.ending))
         else:

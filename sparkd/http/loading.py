@@ -20,12 +20,13 @@ the SSE error event of ``engine/finale.py``, which the SDKs raise.
 ``"reasoning"`` also sends the same text as answer or reasoning deltas, which
 chat UIs display: ``delta.content`` / ``delta.reasoning_content`` chunks on
 chat completions, ``text`` on completions ("reasoning" has no channel there:
-comments only).  Anthropic streams get a ``ping`` event per line, which every
-Anthropic client accepts and none displays: an Anthropic stream is one message
-whose ``message_start`` and block indexes are the engine's, so a block of
-sparkd's own would mean rewriting every event of the answer.  Responses
-streams get comments only for the same reason (an output item belongs to a
-response the engine has not created yet).
+comments only).  An Anthropic stream is one message, so sparkd opens it
+(``message_start``) and puts the text in a block of its own at index 0, a
+``thinking`` block (what Claude Code and the SDKs show as thinking) or a ``text``
+block; the engine's answer then follows with its own ``message_start`` left out
+and its block indexes moved up by one (``AnthropicAfterLoading``; such a stream
+takes the read-by-read relay, not the raw one).  Responses streams get comments
+only: their output items belong to a response the engine has not created yet.
 
 The model's state is read through ``wait_view`` only, never changed.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -182,10 +184,79 @@ def feedback_event(path: str, feedback: LoadingFeedback, model: str, text: str, 
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}],
         }
     elif is_anthropic(path):
-        return b"event: ping\ndata: " + json.dumps({"type": "ping", "sparkd": text}).encode() + b"\n\n"
+        delta = {"type": "thinking_delta", "thinking": text} if feedback == "reasoning" else {"type": "text_delta", "text": text}
+        return anthropic_event({"type": "content_block_delta", "index": 0, "delta": delta})
     else:
         return None
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def anthropic_event(data: dict[str, Any]) -> bytes:
+    return b"event: " + str(data["type"]).encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def anthropic_opening(feedback: LoadingFeedback, model: str, message_id: str) -> bytes:
+    """sparkd's start of an Anthropic message whose block 0 carries the loading text."""
+    message: dict[str, Any] = {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+    block = {"type": "thinking", "thinking": "", "signature": ""} if feedback == "reasoning" else {"type": "text", "text": ""}
+    return (anthropic_event({"type": "message_start", "message": message})
+            + anthropic_event({"type": "content_block_start", "index": 0, "content_block": block}))
+
+
+ANTHROPIC_CLOSING = anthropic_event({"type": "content_block_stop", "index": 0})
+
+_BLOCK_EVENT = re.compile(rb"^event:\s*content_block_(?:start|delta|stop)\b", re.MULTILINE)
+_MESSAGE_START = re.compile(rb"^event:\s*message_start\b", re.MULTILINE)
+_INDEX = re.compile(rb'"index"\s*:\s*(\d+)')
+_MESSAGE_DELTA = re.compile(rb"^event:\s*message_delta\b", re.MULTILINE)
+_DATA = re.compile(rb"^data:\s?(.*)$", re.MULTILINE)
+
+
+class AnthropicAfterLoading:
+    """The engine's Anthropic stream behind sparkd's opening: its ``message_start`` left out
+    (a second one is an error to Anthropic's TypeScript SDK), its block indexes moved up by one,
+    and the usage its ``message_start`` reported carried over to its ``message_delta``."""
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._usage: dict[str, Any] = {}
+
+    def feed(self, data: bytes) -> bytes:
+        """The rewritten complete events of ``data``; an incomplete event waits for its end."""
+        events = (self._held + data).split(b"\n\n")
+        self._held = events.pop()
+        return b"".join(self._rewrite(event) for event in events if event.strip())
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return self._rewrite(held) if held.strip() else b""
+
+    def _rewrite(self, event: bytes) -> bytes:
+        if _MESSAGE_START.search(event):
+            usage = _event_data(event).get("message", {}).get("usage")
+            self._usage = usage if isinstance(usage, dict) else {}
+            return b""
+        if _BLOCK_EVENT.search(event):
+            event = _INDEX.sub(lambda found: b'"index": %d' % (int(found.group(1)) + 1), event, count=1)
+        elif self._usage and _MESSAGE_DELTA.search(event):
+            data = _event_data(event)
+            if isinstance(data.get("usage"), dict):
+                data["usage"] = {**self._usage, **{k: v for k, v in data["usage"].items() if v is not None}}
+                return anthropic_event(data)
+        return event + b"\n\n"
+
+
+def _event_data(event: bytes) -> dict[str, Any]:
+    """The JSON of an SSE event's data line; empty when it has none that parses."""
+    found = _DATA.search(event)
+    try:
+        data = json.loads(found.group(1)) if found else None
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def failure_event(path: str, error: ApiError) -> bytes:
@@ -209,6 +280,12 @@ class LoadingFeed:
         self._chunk_id = f"chatcmpl-sparkd-{uuid.uuid4().hex[:16]}" if path == CHAT_PATH else f"cmpl-sparkd-{uuid.uuid4().hex[:16]}"
         self.response: web.StreamResponse | None = None
         """The client's stream once its headers went out; None while the request may still be refused with a status."""
+        self._opened_message = is_anthropic(path) and feedback != "off"
+        """An Anthropic message sparkd opened (its loading block at index 0)."""
+
+    def engine_rewrite(self) -> AnthropicAfterLoading | None:
+        """How the engine's stream must be rewritten to follow what this feed sent, if at all."""
+        return AnthropicAfterLoading() if self.response is not None and self._opened_message else None
 
     async def acquire(self, *, key: str | None, body_bytes: int) -> ModelRunner | None:
         """``scheduler.acquire``, telling the client about the wait; None when the client left meanwhile.
@@ -244,12 +321,15 @@ class LoadingFeed:
         response = web.StreamResponse(status=200, headers=headers)
         await response.prepare(self._request)
         self.response = response
+        if self._opened_message:
+            await response.write(anthropic_opening(self._feedback, self._model, f"msg_sparkd_{uuid.uuid4().hex[:24]}"))
         log.info("stream_waiting_for_model", model=self._model, path=self._path, feedback=self._feedback)
 
     async def _say(self, text: str, last: bool = False) -> None:
         assert self.response is not None
         shown = feedback_event(self._path, self._feedback, self._model, text + ("\n\n" if last else "\n"), self._chunk_id)
-        await self.response.write(comment_line(text) + (shown or b""))
+        closing = ANTHROPIC_CLOSING if last and self._opened_message else b""
+        await self.response.write(comment_line(text) + (shown or b"") + closing)
 
     async def _abandon(self, waiting: asyncio.Future[ModelRunner]) -> None:
         """The client left: give up the queue slot, or hand back a grant that came meanwhile."""

@@ -208,6 +208,7 @@ class OpenAIRoutes:
             answer = await forward(
                 request, daemon.engine.session, runner.endpoint, route.path, raw, model.name, config.engine, headers or None,
                 streaming, record, last_words=lambda: daemon.scheduler.lifecycle.tail_logs(runner), prepared=prepared,
+                rewrite=feed.engine_rewrite() if feed is not None else None,
             )
             if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
                 raise unsupported(model, route.path)

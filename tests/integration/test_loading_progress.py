@@ -176,25 +176,37 @@ async def test_loading_feedback_reaches_the_sdk_as_reasoning_or_content_by_model
 
 
 async def test_an_anthropic_sdk_stream_through_a_loading_model_gets_its_answer_or_the_error(sparkd_factory, engine_image):
+    """The anthropic SDK's accumulated message: sparkd's loading block first (thinking, or text), then the engine's answer."""
+    short = {"FAKE_LOAD_DELAY": "4"}
     sparkd = sparkd_factory({
-        "a": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "4"}, loading_feedback="reasoning"),
+        "plain": engine_model(engine_image, env=short),
+        "thinks": engine_model(engine_image, env=short, loading_feedback="reasoning"),
+        "says": engine_model(engine_image, env=short, loading_feedback="content"),
         "dies": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "20", "FAKE_CRASH_DURING_LOAD": "3"}),
     })
     key = sparkd.add_user_key()
     await sparkd.start()
     client = anthropic.AsyncAnthropic(base_url=sparkd.base_url, api_key=key, max_retries=0, timeout=60)
-    async with client.messages.stream(
-        model=sparkd.model("a"), max_tokens=8, messages=[{"role": "user", "content": "claude says hi"}],
-    ) as stream:
-        text = "".join([piece async for piece in stream.text_stream])
-        final = await stream.get_final_message()
-    assert text.startswith("claude says hi") and final.stop_reason in ("end_turn", "max_tokens")
-    with pytest.raises(anthropic.APIStatusError) as caught:
+
+    async def ask(model: str) -> tuple[str, Any]:
         async with client.messages.stream(
-            model=sparkd.model("dies"), max_tokens=8, messages=[{"role": "user", "content": "x"}],
+            model=sparkd.model(model), max_tokens=8, messages=[{"role": "user", "content": "claude says hi"}],
         ) as stream:
-            async for _text in stream.text_stream:
-                pass
+            text = "".join([piece async for piece in stream.text_stream])
+            return text, await stream.get_final_message()
+
+    (plain_text, plain), (thinks_text, thinks), (says_text, says) = await asyncio.gather(ask("plain"), ask("thinks"), ask("says"))
+    assert plain_text.startswith("claude says hi") and [block.type for block in plain.content] == ["text"]
+    assert plain.usage.input_tokens > 0 and plain.stop_reason in ("end_turn", "max_tokens")
+    assert [block.type for block in thinks.content] == ["thinking", "text"]
+    assert thinks.usage.input_tokens == plain.usage.input_tokens, "the engine's prompt count survives its dropped message_start"
+    assert thinks.content[0].thinking.startswith(f"sparkd: loading {sparkd.model('thinks')}, ")
+    assert thinks_text.startswith("claude says hi") and thinks.content[1].text == thinks_text
+    assert [block.type for block in says.content] == ["text", "text"]
+    assert says.content[0].text.startswith(f"sparkd: loading {sparkd.model('says')}, ") and says.content[1].text.startswith("claude says hi")
+    assert says_text == says.content[0].text + says.content[1].text
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await ask("dies")
     await client.close()
     message = str(caught.value)
     assert sparkd.model("dies") in message and "CUDA out of memory" in message, message

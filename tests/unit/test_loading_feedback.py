@@ -15,8 +15,10 @@ from sparkd.engine.progress import LoadProgress, parse_line
 from sparkd.errors import GatewayTimeout, ServiceUnavailable
 from sparkd.http.auth import KeyRing, KeysFileError
 from sparkd.http.loading import (
+    AnthropicAfterLoading,
     HolderView,
     WaitView,
+    anthropic_opening,
     comment_line,
     describe_wait,
     failure_event,
@@ -154,3 +156,41 @@ def test_a_keys_loading_feedback_wins_over_the_models_and_a_bad_one_is_named(tmp
         KeyRing.load(path, required=True)
     assert "keys.alice.loading_feedback: expected one of \"off\", \"content\", \"reasoning\", found string 'loud'" in str(refused.value)
     assert KEY not in str(refused.value)
+
+
+def test_the_engines_anthropic_stream_follows_sparkds_opening_without_its_message_start_its_blocks_moved_up_its_usage_kept():
+    engine = (
+        b'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 5}}}\n\n'
+        b'event: content_block_start\ndata: {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}\n\n'
+        b'event: ping\ndata: {"type": "ping"}\n\n'
+        b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "index 7"}}\n\n'
+        b'event: content_block_stop\ndata: {"type": "content_block_stop", "index":1}\n\n'
+        b'event: message_delta\ndata: {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}\n\n'
+        b'event: message_stop\ndata: {"type": "message_stop"}\n\n'
+    )
+    for size in (1, 7, 64, len(engine)):
+        rewrite = AnthropicAfterLoading()
+        out = b"".join(rewrite.feed(engine[i:i + size]) for i in range(0, len(engine), size)) + rewrite.flush()
+        events = [e for e in out.split(b"\n\n") if e]
+        assert [e.split(b"\n")[0] for e in events] == [
+            b"event: content_block_start", b"event: ping", b"event: content_block_delta", b"event: content_block_stop",
+            b"event: message_delta", b"event: message_stop",
+        ]
+        assert b'"index": 1, "content_block"' in events[0] and b'"index": 1, "delta"' in events[2]
+        assert b'"text": "index 7"' in events[2], "only the block's own index moves"
+        assert b'"index": 2}' in events[3]
+        delta = json.loads(events[4].split(b"data: ", 1)[1])
+        assert delta == {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"input_tokens": 5, "output_tokens": 2}}
+        assert events[5] == [e for e in engine.split(b"\n\n") if e][-1]
+
+
+def test_sparkds_anthropic_opening_is_a_message_with_its_loading_block_at_index_0():
+    opening = anthropic_opening("reasoning", "m", "msg_sparkd_1")
+    start, block = (json.loads(e.split(b"data: ", 1)[1]) for e in opening.split(b"\n\n") if e)
+    assert start["type"] == "message_start" and start["message"]["model"] == "m" and start["message"]["content"] == []
+    assert block == {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}
+    delta = feedback_event("/v1/messages", "reasoning", "m", "t\n", "i")
+    assert delta == b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "t\\n"}}\n\n'
+    text = json.loads(feedback_event("/v1/messages", "content", "m", "t\n", "i").split(b"data: ", 1)[1])
+    assert text["delta"] == {"type": "text_delta", "text": "t\n"}
+    assert feedback_event("/v1/messages", "off", "m", "t", "i") is None
