@@ -331,6 +331,11 @@ class LoadingFeed:
         closing = ANTHROPIC_CLOSING if last and self._opened_message else b""
         await self.response.write(comment_line(text) + (shown or b"") + closing)
 
+    async def tell_headers(self, headers: Mapping[str, str]) -> None:
+        """Headers decided after the stream's own went out (``X-Sparkd-Max-Tokens-Capped``), as comments."""
+        if self.response is not None:
+            await self.response.write(b"".join(comment_line(f"sparkd: {name}: {value}") for name, value in headers.items()))
+
     async def _abandon(self, waiting: asyncio.Future[ModelRunner]) -> None:
         """The client left: give up the queue slot, or hand back a grant that came meanwhile."""
         waiting.cancel()

@@ -202,6 +202,8 @@ class OpenAIRoutes:
                     daemon.engine, runner.endpoint, model, fixups, route.path, body, daemon.tokenize_failures
                 )
                 headers.update(capped)
+                if feed is not None and capped:
+                    await feed.tell_headers(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()

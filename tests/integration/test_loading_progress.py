@@ -311,14 +311,18 @@ async def test_a_client_leaving_while_its_stream_waits_frees_its_queue_slot(spar
 
 
 async def test_the_eta_comes_from_the_models_measured_load_time(sparkd_factory, engine_image):
-    sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "6"})})
+    """And a header decided after the stream's own went out (the max_tokens cap) comes as a comment."""
+    sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_LOAD_DELAY": "6"}, max_model_len=4096)})
     await sparkd.start()
     async with aiohttp.ClientSession() as session:
         assert (await sparkd.chat(session, "a"))[0] == 200  # the first load is measured
         status, _ = await sparkd.admin("POST", f"/api/models/{sparkd.model('a')}/stop")
         assert status == 200
         await sparkd.wait_state("a", "stopped")
-        status, lines = await stamped_stream(session, sparkd.base_url + "/v1/chat/completions", chat(sparkd, "a"), time.monotonic())
+        body = chat(sparkd, "a", max_tokens=100000)
+        status, lines = await stamped_stream(session, sparkd.base_url + "/v1/chat/completions", body, time.monotonic())
     assert status == 200
     texts = [text for _, text in comments(lines)]
+    assert any(text.startswith("sparkd: X-Sparkd-Max-Tokens-Capped: requested=100000 sent=") for text in texts), texts
+    assert lines[-1][1] == b"data: [DONE]"
     assert any(text.startswith(f"sparkd: loading {sparkd.model('a')}, ") and " s left" in text and "about " in text for text in texts), texts
