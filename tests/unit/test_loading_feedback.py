@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,6 +139,15 @@ def test_loading_feedback_is_a_model_setting_and_a_bad_value_is_named(tmp_path: 
         load_config(path)
     text = "\n".join(str(p) for p in refused.value.problems)
     assert "models.alpha.loading_feedback: expected one of 'off', 'content', 'reasoning', found string 'thinking'" in text
+
+
+def test_check_config_names_a_bad_loading_feedback(tmp_path: Path):
+    path = tmp_path / "sparkd.toml"
+    path.write_text(textwrap.dedent(MODEL + 'loading_feedback = "thinking"\n'))
+    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(path), "--no-images"],
+                            check=False, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "models.alpha.loading_feedback: expected one of 'off', 'content', 'reasoning'" in result.stdout + result.stderr
 
 
 KEY = "sk-alice-" + "a" * 32
