@@ -313,6 +313,8 @@ class LoadingFeed:
             # A write found the client gone (the handler's cancellation may not have come yet).
             await self._abandon(waiting)
             log.debug("stream_wait_abandoned", model=self._model, path=self._path)
+            if self.response is None:
+                raise  # it left before its headers went out: nothing to return
             return None
 
     async def _open(self) -> None:
