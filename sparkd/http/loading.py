@@ -9,10 +9,12 @@ with the model's stage and an ETA from its past loads::
 
     : sparkd: loading gpt-oss-120b, loading weights 45%, about 80 s left
 
-Headers go out only after the request has waited ``ACCEPT_GRACE_S``: a
+Headers go out only after the request has waited ``ACCEPT_GRACE_S`` and, for a
+cold start, once the model's container runs (at most ``HEADERS_BY_S``): a
 refusal the scheduler decides at once (queue full, the key's queue limit, the
-reject policy's 429, a failed model in back-off, an impossible claim) keeps its
-HTTP status.  Any failure after the headers (the engine dies while loading, the
+reject policy's 429, a failed model in back-off, an impossible claim) and a
+start that fails before its container runs (a missing image, missing encodings,
+no GPU device) keep their HTTP status.  Any failure after the headers (the engine dies while loading, the
 start or queue times out, the engine refuses the request) ends the stream with
 the SSE error event of ``engine/finale.py``, which the SDKs raise.
 
@@ -67,6 +69,9 @@ STREAM_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, "/v1/messages", "/v1/resp
 """The streams that hear about the wait (their SDKs skip SSE comments)."""
 ACCEPT_GRACE_S = 0.25
 """How long a request waits before its headers go out: refusals decided at once keep their status."""
+HEADERS_BY_S = 0.8
+"""The latest the headers (and the first comment) go out, so a client hears within 1 s of queueing."""
+CONTAINER_CHECK_S = 0.05
 TICK_S = 4.0
 """Seconds between two progress lines (at most 5, so read timeouts of 5 s and more never fire)."""
 MINUTES_FROM_S = 120.0
@@ -94,6 +99,8 @@ class WaitView:
     """Its measured load time (the median of its past loads), None when it never loaded."""
     holders: tuple[HolderView, ...] = ()
     """The other models holding the GPU."""
+    container_running: bool = True
+    """False while a start has not got its container running yet (it may still fail for the operator)."""
 
 
 def wait_view(scheduler: Scheduler, name: str, now_wall: float) -> WaitView:
@@ -114,6 +121,7 @@ def wait_view(scheduler: Scheduler, name: str, now_wall: float) -> WaitView:
     return WaitView(
         model=name, state=runner.state, progress=runner.progress, busy_for_s=busy_for,
         usual_load_s=scheduler.lifecycle.load_times.eta(name), holders=holders,
+        container_running=runner.state is not S.STARTING or runner.started_at is not None,
     )
 
 
@@ -297,6 +305,8 @@ class LoadingFeed:
         began = time.monotonic()
         try:
             done, _ = await asyncio.wait((waiting,), timeout=ACCEPT_GRACE_S)
+            while not done and not self._container_running() and time.monotonic() - began < HEADERS_BY_S:
+                done, _ = await asyncio.wait((waiting,), timeout=CONTAINER_CHECK_S)
             if done:
                 return waiting.result()
             await self._open()
@@ -316,6 +326,9 @@ class LoadingFeed:
             if self.response is None:
                 raise  # it left before its headers went out: nothing to return
             return None
+
+    def _container_running(self) -> bool:
+        return wait_view(self._scheduler, self._model, time.time()).container_running
 
     async def _open(self) -> None:
         headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})

@@ -365,3 +365,18 @@ async def test_a_stream_through_a_cold_real_vllm_hears_the_stages_of_its_own_log
     assert lines[-1][1] == b"data: [DONE]"
     assert f"sparkd: loading {name}, " in reasoning and f"sparkd: {name} is ready after " in reasoning, reasoning
     assert content.strip(), "the model's answer follows"
+
+
+async def test_a_stream_whose_start_fails_for_the_operator_before_its_container_runs_keeps_its_status(sparkd_factory, engine_image):
+    """Missing encodings or a missing image fail before a container runs: no 200 went out, the status says who must act."""
+    sparkd = sparkd_factory({
+        "gptoss": engine_model(engine_image, encodings=True),
+        "noimage": engine_model("localhost/sparkd-test-no-such-image:1"),
+    })
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        for key, code in (("gptoss", "encodings_missing"), ("noimage", "image_missing")):
+            async with session.post(sparkd.base_url + "/v1/chat/completions", json=chat(sparkd, key)) as response:
+                body = await response.json(content_type=None)
+            assert response.status == 503 and body["error"]["code"] == code, (key, response.status, body)
+            assert "Retry-After" not in response.headers

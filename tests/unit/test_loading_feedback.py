@@ -81,7 +81,11 @@ def test_wait_view_reads_state_progress_eta_and_the_holders_of_the_gpu():
         lifecycle=SimpleNamespace(load_times=SimpleNamespace(eta=lambda name: 95.0 if name == "m" else None)),
     )
     view = wait_view(scheduler, "m", now_wall=1015.0)
-    assert view == WaitView("m", S.STARTING, WEIGHTS, busy_for_s=15.0, usual_load_s=95.0, holders=(HolderView("big", S.DRAINING, 3),))
+    assert view == WaitView("m", S.STARTING, WEIGHTS, busy_for_s=15.0, usual_load_s=95.0, holders=(HolderView("big", S.DRAINING, 3),),
+                            container_running=False)
+    loading.started_at = 1001.0  # its container runs: the start can no longer fail for want of an image
+    assert wait_view(scheduler, "m", now_wall=1015.0).container_running
+    assert wait_view(scheduler, "big", now_wall=1015.0).container_running  # not starting at all
     assert wait_view(scheduler, "gone", now_wall=0.0) == WaitView("gone", S.STOPPED)
     assert (loading.state, loading.in_flight, holder.in_flight) == (S.STARTING, 0, 3)  # read, never changed
 
