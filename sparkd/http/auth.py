@@ -96,7 +96,7 @@ class Principal:
     """Model names/aliases this key may use; None = all."""
     anonymous: bool = False
     """Sent no key (the anonymous client, the admin socket's client)."""
-    loading_feedback: Optional[LoadingFeedback] = None
+    loading_feedback: LoadingFeedback | None = None
     """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
 
     def feedback_for(self, model: ModelConfig) -> LoadingFeedback:
@@ -138,14 +138,14 @@ class KeysFileError(Exception):
 class KeyEntry(NamedTuple):
     key: str
     role: str
-    models: Optional[frozenset[str]]
-    loading_feedback: Optional[LoadingFeedback] = None
+    models: frozenset[str] | None
+    loading_feedback: LoadingFeedback | None = None
 
 
 class KeyRing:
     """The client keys, by the SHA-256 digest of each key."""
 
-    def __init__(self, entries: Mapping[str, KeyEntry | tuple[str, str, Optional[frozenset[str]]]] | None = None) -> None:
+    def __init__(self, entries: Mapping[str, KeyEntry | tuple[str, str, frozenset[str] | None]] | None = None) -> None:
         """``entries``: name → (key, role, models or None[, loading_feedback])."""
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
         for name, fields in (entries or {}).items():
