@@ -10,6 +10,8 @@ The file (TOML, owned by the user sparkd runs as, mode 0600)::
     [keys.ci]
     key = "sk-sparkd-..."
     models = ["qwen2.5-1.5b-instruct"]   # optional: only these models (names or aliases)
+    loading_feedback = "reasoning"       # optional: how its streams show a model's loading ("off",
+                                         # "content", "reasoning"), over the model's own setting
 
 Only each key's SHA-256 digest is kept; problems name the entry and never quote a key.
 Who a request is, given these keys, is ``http/auth.py``'s concern.
@@ -22,10 +24,11 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from ..private_files import PrivateFileError, read_private_file
-from .schema import Config
+from .schema import Config, LoadingFeedback
+from .validate import describe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +41,8 @@ PEER = "peer"
 ROLES = (ADMIN, USER, PEER)
 MIN_KEY_LENGTH = 16
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENTRY_FIELDS = frozenset({"key", "role", "models"})
+ENTRY_FIELDS = frozenset({"key", "role", "models", "loading_feedback"})
+LOADING_FEEDBACK: tuple[LoadingFeedback, ...] = get_args(LoadingFeedback)
 
 
 def digest_key(key: str) -> bytes:
@@ -55,10 +59,15 @@ class ClientKey:
     models: frozenset[str] | None
     """Model names/aliases this key may use; None = all."""
     digest: bytes = field(repr=False)
+    loading_feedback: LoadingFeedback | None = None
+    """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
 
     @classmethod
-    def of(cls, name: str, key: str, role: str = USER, models: frozenset[str] | None = None) -> ClientKey:
-        return cls(name, role, models, digest_key(key))
+    def of(
+        cls, name: str, key: str, role: str = USER, models: frozenset[str] | None = None,
+        loading_feedback: LoadingFeedback | None = None,
+    ) -> ClientKey:
+        return cls(name, role, models, digest_key(key), loading_feedback)
 
 
 class KeysFileError(Exception):
@@ -144,7 +153,7 @@ def _parse_entry(name: str, table: Any, seen: dict[bytes, str], problems: list[s
         problems.append(f"{where}: expected a table with key, role and models")
         return None
     for unknown in sorted(set(table) - ENTRY_FIELDS):
-        problems.append(f"{where}.{unknown}: unknown field (known: key, role, models)")
+        problems.append(f"{where}.{unknown}: unknown field (known: key, role, models, loading_feedback)")
     digest_or_problem = _key_digest(where, table.get("key"), seen)
     if isinstance(digest_or_problem, str):
         problems.append(digest_or_problem)
@@ -152,11 +161,12 @@ def _parse_entry(name: str, table: Any, seen: dict[bytes, str], problems: list[s
     seen[digest_or_problem] = name
     role = table.get("role", USER)
     models = table.get("models")
-    problem = _role_problem(where, role, models)
+    feedback = table.get("loading_feedback")
+    problem = _role_problem(where, role, models) or _feedback_problem(where, feedback)
     if problem is not None:
         problems.append(problem)
         return None
-    return ClientKey(name, role, frozenset(models) if models is not None else None, digest_or_problem)
+    return ClientKey(name, role, frozenset(models) if models is not None else None, digest_or_problem, feedback)
 
 
 def _key_digest(where: str, key: Any, seen: dict[bytes, str]) -> bytes | str:
@@ -179,3 +189,10 @@ def _role_problem(where: str, role: Any, models: Any) -> str | None:
     if models is not None and role == PEER:
         return f"{where}.models: a peer key serves worker leases only (the [workers.<model>] tables decide which)"
     return None
+
+
+def _feedback_problem(where: str, feedback: Any) -> str | None:
+    if feedback is None or feedback in LOADING_FEEDBACK:
+        return None
+    choices = ", ".join(f'"{choice}"' for choice in LOADING_FEEDBACK)
+    return f"{where}.loading_feedback: expected one of {choices}, found {describe(feedback)}"

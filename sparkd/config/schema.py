@@ -98,6 +98,8 @@ VLLM_API_PATHS = (
 """The API paths a vLLM engine serves (a listed path also covers its sub-paths)."""
 TokenizeApi = Literal["vllm", "llama-cpp", "none"]
 """How an engine counts tokens: vLLM's ``/tokenize``, llama-cpp-python's ``/extras/tokenize/count``, or not at all."""
+LoadingFeedback = Literal["off", "content", "reasoning"]
+"""How a stream that waits for its model shows the wait: SSE comments only (off), or also as answer text or reasoning."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,10 @@ class ModelConfig:
     """Mount the tiktoken encodings GPT-OSS needs (``sparkd encodings fetch``) read-only."""
     engine_cache: bool = True
     """Keep the engine's compile caches (``[engine_cache] paths``) across container re-creation."""
+    loading_feedback: LoadingFeedback = "off"
+    """A stream that waits for this model always gets SSE comments saying why (loading, waking,
+    queued); "content" or "reasoning" also sends that text as answer or reasoning deltas, which chat
+    UIs display (a key's own ``loading_feedback`` wins)."""
 
 
 @dataclass(frozen=True)

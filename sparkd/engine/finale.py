@@ -62,12 +62,18 @@ def engine_message(tail: bytes) -> str | None:
         return found.group(1).decode("utf-8", "replace")
 
 
-def error_event(path: str, message: str) -> bytes:
-    """One SSE error event in the shape the route's SDK raises (OpenAI's, or Anthropic's)."""
+def error_event(path: str, message: str, *, code: str = "engine_error", kind: str = "server_error",
+                anthropic_kind: str = "api_error") -> bytes:
+    """One SSE error event in the shape the route's SDK raises (OpenAI's, or Anthropic's).
+
+    ``kind``: OpenAI's error ``type``; ``anthropic_kind``: Anthropic's (``overloaded_error``, ...).
+    """
     if is_anthropic(path):
-        data = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
-    event = {"error": {"message": message, "type": "server_error", "param": None, "code": "engine_error"}}
+        error: dict[str, str] = {"type": anthropic_kind, "message": message}
+        if code != "engine_error":
+            error["code"] = code
+        return b"event: error\ndata: " + json.dumps({"type": "error", "error": error}).encode() + b"\n\n"
+    event = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
@@ -105,6 +111,21 @@ class StreamEnding:
             self.path,
             f"model {self.model}: the engine stopped in the middle of the answer ({how}; {reason}); "
             f"retry the request, or see `sparkctl logs {self.model}`",
+        )
+
+    def refused(self, status: int, body: bytes) -> bytes:
+        """The event for an engine that refused the request after sparkd's 200 went out (a stream
+        that waited for its model got its headers early): the engine's status and message."""
+        if self.record is not None:
+            self.record.stream_error = "engine_refused"
+        said = engine_message(body) or body[:300].decode("utf-8", "replace").strip() or "no reason given"
+        log.warning("engine_refused_stream", model=self.model, path=self.path, status=status)
+        return error_event(
+            self.path,
+            f"model {self.model}: the engine answered with status {status} instead of a stream: {said}",
+            code="engine_refused",
+            kind="invalid_request_error" if 400 <= status < 500 else "server_error",
+            anthropic_kind="invalid_request_error" if 400 <= status < 500 else "api_error",
         )
 
     async def unfinished(self, tail: bytes) -> bytes | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import aiohttp
 import structlog
@@ -43,6 +43,14 @@ _DROP_RESPONSE = frozenset(
 )
 
 
+class StreamRewrite(Protocol):
+    """Changes the events of an engine's stream on their way to the client (the read-by-read relay only)."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
 def _response_headers(upstream: Mapping[str, str], extra: dict[str, str] | None) -> CIMultiDict[str]:
     headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE)
     if extra:
@@ -62,13 +70,19 @@ async def forward(
     streaming: bool = False,
     record: RequestRecord | None = None,
     last_words: LastWords | None = None,
+    prepared: web.StreamResponse | None = None,
+    rewrite: StreamRewrite | None = None,
 ) -> web.StreamResponse:
     """Send the JSON ``body`` to the engine at ``path`` and relay its answer to the client.
 
     ``limits``: the ``[engine]`` time limits.  ``streaming``: the client asked for
     a stream (``"stream": true``).  ``record``: filled with the first byte's time
     and the usage the engine reported.  ``last_words``: the engine's last log lines,
-    quoted when a stream ends without its final event.
+    quoted when a stream ends without its final event.  ``prepared``: the client's
+    stream, already sent its 200 and headers (it waited for its model): the engine's
+    status and headers are not relayed, its body follows, and an answer that is not a
+    stream becomes an error event in it.  ``rewrite``: what the stream's events need
+    changed to follow what ``prepared`` was sent (it takes the read-by-read relay).
     """
     ending = StreamEnding(model, path, last_words, record)
     outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
@@ -77,11 +91,11 @@ async def forward(
     watch = StallWatch(limits, task)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s or None)
     try:
-        if streaming and request.version >= HttpVersion11:
-            return await _forward_raw(request, endpoint, outbound, body, ending, watch, limits, extra_headers, record)
+        if streaming and request.version >= HttpVersion11 and rewrite is None:
+            return await _forward_raw(request, endpoint, outbound, body, ending, watch, limits, extra_headers, record, prepared)
         async with session.request(request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout) as upstream:
-            if upstream.content_type == SSE:
-                relayed = await _relay(request, upstream, watch, ending, extra_headers, record)
+            if upstream.content_type == SSE and (prepared is None or upstream.status == 200):
+                relayed = await _relay(request, upstream, watch, ending, extra_headers, record, prepared, rewrite)
                 watch.close()  # the answer is complete: leaving the upstream context must not time out
                 return relayed
             watch.enter(Phase.READ)
@@ -93,6 +107,8 @@ async def forward(
             payload = b"".join(parts)
             if record is not None:
                 record.note_body(time.monotonic(), payload)
+            if prepared is not None:
+                return await _end_with_refusal(prepared, ending, upstream.status, payload, watch)
             return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream.headers, extra_headers))
     except asyncio.CancelledError:
         if not watch.absorb():
@@ -124,6 +140,7 @@ async def _forward_raw(
     limits: EngineConfig,
     extra_headers: dict[str, str] | None,
     record: RequestRecord | None,
+    prepared: web.StreamResponse | None,
 ) -> web.StreamResponse:
     """The streamed answer to an HTTP/1.1 client, over a connection of its own (``stream.py``)."""
     raw_request = stream.request_bytes(request.method, outbound.url.raw_path_qs, f"{endpoint.host}:{endpoint.port}", outbound.headers, body)
@@ -133,16 +150,28 @@ async def _forward_raw(
         response_headers = _response_headers(headers, extra_headers)
         if status == 200 and headers.get("Content-Type", "").startswith(SSE):
             try:
-                return await stream.relay(request, upstream, response_headers, status, ending.model, watch, ending)
+                return await stream.relay(request, upstream, response_headers, status, ending.model, watch, ending, prepared)
             finally:
                 if record is not None:
                     record.note_body(upstream.first_byte, upstream.usage_tail.text)
         payload = await upstream.body()
         if record is not None:
             record.note_body(time.monotonic(), payload)
+        if prepared is not None:
+            return await _end_with_refusal(prepared, ending, status, payload, watch)
         return web.Response(status=status, body=payload, headers=response_headers)
     finally:
         transport.close()
+
+
+async def _end_with_refusal(
+    prepared: web.StreamResponse, ending: StreamEnding, status: int, payload: bytes, watch: StallWatch
+) -> web.StreamResponse:
+    """The engine answered without a stream after the client's 200 went out: end that stream with an error event."""
+    watch.enter(Phase.WRITE)
+    await prepared.write(ending.refused(status, payload))
+    await prepared.write_eof()
+    return prepared
 
 
 def _log_timeout(model: str, reason: str, limit: float, key: str) -> None:
@@ -167,22 +196,28 @@ async def _relay(
     ending: StreamEnding,
     extra_headers: dict[str, str] | None,
     record: RequestRecord | None,
+    prepared: web.StreamResponse | None,
+    rewrite: StreamRewrite | None,
 ) -> web.StreamResponse:
-    """Relay an SSE answer read by read (an HTTP/1.0 client, or a stream nobody asked for); a broken or
-    silent engine, or one that ends without a final event, ends it with an error event."""
+    """Relay an SSE answer read by read (an HTTP/1.0 client, a stream nobody asked for, a stream
+    ``rewrite`` changes); a broken or silent engine, or one that ends without a final event, ends it
+    with an error event.  ``prepared``: the client's stream, its headers sent already."""
     model = ending.model
-    response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream.headers, extra_headers))
+    response = prepared if prepared is not None else web.StreamResponse(
+        status=upstream.status, headers=_response_headers(upstream.headers, extra_headers)
+    )
     first: float | None = None
     tail = b""
     usage_tail = StreamTail()
     broken: str | None = None
     try:
         watch.enter(Phase.WRITE)
-        await response.prepare(request)
+        if not response.prepared:
+            await response.prepare(request)
         watch.enter(Phase.READ)
         async for chunk in upstream.content.iter_any():
             watch.enter(Phase.WRITE)
-            await response.write(chunk)
+            await response.write(chunk if rewrite is None else rewrite.feed(chunk))
             watch.enter(Phase.READ)
             if first is None:
                 first = time.monotonic()
@@ -208,6 +243,8 @@ async def _relay(
         return _abort(request, response)  # cut inside an event: an error event would be glued to its remains
     try:
         watch.enter(Phase.WRITE)
+        if rewrite is not None and broken is None:
+            await response.write(rewrite.flush())
         if broken is not None:
             await response.write(await ending.broken(broken, usage_tail.ending))
         else:

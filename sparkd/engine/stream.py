@@ -285,15 +285,21 @@ async def relay(
     model: str,
     watch: StallWatch,
     ending: StreamEnding,
+    prepared: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """Relay an SSE answer whose head has arrived; ``ending`` gives the error event it may need.
 
     The watch ends a stream whose engine went silent (an error event, as for a
     broken stream) or whose client stopped reading (the connection is dropped).
     A stream that ended cleanly without its final event gets an error event too.
+    ``prepared``: the client's response, whose headers went out already (a stream that
+    waited for its model): the engine's body follows what it was sent.
     """
-    response = web.StreamResponse(status=status, headers=response_headers)
-    await response.prepare(request)
+    if prepared is None:
+        response = web.StreamResponse(status=status, headers=response_headers)
+        await response.prepare(request)
+    else:
+        response = prepared
     client = request.transport
     assert client is not None
     upstream.relay_to(client)

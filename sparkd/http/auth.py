@@ -44,6 +44,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ModelConfig
+from ..config.schema import LoadingFeedback
 from ..config.keys import ADMIN, PEER, USER, ClientKey, digest_key, read_keys_file
 from ..errors import Forbidden, Unauthorized
 from .hosts import is_address_host
@@ -66,6 +67,11 @@ class Principal:
     """Model names/aliases this key may use; None = all."""
     anonymous: bool = False
     """Sent no key (the anonymous client, the admin socket's client)."""
+    loading_feedback: LoadingFeedback | None = None
+    """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
+
+    def feedback_for(self, model: ModelConfig) -> LoadingFeedback:
+        return self.loading_feedback or model.loading_feedback
 
     def may_use(self, model: ModelConfig) -> bool:
         allowed = self.models
@@ -93,7 +99,7 @@ class KeyRing:
 
     def __init__(self, keys: Iterable[ClientKey] = ()) -> None:
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {
-            key.digest: (key.digest, Principal(key.name, key.role, key.models)) for key in keys
+            key.digest: (key.digest, Principal(key.name, key.role, key.models, loading_feedback=key.loading_feedback)) for key in keys
         }
 
     def __len__(self) -> int:

@@ -17,7 +17,7 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import StreamReader, web
@@ -27,7 +27,7 @@ from ..engine.proxy import forward
 from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE
-from . import anthropic, responses
+from . import anthropic, loading, responses
 from .appkeys import ENGINE, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
@@ -38,6 +38,9 @@ from .validation import validate_body
 FIXUPS_HEADER = "X-Sparkd-Fixups"
 CLIENT_GONE = 499
 """The status counted for a request whose client went away before its answer ended (nginx's convention)."""
+
+if TYPE_CHECKING:
+    from ..scheduler.runner import ModelRunner
 
 log = structlog.get_logger("sparkd.requests")
 
@@ -157,18 +160,31 @@ class OpenAIRoutes:
         if fitting:
             responses.refuse_certain_overflow(model, route.path, body)
         runner = self._scheduler.acquire_now(model.name)
+        feed: loading.LoadingFeed | None = None
         if runner is None:
             # While it waits a request holds its body as bytes only: the parsed form costs
             # several times its size (~7x for a long chat), and the queue bounds bytes.
             if changed:
                 raw, changed = json.dumps(body, separators=(",", ":")).encode(), False
             del body
+            if streaming and route.path in loading.STREAM_PATHS:
+                principal = request[PRINCIPAL]
+                feed = loading.LoadingFeed(request, self._scheduler, model.name, route.path, principal.feedback_for(model), headers)
             queued = time.monotonic()
             try:
-                runner = await self._scheduler.acquire(model.name, key=request[PRINCIPAL].name, body_bytes=len(raw))
+                runner = await self._wait_for(model.name, request[PRINCIPAL].name, len(raw), feed)
+            except ApiError as error:
+                if feed is None or feed.response is None:
+                    raise
+                return await feed.end_with_error(error, record)
             finally:
                 record.queued_s = time.monotonic() - queued
+            if runner is None:
+                assert feed is not None and feed.response is not None
+                record.stream_error = "client_gone"
+                return feed.response
             body = parse_json_object(raw) if fitting else {}
+        prepared = feed.response if feed is not None else None
         try:
             assert runner.endpoint is not None
             if fitting:
@@ -176,18 +192,31 @@ class OpenAIRoutes:
                     self._engine, runner.endpoint, model, fixups, route.path, body, self._tokenize_failures
                 )
                 headers.update(capped)
+                if feed is not None and capped:
+                    await feed.tell_headers(capped)
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             answer = await forward(
                 request, self._engine.session, runner.endpoint, route.path, raw, model.name, current.config.engine, headers or None,
-                streaming, record, last_words=lambda: self._scheduler.lifecycle.tail_logs(runner),
+                streaming, record, last_words=lambda: self._scheduler.lifecycle.tail_logs(runner), prepared=prepared,
+                rewrite=feed.engine_rewrite() if feed is not None else None,
             )
             if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):
                 raise unsupported(model, route.path)
             return anthropic.engine_answer(answer, model.name, route.path) if route.path in anthropic.PATHS else answer
+        except ApiError as error:
+            if feed is None or feed.response is None:
+                raise
+            return await feed.end_with_error(error, record)  # the stream's 200 went out while it waited
         finally:
             self._scheduler.release(runner)
+
+    async def _wait_for(self, model: str, key: str, body_bytes: int, feed: loading.LoadingFeed | None) -> ModelRunner | None:
+        """Wait for the model, telling a stream's client why (``feed``); None when that client left."""
+        if feed is not None:
+            return await feed.acquire(key=key, body_bytes=body_bytes)
+        return await self._scheduler.acquire(model, key=key, body_bytes=body_bytes)
 
 
 def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float) -> None:

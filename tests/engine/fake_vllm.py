@@ -24,6 +24,8 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     tokens                default completion length (16)
     embedding_dim         embedding vector size (8)
     crash_at_start        after the load delay, print a CUDA-like error to stderr, exit 1
+    crash_during_load     this many seconds into the load delay (mid-load, progress
+                          lines printed so far), print a CUDA out-of-memory error, exit 1
     crash_after_requests  exit 1 once N inference requests were answered (0 = never)
     crash_mid_stream      os._exit(1) after N SSE events of a stream (0 = never)
     hang                  accept inference requests but never answer them
@@ -130,6 +132,7 @@ KNOBS: dict[str, tuple[type, Any, str]] = {
     "tokens": (int, 16, "default completion length in tokens"),
     "embedding_dim": (int, 8, "embedding vector size"),
     "crash_at_start": (bool, False, "exit 1 with a CUDA-like error after the load delay"),
+    "crash_during_load": (float, 0.0, "exit 1 with a CUDA out-of-memory error this many seconds into the load"),
     "crash_after_requests": (int, 0, "exit 1 after N answered inference requests"),
     "crash_mid_stream": (int, 0, "os._exit(1) after N SSE events of a stream"),
     "hang": (bool, False, "never answer inference requests"),
@@ -1082,11 +1085,16 @@ def _ts() -> str:
     return time.strftime("%m-%d %H:%M:%S")
 
 
+class LoadCrashed(Exception):
+    """The crash_during_load knob: the load dies part way."""
+
+
 async def load(cfg: Config, stop: asyncio.Event) -> bool:
     """Pretend to load weights for load_delay seconds, printing vLLM-like progress.
 
-    Returns False if a stop signal arrived meanwhile.
+    Returns False if a stop signal arrived meanwhile; raises LoadCrashed at crash_during_load.
     """
+    began = time.monotonic()
     print(f"INFO {_ts()} [api_server.py] vLLM API server version {VERSION}", flush=True)
     print(f"INFO {_ts()} [api_server.py] args: {cfg.argv}", flush=True)
     print(f"INFO {_ts()} [model_runner.py] Starting to load model {cfg.model}...", flush=True)
@@ -1101,11 +1109,15 @@ async def load(cfg: Config, stop: asyncio.Event) -> bool:
     for weight, line in steps:
         print(line, flush=True)
         if cfg.load_delay > 0:
+            wait = cfg.load_delay * weight / total
+            crash_in = cfg.crash_during_load - (time.monotonic() - began) if cfg.crash_during_load > 0 else None
             try:
-                await asyncio.wait_for(stop.wait(), cfg.load_delay * weight / total)
+                await asyncio.wait_for(stop.wait(), wait if crash_in is None else max(0.0, min(wait, crash_in)))
                 return False
             except asyncio.TimeoutError:
                 pass
+            if crash_in is not None and crash_in <= wait:
+                raise LoadCrashed()
     print(f"INFO {_ts()} [gpu_model_runner.py] Graph capturing finished in 1 secs", flush=True)
     return not stop.is_set()
 
@@ -1181,7 +1193,15 @@ async def serve(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    if not await load(cfg, stop):
+    try:
+        loaded = await load(cfg, stop)
+    except LoadCrashed:
+        print("Traceback (most recent call last):\n"
+              '  File "/opt/fake_vllm.py", line 1, in load_weights\n'
+              "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (fake crash during load)",
+              file=sys.stderr, flush=True)
+        return 1
+    if not loaded:
         return 0
     if cfg.crash_at_start:
         print("Traceback (most recent call last):\n"

@@ -500,6 +500,18 @@ def test_process_crash_at_start(procs):
     assert "RuntimeError: CUDA error: fake crash at start" in err
 
 
+def test_process_crash_during_load_dies_part_way_with_progress_printed(procs):
+    proc = procs("--fake-load-delay", "4", "--fake-crash-during-load", "1")
+    began = time.monotonic()
+    assert proc.p.wait(timeout=10) == 1
+    took = time.monotonic() - began
+    out, err = proc.stop()
+    assert 0.8 < took < 3.5  # part way through the 4 s load, not after it
+    assert "Loading safetensors checkpoint shards:   0% Completed" in out
+    assert "Application startup complete" not in out
+    assert "CUDA out of memory" in err and "fake crash during load" in err
+
+
 def test_process_crash_after_requests(procs):
     proc = procs("--fake-crash-after-requests", "2")
     proc.wait_healthy()

@@ -7,6 +7,7 @@ Each part below is one area of the issue; helpers a part needs live in its block
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import secrets
@@ -406,8 +407,11 @@ async def test_an_http10_client_gets_the_stream_without_chunk_framing(sparkd_fac
     assert answer.status_line.startswith(b"HTTP/1.") and answer.status == 200, answer.status_line
     assert "transfer-encoding" not in answer.headers and "content-length" not in answer.headers, answer.headers
     assert answer.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(answer.body)
-    assert answer.body.startswith(b"data: {") and answer.body.endswith(b"data: [DONE]\n\n"), answer.body[:80]
+    everything = sse_events(answer.body)
+    waited = list(itertools.takewhile(lambda event: event.startswith(b": sparkd: "), everything))
+    assert waited, "it waited for a's start: sparkd's comments come first"
+    events = everything[len(waited):]
+    assert answer.body.endswith(b"data: [DONE]\n\n"), answer.body[-80:]
     assert all(event.startswith(b"data: ") for event in events), events[:3]
     assert len(events) == 1 + 8 + 1 + 1  # the role chunk, 8 tokens, the finish chunk, [DONE]
     # And HTTP/1.1 still gets chunked framing (decoded by the client to the same events).
@@ -469,6 +473,10 @@ async def test_a_hung_engine_ends_the_request_within_its_timeout_and_the_swap_pr
             assert status == 200
             last = sse_events(body)[-1]
             assert b"engine.idle_read_timeout_s" in last and b'"engine_error"' in last, body[-300:]
+        elif stream:  # it waited for a's start, so its 200 went out: the timeout is its error event
+            assert status == 200, body
+            error = json.loads(sse_events(body)[-1][len(b"data: "):])["error"]
+            assert error["code"] == "engine_timeout" and f"engine.{setting}" in error["message"], error
         else:
             assert status == 504, body
             error = json.loads(body)["error"]

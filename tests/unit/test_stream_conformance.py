@@ -24,7 +24,7 @@ from capture_engine import dechunk, http_request, raw_exchange, stalled_client
 
 from sparkd.config.schema import EngineConfig
 from sparkd.engine.client import Endpoint
-from sparkd.engine.proxy import forward
+from sparkd.engine.proxy import StreamRewrite, forward
 from sparkd.errors import ApiError
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -78,7 +78,10 @@ async def relay() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
     session = aiohttp.ClientSession(auto_decompress=False)
 
-    async def make(script: Script, limits: EngineConfig | None = None) -> Proxy:
+    async def make(script: Script, limits: EngineConfig | None = None, prepared: bytes | None = None,
+                   rewrite: Callable[[], StreamRewrite] | None = None) -> Proxy:
+        """``prepared``: the handler sends its 200 and these bytes before the engine is asked (a stream
+        that waited for its model); ``rewrite``: makes the rewrite the engine's stream gets."""
         engine = Engine(script)
         server = await asyncio.start_server(engine.handle, "127.0.0.1", 0)
         engine.port = server.sockets[0].getsockname()[1]
@@ -86,9 +89,15 @@ async def relay() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
 
         async def handler(request: web.Request) -> web.StreamResponse:
             body = await request.read()
+            early = None
+            if prepared is not None:
+                early = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await early.prepare(request)
+                await early.write(prepared)
             try:
                 return await forward(request, session, Endpoint(port=engine.port, key="k"), "/v1/chat/completions", body, "m",
-                                     limits, streaming=json.loads(body).get("stream") is True)
+                                     limits, streaming=json.loads(body).get("stream") is True, prepared=early,
+                                     rewrite=rewrite() if rewrite is not None else None)
             except ApiError as error:
                 return error.response()
 
@@ -350,3 +359,55 @@ async def test_a_stream_with_a_final_event_but_no_done_is_left_alone(relay, fina
     proxy = await relay(chunked_answer(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(UNFINISHED[0]) + chunk(final) + b"0\r\n\r\n"))
     answer = await raw_exchange(proxy.port, request_for(proxy))
     assert answer.body == UNFINISHED[0] + final
+
+
+COMMENT = b": sparkd: loading m, loading weights 50%, 3 s so far\n\n"
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + WIRE],
+        [bytes([b]) for b in SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + WIRE],
+        [SSE_HEAD + b"Connection: close\r\n\r\n"] + EVENTS,
+    ],
+    ids=["whole", "byte-by-byte", "close-delimited"],
+)
+async def test_a_stream_whose_headers_went_out_gets_the_engines_body_after_what_it_was_sent(relay, parts, version):
+    """The response a waiting stream prepared: the engine's status and headers are not relayed, its body follows."""
+    proxy = await relay(chunked_answer(*parts), prepared=COMMENT)
+    answer = await raw_exchange(proxy.port, request_for(proxy, version=version))
+    assert answer.status == 200
+    assert answer.headers.get("transfer-encoding") == ("chunked" if version == b"HTTP/1.1" else None)
+    assert answer.body == COMMENT + PAYLOAD
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+async def test_an_engine_refusing_a_stream_whose_200_went_out_ends_it_with_an_error_event(relay, version):
+    error = b'{"error": {"message": "max_tokens is too large", "type": "BadRequestError"}}'
+    proxy = await relay(chunked_answer(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(error), error)),
+        prepared=COMMENT)
+    answer = await raw_exchange(proxy.port, request_for(proxy, version=version))
+    assert answer.status == 200 and answer.body.startswith(COMMENT)
+    event = json.loads(answer.body[len(COMMENT):].removeprefix(b"data: "))["error"]
+    assert event["code"] == "engine_refused" and event["type"] == "invalid_request_error"
+    assert "model m" in event["message"] and "status 400" in event["message"] and "max_tokens is too large" in event["message"]
+
+
+class Shout:
+    """A rewrite that upper-cases the stream (what it returns is what the client gets)."""
+
+    def feed(self, data: bytes) -> bytes:
+        return data.upper()
+
+    def flush(self) -> bytes:
+        return b": flushed\n\n"
+
+
+async def test_a_rewritten_stream_takes_the_read_by_read_relay_and_is_flushed_at_its_end(relay):
+    proxy = await relay(chunked_answer(SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + WIRE), prepared=COMMENT, rewrite=Shout)
+    answer = await raw_exchange(proxy.port, request_for(proxy))
+    assert answer.status == 200 and answer.headers["transfer-encoding"] == "chunked"
+    assert answer.body == COMMENT + PAYLOAD.upper() + b": flushed\n\n"
