@@ -85,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.config, check_images=not args.no_images)
     if args.command == "serve":
-        from .allocator import fix_mmap_threshold
-
-        fix_mmap_threshold()  # before anything is loaded: a daemon's heap must not grow with free holes
         from .daemon import serve  # aiohttp and podman load only when serving
 
         return serve(args.config)

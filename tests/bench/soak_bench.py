@@ -55,6 +55,8 @@ STREAM_TOKENS = 16
 IDLE_S = 35.0
 """Idle time before the last sample: longer than sparkd's keep-alive toward engines (30 s), so pooled engine
 connections have closed as they do on an idle daemon."""
+SETTLE_S = 0.5
+"""Pause before a sample: the connections just closed (the load generator's, the admin calls') are gone."""
 WARMUP_MIN_S = 20.0
 """The warm-up lasts at least this long: sparkd's periodic loops (memory sample every 15 s, history flush every
 10 s) have run and opened what they keep open."""
@@ -273,6 +275,7 @@ async def soak(bench: Bench, sparkd: Any, probe: Probe, pid: int, model: str, to
             if done % restart_every == 0:
                 await restart_model()
         await restart_model()  # the measured part starts as it ends below: no engine connection pooled
+        await asyncio.sleep(SETTLE_S)
         start = await sample(probe, pid, done)
         samples.append(start)
         print("warm    " + describe(start, f"  ({time.perf_counter() - began:.0f} s)"))
@@ -286,7 +289,7 @@ async def soak(bench: Bench, sparkd: Any, probe: Probe, pid: int, model: str, to
             if (done - measured_from) % restart_every == 0:
                 await restart_model()
                 restarted = "  (model restarted)"
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(SETTLE_S)
             current = await sample(probe, pid, done)
             samples.append(current)
             print("        " + describe(current, f"  CPU {cpu_us:.0f} us/request{restarted}"), flush=True)

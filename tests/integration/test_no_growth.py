@@ -111,6 +111,7 @@ async def test_nothing_grows_per_request_stream_disconnect_restart_or_client_inp
           f"objects {after['objects'] - before['objects']:+d}, blocks {after['blocks'] - before['blocks']:+d}, "
           f"metric series {len(before['series'])} -> {len(after['series'])}")
     assert after["tasks"] == before["tasks"], (before["task_names"], after["task_names"])
+    assert "trim_heap_forever" in after["task_names"], "the C heap's free pages go back to the system (allocator.py)"
     assert after["fds"] == before["fds"]
     assert after["series"] == before["series"], sorted(after["series"] ^ before["series"])[:20]
     assert after["objects"] - before["objects"] < SLACK_OBJECTS, (before, after, requests)
