@@ -17,11 +17,14 @@ import importlib.util
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import REPO, Sparkd, engine_model
+
+from sparkd.ops import SAMPLE_EVERY_S
 
 pytestmark = pytest.mark.podman
 
@@ -84,7 +87,8 @@ async def state(daemon: Sparkd, probe_path: str) -> dict[str, Any]:
     inside = await probe(probe_path)
     return {
         "tasks": inside["tasks"], "objects": inside["gc_objects"], "blocks": inside["blocks"],
-        "fds": len(os.listdir(f"/proc/{daemon.process.pid}/fd")), "series": await metric_series(daemon),
+        "fds": len(os.listdir(f"/proc/{daemon.process.pid}/fd")), "threads": len(os.listdir(f"/proc/{daemon.process.pid}/task")),
+        "series": await metric_series(daemon),
         "task_names": inside["task_names"],
     }
 
@@ -96,11 +100,15 @@ async def test_nothing_grows_per_request_stream_disconnect_restart_or_client_inp
     probe_path = os.path.join(probe_dir, "probe.sock")
     try:
         await daemon.start(env={"PYTHONPATH": str(REPO / "tests" / "bench" / "soak_site"), "SPARKD_SOAK_PROBE": probe_path})
-        for seed in range(WARM_ROUNDS):
+        began = time.monotonic()
+        seed = 0
+        # sparkd's memory sampler (its first run opens its Podman connection) runs once first.
+        while seed < WARM_ROUNDS or time.monotonic() - began < SAMPLE_EVERY_S + 1:
             await one_round(daemon, seed)
+            seed += 1
         before = await state(daemon, probe_path)
-        for seed in range(WARM_ROUNDS, WARM_ROUNDS + MEASURED_ROUNDS):
-            await one_round(daemon, seed)
+        for measured in range(seed, seed + MEASURED_ROUNDS):
+            await one_round(daemon, measured)
         after = await state(daemon, probe_path)
     finally:
         if os.path.exists(probe_path):
@@ -108,11 +116,13 @@ async def test_nothing_grows_per_request_stream_disconnect_restart_or_client_inp
         os.rmdir(probe_dir)
     requests = ROUND * MEASURED_ROUNDS
     print(f"over {requests} requests: tasks {before['tasks']} -> {after['tasks']}, fds {before['fds']} -> {after['fds']}, "
+          f"threads {before['threads']} -> {after['threads']}, "
           f"objects {after['objects'] - before['objects']:+d}, blocks {after['blocks'] - before['blocks']:+d}, "
           f"metric series {len(before['series'])} -> {len(after['series'])}")
     assert after["tasks"] == before["tasks"], (before["task_names"], after["task_names"])
     assert "trim_heap_forever" in after["task_names"], "the C heap's free pages go back to the system (allocator.py)"
-    assert after["fds"] == before["fds"]
+    # A worker thread the pool adds (bounded: asyncio's default executor) keeps a Podman connection of its own.
+    assert after["fds"] - before["fds"] <= max(0, after["threads"] - before["threads"]), (before, after)
     assert after["series"] == before["series"], sorted(after["series"] ^ before["series"])[:20]
     assert after["objects"] - before["objects"] < SLACK_OBJECTS, (before, after, requests)
     assert after["blocks"] - before["blocks"] < 3 * SLACK_OBJECTS, (before["blocks"], after["blocks"], requests)
