@@ -3,8 +3,9 @@ status for the page and ``sparkctl top``, ``prepare``, and the admin unix socket
 
 ``Operations`` is created by the daemon right after the scheduler; it subscribes
 the metrics, the history and the status hub to the scheduler's events,
-runs two small background loops (memory sampling for the history's peaks, and
-the history's periodic flush), and owns the admin socket's lifecycle.
+runs three small background loops (memory sampling for the history's peaks, the
+history's periodic flush, and giving the C heap's free pages back: ``allocator.py``),
+and owns the admin socket's lifecycle.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__
+from .allocator import trim_heap_forever
 from .history import History
 from .metrics import Metrics
 from .runtime.errors import ImageMissing, RuntimeFailure
@@ -47,7 +49,10 @@ SOCKET_MODE = 0o660
 SAMPLE_EVERY_S = 15.0
 FLUSH_EVERY_S = 10.0
 RECENT_EVENTS = 100
+"""State changes the status hub keeps for the page and ``sparkctl top`` (which show the last 30)."""
 RECENT_FAILURES = 20
+"""Failures the status hub keeps, each with the model's last log lines (at most 20, each cut at
+``runtime.logs.MAX_LINE_CHARS``)."""
 RUNNING_STATES = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})
 MAX_UNIX_PATH = 107
 
@@ -122,7 +127,8 @@ class Operations:
         running = {r.name for r in self._scheduler.runners.values() if r.state in RUNNING_STATES}
         await self.history.close_stale(running)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._sample_loop()), loop.create_task(self._flush_loop())]
+        self._tasks = [loop.create_task(self._sample_loop()), loop.create_task(self._flush_loop()),
+                       loop.create_task(trim_heap_forever())]
 
     async def start_socket(self, runner: web.AppRunner) -> web.UnixSite | None:
         """The admin API on ``<runtime_dir>/sparkd.sock`` (mode 0660: the owner and group may use it)."""

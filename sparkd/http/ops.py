@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..metrics import CONTENT_TYPE
 from ..runtime.errors import RuntimeFailure
-from ..runtime.logs import LogFollower
+from ..runtime.logs import Backlog, LogFollower
 from ..runtime.spec import container_name
 from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT
 from .routing import shown
@@ -153,30 +152,19 @@ class OpsRoutes:
             await response.write(f"--- sparkd: container {name} does not exist yet; waiting for it ---\n".encode())
         while not hub.closing:
             if info is not None:
-                queue: asyncio.Queue[str | None] = asyncio.Queue()
+                backlog = Backlog()  # bounded: a reader slower than the log loses lines, sparkd keeps no more
                 follower = LogFollower(
-                    self._runtime.url, name, loop, queue.put_nowait, since=since, tail=tail if since is None else None,
-                    on_end=partial(queue.put_nowait, None),
+                    self._runtime.url, name, loop, backlog.put, since=since, tail=tail if since is None else None,
+                    on_end=backlog.end,
                 )
                 follower.start()
                 try:
-                    ended = False
-                    while not ended and not hub.closing:
-                        try:
-                            line = await asyncio.wait_for(queue.get(), 1.0)
-                        except asyncio.TimeoutError:
-                            continue
-                        batch = []
-                        while True:
-                            if line is None:
-                                ended = True
-                                break
-                            batch.append(line + "\n")
-                            if queue.empty():
-                                break
-                            line = queue.get_nowait()
+                    while not hub.closing:
+                        batch = await backlog.take(1.0)
                         if batch:
-                            await response.write("".join(batch).encode())
+                            await response.write("".join(line + "\n" for line in batch).encode())
+                        if backlog.ended and not len(backlog):
+                            break
                 finally:
                     follower.stop()
                 if hub.closing:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Callable
 
 import structlog
@@ -25,6 +26,63 @@ if TYPE_CHECKING:
     import requests
 
 log = structlog.get_logger("sparkd.runtime")
+
+MAX_LINE_CHARS = 4096
+"""A container log line sparkd reads is cut to this many characters (``podman logs`` shows it whole): the
+failure records kept per model and in the status (20 lines each), stream error messages and followed
+logs hold no more, whatever an engine prints."""
+FOLLOW_BACKLOG_LINES = 10_000
+"""Lines of a followed log waiting for a slow reader (``sparkctl logs -f``); past that the oldest are dropped
+and counted, so a reader slower than the log costs at most this many lines of memory.  As many as the
+longest tail a reader may ask for first (``http/ops.py`` ``MAX_TAIL``), which arrives in one burst."""
+
+
+def clip_line(line: str) -> str:
+    """``line``, cut to ``MAX_LINE_CHARS`` with a note of how much was left out."""
+    if len(line) <= MAX_LINE_CHARS:
+        return line
+    return line[:MAX_LINE_CHARS] + f" [... {len(line) - MAX_LINE_CHARS} more characters]"
+
+
+class Backlog:
+    """A followed log's lines between its thread and the reader: at most ``FOLLOW_BACKLOG_LINES``, then counted.
+
+    ``put`` and ``end`` run on the event loop (``LogFollower`` hands lines over with ``call_soon_threadsafe``).
+    """
+
+    def __init__(self, limit: int = FOLLOW_BACKLOG_LINES) -> None:
+        self._lines: deque[str] = deque(maxlen=limit)
+        self._dropped = 0
+        self._ready = asyncio.Event()
+        self.ended = False
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def put(self, line: str) -> None:
+        if len(self._lines) == self._lines.maxlen:
+            self._dropped += 1
+        self._lines.append(line)
+        self._ready.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._ready.set()
+
+    async def take(self, timeout: float) -> list[str]:
+        """Every waiting line, oldest first (after a note of the dropped ones); waits up to ``timeout`` s for one."""
+        if not self._lines and not self.ended:
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        self._ready.clear()
+        lines = list(self._lines)
+        self._lines.clear()
+        if self._dropped:
+            lines.insert(0, f"--- sparkd: {self._dropped} lines left out: the reader was slower than the log ---")
+            self._dropped = 0
+        return lines
 
 
 class LogFollower:
@@ -96,17 +154,20 @@ class LogFollower:
                 # vLLM redraws progress bars with '\r'; each redraw is a line to us.
                 pending += frame.replace(b"\r", b"\n")
                 *lines, pending = pending.split(b"\n")
+                if len(pending) > 4 * MAX_LINE_CHARS:  # a line without end is relayed in pieces, not held
+                    lines.append(pending)
+                    pending = b""
                 for raw in lines:
                     line = raw.decode("utf-8", "replace").rstrip()
                     if line:
-                        self._loop.call_soon_threadsafe(self._emit, line)
+                        self._loop.call_soon_threadsafe(self._emit, clip_line(line))
         except Exception as error:  # noqa: BLE001 - a lost log stream must not take the daemon down
             if not self._stopped.is_set():
                 log.debug("log_follow_ended", container=self._container, error=str(error))
         finally:
             if pending.strip() and not self._stopped.is_set():
                 try:
-                    self._loop.call_soon_threadsafe(self._emit, pending.decode("utf-8", "replace").rstrip())
+                    self._loop.call_soon_threadsafe(self._emit, clip_line(pending.decode("utf-8", "replace").rstrip()))
                 except RuntimeError:
                     pass  # the loop is already closed
             if response is not None:

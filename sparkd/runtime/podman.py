@@ -23,6 +23,7 @@ from podman import PodmanClient
 from podman.errors import NotFound
 
 from .errors import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
+from .logs import clip_line
 from .spec import LABEL_KEY_ENV, LABEL_MODEL, LABEL_SPEC, ContainerSpec, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")
@@ -127,7 +128,7 @@ class PodmanRuntime:
             return []
         frames = container.logs(tail=lines, stdout=True, stderr=True)
         text = b"".join(frames).decode("utf-8", "replace")
-        return [line for line in text.splitlines() if line.strip()][-lines:]
+        return [clip_line(line) for line in text.splitlines() if line.strip()][-lines:]
 
     # -- changes --------------------------------------------------------------
 

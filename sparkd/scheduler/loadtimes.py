@@ -16,6 +16,7 @@ import structlog
 log = structlog.get_logger("sparkd.scheduler")
 
 KEEP = 20
+"""Load times kept per model (in memory and in the state file): the ETA is their median."""
 
 
 class LoadTimes:

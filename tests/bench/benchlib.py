@@ -122,13 +122,18 @@ class Bench:
     compare_source: Path | None = None
     """``run.py --compare``: the sources of a second daemon the proxy benchmark streams through too."""
     compare_label: str = ""
+    tracemalloc_frames: int = 0
+    """``run.py --tracemalloc``: the soak benchmark traces sparkd's allocations with this many frames (0 = off)."""
     daemons: list[Sparkd] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
 
     @contextlib.asynccontextmanager
     async def sparkd(self, name: str, models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
-                     source: Path | None = None) -> AsyncIterator[Sparkd]:
-        """A started daemon with production-like logging (info); stopped and cleaned up afterwards."""
+                     source: Path | None = None, env: dict[str, str] | None = None) -> AsyncIterator[Sparkd]:
+        """A started daemon with production-like logging (info); stopped and cleaned up afterwards.
+
+        ``env`` is added to the daemon's environment (a ``PYTHONPATH`` in it goes before --uvloop's).
+        """
         prefix = unique_prefix()
         self.prefixes.append(prefix)
         merged: dict[str, Any] = {
@@ -153,8 +158,10 @@ class Bench:
         if write_keys is not None:
             write_keys(Path(merged["server"]["keys_file"]), {"bench": {"key": BENCH_KEY, "role": "user"}})
         self.daemons.append(daemon)
-        env = {"PYTHONPATH": str(HERE / "uvloop_site")} if self.uvloop else None
-        await daemon.start(timeout=60, env=env)
+        env = dict(env or {})
+        if self.uvloop:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(HERE / "uvloop_site")]))
+        await daemon.start(timeout=60, env=env or None)
         try:
             yield daemon
         finally:

@@ -15,6 +15,11 @@ Commands (``target`` names a connection pool, e.g. "direct" or "sparkd"):
       consecutive events of a stream (ms).
   {"op": "burst", "url", "headers", "body", "n"}
       n requests all at once on n fresh connections (a stampede).
+  {"op": "mix", "url", "headers", "model", "n", "concurrency", "weights", "seed", "stream_tokens"}
+      n requests of a weighted mix of kinds (see MIX_KINDS), ``concurrency`` at a
+      time, on a session of its own closed at the end (so no client connection is
+      left open between two commands); answers the statuses seen per kind and the
+      ones that were not the kind's expected status.
   {"op": "ping"}   answers {} once the process is up
   {"op": "quit"}
 Every answer carries "cpu_s" (this process's CPU time for the command) and "wall_s".
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
 from typing import Any
@@ -146,11 +152,104 @@ async def op_burst(command: dict[str, Any]) -> dict[str, Any]:
     return {"statuses": statuses, "lat": latencies, "began_wall": began_wall}
 
 
+MIX_KINDS: dict[str, int] = {
+    "chat": 200,              # non-streaming chat on a kept-alive connection
+    "stream": 200,            # a stream read to its end
+    "cut": 200,               # a stream the client cuts after its second event (the connection is dropped)
+    "close": 200,             # non-streaming chat with "Connection: close": a connection per request
+    "bad_json": 400,          # a truncated JSON body
+    "bad_type": 400,          # "messages" a string
+    "unknown_model": 404,     # a model name never seen before (client input that must not be remembered)
+    "unknown_endpoint": 404,  # a POST /v1/<never seen before> for a real model
+    "path_unknown": 404,      # the path form with a model name never seen before
+    "bad_key": 401,           # a key never seen before
+}
+"""Each kind of the ``mix`` command and the status it must get."""
+
+
+def mix_schedule(weights: dict[str, int], seed: int) -> list[str]:
+    """One round of kinds in proportion to ``weights``, shuffled the same way for the same seed."""
+    kinds = [kind for kind, weight in weights.items() for _ in range(weight)]
+    random.Random(seed).shuffle(kinds)
+    return kinds
+
+
+def mix_request(kind: str, command: dict[str, Any], rng: random.Random) -> tuple[str, bytes, dict[str, str]]:
+    """(url, body, headers) of one request of ``kind``; fresh random names where client input varies."""
+    base, model = command["url"], command["model"]
+    headers = _headers(command)
+    unique = f"{rng.getrandbits(64):016x}"
+    messages = [{"role": "user", "content": f"soak {unique}"}]
+    chat = base + "/v1/chat/completions"
+    body: Any = {"model": model, "messages": messages, "max_tokens": command.get("stream_tokens", 16)}
+    if kind in ("stream", "cut"):
+        body["stream"] = True
+    elif kind == "close":
+        headers["Connection"] = "close"
+    elif kind == "bad_json":
+        return chat, json.dumps(body).encode()[:-7], headers
+    elif kind == "bad_type":
+        body["messages"] = "not an array " + unique
+    elif kind == "unknown_model":
+        body["model"] = "no-such-model-" + unique
+    elif kind == "unknown_endpoint":
+        return base + f"/v1/no-such-endpoint-{unique}", json.dumps(body).encode(), headers
+    elif kind == "path_unknown":
+        del body["model"]
+        return base + f"/v1/no-such-model-{unique}/chat/completions", json.dumps(body).encode(), headers
+    elif kind == "bad_key":
+        headers["Authorization"] = f"Bearer sk-not-a-key-{unique}"
+    return chat, json.dumps(body).encode(), headers
+
+
+async def mix_one(session: aiohttp.ClientSession, kind: str, url: str, body: bytes, headers: dict[str, str]) -> str:
+    """Send one mix request; its status (or the client error's name)."""
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            if kind == "cut" and response.status == 200:
+                events = 0
+                async for line in response.content:
+                    events += line.startswith(b"data:")
+                    if events == 2:
+                        break
+                response.close()  # drops the connection mid-stream: sparkd sees the client go away
+            else:
+                await response.read()
+            return str(response.status)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        return type(error).__name__
+
+
+async def op_mix(command: dict[str, Any]) -> dict[str, Any]:
+    schedule = mix_schedule(command["weights"], command.get("seed", 0))
+    rng = random.Random(command.get("seed", 0))
+    statuses: dict[str, dict[str, int]] = {}
+    unexpected: dict[str, dict[str, int]] = {}
+    next_index = [0]
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=command.get("timeout", 300), sock_connect=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            while next_index[0] < command["n"]:
+                kind = schedule[next_index[0] % len(schedule)]
+                next_index[0] += 1
+                status = await mix_one(session, kind, *mix_request(kind, command, rng))
+                seen = statuses.setdefault(kind, {})
+                seen[status] = seen.get(status, 0) + 1
+                if status != str(MIX_KINDS[kind]):
+                    wrong = unexpected.setdefault(kind, {})
+                    wrong[status] = wrong.get(status, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(min(command.get("concurrency", 1), command["n"]))))
+    return {"statuses": statuses, "unexpected": unexpected}
+
+
 async def op_ping(command: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-OPS = {"load": op_load, "stream": op_stream, "burst": op_burst, "ping": op_ping}
+OPS = {"load": op_load, "stream": op_stream, "burst": op_burst, "mix": op_mix, "ping": op_ping}
 
 
 async def main() -> None:

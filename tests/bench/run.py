@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """sparkd's benchmark suite: ``python tests/bench/run.py [--profile DIR] [--scale X] [NAME ...]``.
 
-Names: proxy, coldstart, swap, stampede, waiting_body (none = these, in that order), and
+Names: proxy, coldstart, swap, stampede, waiting_body (none = these, in that order),
 recreate (the real vLLM image of tests/images/build.py real-vllm: minutes of CPU
-compiling, so only when named).  Each benchmark
+compiling, so only when named) and soak (100 000 mixed requests: only when named).  Each benchmark
 starts its own real sparkd daemon against real Podman and the fake engine image,
 prints what it measured, and ends with one ``RESULT <name> <value> <unit>`` line per
 figure.  See tests/bench/README.md for what each figure means and the targets.
@@ -39,6 +39,7 @@ BENCHMARKS = {
     "stampede": "stampede_bench",
     "waiting_body": "waiting_body_bench",
     "recreate": "recreate_bench",
+    "soak": "soak_bench",
 }
 DEFAULT = ["proxy", "coldstart", "swap", "stampede", "waiting_body"]
 
@@ -58,6 +59,9 @@ async def main() -> int:
                              "(or directory), in the same rounds: per-chunk CPU of two implementations in one run")
     parser.add_argument("--uvloop", action="store_true",
                         help="experiment: run the sparkd daemons under test on uvloop (sparkd does not use it itself)")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="soak: trace sparkd's Python allocations (FRAMES frames per site) and print the growing "
+                             "allocation sites (slows sparkd down and grows its RSS: not for the slope figures)")
     parser.add_argument("--retries", type=int, default=1,
                         help="run a failed benchmark again this many times")
     args = parser.parse_args()
@@ -89,7 +93,7 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
     else:
         source, sources = None, benchlib.describe_sources()
     bench = Bench(podman=client, image=image, workdir=benchlib.new_workdir(), profile_dir=args.profile, source=source,
-                  uvloop=args.uvloop)
+                  uvloop=args.uvloop, tracemalloc_frames=args.tracemalloc)
     if args.compare:
         bench.compare_source, bench.compare_label = benchlib.sources_of(args.compare)
     print(f"# sparkd benchmarks: {', '.join(names)}")
