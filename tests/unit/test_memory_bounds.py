@@ -13,6 +13,7 @@ from sparkd.engine.usage import NO_MODEL, RequestRecord
 from sparkd.metrics import Metrics
 from sparkd.ops import RECENT_EVENTS, RECENT_FAILURES, StatusHub
 from sparkd.runtime.logs import FOLLOW_BACKLOG_LINES, MAX_LINE_CHARS, Backlog, clip_line
+from sparkd.scheduler.events import FailureCause, Requested, Transitioned
 from sparkd.scheduler.loadtimes import KEEP, LoadTimes
 from sparkd.scheduler.state import ModelState
 
@@ -47,16 +48,13 @@ async def test_the_backlog_waits_for_a_line_or_the_end() -> None:
     assert backlog.ended
 
 
-def runner(name: str, state: ModelState, reason: str, failure: object = None) -> SimpleNamespace:
-    return SimpleNamespace(name=name, state=state, reason=reason, failure=failure)
-
-
 async def test_the_status_hub_keeps_its_recent_events_and_failures_bounded() -> None:
     hub = StatusHub()
-    failure = SimpleNamespace(message="boom", log_lines=("CUDA error",) * 20)
+    failure = FailureCause("boom", ("CUDA error",) * 20)
     for number in range(5000):
-        hub.on_change(runner(f"m{number % 7}", ModelState.STARTING, "r"), ModelState.STOPPED)
-        hub.on_change(runner(f"m{number % 7}", ModelState.FAILED, "boom", failure), ModelState.STARTING)
+        model = f"m{number % 7}"
+        hub.on_event(Transitioned(model, ModelState.STOPPED, ModelState.STARTING, Requested(), float(number)))
+        hub.on_event(Transitioned(model, ModelState.STARTING, ModelState.FAILED, failure, float(number)))
     assert len(hub.recent) == RECENT_EVENTS
     assert len(hub.failures) == RECENT_FAILURES
 
