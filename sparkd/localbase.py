@@ -21,9 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 MIRROR_ENV = "SPARKD_DEBIAN_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

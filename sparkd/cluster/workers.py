@@ -83,7 +83,7 @@ class WorkerRequest:
     heartbeat_timeout_s: float
 
     @classmethod
-    def parse(cls, body: Any, config: Config) -> "WorkerRequest":
+    def parse(cls, body: Any, config: Config) -> WorkerRequest:
         """Check a head's request against this node's configuration; a precise 400 otherwise."""
         if not isinstance(body, dict):
             raise BadRequest("a worker lease request is a JSON object")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import structlog
 
@@ -54,7 +54,7 @@ def engine_message(tail: bytes) -> str | None:
     found = None
     for found in _ENGINE_MESSAGE.finditer(tail):
         pass
-    if found is None or b'"error"' not in tail and b'"detail"' not in tail:
+    if found is None or (b'"error"' not in tail and b'"detail"' not in tail):
         return None
     try:
         return str(json.loads(b'"' + found.group(1) + b'"'))

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class AdminRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
 
     def add_to(self, app: web.Application) -> None:

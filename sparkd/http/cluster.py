@@ -23,7 +23,7 @@ LEASE_PATH = "/api/worker-leases"
 
 
 class ClusterRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
 
     def add_to(self, app: web.Application) -> None:

@@ -20,8 +20,8 @@ through untouched; a keyless one of those must name this machine by address in
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
-from typing import Awaitable, Callable
 
 from aiohttp import web
 

@@ -35,7 +35,7 @@ class Readiness:
 
 
 class HealthRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
         self._checked: tuple[float, Readiness] | None = None
         self._checking: asyncio.Task[Readiness] | None = None

@@ -31,7 +31,7 @@ COALESCE_S = 0.05
 
 
 class OpsRoutes:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
 
     def add_to(self, app: web.Application) -> None:

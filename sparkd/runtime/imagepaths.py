@@ -12,8 +12,9 @@ Synchronous (podman-py): called from the command line, never from the event loop
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ..config import Config, ModelConfig
 from .spec import render

@@ -13,10 +13,11 @@ import errno
 import secrets
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from podman import PodmanClient
@@ -74,7 +75,7 @@ class PodmanRuntime:
         def run() -> Any:
             try:
                 return func(*args)
-            except Exception as error:  # noqa: BLE001 - every failure gets translated
+            except Exception as error:
                 raise translate(error, action=action, url=self.url, name=name, image=image) from error
 
         return await asyncio.to_thread(run)

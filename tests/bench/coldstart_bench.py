@@ -26,8 +26,8 @@ import threading
 import time
 
 import aiohttp
-
 from benchlib import Bench, Result, engine_model, first_byte_request, first_event, percentile, summary
+
 from harness import free_port
 
 ITERATIONS = 12
@@ -102,5 +102,5 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
                 # failed by that stop's late "died" event (sparkd bug, see README "Known problems").
                 await asyncio.sleep(RESTART_PAUSE_S)
     print(f"\nready → first byte: {summary(gaps)}")
-    print(f"(sparkd probes every lifecycle.probe_interval_s = 0.1 s: a uniform 0–100 ms wait is expected, p50 ≈ 50 ms + the answer)")
+    print("(sparkd probes every lifecycle.probe_interval_s = 0.1 s: a uniform 0–100 ms wait is expected, p50 ≈ 50 ms + the answer)")
     return [Result("coldstart_gap_p50", percentile(gaps, 50), "ms")]

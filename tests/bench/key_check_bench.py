@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparkd.http.auth import KeyRing, authenticate  # noqa: E402
+from sparkd.http.auth import KeyRing, authenticate
 
 ROUNDS = 20_000
 

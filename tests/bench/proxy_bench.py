@@ -30,8 +30,22 @@ import time
 from typing import Any
 
 import aiohttp
+from benchlib import (
+    HERE,
+    Bench,
+    LoadGen,
+    Profiler,
+    Result,
+    cpu_seconds,
+    cpu_times,
+    direct_endpoint,
+    engine_model,
+    machine_line,
+    memory_kb,
+    percentile,
+    summary,
+)
 
-from benchlib import HERE, Bench, LoadGen, Profiler, Result, cpu_seconds, cpu_times, direct_endpoint, engine_model, machine_line, memory_kb, percentile, summary
 from harness import free_port
 
 C1_REQUESTS = 2000

@@ -24,9 +24,9 @@ import time
 from typing import Any
 
 import aiohttp
+from benchlib import Bench, Result
 
 import realvllm
-from benchlib import Bench, Result
 
 
 async def _timed_answer(session: aiohttp.ClientSession, sparkd: Any) -> float:

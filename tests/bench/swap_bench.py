@@ -25,8 +25,18 @@ import time
 from typing import Any
 
 import aiohttp
-
-from benchlib import Bench, Result, container_events, direct_endpoint, engine_model, first_byte_request, first_event, percentile, sparkd_events, summary
+from benchlib import (
+    Bench,
+    Result,
+    container_events,
+    direct_endpoint,
+    engine_model,
+    first_byte_request,
+    first_event,
+    percentile,
+    sparkd_events,
+    summary,
+)
 
 ROUNDS = 8
 STREAM_TOKENS = 20
@@ -123,9 +133,8 @@ async def sleep_wake(bench: Bench, rounds: int) -> list[float]:
 
 async def engine_state(sparkd: Any, bench: Bench, key: str) -> dict[str, Any]:
     direct = await direct_endpoint(sparkd, bench.podman, key)
-    async with aiohttp.ClientSession() as session:
-        async with session.get(direct.url + "/fake/state") as response:
-            return await response.json()
+    async with aiohttp.ClientSession() as session, session.get(direct.url + "/fake/state") as response:
+        return await response.json()
 
 
 async def run(bench: Bench, scale: float = 1.0) -> list[Result]:

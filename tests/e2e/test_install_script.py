@@ -21,9 +21,9 @@ import subprocess
 from typing import Any
 
 import pytest
+from readme import quick_start
 
 from harness import REPO
-from readme import quick_start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 

@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 import pytest
-
 from test_systemd_deb import BASE, MODEL, chat, installed, wait_until  # noqa: F401 - installed is a fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]

@@ -70,7 +70,7 @@ class Timer:
         self.step = step
         self.started = time.monotonic()
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -169,7 +169,7 @@ def test_install_creates_user_keys_and_starts_the_service(installed: Any) -> Non
     assert "end-to-end test configuration" in machine.out("cat /etc/sparkd/sparkd.toml")
     # The shipped configuration and catalog (kept beside ours as .dpkg-dist) are valid.
     shipped = " && ".join(
-        [f"cp /etc/sparkd/sparkd.toml.dpkg-dist /root/shipped/sparkd.toml"]
+        ["cp /etc/sparkd/sparkd.toml.dpkg-dist /root/shipped/sparkd.toml"]
         + [f"cp /etc/sparkd/models.d/{name}.dpkg-dist /root/shipped/models.d/{name}" for name in CATALOG]
     )
     machine.sh(f"mkdir -p /root/shipped/models.d && {shipped}")

@@ -106,7 +106,8 @@ import sys
 import time
 import uuid
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 
@@ -1093,7 +1094,7 @@ async def load(cfg: Config, stop: asyncio.Event) -> bool:
     shards = 4
     steps = [(0.7 / shards, f"Loading safetensors checkpoint shards: {int(100 * i / shards):3d}% "
                             f"Completed | {i}/{shards} [00:0{i}<00:0{shards - i}, 1.00s/it]")
-             for i in range(0, shards + 1)]
+             for i in range(shards + 1)]
     steps += [(0.25, f"INFO {_ts()} [gpu_model_runner.py] Model loading took 1.00 GiB and "
                      f"{cfg.load_delay * 0.7:.2f} seconds"),
               (0.05, "Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|██████████| 67/67")]

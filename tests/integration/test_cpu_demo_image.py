@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("podman")
-from podman import PodmanClient  # noqa: E402
+from podman import PodmanClient
 
 pytestmark = pytest.mark.podman
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 import tomllib
-from harness import REPO, Sparkd
 
+from harness import REPO, Sparkd
 from sparkd.images import recipe_named
 from sparkd.localbase import DEFAULT_MIRROR, MIRROR_ENV
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+
 from capture_engine import (
     captured,
     http_request,

@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from harness import write_keys
 from multidict import CIMultiDict
 
+from harness import write_keys
 from sparkd.config import ModelConfig
 from sparkd.errors import Forbidden, Unauthorized
 from sparkd.http.auth import (

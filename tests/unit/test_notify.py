@@ -19,8 +19,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -112,9 +113,8 @@ def has(key: str, value: str | None = None) -> Callable[[Datagram], bool]:
 
 
 async def readyz(base_url: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base_url + "/readyz") as response:
-            return response.status
+    async with aiohttp.ClientSession() as session, session.get(base_url + "/readyz") as response:
+        return response.status
 
 
 async def test_ready_after_reconciliation_and_status_follows_model_state(sparkd_factory, engine_image, notify_socket):

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
-from capture_engine import dechunk, http_request, raw_exchange, stalled_client
 
+from capture_engine import dechunk, http_request, raw_exchange, stalled_client
 from sparkd.config.schema import EngineConfig
 from sparkd.engine.client import Endpoint
 from sparkd.engine.proxy import forward
