@@ -136,7 +136,7 @@ def _debootstrap(base: DebianBase, root: Path, mirror: str) -> None:
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None
         for line in _lines(process.stdout):
-            tail = (tail + [line])[-25:]
+            tail = [*tail, line][-25:]
             words = line.split()
             if len(words) >= 3 and words[0] == "I:" and words[1] in counts:
                 counts[words[1]] += 1

@@ -75,8 +75,8 @@ class HeadCoordinator:
             *(self._client.call(self.peers[n], "POST", "/api/worker-leases", body, timeout=timeout) for n in names),
             return_exceptions=True,
         )
-        held = [HeldLease(self.peers[n], r["id"]) for n, r in zip(names, results) if isinstance(r, dict) and "id" in r]
-        failures = [(n, r) for n, r in zip(names, results) if isinstance(r, BaseException)]
+        held = [HeldLease(self.peers[n], r["id"]) for n, r in zip(names, results, strict=True) if isinstance(r, dict) and "id" in r]
+        failures = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, BaseException)]
         if failures:
             await self._release_leases(model.name, held, "another peer refused")
             detail = "; ".join(str(error) for _, error in failures)

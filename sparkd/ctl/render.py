@@ -52,7 +52,7 @@ def table(headers: Sequence[str], rows: list[Sequence[Any]], right: Sequence[int
 
 def bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
     fraction = 0.0 if fraction is None else max(0.0, min(1.0, fraction))
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     return "[" + "#" * filled + "-" * (width - filled) + f"] {round(fraction * 100):3d}%"
 
 
@@ -113,10 +113,7 @@ def models(data: dict[str, Any]) -> str:
     rows = []
     notes = []
     for model in data["models"]:
-        if model["enabled"]:
-            kind = "enabled"
-        else:
-            kind = "experimental (off)" if model["experimental"] else "disabled"
+        kind = "enabled" if model["enabled"] else "experimental (off)" if model["experimental"] else "disabled"
         rows.append(
             [
                 model["name"],

@@ -52,8 +52,8 @@ def has_final_event(tail: bytes) -> bool:
 def engine_message(tail: bytes) -> str | None:
     """The message of an error the engine put in its stream, if any."""
     found = None
-    for found in _ENGINE_MESSAGE.finditer(tail):
-        pass
+    for match in _ENGINE_MESSAGE.finditer(tail):
+        found = match  # the last one: the error the engine ended with
     if found is None or (b'"error"' not in tail and b'"detail"' not in tail):
         return None
     try:

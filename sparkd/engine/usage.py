@@ -86,8 +86,8 @@ def parse_usage(text: bytes) -> tuple[int, int] | None:
     (``\\"usage\\"``) does not match.
     """
     found = None
-    for found in _USAGE.finditer(text):
-        pass
+    for match in _USAGE.finditer(text):
+        found = match  # the last one: the final usage report
     if found is None:
         return None
     body = found.group(1)

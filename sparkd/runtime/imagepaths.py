@@ -66,7 +66,7 @@ def check_mounts(client: Any, config: Config, models: Iterable[ModelConfig]) -> 
             continue
         try:
             container = client.containers.create(image, command=["true"], labels={PROBE_LABEL: "true"})
-        except Exception as error:  # podman-py raises APIError and requests' errors alike
+        except Exception as error:  # noqa: BLE001 - podman-py raises APIError and requests' errors alike
             unchecked.append(UncheckedImage(image, names, f"Podman could not create a container from it: {error}"))
             continue
         try:

@@ -14,6 +14,7 @@ which holds the stream's lock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -106,19 +107,15 @@ class LogFollower:
                 log.debug("log_follow_ended", container=self._container, error=str(error))
         finally:
             if pending.strip() and not self._stopped.is_set():
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
                     self._loop.call_soon_threadsafe(self._emit, pending.decode("utf-8", "replace").rstrip())
-                except RuntimeError:
-                    pass  # the loop is already closed
             if response is not None:
                 response.close()
             if client is not None:
                 client.close()
             if self._on_end is not None and not self._stopped.is_set():
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
                     self._loop.call_soon_threadsafe(self._ended)
-                except RuntimeError:
-                    pass  # the loop is already closed
 
     def _ended(self) -> None:
         if self._on_end is not None and not self._stopped.is_set():
@@ -127,7 +124,6 @@ class LogFollower:
 
 def _interrupt(response: requests.Response) -> None:
     """Shut the response's socket down for reading: a blocked read returns at once."""
-    try:
+    # RuntimeError/ValueError/OSError: the stream has ended or is being closed already, no read is blocked on it
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
         response.raw.shutdown()
-    except (RuntimeError, ValueError, OSError):
-        pass  # the stream has ended or is being closed already: no read is blocked on it

@@ -9,6 +9,7 @@ shared between threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import secrets
 import socket
@@ -190,10 +191,8 @@ class PodmanRuntime:
         await self._call(f"remove container {name}", self._remove_sync, name, name=name)
 
     def _remove_sync(self, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             self._client().containers.get(name).remove(force=True)
-        except NotFound:
-            pass
 
     def close(self) -> None:
         """Close the worker threads' connections (at shutdown, when no call is running)."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -37,7 +37,7 @@ class BenchSparkd(Sparkd):
     """The harness's daemon, optionally run from another copy of the sources (``run.py --rev``)."""
 
     source: Path | None = None
-    client_headers = {"Authorization": f"Bearer {BENCH_KEY}"}
+    client_headers: ClassVar[dict[str, str]] = {"Authorization": f"Bearer {BENCH_KEY}"}
     """Headers of the measured client requests: a real client key."""
 
     async def start(self, wait: bool = True, env: dict[str, str] | None = None, timeout: float = 30) -> None:

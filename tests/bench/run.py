@@ -104,7 +104,7 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"\n==================== {name} ====================", flush=True)
-        for attempt in range(args.retries + 1):
+        for _attempt in range(args.retries + 1):
             others = benchlib.other_containers(client, bench.prefixes)
             daemons = benchlib.other_daemons(bench)
             print(f"# {benchlib.machine_line()}; other running containers: {len(others)}; other sparkd daemons: {len(daemons)}")

@@ -12,7 +12,7 @@ round goes the other way, so every round is one swap.
   keeps a 0.1 claim): A's last byte → the first byte of B's answer at the client,
   i.e. A put to sleep (``POST /sleep``), B woken (``POST /wake_up``), probed ready
   and B's request proxied: the whole swap as a client sees it (the fake engine's
-  sleep and wake are instant; a real vLLM adds its own 0.1–6 s wake time).  The
+  sleep and wake are instant; a real vLLM adds its own 0.1-6 s wake time).  The
   first two rounds (B's cold start, then the first sleep of B) are warm-up.
   Container log timestamps are not used to split it: conmon glues partial lines,
   so a line can carry an earlier line's stamp.

@@ -13,6 +13,7 @@ else on the host's Podman is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -106,10 +107,8 @@ def subprocess_copy(machine: Any, deb_path: Any) -> None:
 
 def remove_containers_of_instance(podman: Any) -> None:
     for container in podman.containers.list(all=True, filters={"label": f"io.sparkd.instance={INSTANCE}"}):
-        try:
+        with contextlib.suppress(Exception):  # best-effort cleanup
             container.remove(force=True)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
 
 
 def client_key(machine: Any) -> str:

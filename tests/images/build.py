@@ -394,7 +394,7 @@ def _vllm_wheels() -> Path:
 def _build_lock(name: str):
     """An exclusive lock file: two test runs on one machine build an image once."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    handle = open(CACHE_DIR / f"{name}.lock", "w")
+    handle = open(CACHE_DIR / f"{name}.lock", "w")  # noqa: SIM115 - the caller holds the lock as long as it keeps the handle
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 

@@ -140,10 +140,11 @@ async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
     scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake))
     await serve(scheduler, "a")
     stop = asyncio.Event()
+    requests: list[asyncio.Task[str]] = []
 
     async def steady_a():
         while not stop.is_set():
-            asyncio.create_task(serve(scheduler, "a", hold=0.03))
+            requests.append(asyncio.create_task(serve(scheduler, "a", hold=0.03)))
             await asyncio.sleep(0.01)
 
     feeder = asyncio.create_task(steady_a())
@@ -151,6 +152,7 @@ async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
     served = await asyncio.wait_for(serve(scheduler, "b"), timeout=2)
     stop.set()
     await feeder
+    await asyncio.gather(*requests, return_exceptions=True)
     assert served == "b"
 
 

@@ -142,7 +142,7 @@ WIRE = b"".join(chunk(e) for e in EVENTS) + b"0\r\n\r\n"
         # an interim 100 Continue before the answer
         [b"HTTP/1.1 100 Continue\r\n\r\n", SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", WIRE],
         # a close-delimited body (no length, no chunks): sparkd frames it
-        [SSE_HEAD + b"Connection: close\r\n\r\n"] + EVENTS,
+        [SSE_HEAD + b"Connection: close\r\n\r\n", *EVENTS],
     ],
     ids=["whole", "byte-by-byte", "extensions-trailers", "100-continue", "close-delimited"],
 )
