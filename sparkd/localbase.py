@@ -31,7 +31,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BASE_REPOSITORY = "localhost/sparkd/base"
 # Bump when the way a root is made changes in a way its inputs do not show.
 RECIPE_VERSION = 1
-WORK_DIR = Path("/var/tmp")
+WORK_DIR = Path("/var/tmp")  # noqa: S108 - only ever the parent of a private TemporaryDirectory
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
@@ -23,6 +23,20 @@ from .peers import Peer, PeerClient, PeerError
 log = structlog.get_logger("sparkd.cluster")
 
 LOCAL = "local"
+
+
+class _Node(TypedDict):
+    node: str
+    role: str
+    """"head" (this node) or "worker"."""
+    address: str | None
+
+
+class NodeView(_Node, total=False):
+    """One node's part in a model spanning several Sparks, as the status JSON shows it."""
+
+    lease: str | None
+    heartbeat_age_s: float | None
 
 
 @dataclass
@@ -92,10 +106,10 @@ class HeadCoordinator:
             task.cancel()
         await self._release_leases(model, self._held.pop(model, []), reason)
 
-    def nodes_view(self, model: ModelConfig) -> list[dict[str, Any]]:
+    def nodes_view(self, model: ModelConfig) -> list[NodeView]:
         """Each node's part in ``model``, for status."""
         held = {lease.peer.name: lease for lease in self._held.get(model.name, [])}
-        view = []
+        view: list[NodeView] = []
         for node in model.nodes:
             if node == LOCAL:
                 view.append({"node": LOCAL, "role": "head", "address": self.config.cluster.address})

@@ -39,7 +39,7 @@ def stamp(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-def table(headers: Sequence[str], rows: list[Sequence[Any]], right: Sequence[int] = ()) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell; ``right`` are the indexes of numeric columns."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -60,7 +60,7 @@ def progress(model: dict[str, Any]) -> str:
     """Load progress of a starting (or waking) model: a bar over its ETA, the phase, the ETA left."""
     state = model.get("state")
     if state == "failed" and model.get("failure"):
-        return "failed: " + model["failure"]["message"][:100]
+        return "failed: " + str(model["failure"]["message"])[:100]
     if state not in ("starting", "waking"):
         return ""
     loading = model.get("loading_for_s")

@@ -26,14 +26,15 @@ def requested_thinking(body: dict[str, Any]) -> bool | None:
     if isinstance(thinking, bool):
         return thinking
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
-        return thinking["type"] == "enabled"
+        return bool(thinking["type"] == "enabled")
     effort = _effort(body.get("reasoning_effort"))
     if effort is not None:
         return effort
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict):
-        if isinstance(reasoning.get("enabled"), bool):
-            return reasoning["enabled"]
+        enabled = reasoning.get("enabled")
+        if isinstance(enabled, bool):
+            return enabled
         return _effort(reasoning.get("effort"))
     return None
 

@@ -7,6 +7,7 @@ the local unix socket; never a keyless TCP client, loopback included.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -161,7 +162,7 @@ class OpsRoutes:
                 queue: asyncio.Queue[str | None] = asyncio.Queue()
                 follower = LogFollower(
                     daemon.runtime.url, name, loop, queue.put_nowait, since=since, tail=tail if since is None else None,
-                    on_end=lambda q=queue: q.put_nowait(None),
+                    on_end=functools.partial(queue.put_nowait, None),
                 )
                 follower.start()
                 try:

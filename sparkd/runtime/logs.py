@@ -17,14 +17,11 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import structlog
 from podman import PodmanClient
 from podman.api import stream_frames
-
-if TYPE_CHECKING:
-    import requests
+from podman.api.client import APIResponse
 
 log = structlog.get_logger("sparkd.runtime")
 
@@ -53,7 +50,7 @@ class LogFollower:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         """Guards ``_response`` between the follow thread and ``stop()``."""
-        self._response: requests.Response | None = None
+        self._response: APIResponse | None = None
         self._thread = threading.Thread(target=self._run, name=f"logs-{container}", daemon=True)
 
     def start(self) -> None:
@@ -82,7 +79,7 @@ class LogFollower:
     def _run(self) -> None:
         pending = b""
         client: PodmanClient | None = None
-        response: requests.Response | None = None
+        response: APIResponse | None = None
         try:
             client = PodmanClient(base_url=self._url, timeout=None)
             response = client.api.get(f"/containers/{self._container}/logs", params=self._params(), stream=True)
@@ -95,6 +92,8 @@ class LogFollower:
             for frame in stream_frames(response):
                 if self._stopped.is_set():
                     return
+                if not isinstance(frame, bytes):
+                    continue  # a (stdout, stderr) pair comes only with demux=True
                 # vLLM redraws progress bars with '\r'; each redraw is a line to us.
                 pending += frame.replace(b"\r", b"\n")
                 *lines, pending = pending.split(b"\n")
@@ -122,7 +121,7 @@ class LogFollower:
             self._on_end()
 
 
-def _interrupt(response: requests.Response) -> None:
+def _interrupt(response: APIResponse) -> None:
     """Shut the response's socket down for reading: a blocked read returns at once."""
     # RuntimeError/ValueError/OSError: the stream has ended or is being closed already, no read is blocked on it
     with contextlib.suppress(RuntimeError, ValueError, OSError):

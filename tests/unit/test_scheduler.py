@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fake_runtime import FakeRuntime
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
 from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
@@ -21,17 +22,6 @@ from sparkd.scheduler.loadtimes import LoadTimes
 from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
-
-
-class FakeRuntime:
-    async def inspect(self, name):
-        return None
-
-    async def list_managed(self):
-        return []
-
-    async def stop(self, name, timeout):
-        return None
 
 
 class FakeLifecycle:
