@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import structlog
 
@@ -23,6 +23,18 @@ from .peers import Peer, PeerClient, PeerError
 log = structlog.get_logger("sparkd.cluster")
 
 LOCAL = "local"
+
+
+class WorkerLeaseRequest(TypedDict):
+    """The JSON a head posts to a peer's /api/worker-leases (checked there by ``WorkerRequest.parse``)."""
+
+    head: str
+    model: str
+    image: str
+    head_address: str
+    ray_port: int
+    head_port: int | None
+    heartbeat_timeout_s: float
 
 
 class _Node(TypedDict):
@@ -68,7 +80,7 @@ class HeadCoordinator:
     def peer_nodes(self, model: ModelConfig) -> list[str]:
         return [node for node in model.nodes if node != LOCAL]
 
-    def worker_request(self, model: ModelConfig) -> dict[str, Any]:
+    def worker_request(self, model: ModelConfig) -> WorkerLeaseRequest:
         """All a head may say to a peer: which model, and the values the peer's own worker table leaves open."""
         return {
             "head": self.config.server.instance,

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
@@ -43,6 +43,21 @@ MAX_HEARTBEAT_TIMEOUT_S = 300.0
 REQUEST_FIELDS = ("head", "model", "image", "head_address", "ray_port", "head_port", "heartbeat_timeout_s")
 
 
+class WorkerLeaseView(TypedDict):
+    """A lease granted to a head, as /api/worker-leases and the status JSON show it."""
+
+    id: str
+    head: str
+    peer_key: str
+    model: str
+    worker: str
+    state: str
+    claim: float
+    granted_at: float
+    heartbeat_age_s: float
+    releasing: bool
+
+
 @dataclass
 class WorkerLease:
     id: str
@@ -56,7 +71,7 @@ class WorkerLease:
     last_heartbeat: float = field(default_factory=time.monotonic)
     releasing: bool = False
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> WorkerLeaseView:
         return {
             "id": self.id,
             "head": self.head,
