@@ -179,7 +179,7 @@ def _pack(base: DebianBase, root: Path, tarball: Path) -> None:
     progress = Progress(f"base {base.name}")
     progress.update("packing the root file system", force=True)
     # --numeric-owner: the image must not depend on this host's user names.
-    result = subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tarball), "."], capture_output=True, text=True)
+    result = subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tarball), "."], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BaseBuildError(f"packing the {base.name} base failed: {result.stderr.strip()[-500:]}")
     progress.done(f"packed {tarball.stat().st_size / 1e6:.0f} MB")

@@ -70,7 +70,7 @@ class Served:
         return metrics(f"http://{address}/metrics")
 
     def engine_log(self) -> str:
-        logs = subprocess.run(["podman", "logs", self.container], capture_output=True, text=True)
+        logs = subprocess.run(["podman", "logs", self.container], capture_output=True, text=True, check=False)
         return logs.stdout + logs.stderr
 
 
@@ -106,7 +106,7 @@ def served(real_image: str, podman: Any, tmp_path_factory: pytest.TempPathFactor
         sparkd.kill()
         remove_containers(podman, prefix)
         # A vLLM being stopped can outlast podman-py's timeout: make sure it is gone.
-        subprocess.run(["podman", "rm", "-f", "--time", "5", shared.container], capture_output=True)
+        subprocess.run(["podman", "rm", "-f", "--time", "5", shared.container], capture_output=True, check=False)
         print(f"--- sparkd log ({sparkd.workdir}) ---\n{sparkd.logs()[-4000:]}")
 
 
