@@ -43,7 +43,7 @@ RECIPES = (
                 "smollm2-builder",
                 "BUILDER_IMAGE",
                 "docker.io/library/python:3.11-bookworm",
-                SMOLLM2_RUNTIME_PACKAGES + ("python3-dev", "build-essential", "cmake", "ninja-build"),
+                (*SMOLLM2_RUNTIME_PACKAGES, "python3-dev", "build-essential", "cmake", "ninja-build"),
             ),
         ),
     ),

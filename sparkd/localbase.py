@@ -21,16 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 MIRROR_ENV = "SPARKD_DEBIAN_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BASE_REPOSITORY = "localhost/sparkd/base"
 # Bump when the way a root is made changes in a way its inputs do not show.
 RECIPE_VERSION = 1
-WORK_DIR = Path("/var/tmp")
+WORK_DIR = Path("/var/tmp")  # noqa: S108 - only ever the parent of a private TemporaryDirectory
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -135,7 +136,7 @@ def _debootstrap(base: DebianBase, root: Path, mirror: str) -> None:
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None
         for line in _lines(process.stdout):
-            tail = (tail + [line])[-25:]
+            tail = [*tail, line][-25:]
             words = line.split()
             if len(words) >= 3 and words[0] == "I:" and words[1] in counts:
                 counts[words[1]] += 1
@@ -178,7 +179,7 @@ def _pack(base: DebianBase, root: Path, tarball: Path) -> None:
     progress = Progress(f"base {base.name}")
     progress.update("packing the root file system", force=True)
     # --numeric-owner: the image must not depend on this host's user names.
-    result = subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tarball), "."], capture_output=True, text=True)
+    result = subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tarball), "."], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BaseBuildError(f"packing the {base.name} base failed: {result.stderr.strip()[-500:]}")
     progress.done(f"packed {tarball.stat().st_size / 1e6:.0f} MB")

@@ -18,6 +18,7 @@ import threading
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import Processor
 
 # syslog priorities journald understands as line prefixes (sd-daemon(3)).
 JOURNAL_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
@@ -32,12 +33,14 @@ def _journal_prefix(_logger: Any, method: str, event_dict: dict[str, Any]) -> di
 class _PrefixedRenderer:
     """Wraps a renderer and puts the journald ``<N>`` prefix before its line."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Processor) -> None:
         self._inner = inner
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> str:
         priority = event_dict.pop("_priority", 6)
-        return f"<{priority}>" + self._inner(logger, method, event_dict)
+        line = self._inner(logger, method, event_dict)
+        assert isinstance(line, str)  # the JSON and logfmt renderers it wraps render text
+        return f"<{priority}>" + line
 
 
 def under_journald(environ: Any = None, stream: TextIO | None = None) -> bool:

@@ -10,6 +10,7 @@ and are cleaned up by label afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -285,10 +286,8 @@ def remove_containers(client: Any, prefix: str) -> None:
     for container in client.containers.list(all=True, filters={"label": "io.sparkd.managed=true"}):
         model = (container.labels or {}).get("io.sparkd.model", "")
         if model.startswith(prefix + "-"):
-            try:
+            with contextlib.suppress(Exception):  # best-effort cleanup
                 container.remove(force=True)
-            except Exception:  # noqa: BLE001 - best-effort cleanup
-                pass
 
 
 def container_events(client: Any, since: float, prefix: str, actions: set[str] | None = None) -> list[tuple[float, str, str]]:

@@ -63,7 +63,7 @@ class Ctl:
         self.process: asyncio.subprocess.Process | None = None
         self.output = ""
 
-    async def __aenter__(self) -> "Ctl":
+    async def __aenter__(self) -> Ctl:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sparkd.ctl", *self.args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO,
@@ -98,11 +98,10 @@ async def metrics(sparkd: Sparkd) -> dict[tuple[str, tuple[tuple[str, str], ...]
     """Every sample of /metrics, parsed with prometheus-client's parser: {(name, sorted labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    async with sparkd.admin_session() as session:
-        async with session.get(sparkd.admin_url + "/metrics") as response:
-            assert response.status == 200, await response.text()
-            assert response.headers["Content-Type"].startswith("text/plain")
-            text = await response.text()
+    async with sparkd.admin_session() as session, session.get(sparkd.admin_url + "/metrics") as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -128,7 +127,7 @@ class Browser:
         self._next_id = 0
         self.console: list[str] = []
 
-    async def __aenter__(self) -> "Browser":
+    async def __aenter__(self) -> Browser:
         if not Path(CHROMIUM).exists():
             raise FileNotFoundError(f"{CHROMIUM} is missing: apt-get install chromium (tests/setup/host.sh installs it)")
         self.process = subprocess.Popen(

@@ -61,6 +61,23 @@ PY
 export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
+step "static checks: ruff and mypy --strict (pyproject.toml's [tool.ruff] and [tool.mypy])"
+# Before the slow steps, so a finding fails the run at once. The configuration is named
+# explicitly: a ruff or mypy configuration of the machine's user never applies.
+failed=""
+(cd "$repo" && "$venv/bin/ruff" check --no-cache --config pyproject.toml sparkd tests) || failed="ruff check"
+(cd "$repo" && "$venv/bin/mypy" --config-file pyproject.toml --cache-dir "$cache/mypy-cache") || failed="${failed:+$failed and }mypy"
+if [ -n "$failed" ]; then
+    cat >&2 <<EOF
+run-all.sh: $failed found problems (listed above); fix them before the tests run.
+Reproduce in the checkout with the locked tools (tests/requirements.lock):
+    $venv/bin/ruff check sparkd tests    # add --fix for the safe automatic fixes
+    $venv/bin/mypy
+A file still on pyproject.toml's temporary exclusion lists is not checked yet.
+EOF
+    exit 1
+fi
+
 step "clients: OpenCode and the Cline CLI from npm (tests/clients; cached by their lock file)"
 # In CI a failed install fails the run; elsewhere tests/integration/test_real_clients.py skips, saying why.
 if ! "$repo/tests/clients/install.sh" >/dev/null; then

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TypedDict
 
 import structlog
 
@@ -22,6 +23,32 @@ from .peers import Peer, PeerClient, PeerError
 log = structlog.get_logger("sparkd.cluster")
 
 LOCAL = "local"
+
+
+class WorkerLeaseRequest(TypedDict):
+    """The JSON a head posts to a peer's /api/worker-leases (checked there by ``WorkerRequest.parse``)."""
+
+    head: str
+    model: str
+    image: str
+    head_address: str
+    ray_port: int
+    head_port: int | None
+    heartbeat_timeout_s: float
+
+
+class _Node(TypedDict):
+    node: str
+    role: str
+    """"head" (this node) or "worker"."""
+    address: str | None
+
+
+class NodeView(_Node, total=False):
+    """One node's part in a model spanning several Sparks, as the status JSON shows it."""
+
+    lease: str | None
+    heartbeat_age_s: float | None
 
 
 @dataclass
@@ -53,7 +80,7 @@ class HeadCoordinator:
     def peer_nodes(self, model: ModelConfig) -> list[str]:
         return [node for node in model.nodes if node != LOCAL]
 
-    def worker_request(self, model: ModelConfig) -> dict[str, Any]:
+    def worker_request(self, model: ModelConfig) -> WorkerLeaseRequest:
         """All a head may say to a peer: which model, and the values the peer's own worker table leaves open."""
         return {
             "head": self.config.server.instance,
@@ -74,8 +101,8 @@ class HeadCoordinator:
             *(self._client.call(self.peers[n], "POST", "/api/worker-leases", body, timeout=timeout) for n in names),
             return_exceptions=True,
         )
-        held = [HeldLease(self.peers[n], r["id"]) for n, r in zip(names, results) if isinstance(r, dict) and "id" in r]
-        failures = [(n, r) for n, r in zip(names, results) if isinstance(r, BaseException)]
+        held = [HeldLease(self.peers[n], r["id"]) for n, r in zip(names, results, strict=True) if isinstance(r, dict) and "id" in r]
+        failures = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, BaseException)]
         if failures:
             await self._release_leases(model.name, held, "another peer refused")
             detail = "; ".join(str(error) for _, error in failures)
@@ -91,10 +118,10 @@ class HeadCoordinator:
             task.cancel()
         await self._release_leases(model, self._held.pop(model, []), reason)
 
-    def nodes_view(self, model: ModelConfig) -> list[dict[str, Any]]:
+    def nodes_view(self, model: ModelConfig) -> list[NodeView]:
         """Each node's part in ``model``, for status."""
         held = {lease.peer.name: lease for lease in self._held.get(model.name, [])}
-        view = []
+        view: list[NodeView] = []
         for node in model.nodes:
             if node == LOCAL:
                 view.append({"node": LOCAL, "role": "head", "address": self.config.cluster.address})

@@ -22,14 +22,14 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
 from ..config import Config, ModelConfig
-from ..config.values import MODEL_NAME
 from ..config.schema import WorkerConfig
 from ..config.validate import describe
+from ..config.values import MODEL_NAME
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
 from ..runtime.spec import render
 from ..scheduler.runner import ModelRunner
@@ -41,6 +41,21 @@ log = structlog.get_logger("sparkd.cluster")
 EXPIRY_CHECK_S = 1.0
 MAX_HEARTBEAT_TIMEOUT_S = 300.0
 REQUEST_FIELDS = ("head", "model", "image", "head_address", "ray_port", "head_port", "heartbeat_timeout_s")
+
+
+class WorkerLeaseView(TypedDict):
+    """A lease granted to a head, as /api/worker-leases and the status JSON show it."""
+
+    id: str
+    head: str
+    peer_key: str
+    model: str
+    worker: str
+    state: str
+    claim: float
+    granted_at: float
+    heartbeat_age_s: float
+    releasing: bool
 
 
 @dataclass
@@ -56,7 +71,7 @@ class WorkerLease:
     last_heartbeat: float = field(default_factory=time.monotonic)
     releasing: bool = False
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> WorkerLeaseView:
         return {
             "id": self.id,
             "head": self.head,
@@ -83,7 +98,7 @@ class WorkerRequest:
     heartbeat_timeout_s: float
 
     @classmethod
-    def parse(cls, body: Any, config: Config) -> "WorkerRequest":
+    def parse(cls, body: Any, config: Config) -> WorkerRequest:
         """Check a head's request against this node's configuration; a precise 400 otherwise."""
         if not isinstance(body, dict):
             raise BadRequest("a worker lease request is a JSON object")

@@ -51,5 +51,6 @@ def check(state_dir: str) -> int:
 
 def _download(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - https URL from config/CLI
-        return response.read()
+        data: bytes = response.read()
+    return data
 

@@ -43,7 +43,7 @@ def build(config: Config, names: list[str], build_args: dict[str, str], director
     from podman import PodmanClient
 
     recipes = [images.recipe_named(n) for n in names] if names else _needed(config)
-    unknown = [n for n, r in zip(names, recipes) if r is None]
+    unknown = [n for n, r in zip(names, recipes, strict=False) if r is None]
     if unknown:
         known = ", ".join(r.name for r in images.RECIPES)
         print(f"unknown image recipe(s): {', '.join(unknown)}; known: {known}", file=sys.stderr)

@@ -18,7 +18,7 @@ def report(config: Config) -> None:
     try:
         with PodmanClient(base_url=config.podman.url, timeout=30) as client:
             result = check_mounts(client, config, config.enabled_models())
-    except Exception as error:  # an absent socket is a requests ConnectionError, a refusal an APIError
+    except Exception as error:  # noqa: BLE001 - an absent socket is a requests ConnectionError, a refusal an APIError
         print(f"  note: could not check the models' mounts against their images: Podman at {config.podman.url} did not answer ({error})")
         return
     for hidden in result.hidden:

@@ -10,8 +10,9 @@ import http.client
 import json
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_SOCKET = "/run/sparkd/sparkd.sock"

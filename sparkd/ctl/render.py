@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 BAR_WIDTH = 20
 
@@ -38,7 +39,7 @@ def stamp(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-def table(headers: Sequence[str], rows: list[Sequence[Any]], right: Sequence[int] = ()) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell; ``right`` are the indexes of numeric columns."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -51,7 +52,7 @@ def table(headers: Sequence[str], rows: list[Sequence[Any]], right: Sequence[int
 
 def bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
     fraction = 0.0 if fraction is None else max(0.0, min(1.0, fraction))
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     return "[" + "#" * filled + "-" * (width - filled) + f"] {round(fraction * 100):3d}%"
 
 
@@ -59,7 +60,7 @@ def progress(model: dict[str, Any]) -> str:
     """Load progress of a starting (or waking) model: a bar over its ETA, the phase, the ETA left."""
     state = model.get("state")
     if state == "failed" and model.get("failure"):
-        return "failed: " + model["failure"]["message"][:100]
+        return "failed: " + str(model["failure"]["message"])[:100]
     if state not in ("starting", "waking"):
         return ""
     loading = model.get("loading_for_s")
@@ -112,10 +113,7 @@ def models(data: dict[str, Any]) -> str:
     rows = []
     notes = []
     for model in data["models"]:
-        if model["enabled"]:
-            kind = "enabled"
-        else:
-            kind = "experimental (off)" if model["experimental"] else "disabled"
+        kind = "enabled" if model["enabled"] else "experimental (off)" if model["experimental"] else "disabled"
         rows.append(
             [
                 model["name"],

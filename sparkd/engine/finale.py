@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import structlog
 
@@ -52,9 +52,9 @@ def has_final_event(tail: bytes) -> bool:
 def engine_message(tail: bytes) -> str | None:
     """The message of an error the engine put in its stream, if any."""
     found = None
-    for found in _ENGINE_MESSAGE.finditer(tail):
-        pass
-    if found is None or b'"error"' not in tail and b'"detail"' not in tail:
+    for match in _ENGINE_MESSAGE.finditer(tail):
+        found = match  # the last one: the error the engine ended with
+    if found is None or (b'"error"' not in tail and b'"detail"' not in tail):
         return None
     try:
         return str(json.loads(b'"' + found.group(1) + b'"'))

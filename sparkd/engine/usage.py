@@ -33,7 +33,7 @@ class StreamTail:
     A read that long is only referenced; shorter ones are joined to the window.
     """
 
-    __slots__ = ("_before", "_last", "_end")
+    __slots__ = ("_before", "_end", "_last")
 
     def __init__(self) -> None:
         self._before = self._last = self._end = b""
@@ -54,7 +54,7 @@ class StreamTail:
 
 
 class RequestRecord:
-    __slots__ = ("model", "path", "queued_s", "first_byte", "usage", "stream_error")
+    __slots__ = ("first_byte", "model", "path", "queued_s", "stream_error", "usage")
 
     def __init__(self) -> None:
         self.model = NO_MODEL
@@ -86,8 +86,8 @@ def parse_usage(text: bytes) -> tuple[int, int] | None:
     (``\\"usage\\"``) does not match.
     """
     found = None
-    for found in _USAGE.finditer(text):
-        pass
+    for match in _USAGE.finditer(text):
+        found = match  # the last one: the final usage report
     if found is None:
         return None
     body = found.group(1)

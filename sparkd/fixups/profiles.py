@@ -13,9 +13,10 @@ later, in the request path (see ``tokens.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 from .messages import alternate_roles, flatten_content, merge_system
 from .reasoning import map_thinking
@@ -30,17 +31,17 @@ DEFAULT_PROFILE = "default"
 
 @dataclass(frozen=True)
 class Profile:
-    extends: Optional[str] = None
+    extends: str | None = None
     """Only in ``[profiles.<name>]`` tables: the profile whose values this one starts from."""
     description: str = ""
-    tools: Optional[ToolMode] = None
+    tools: ToolMode | None = None
     """full: pass tool parameters through; none: strip them; force-required: ``tool_choice: required``
     when tools are offered and no tool result is in the conversation. Unset: the model's ``tools`` key."""
     cap_max_tokens: bool = True
     """Normalize ``max_tokens``/``max_completion_tokens`` (invalid values dropped) and cap them to the context."""
     context_margin: int = 32
     """Tokens kept free below ``max_model_len`` after an exact count."""
-    default_max_tokens: Optional[int] = None
+    default_max_tokens: int | None = None
     """``max_tokens`` to send when the client sends no valid limit (capped to the context like a client's)."""
     flatten_content: bool = False
     """Text-only content arrays become a plain string."""
@@ -48,10 +49,10 @@ class Profile:
     """System/developer messages are merged into the first user turn."""
     alternate_roles: bool = False
     """Consecutive user (assistant) messages are merged; the conversation starts with a user turn."""
-    thinking_flag: Optional[str] = None
+    thinking_flag: str | None = None
     """The ``chat_template_kwargs`` key that switches thinking (e.g. ``enable_thinking``); set from
     ``reasoning_effort``, ``reasoning.effort`` or ``thinking``."""
-    thinking_default: Optional[bool] = None
+    thinking_default: bool | None = None
     """The thinking flag's value when the client says nothing (false = thinking off by default)."""
 
 

@@ -9,36 +9,37 @@ one boolean from ``chat_template_kwargs`` instead (``enable_thinking`` for most)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 EFFORT_OFF = frozenset({"none"})
 
 
-def _effort(value: Any) -> Optional[bool]:
+def _effort(value: Any) -> bool | None:
     if isinstance(value, str) and value:
         return value.lower() not in EFFORT_OFF
     return None
 
 
-def requested_thinking(body: dict[str, Any]) -> Optional[bool]:
+def requested_thinking(body: dict[str, Any]) -> bool | None:
     """What the client asked for: True (think), False (don't), None (said nothing we understand)."""
     thinking = body.get("thinking")
     if isinstance(thinking, bool):
         return thinking
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
-        return thinking["type"] == "enabled"
+        return bool(thinking["type"] == "enabled")
     effort = _effort(body.get("reasoning_effort"))
     if effort is not None:
         return effort
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict):
-        if isinstance(reasoning.get("enabled"), bool):
-            return reasoning["enabled"]
+        enabled = reasoning.get("enabled")
+        if isinstance(enabled, bool):
+            return enabled
         return _effort(reasoning.get("effort"))
     return None
 
 
-def map_thinking(body: dict[str, Any], flag: str, default: Optional[bool]) -> dict[str, Any]:
+def map_thinking(body: dict[str, Any], flag: str, default: bool | None) -> dict[str, Any]:
     """Set ``chat_template_kwargs[flag]`` from the client's reasoning controls, else to ``default``.
 
     A flag the client set in ``chat_template_kwargs`` itself always wins; a

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 # The seed's estimate: characters / 2.5 + 20 per message + 500, 1500 per image;
@@ -38,7 +38,7 @@ LOW_BYTES_PER_TOKEN = 8
 RUNS = re.compile(r"\s{2,}|(.)\1{2,}", re.DOTALL)
 
 
-def valid_limit(value: Any) -> Optional[int]:
+def valid_limit(value: Any) -> int | None:
     """A usable token limit: a positive integer (an integral float counts); anything else is None."""
     if isinstance(value, bool):
         return None
@@ -49,7 +49,7 @@ def valid_limit(value: Any) -> Optional[int]:
     return None
 
 
-def requested_limit(body: dict[str, Any]) -> Optional[int]:
+def requested_limit(body: dict[str, Any]) -> int | None:
     """The smallest valid limit the client sent, or None."""
     first = valid_limit(body.get("max_tokens"))
     second = valid_limit(body.get("max_completion_tokens"))
@@ -205,7 +205,7 @@ class Budget:
         return max(1, self.room - self.margin) if self.exact else self.room
 
     @classmethod
-    def estimated(cls, body: dict[str, Any], max_model_len: int) -> "Budget":
+    def estimated(cls, body: dict[str, Any], max_model_len: int) -> Budget:
         return cls(
             max_model_len, estimate_prompt_tokens(body), False, estimate_margin(max_model_len),
             estimate_prompt_tokens_low(body),
@@ -233,7 +233,7 @@ class Capped:
     sent: int
 
 
-def cap_max_tokens(body: dict[str, Any], budget: Budget) -> tuple[dict[str, Any], Optional[Capped]]:
+def cap_max_tokens(body: dict[str, Any], budget: Budget) -> tuple[dict[str, Any], Capped | None]:
     """Cap the (normalized) limit so prompt + answer fit.
 
     A limit that fits is left alone. One that does not is lowered to ``budget.cap``.

@@ -8,6 +8,7 @@ limits are the fixups' business (invalid ones are dropped there, not refused).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BadRequest
@@ -42,8 +43,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+Check = Callable[[Any], bool]
+"""A test of one JSON value: does it have the shape the field needs?"""
+
 # Optional top-level fields: name → (test, what it must be). null always passes.
-COMMON = {
+COMMON: dict[str, tuple[Check, str]] = {
     "stream": (lambda v: isinstance(v, bool), "true or false"),
     "stream_options": (lambda v: isinstance(v, dict), "an object such as {\"include_usage\": true}"),
     "n": (_is_int, "an integer"),
@@ -120,12 +124,13 @@ def _anthropic(path: str, body: dict[str, Any]) -> None:
         isinstance(system, list) and all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system)
     ):
         raise _fail("system", "a string or an array of text blocks such as {\"type\": \"text\", \"text\": ...}", system)
-    for name, test, expected in (
+    anthropic_fields: tuple[tuple[str, Check, str], ...] = (
         ("stop_sequences", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "an array of strings"),
         ("top_k", _is_int, "an integer"),
         ("thinking", lambda v: isinstance(v, dict), "an object such as {\"type\": \"enabled\", \"budget_tokens\": 1024}"),
         ("tool_choice", lambda v: isinstance(v, dict), "an object such as {\"type\": \"auto\"}"),
-    ):
+    )
+    for name, test, expected in anthropic_fields:
         if body.get(name) is not None and not test(body[name]):
             raise _fail(name, expected, body[name])
     for index, message in enumerate(_message_list(body, path)):

@@ -14,7 +14,7 @@ def known_devices() -> tuple[set[str], str]:
     tool = shutil.which("nvidia-ctk")
     if tool:
         try:
-            result = subprocess.run([tool, "cdi", "list"], capture_output=True, text=True, timeout=30)
+            result = subprocess.run([tool, "cdi", "list"], capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired):
             result = None
         if result is not None and result.returncode == 0:

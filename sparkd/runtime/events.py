@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TypedDict
 
 import structlog
 from podman import PodmanClient
@@ -34,7 +35,24 @@ class ContainerEvent:
     time: float
 
 
-def parse_event(raw: dict[str, Any]) -> ContainerEvent | None:
+class _Actor(TypedDict, total=False):
+    Attributes: dict[str, str] | None
+    """The container's name and labels; ``containerExitCode`` on a died event."""
+
+
+class PodmanEvent(TypedDict, total=False):
+    """The part of one event of Podman's /events stream sparkd reads."""
+
+    Type: str
+    Action: str
+    status: str
+    """The action's older name, which Docker-compatible endpoints still send."""
+    Actor: _Actor | None
+    time: int
+    timeNano: int
+
+
+def parse_event(raw: PodmanEvent) -> ContainerEvent | None:
     if raw.get("Type") != "container":
         return None
     action = str(raw.get("Action") or raw.get("status") or "")

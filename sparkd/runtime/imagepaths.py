@@ -12,8 +12,9 @@ Synchronous (podman-py): called from the command line, never from the event loop
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ..config import Config, ModelConfig
 from .spec import render
@@ -65,7 +66,7 @@ def check_mounts(client: Any, config: Config, models: Iterable[ModelConfig]) -> 
             continue
         try:
             container = client.containers.create(image, command=["true"], labels={PROBE_LABEL: "true"})
-        except Exception as error:  # podman-py raises APIError and requests' errors alike
+        except Exception as error:  # noqa: BLE001 - podman-py raises APIError and requests' errors alike
             unchecked.append(UncheckedImage(image, names, f"Podman could not create a container from it: {error}"))
             continue
         try:

@@ -14,16 +14,15 @@ which holds the stream's lock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
 
 import structlog
 from podman import PodmanClient
 from podman.api import stream_frames
-
-if TYPE_CHECKING:
-    import requests
+from podman.api.client import APIResponse
 
 log = structlog.get_logger("sparkd.runtime")
 
@@ -109,7 +108,7 @@ class LogFollower:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         """Guards ``_response`` between the follow thread and ``stop()``."""
-        self._response: requests.Response | None = None
+        self._response: APIResponse | None = None
         self._thread = threading.Thread(target=self._run, name=f"logs-{container}", daemon=True)
 
     def start(self) -> None:
@@ -138,7 +137,7 @@ class LogFollower:
     def _run(self) -> None:
         pending = b""
         client: PodmanClient | None = None
-        response: requests.Response | None = None
+        response: APIResponse | None = None
         try:
             client = PodmanClient(base_url=self._url, timeout=None)
             response = client.api.get(f"/containers/{self._container}/logs", params=self._params(), stream=True)
@@ -151,6 +150,8 @@ class LogFollower:
             for frame in stream_frames(response):
                 if self._stopped.is_set():
                     return
+                if not isinstance(frame, bytes):
+                    continue  # a (stdout, stderr) pair comes only with demux=True
                 # vLLM redraws progress bars with '\r'; each redraw is a line to us.
                 pending += frame.replace(b"\r", b"\n")
                 *lines, pending = pending.split(b"\n")
@@ -166,28 +167,23 @@ class LogFollower:
                 log.debug("log_follow_ended", container=self._container, error=str(error))
         finally:
             if pending.strip() and not self._stopped.is_set():
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
                     self._loop.call_soon_threadsafe(self._emit, clip_line(pending.decode("utf-8", "replace").rstrip()))
-                except RuntimeError:
-                    pass  # the loop is already closed
             if response is not None:
                 response.close()
             if client is not None:
                 client.close()
             if self._on_end is not None and not self._stopped.is_set():
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
                     self._loop.call_soon_threadsafe(self._ended)
-                except RuntimeError:
-                    pass  # the loop is already closed
 
     def _ended(self) -> None:
         if self._on_end is not None and not self._stopped.is_set():
             self._on_end()
 
 
-def _interrupt(response: requests.Response) -> None:
+def _interrupt(response: APIResponse) -> None:
     """Shut the response's socket down for reading: a blocked read returns at once."""
-    try:
+    # RuntimeError/ValueError/OSError: the stream has ended or is being closed already, no read is blocked on it
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
         response.raw.shutdown()
-    except (RuntimeError, ValueError, OSError):
-        pass  # the stream has ended or is being closed already: no read is blocked on it

@@ -9,46 +9,63 @@ shared between threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import secrets
 import socket
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypedDict, TypeVar, cast, final
 
 import structlog
 from podman import PodmanClient
+from podman.domain.containers import Container
 from podman.errors import NotFound
 
+from .containers import ContainerInfo, ContainerRuntime
 from .errors import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
 from .logs import clip_line
 from .spec import LABEL_KEY_ENV, LABEL_MODEL, LABEL_SPEC, ContainerSpec, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")
 
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class ContainerInfo:
-    name: str
-    id: str
-    model: str | None
-    spec_hash: str | None
-    status: str
-    """Podman's state word: created, running, exited, stopping, ..."""
-    started_at: float | None
-    host_port: int | None
-    engine_key: str | None = field(repr=False)
-    exit_code: int | None
-
-    @property
-    def running(self) -> bool:
-        return self.status in ("running", "stopping")
+class _InspectConfig(TypedDict, total=False):
+    Labels: dict[str, str] | None
+    Env: list[str] | None
 
 
-class PodmanRuntime:
+class _InspectState(TypedDict, total=False):
+    Status: str
+    Running: bool
+    StartedAt: str
+    ExitCode: int
+
+
+class _PortBinding(TypedDict, total=False):
+    HostPort: str
+
+
+class _InspectHostConfig(TypedDict, total=False):
+    PortBindings: dict[str, list[_PortBinding] | None] | None
+
+
+class ContainerInspect(TypedDict, total=False):
+    """The part of Podman's container inspect JSON sparkd reads."""
+
+    Name: str
+    Id: str
+    Config: _InspectConfig | None
+    State: _InspectState | None
+    HostConfig: _InspectHostConfig | None
+
+
+@final  # mypy then reports any member of the protocol left out
+class PodmanRuntime(ContainerRuntime):
     """Async facade over podman-py for the containers sparkd manages."""
 
     def __init__(self, url: str, timeout: float, instance: str) -> None:
@@ -71,11 +88,11 @@ class PodmanRuntime:
             self._clients.append(client)  # list.append is atomic under the GIL
         return client
 
-    async def _call(self, action: str, func: Callable[..., Any], *args: Any, name: str = "", image: str = "") -> Any:
-        def run() -> Any:
+    async def _call(self, action: str, func: Callable[..., T], *args: Any, name: str = "", image: str = "") -> T:
+        def run() -> T:
             try:
                 return func(*args)
-            except Exception as error:  # noqa: BLE001 - every failure gets translated
+            except Exception as error:  # every failure gets translated
                 raise translate(error, action=action, url=self.url, name=name, image=image) from error
 
         return await asyncio.to_thread(run)
@@ -101,7 +118,7 @@ class PodmanRuntime:
             container = self._client().containers.get(name)
         except NotFound:
             return None
-        return _info_from_inspect(container.attrs)
+        return _info_from_inspect(container)
 
     async def list_managed(self) -> list[ContainerInfo]:
         """Every container this sparkd instance manages, running or not, with its engine key."""
@@ -115,7 +132,7 @@ class PodmanRuntime:
                 container.reload()
             except NotFound:
                 continue
-            infos.append(_info_from_inspect(container.attrs))
+            infos.append(_info_from_inspect(container))
         return infos
 
     async def tail_logs(self, name: str, lines: int = 20) -> list[str]:
@@ -127,7 +144,7 @@ class PodmanRuntime:
         except NotFound:
             return []
         frames = container.logs(tail=lines, stdout=True, stderr=True)
-        text = b"".join(frames).decode("utf-8", "replace")
+        text = (frames if isinstance(frames, bytes) else b"".join(frames)).decode("utf-8", "replace")
         return [clip_line(line) for line in text.splitlines() if line.strip()][-lines:]
 
     # -- changes --------------------------------------------------------------
@@ -154,7 +171,7 @@ class PodmanRuntime:
             container = client.containers.create(**spec.create_kwargs(host_port, engine_key, image_key))
         container.reload()
         log.info("container_created", container=spec.name, image=spec.image, host_port=host_port, spec=spec.spec_hash)
-        return _info_from_inspect(container.attrs)
+        return _info_from_inspect(container)
 
     def _free_port(self, port_range: tuple[int, int], exclude_model: str) -> int:
         """The first port of the range no other container of this instance uses and nothing listens on."""
@@ -190,10 +207,8 @@ class PodmanRuntime:
         await self._call(f"remove container {name}", self._remove_sync, name, name=name)
 
     def _remove_sync(self, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             self._client().containers.get(name).remove(force=True)
-        except NotFound:
-            pass
 
     def close(self) -> None:
         """Close the worker threads' connections (at shutdown, when no call is running)."""
@@ -222,7 +237,7 @@ def _prepare_caches(client: PodmanClient, spec: ContainerSpec) -> str:
     """The key of the spec's image for its cache directories (its short id), with the directories made."""
     if not spec.caches:
         return ""
-    image_key = client.images.get(spec.image).id.removeprefix("sha256:")[:16]
+    image_key = str(client.images.get(spec.image).id).removeprefix("sha256:")[:16]
     for mount in spec.cache_mounts(image_key):
         Path(mount.source).mkdir(parents=True, exist_ok=True)
     return image_key
@@ -239,7 +254,8 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _info_from_inspect(attrs: dict[str, Any]) -> ContainerInfo:
+def _info_from_inspect(container: Container) -> ContainerInfo:
+    attrs = cast(ContainerInspect, container.attrs)  # podman-py types it as a plain dict
     config = attrs.get("Config") or {}
     state = attrs.get("State") or {}
     labels = config.get("Labels") or {}
@@ -258,7 +274,7 @@ def _info_from_inspect(attrs: dict[str, Any]) -> ContainerInfo:
     )
 
 
-def _host_port(attrs: dict[str, Any]) -> int | None:
+def _host_port(attrs: ContainerInspect) -> int | None:
     bindings = ((attrs.get("HostConfig") or {}).get("PortBindings")) or {}
     for binding in bindings.values():
         for entry in binding or []:

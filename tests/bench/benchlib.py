@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, ClassVar
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -27,7 +28,6 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from harness import PODMAN_URL, REPO, Sparkd, container_events, remove_containers, unique_prefix  # noqa: E402
-
 
 BENCH_KEY = "sk-sparkd-bench-" + "0123456789abcdef" * 2
 """The client key the proxy benchmark sends, so sparkd's key check is part of what is measured."""
@@ -37,7 +37,7 @@ class BenchSparkd(Sparkd):
     """The harness's daemon, optionally run from another copy of the sources (``run.py --rev``)."""
 
     source: Path | None = None
-    client_headers = {"Authorization": f"Bearer {BENCH_KEY}"}
+    client_headers: ClassVar[dict[str, str]] = {"Authorization": f"Bearer {BENCH_KEY}"}
     """Headers of the measured client requests: a real client key."""
 
     async def start(self, wait: bool = True, env: dict[str, str] | None = None, timeout: float = 30) -> None:
@@ -172,7 +172,7 @@ class Bench:
             await asyncio.to_thread(remove_containers, self.podman, prefix)
 
 
-async def first_event(bench: "Bench", sparkd: Sparkd, key: str, action: str, since: float) -> tuple[float, list[tuple[float, str, str]]]:
+async def first_event(bench: Bench, sparkd: Sparkd, key: str, action: str, since: float) -> tuple[float, list[tuple[float, str, str]]]:
     """The time of model ``key``'s first Podman ``action`` event after ``since``, and all its events since then.
 
     Asked up to 10 times: an events query right after the fact now and then comes back empty.
@@ -353,7 +353,7 @@ class LoadGen:
     def __init__(self) -> None:
         self.process: asyncio.subprocess.Process | None = None
 
-    async def __aenter__(self) -> "LoadGen":
+    async def __aenter__(self) -> LoadGen:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "loadgen.py"),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=256 * 1024 * 1024,
@@ -401,7 +401,7 @@ class Profiler:
         self.name = name
         self.process: asyncio.subprocess.Process | None = None
 
-    async def __aenter__(self) -> "Profiler":
+    async def __aenter__(self) -> Profiler:
         if self.directory is None:
             return self
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

@@ -25,9 +25,8 @@ import socket
 import threading
 import time
 
-import aiohttp
-
 from benchlib import Bench, Result, engine_model, first_byte_request, first_event, percentile, summary
+
 from harness import free_port
 
 ITERATIONS = 12
@@ -71,36 +70,35 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
         body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
         print(f"# {iterations} cold starts of {model}; the fake engine loads for {LOAD_DELAY_S} s before it listens")
         print(f"{'#':>3} {'request→start':>14} {'start→ready':>12} {'ready→1st byte':>15} {'1st→last byte':>14} {'total':>9}  (ms)")
-        async with aiohttp.ClientSession() as session:
-            for i in range(iterations):
-                watcher = PortWatcher(port)
-                requested = time.time()
-                watcher.start()
-                t_first, t_last, status, payload = await first_byte_request(sparkd.base_url + "/v1/chat/completions", body)
-                watcher.stop.set()
-                watcher.join()
-                if status != 200:
-                    raise RuntimeError(f"cold request {i} answered {status}: {payload[:300]!r}")
-                if watcher.ready_at is None:
-                    raise RuntimeError(f"the engine's port {port} never accepted a connection before the answer")
-                ready = [watcher.ready_at]
-                try:
-                    started, _ = await first_event(bench, sparkd, "c", "start", requested)
-                except RuntimeError:
-                    started = None  # only the breakdown columns need it
-                gap = (t_first - ready[0]) * 1000
-                gaps.append(gap)
-                start_ms = f"{(started - requested) * 1000:14.1f}" if started else f"{'?':>14}"
-                ready_ms = f"{(ready[0] - started) * 1000:12.1f}" if started else f"{'?':>12}"
-                print(f"{i:3d} {start_ms} {ready_ms} {gap:15.1f} {(t_last - t_first) * 1000:14.2f} "
-                      f"{(t_last - requested) * 1000:9.1f}", flush=True)
-                stopped, answer = await sparkd.admin("POST", f"/api/models/{model}/stop")
-                if stopped != 200:
-                    raise RuntimeError(f"stop {model}: {stopped} {answer}")
-                await sparkd.wait_state("c", "stopped", timeout=60)
-                # Pause before the next start: a start requested within ~1 s of the previous stop can be
-                # failed by that stop's late "died" event (sparkd bug, see README "Known problems").
-                await asyncio.sleep(RESTART_PAUSE_S)
+        for i in range(iterations):
+            watcher = PortWatcher(port)
+            requested = time.time()
+            watcher.start()
+            t_first, t_last, status, payload = await first_byte_request(sparkd.base_url + "/v1/chat/completions", body)
+            watcher.stop.set()
+            watcher.join()
+            if status != 200:
+                raise RuntimeError(f"cold request {i} answered {status}: {payload[:300]!r}")
+            if watcher.ready_at is None:
+                raise RuntimeError(f"the engine's port {port} never accepted a connection before the answer")
+            ready = [watcher.ready_at]
+            try:
+                started, _ = await first_event(bench, sparkd, "c", "start", requested)
+            except RuntimeError:
+                started = None  # only the breakdown columns need it
+            gap = (t_first - ready[0]) * 1000
+            gaps.append(gap)
+            start_ms = f"{(started - requested) * 1000:14.1f}" if started else f"{'?':>14}"
+            ready_ms = f"{(ready[0] - started) * 1000:12.1f}" if started else f"{'?':>12}"
+            print(f"{i:3d} {start_ms} {ready_ms} {gap:15.1f} {(t_last - t_first) * 1000:14.2f} "
+                  f"{(t_last - requested) * 1000:9.1f}", flush=True)
+            stopped, answer = await sparkd.admin("POST", f"/api/models/{model}/stop")
+            if stopped != 200:
+                raise RuntimeError(f"stop {model}: {stopped} {answer}")
+            await sparkd.wait_state("c", "stopped", timeout=60)
+            # Pause before the next start: a start requested within ~1 s of the previous stop can be
+            # failed by that stop's late "died" event (sparkd bug, see README "Known problems").
+            await asyncio.sleep(RESTART_PAUSE_S)
     print(f"\nready → first byte: {summary(gaps)}")
-    print(f"(sparkd probes every lifecycle.probe_interval_s = 0.1 s: a uniform 0–100 ms wait is expected, p50 ≈ 50 ms + the answer)")
+    print("(sparkd probes every lifecycle.probe_interval_s = 0.1 s: a uniform 0-100 ms wait is expected, p50 ≈ 50 ms + the answer)")
     return [Result("coldstart_gap_p50", percentile(gaps, 50), "ms")]

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparkd.config.keys import ClientKey  # noqa: E402
-from sparkd.http.auth import KeyRing, authenticate  # noqa: E402
+from sparkd.config.keys import ClientKey
+from sparkd.http.auth import KeyRing, authenticate
 
 ROUNDS = 20_000
 

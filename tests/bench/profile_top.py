@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from pathlib import Path
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -38,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     stacks: dict[str, Counter[tuple[str, ...]]] = {}
-    for line in open(args.profile, encoding="utf-8", errors="replace"):
+    for line in Path(args.profile).read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.rstrip("\n")
         if not line:
             continue
@@ -50,10 +51,7 @@ def main() -> None:
     totals = {thread: sum(c.values()) for thread, c in stacks.items()}
     for thread, total in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{total:8d} samples  {thread}")
-    if args.thread:
-        chosen = next(t for t in stacks if args.thread in t)
-    else:
-        chosen = max(totals, key=totals.get)
+    chosen = next(t for t in stacks if args.thread in t) if args.thread else max(totals, key=totals.get)
     samples = stacks[chosen]
     total = totals[chosen]
     idle = sum(n for body, n in samples.items() if body and ("select (selectors.py" in body[-1] or "epoll" in body[-1]))

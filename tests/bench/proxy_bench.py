@@ -27,11 +27,26 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from benchlib import (
+    HERE,
+    Bench,
+    LoadGen,
+    Profiler,
+    Result,
+    cpu_seconds,
+    cpu_times,
+    direct_endpoint,
+    engine_model,
+    machine_line,
+    memory_kb,
+    percentile,
+    summary,
+)
 
-from benchlib import HERE, Bench, LoadGen, Profiler, Result, cpu_seconds, cpu_times, direct_endpoint, engine_model, machine_line, memory_kb, percentile, summary
 from harness import free_port
 
 C1_REQUESTS = 2000
@@ -63,7 +78,7 @@ class Tally:
 
     def __init__(self) -> None:
         self.values: dict[str, dict[str, Any]] = {t: {"user": 0.0, "sys": 0.0, "engine": 0.0, "client": 0.0, "wall": 0.0, "n": 0,
-                                                       "lat": [], "gaps": [], "ttfc": [], "chunks": 0} for t in STREAM_TARGETS + (COMPARE,)}
+                                                       "lat": [], "gaps": [], "ttfc": [], "chunks": 0} for t in (*STREAM_TARGETS, COMPARE)}
 
     def __getitem__(self, target: str) -> dict[str, Any]:
         return self.values[target]
@@ -79,7 +94,7 @@ async def start_relay(script: str, *args: str) -> tuple[subprocess.Popen[bytes],
             return process, f"http://127.0.0.1:{port}"
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{script} did not start")
+                raise RuntimeError(f"{script} did not start") from None
             await asyncio.sleep(0.05)
 
 
@@ -117,6 +132,63 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
                 process.wait(10)
 
 
+def report_c1(c1: Tally, load_targets: tuple[str, ...], began: float) -> tuple[float, float]:
+    """Print the concurrency-1 phase; the latency sparkd adds at p50 and p99 (ms)."""
+    print(f"\n## concurrency 1, non-streaming chat, {c1['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
+    for target in load_targets:
+        print(f"  {target:7s} latency {summary(c1[target]['lat'])}")
+    for target in ("bare", "sparkd"):
+        added = {p: percentile(c1[target]["lat"], p) - percentile(c1["direct"]["lat"], p) for p in (50, 90, 99)}
+        print(f"  added by {target}: p50 {added[50]:.3f} ms, p90 {added[90]:.3f} ms, p99 {added[99]:.3f} ms")
+    added_p50 = percentile(c1["sparkd"]["lat"], 50) - percentile(c1["direct"]["lat"], 50)
+    added_p99 = percentile(c1["sparkd"]["lat"], 99) - percentile(c1["direct"]["lat"], 99)
+    return added_p50, added_p99
+
+
+def report_c32(c32: Tally, load_targets: tuple[str, ...], proxy_pid: dict[str, int | None], began: float) -> float:
+    """Print the concurrency-32 phase; sparkd's CPU per request (us)."""
+    print(f"\n## concurrency 32, non-streaming chat, {c32['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
+    for target in load_targets:
+        t = c32[target]
+        n = t["n"]
+        proxy = (f"proxy {(t['user'] + t['sys']) / n * 1e6:.0f} us ({t['sys'] / n * 1e6:.0f} us in the kernel), "
+                 if proxy_pid[target] else "")
+        print(f"  {target:7s} {n / t['wall']:.0f} req/s, latency {summary(t['lat'])}")
+        print(f"          CPU per request: {proxy}engine {t['engine'] / n * 1e6:.0f} us, "
+              f"load generator {t['client'] / n * 1e6:.0f} us (busy {t['client'] / t['wall'] * 100:.0f}% of one core)")
+    return float((c32["sparkd"]["user"] + c32["sparkd"]["sys"]) / c32["sparkd"]["n"] * 1e6)
+
+
+def report_streams(st: Tally, stream_targets: tuple[str, ...], proxy_pid: dict[str, int | None],
+                   began: float) -> tuple[float, float, float]:
+    """Print the streaming phase; the inter-chunk p99 sparkd adds (ms), its CPU per chunk (us), the first chunk p50 it adds (ms)."""
+    print(f"\n## streaming, {STREAMS} concurrent streams of {STREAM_TOKENS} tokens at 100 tokens/s, "
+          f"{len(st['sparkd']['ttfc'])} streams per target ({time.perf_counter() - began:.1f} s)")
+    for target in stream_targets:
+        t = st[target]
+        print(f"  {target:7s} {t['chunks']} chunks; load generator busy {t['client'] / t['wall'] * 100:.0f}% of one core")
+        print(f"          inter-chunk {summary(t['gaps'])}")
+        print(f"          first chunk {summary(t['ttfc'])}")
+        if proxy_pid[target]:
+            print(f"          proxy CPU {(t['user'] + t['sys']) / t['chunks'] * 1e6:.1f} us per chunk "
+                  f"({t['sys'] / t['chunks'] * 1e6:.1f} us in the kernel; {(t['user'] + t['sys']) / t['wall'] * 100:.0f}% of one core)")
+    added_gap_p99 = percentile(st["sparkd"]["gaps"], 99) - percentile(st["direct"]["gaps"], 99)
+    cpu_per_chunk = (st["sparkd"]["user"] + st["sparkd"]["sys"]) / st["sparkd"]["chunks"] * 1e6
+    added_ttfc = percentile(st["sparkd"]["ttfc"], 50) - percentile(st["direct"]["ttfc"], 50)
+    for target in stream_targets[1:]:
+        print(f"  added by {target}: inter-chunk p99 {percentile(st[target]['gaps'], 99) - percentile(st['direct']['gaps'], 99):.3f} ms, "
+              f"first chunk p50 {percentile(st[target]['ttfc'], 50) - percentile(st['direct']['ttfc'], 50):.3f} ms")
+    return added_gap_p99, cpu_per_chunk, added_ttfc
+
+
+def report_compare(st: Tally, cpu_per_chunk: float, label: str) -> list[Result]:
+    """Print sparkd's CPU per chunk beside the compared daemon's; the compared figure."""
+    compare_per_chunk = (st[COMPARE]["user"] + st[COMPARE]["sys"]) / st[COMPARE]["chunks"] * 1e6
+    print(f"# per chunk: sparkd {cpu_per_chunk:.1f} us, compare ({label}) {compare_per_chunk:.1f} us: "
+          f"sparkd costs {(cpu_per_chunk / compare_per_chunk - 1) * 100:+.1f} %")
+    return [Result("cpu_per_chunk_compare", compare_per_chunk, "us")]
+
+
 async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
                   relays: dict[str, tuple[subprocess.Popen[bytes], str]], scaled: Any, compare: Any = None) -> list[Result]:
     path = "/v1/chat/completions"
@@ -127,12 +199,12 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
     if compare is not None:
         # The compared daemon serves every phase too: both daemons have the same history (heap, GC
         # generations, metrics) when their streams are measured.
-        load_targets = TARGETS + (COMPARE,)
+        load_targets = (*TARGETS, COMPARE)
         targets[COMPARE] = (compare.base_url + path, dict(compare.client_headers))
         proxy_pid[COMPARE] = compare.process.pid
-        stream_targets = STREAM_TARGETS + (COMPARE,)
+        stream_targets = (*STREAM_TARGETS, COMPARE)
         print(f"# compare: sparkd pid {compare.process.pid} on {compare.base_url} running {bench.compare_label}")
-    loop = "uvloop" if "uvloop" in open(f"/proc/{pid}/maps").read() else "asyncio's default loop"
+    loop = "uvloop" if "uvloop" in Path(f"/proc/{pid}/maps").read_text() else "asyncio's default loop"
     print(f"# sparkd pid {pid} on {sparkd.base_url} ({loop}); engine pid {direct.pid} on {direct.url}; model {model}; "
           + "; ".join(f"{name} relay pid {process.pid} on {url}" for name, (process, url) in relays.items()))
 
@@ -188,14 +260,7 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
                 n = min(C1_BLOCK, scaled(C1_REQUESTS))
                 await block(c1, target, load(n, 1))
                 c1[target]["n"] += n
-        print(f"\n## concurrency 1, non-streaming chat, {c1['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
-        for target in load_targets:
-            print(f"  {target:7s} latency {summary(c1[target]['lat'])}")
-        for target in ("bare", "sparkd"):
-            added = {p: percentile(c1[target]["lat"], p) - percentile(c1["direct"]["lat"], p) for p in (50, 90, 99)}
-            print(f"  added by {target}: p50 {added[50]:.3f} ms, p90 {added[90]:.3f} ms, p99 {added[99]:.3f} ms")
-        added_p50 = percentile(c1["sparkd"]["lat"], 50) - percentile(c1["direct"]["lat"], 50)
-        added_p99 = percentile(c1["sparkd"]["lat"], 99) - percentile(c1["direct"]["lat"], 99)
+        added_p50, added_p99 = report_c1(c1, load_targets, began)
 
         # -- concurrency 32: CPU per request
         c32 = Tally()
@@ -206,16 +271,7 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
                     n = min(C32_BLOCK, scaled(C32_REQUESTS))
                     await block(c32, target, load(n, 32))
                     c32[target]["n"] += n
-        print(f"\n## concurrency 32, non-streaming chat, {c32['sparkd']['n']} requests per target ({time.perf_counter() - began:.1f} s)")
-        for target in load_targets:
-            t = c32[target]
-            n = t["n"]
-            proxy = (f"proxy {(t['user'] + t['sys']) / n * 1e6:.0f} us ({t['sys'] / n * 1e6:.0f} us in the kernel), "
-                     if proxy_pid[target] else "")
-            print(f"  {target:7s} {n / t['wall']:.0f} req/s, latency {summary(t['lat'])}")
-            print(f"          CPU per request: {proxy}engine {t['engine'] / n * 1e6:.0f} us, "
-                  f"load generator {t['client'] / n * 1e6:.0f} us (busy {t['client'] / t['wall'] * 100:.0f}% of one core)")
-        cpu_per_request = (c32["sparkd"]["user"] + c32["sparkd"]["sys"]) / c32["sparkd"]["n"] * 1e6
+        cpu_per_request = report_c32(c32, load_targets, proxy_pid, began)
 
         # -- streaming: 32 streams at 100 tokens/s each
         st = Tally()
@@ -224,30 +280,10 @@ async def measure(bench: Bench, sparkd: Any, pid: int, model: str, direct: Any,
             for _ in range(STREAM_ROUNDS):
                 for target in stream_targets:
                     await block(st, target, streams(max(STREAMS, scaled(STREAMS_PER_ROUND))))
-        print(f"\n## streaming, {STREAMS} concurrent streams of {STREAM_TOKENS} tokens at 100 tokens/s, "
-              f"{len(st['sparkd']['ttfc'])} streams per target ({time.perf_counter() - began:.1f} s)")
-        for target in stream_targets:
-            t = st[target]
-            print(f"  {target:7s} {t['chunks']} chunks; load generator busy {t['client'] / t['wall'] * 100:.0f}% of one core")
-            print(f"          inter-chunk {summary(t['gaps'])}")
-            print(f"          first chunk {summary(t['ttfc'])}")
-            if proxy_pid[target]:
-                print(f"          proxy CPU {(t['user'] + t['sys']) / t['chunks'] * 1e6:.1f} us per chunk "
-                      f"({t['sys'] / t['chunks'] * 1e6:.1f} us in the kernel; {(t['user'] + t['sys']) / t['wall'] * 100:.0f}% of one core)")
-        added_gap_p99 = percentile(st["sparkd"]["gaps"], 99) - percentile(st["direct"]["gaps"], 99)
-        cpu_per_chunk = (st["sparkd"]["user"] + st["sparkd"]["sys"]) / st["sparkd"]["chunks"] * 1e6
-        added_ttfc = percentile(st["sparkd"]["ttfc"], 50) - percentile(st["direct"]["ttfc"], 50)
-        for target in stream_targets[1:]:
-            print(f"  added by {target}: inter-chunk p99 {percentile(st[target]['gaps'], 99) - percentile(st['direct']['gaps'], 99):.3f} ms, "
-                  f"first chunk p50 {percentile(st[target]['ttfc'], 50) - percentile(st['direct']['ttfc'], 50):.3f} ms")
+        added_gap_p99, cpu_per_chunk, added_ttfc = report_streams(st, stream_targets, proxy_pid, began)
 
     print(f"\n# sparkd peak RSS after the run: {memory_kb(pid)['VmHWM'] / 1024:.1f} MB; {machine_line()}")
-    compared = []
-    if compare is not None:
-        compare_per_chunk = (st[COMPARE]["user"] + st[COMPARE]["sys"]) / st[COMPARE]["chunks"] * 1e6
-        print(f"# per chunk: sparkd {cpu_per_chunk:.1f} us, compare ({bench.compare_label}) {compare_per_chunk:.1f} us: "
-              f"sparkd costs {(cpu_per_chunk / compare_per_chunk - 1) * 100:+.1f} %")
-        compared = [Result("cpu_per_chunk_compare", compare_per_chunk, "us")]
+    compared = [] if compare is None else report_compare(st, cpu_per_chunk, bench.compare_label)
     return [
         Result("added_p50_c1", added_p50, "ms"),
         Result("added_p99_c1", added_p99, "ms"),

@@ -23,7 +23,7 @@ ENGINE_KEY = b""
 
 
 class Upstream(asyncio.Protocol):
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.head = b""

@@ -24,13 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
-    import aiohttp  # noqa: F401
+    import aiohttp
     import podman  # noqa: F401
 except ImportError as missing:  # pragma: no cover - a hint, not a feature
     sys.exit(f"run.py needs aiohttp and podman-py ({missing}); use the dev venv, e.g. /tmp/venv/bin/python tests/bench/run.py")
 
-import benchlib  # noqa: E402
-from benchlib import PODMAN_URL, Bench  # noqa: E402
+import benchlib
+from benchlib import PODMAN_URL, Bench
 
 BENCHMARKS = {
     "proxy": "proxy_bench",
@@ -108,7 +108,7 @@ async def run_all(args: argparse.Namespace, names: list[str]) -> int:
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"\n==================== {name} ====================", flush=True)
-        for attempt in range(args.retries + 1):
+        for _attempt in range(args.retries + 1):
             others = benchlib.other_containers(client, bench.prefixes)
             daemons = benchlib.other_daemons(bench)
             print(f"# {benchlib.machine_line()}; other running containers: {len(others)}; other sparkd daemons: {len(daemons)}")

@@ -247,14 +247,8 @@ async def soak(bench: Bench, sparkd: Any, probe: Probe, pid: int, model: str, to
                                  "n": n, "concurrency": CONCURRENCY, "weights": MIX, "seed": done,
                                  "stream_tokens": STREAM_TOKENS})
         done += n
-        for kind, seen in answer["statuses"].items():
-            for status, count in seen.items():
-                statuses.setdefault(kind, {}).setdefault(status, 0)
-                statuses[kind][status] += count
-        for kind, seen in answer["unexpected"].items():
-            for status, count in seen.items():
-                unexpected.setdefault(kind, {}).setdefault(status, 0)
-                unexpected[kind][status] += count
+        add_counts(statuses, answer["statuses"])
+        add_counts(unexpected, answer["unexpected"])
         return (cpu_seconds(pid) - cpu0) / n * 1e6
 
     async def restart_model() -> None:
@@ -302,6 +296,20 @@ async def soak(bench: Bench, sparkd: Any, probe: Probe, pid: int, model: str, to
         snapshots.append(Path((await probe.call({"op": "snapshot", "path": str(bench.workdir / "soak-1.tracemalloc")}))["path"]))
 
     print(f"\n{done} requests in {wall:.0f} s ({done / wall:.0f} req/s), {restarts} model restarts; {machine_line()}")
+    return report(bench, statuses, unexpected, samples, measured_from, start, idle, snapshots)
+
+
+def add_counts(into: dict[str, dict[str, int]], seen_by_kind: dict[str, dict[str, int]]) -> None:
+    """Add one block's counts per request kind and status to the run's."""
+    for kind, seen in seen_by_kind.items():
+        counts = into.setdefault(kind, {})
+        for status, count in seen.items():
+            counts[status] = counts.get(status, 0) + count
+
+
+def report(bench: Bench, statuses: dict[str, dict[str, int]], unexpected: dict[str, dict[str, int]], samples: list[Sample],
+           measured_from: int, start: Sample, idle: Sample, snapshots: list[Path]) -> list[Result]:
+    """Print what the run saw and the slopes after the warm-up; the RESULT figures."""
     for kind in MIX:
         print(f"  {kind:17s} {statuses.get(kind, {})}")
     wrong = sum(sum(seen.values()) for seen in unexpected.values())

@@ -57,8 +57,8 @@ async def run(bench: Bench, scale: float = 1.0) -> list[Result]:
     if ready is not None:
         print(f"model ready {ready - began_wall:.2f} s after the first request; last answer {answer['wall_s']:.2f} s; "
               f"so the {n} answers took {answer['wall_s'] - (ready - began_wall):.2f} s after ready")
-    print(f"sparkd state changes: " + ", ".join(f"{e}+{t - began_wall:.2f}s" for t, e, _ in transitions))
-    print(f"Podman events: " + ", ".join(f"{a}+{t - began_wall:.2f}s" for t, a, m in events if m == model))
+    print("sparkd state changes: " + ", ".join(f"{e}+{t - began_wall:.2f}s" for t, e, _ in transitions))
+    print("Podman events: " + ", ".join(f"{a}+{t - began_wall:.2f}s" for t, a, m in events if m == model))
     peak_sample = max((kb for _, kb in samples), default=0) / 1024
     print(f"sparkd RSS: before {before['VmRSS'] / 1024:.1f} MB, after {after['VmRSS'] / 1024:.1f} MB, "
           f"sampled peak {peak_sample:.1f} MB, VmHWM {peak_mb:.1f} MB")

@@ -12,7 +12,7 @@ round goes the other way, so every round is one swap.
   keeps a 0.1 claim): A's last byte → the first byte of B's answer at the client,
   i.e. A put to sleep (``POST /sleep``), B woken (``POST /wake_up``), probed ready
   and B's request proxied: the whole swap as a client sees it (the fake engine's
-  sleep and wake are instant; a real vLLM adds its own 0.1–6 s wake time).  The
+  sleep and wake are instant; a real vLLM adds its own 0.1-6 s wake time).  The
   first two rounds (B's cold start, then the first sleep of B) are warm-up.
   Container log timestamps are not used to split it: conmon glues partial lines,
   so a line can carry an earlier line's stamp.
@@ -25,8 +25,18 @@ import time
 from typing import Any
 
 import aiohttp
-
-from benchlib import Bench, Result, container_events, direct_endpoint, engine_model, first_byte_request, first_event, percentile, sparkd_events, summary
+from benchlib import (
+    Bench,
+    Result,
+    container_events,
+    direct_endpoint,
+    engine_model,
+    first_byte_request,
+    first_event,
+    percentile,
+    sparkd_events,
+    summary,
+)
 
 ROUNDS = 8
 STREAM_TOKENS = 20
@@ -123,9 +133,8 @@ async def sleep_wake(bench: Bench, rounds: int) -> list[float]:
 
 async def engine_state(sparkd: Any, bench: Bench, key: str) -> dict[str, Any]:
     direct = await direct_endpoint(sparkd, bench.podman, key)
-    async with aiohttp.ClientSession() as session:
-        async with session.get(direct.url + "/fake/state") as response:
-            return await response.json()
+    async with aiohttp.ClientSession() as session, session.get(direct.url + "/fake/state") as response:
+        return await response.json()
 
 
 async def run(bench: Bench, scale: float = 1.0) -> list[Result]:

@@ -62,7 +62,7 @@ def deb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [str(REPO / "packaging" / "build-deb.sh"), "--out", str(out), "--cache", str(DEB_CACHE)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=900, check=False,
     )
     if proc.returncode != 0:
         pytest.fail(f"packaging/build-deb.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -99,7 +99,7 @@ class Machine:
         """When the machine's container was asked to start (monotonic clock)."""
 
     def sh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["podman", "exec", self.name, "sh", "-c", command], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(["podman", "exec", self.name, "sh", "-c", command], capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"in the machine: `{command}` exited {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}")
         return proc
@@ -117,7 +117,7 @@ class Machine:
             input=content,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=30, check=False,
         )
         assert proc.returncode == 0, proc.stderr
 
@@ -135,7 +135,7 @@ class Machine:
     def load_image(self, image: str, as_name: str) -> None:
         """Copy an image from the host's Podman into the machine's own Podman (no registry here)."""
         save = subprocess.Popen(["podman", "save", image], stdout=subprocess.PIPE)
-        load = subprocess.run(["podman", "exec", "-i", self.name, "podman", "load", "-q"], stdin=save.stdout, capture_output=True, text=True, timeout=600)
+        load = subprocess.run(["podman", "exec", "-i", self.name, "podman", "load", "-q"], stdin=save.stdout, capture_output=True, text=True, timeout=600, check=False)
         assert save.stdout is not None
         save.stdout.close()
         assert save.wait(timeout=60) == 0 and load.returncode == 0, load.stderr
@@ -167,7 +167,7 @@ class Machine:
         # The same sources on both sides, else this would pass off another build as theirs.
         assert digest == host, f"the machine's checkout hashes to {digest}, this checkout to {host}: files changed during the test run?"
         self.sh(f"mkdir -p /var/cache/sparkd-build/{digest}")
-        proc = subprocess.run(["podman", "cp", str(deb_path), f"{self.name}:/var/cache/sparkd-build/{digest}/{deb_path.name}"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(["podman", "cp", str(deb_path), f"{self.name}:/var/cache/sparkd-build/{digest}/{deb_path.name}"], capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr
 
 
@@ -187,7 +187,7 @@ def boot_machine(image: str, *, host_network: bool, extra: list[str] = ()) -> Ma
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120, check=False,
     )
     if run.returncode != 0:
         pytest.fail(f"cannot start the systemd container: {run.stderr}")
@@ -211,7 +211,7 @@ def remove_machine(box: Machine) -> None:
     if os.environ.get("SPARKD_E2E_KEEP") == "1":
         print(f"e2e: keeping the machine container {box.name} (SPARKD_E2E_KEEP=1)")
         return
-    subprocess.run(["podman", "rm", "-f", "-t", "5", box.name], capture_output=True, timeout=120)
+    subprocess.run(["podman", "rm", "-f", "-t", "5", box.name], capture_output=True, timeout=120, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +267,7 @@ def boot_plain_machine(image: str) -> Machine:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120, check=False,
     )
     if run.returncode != 0:
         pytest.fail(f"cannot start the machine container: {run.stderr}")

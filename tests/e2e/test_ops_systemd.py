@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 import pytest
-
 from test_systemd_deb import BASE, MODEL, chat, installed, wait_until  # noqa: F401 - installed is a fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
@@ -20,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 SOCKET = "/run/sparkd/sparkd.sock"
 
 
-def test_sparkctl_over_the_admin_socket_of_the_service(installed: Any) -> None:
+def test_sparkctl_over_the_admin_socket_of_the_service(installed: Any) -> None:  # noqa: F811 - the fixture imported above
     machine = installed
     wait_until(lambda: machine.out("systemctl is-active sparkd || true") == "active", 60, "sparkd to be active")
     wait_until(lambda: machine.sh(f"test -S {SOCKET}", check=False).returncode == 0, 30, "the admin socket")

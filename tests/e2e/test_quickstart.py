@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from readme import quick_start
 
 from harness import REPO
-from readme import quick_start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 

@@ -13,6 +13,7 @@ else on the host's Podman is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -70,7 +71,7 @@ class Timer:
         self.step = step
         self.started = time.monotonic()
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -100,16 +101,14 @@ def installed(machine: Any, deb_path: Any, engine_image: str, podman: Any) -> An
 def subprocess_copy(machine: Any, deb_path: Any) -> None:
     import subprocess
 
-    proc = subprocess.run(["podman", "cp", str(deb_path), f"{machine.name}:/root/{deb_path.name}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["podman", "cp", str(deb_path), f"{machine.name}:/root/{deb_path.name}"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
 def remove_containers_of_instance(podman: Any) -> None:
     for container in podman.containers.list(all=True, filters={"label": f"io.sparkd.instance={INSTANCE}"}):
-        try:
+        with contextlib.suppress(Exception):  # best-effort cleanup
             container.remove(force=True)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
 
 
 def client_key(machine: Any) -> str:
@@ -169,7 +168,7 @@ def test_install_creates_user_keys_and_starts_the_service(installed: Any) -> Non
     assert "end-to-end test configuration" in machine.out("cat /etc/sparkd/sparkd.toml")
     # The shipped configuration and catalog (kept beside ours as .dpkg-dist) are valid.
     shipped = " && ".join(
-        [f"cp /etc/sparkd/sparkd.toml.dpkg-dist /root/shipped/sparkd.toml"]
+        ["cp /etc/sparkd/sparkd.toml.dpkg-dist /root/shipped/sparkd.toml"]
         + [f"cp /etc/sparkd/models.d/{name}.dpkg-dist /root/shipped/models.d/{name}" for name in CATALOG]
     )
     machine.sh(f"mkdir -p /root/shipped/models.d && {shipped}")

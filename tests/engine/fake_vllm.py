@@ -96,6 +96,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -108,7 +109,8 @@ import sys
 import time
 import uuid
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 
@@ -123,7 +125,7 @@ WORD_RE = re.compile(r"^\w+$")
 # admin endpoints are guarded here too so tests catch a daemon that forgets the key.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/sleep", "/wake_up", "/is_sleeping")
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
-JSON_BODY_PATHS = INFERENCE_PATHS + ("/tokenize", "/detokenize")
+JSON_BODY_PATHS = (*INFERENCE_PATHS, "/tokenize", "/detokenize")
 
 # name -> (type, default, help). Every knob is --fake-<name> and FAKE_<NAME>.
 KNOBS: dict[str, tuple[type, Any, str]] = {
@@ -461,9 +463,8 @@ class FakeEngine:
         limit = body.get("max_completion_tokens")
         if limit is None:
             field_name, limit = "max_tokens", body.get("max_tokens")
-        if limit is not None:
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                raise bad_request(f"max_tokens must be at least 1, got {limit}.", field_name)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise bad_request(f"max_tokens must be at least 1, got {limit}.", field_name)
         max_len = self.cfg.max_model_len
         if limit is not None and limit > max_len:
             raise bad_request(
@@ -557,10 +558,8 @@ class FakeEngine:
             while not event.is_set():
                 if client_gone(request):
                     raise ClientGone()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(event.wait()), 0.05)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             self._held -= 1
 
@@ -831,7 +830,7 @@ class Handlers:
         else:
             raise bad_request("input must be a string or a list of input items.")
         if body.get("instructions"):
-            messages = [{"role": "system", "content": body["instructions"]}] + messages
+            messages = [{"role": "system", "content": body["instructions"]}, *messages]
         prompt_len = len(chat_prompt_tokens(messages))
         limit = body.get("max_output_tokens")
         n, cut = e.completion_budget({"max_tokens": limit}, prompt_len, "messages")
@@ -1099,11 +1098,11 @@ async def load(cfg: Config, stop: asyncio.Event) -> bool:
     print(f"INFO {_ts()} [api_server.py] args: {cfg.argv}", flush=True)
     print(f"INFO {_ts()} [model_runner.py] Starting to load model {cfg.model}...", flush=True)
     shards = 4
-    steps = [(0.7 / shards, f"Loading safetensors checkpoint shards: {int(100 * i / shards):3d}% "
-                            f"Completed | {i}/{shards} [00:0{i}<00:0{shards - i}, 1.00s/it]")
-             for i in range(0, shards + 1)]
-    steps += [(0.25, f"INFO {_ts()} [gpu_model_runner.py] Model loading took 1.00 GiB and "
-                     f"{cfg.load_delay * 0.7:.2f} seconds"),
+    steps = [(0.7 / shards, (f"Loading safetensors checkpoint shards: {int(100 * i / shards):3d}% "
+                            f"Completed | {i}/{shards} [00:0{i}<00:0{shards - i}, 1.00s/it]"))
+             for i in range(shards + 1)]
+    steps += [(0.25, (f"INFO {_ts()} [gpu_model_runner.py] Model loading took 1.00 GiB and "
+                     f"{cfg.load_delay * 0.7:.2f} seconds")),
               (0.05, "Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|██████████| 67/67")]
     total = sum(w for w, _ in steps)
     for weight, line in steps:
@@ -1179,7 +1178,7 @@ async def register_with_head(engine: FakeEngine, port: int) -> None:
                         _log(f"registered with head {cfg.head_address} as {cfg.worker_id}")
                         return
                     reason = f"HTTP {resp.status}"
-            except Exception as exc:  # the head may not be up yet: keep trying
+            except Exception as exc:  # noqa: BLE001 - the head may not be up yet: keep trying
                 reason = f"{type(exc).__name__}: {exc}"
             if attempt == 1 or attempt % 25 == 0:
                 _log(f"waiting for head {cfg.head_address} ({reason}); retrying")
@@ -1223,7 +1222,7 @@ async def serve(cfg: Config) -> int:
         site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     print(f"INFO {_ts()} [api_server.py] Starting vLLM API server on http://{cfg.host}:{cfg.port}", flush=True)
-    print("INFO:     Started server process [%d]" % os.getpid(), flush=True)
+    print(f"INFO:     Started server process [{os.getpid()}]", flush=True)
     print("INFO:     Waiting for application startup.", flush=True)
     print("INFO:     Application startup complete.", flush=True)
     tasks = []

@@ -117,7 +117,7 @@ async def test_metrics_are_prometheus_text_with_request_counters(aiohttp_client)
 
 
 async def test_chat_non_stream_echoes_then_fills_and_counts_usage(aiohttp_client):
-    engine, client = make_client(aiohttp_client)
+    _engine, client = make_client(aiohttp_client)
     client = await client
     resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=5),
                              headers={"X-Test": "1"})

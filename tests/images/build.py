@@ -197,7 +197,7 @@ def log(msg: str) -> None:
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run a command; on failure raise BuildError quoting its tail of output."""
     try:
-        proc = subprocess.run(cmd, **kwargs)
+        proc = subprocess.run(cmd, **kwargs, check=False)
     except FileNotFoundError as exc:
         raise BuildError(f"{cmd[0]} is not installed (run tests/setup/host.sh as root)") from exc
     if proc.returncode != 0:
@@ -211,7 +211,7 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def image_exists(tag: str) -> bool:
     proc = subprocess.run(["podman", "image", "exists", tag],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     return proc.returncode == 0
 
 
@@ -227,10 +227,10 @@ def prune_old_tags(repo: str, keep: str) -> None:
     """
     proc = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
                            "--filter", f"reference={repo}"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     old = [t for t in proc.stdout.split() if t not in (keep, f"{repo}:latest")]
     for tag in old:
-        subprocess.run(["podman", "rmi", tag], capture_output=True, text=True)
+        subprocess.run(["podman", "rmi", tag], capture_output=True, text=True, check=False)
 
 
 def timed(name: str):
@@ -264,7 +264,7 @@ def _debootstrap_tarball(h: str, packages: tuple[str, ...] = BASE_PACKAGES, name
         log(f"debootstrap {SUITE} ({VARIANT}) from {MIRROR} into {root} (about 80 s)")
         cmd = ["debootstrap", f"--variant={VARIANT}",
                f"--include={','.join(packages)}", SUITE, str(root), MIRROR]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
         if proc.returncode != 0:
             # debootstrap's own log names the failing package or download.
             debootstrap_log = root / "debootstrap" / "debootstrap.log"
@@ -394,7 +394,7 @@ def _vllm_wheels() -> Path:
 def _build_lock(name: str):
     """An exclusive lock file: two test runs on one machine build an image once."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    handle = open(CACHE_DIR / f"{name}.lock", "w")
+    handle = open(CACHE_DIR / f"{name}.lock", "w")  # noqa: SIM115 - the caller holds the lock as long as it keeps the handle
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 
@@ -433,14 +433,14 @@ def _build_real_vllm() -> str:
                      "--label", f"io.sparkd.test.hash={real_vllm_hash()}",
                      "-v", f"{wheels}:/wheels:ro",
                      "-f", str(Path(ctx) / "Containerfile"), "-t", tag, ctx],
-                    stdout=out, stderr=subprocess.STDOUT)
+                    stdout=out, stderr=subprocess.STDOUT, check=False)
             if proc.returncode != 0:
                 tail = "\n".join(build_log.read_text(errors="replace").strip().splitlines()[-25:])
                 raise BuildError(f"podman build of {tag} failed (exit {proc.returncode}); "
                                  f"full log {build_log}\n{tail}")
         prune_old_tags(REAL_VLLM_REPO, tag)
         size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", tag],
-                              capture_output=True, text=True).stdout.strip()
+                              capture_output=True, text=True, check=False).stdout.strip()
         if size.isdigit():
             log(f"size {tag}: {int(size) / 1e6:.0f} MB")
     return f"{tag} built"

@@ -40,9 +40,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from sparkd import images
-from sparkd.buildcontext import host_pip_ca
-from sparkd.commands.images import build_recipe
+from sparkd import images  # noqa: E402
+from sparkd.buildcontext import host_pip_ca  # noqa: E402
+from sparkd.commands.images import build_recipe  # noqa: E402
 
 RECIPE = "smollm2-cpu"
 CONTEXT = REPO / "containerfiles" / RECIPE

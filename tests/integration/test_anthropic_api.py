@@ -18,9 +18,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from test_demo_model import shipped_demo_table, shipped_document
 
 from harness import Sparkd, engine_model, remove_containers, run_async, unique_prefix, write_keys
-from test_demo_model import shipped_demo_table, shipped_document
 
 pytestmark = pytest.mark.podman
 
@@ -48,9 +48,8 @@ class Daemon:
 
 
 async def _get_json(url: str) -> Any:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url) as response:
-            return await response.json()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.json()
 
 
 @pytest.fixture(scope="module")

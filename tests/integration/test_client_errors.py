@@ -50,7 +50,7 @@ async def test_an_http10_stream_without_its_final_event_ends_with_an_error_event
     sparkd = sparkd_factory({"a": engine_model(engine_image, env={"FAKE_END_STREAM_AFTER": "2"})})
     await sparkd.start()
     async with aiohttp.ClientSession(version=aiohttp.HttpVersion10) as session:
-        status, _ = await sparkd.chat(session, "a")  # start it first: the stream's answer is what is under test
+        _status, _ = await sparkd.chat(session, "a")  # start it first: the stream's answer is what is under test
         async with session.post(
             sparkd.base_url + "/v1/chat/completions",
             json={"model": sparkd.model("a"), "stream": True, "messages": [{"role": "user", "content": "x"}]},

@@ -13,6 +13,7 @@ failure. SPARKD_TEST_NO_BUILD=1 uses the already-built tag without building.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("podman")
-from podman import PodmanClient  # noqa: E402
+from podman import PodmanClient
 
 pytestmark = pytest.mark.podman
 
@@ -61,7 +62,7 @@ def podman_client():
     client = PodmanClient(base_url=SOCKET_URL, timeout=120)
     try:
         client.ping()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - no service: skip (or fail when CI says Podman is required)
         client.close()
         message = f"no Podman service at {SOCKET_URL} ({exc}); run tests/setup/host.sh as root"
         if os.environ.get("SPARKD_REQUIRE_PODMAN") == "1":
@@ -75,10 +76,8 @@ def podman_client():
 
 def _remove_test_containers(client) -> None:
     for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_LABEL_VALUE}"}):
-        try:
+        with contextlib.suppress(Exception):
             c.remove(force=True)
-        except Exception:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def cpu_demo_image(podman_client) -> str:
     if os.environ.get("SPARKD_TEST_NO_BUILD") != "1":
         try:
             return build.ensure_image()
-        except Exception as exc:  # subprocess.CalledProcessError, OSError, ...
+        except Exception as exc:  # noqa: BLE001 - subprocess.CalledProcessError, OSError, ...
             pytest.fail(f"building the CPU demo image failed: {exc}")
     tag = build.IMAGE_LATEST
     if not podman_client.images.exists(tag):
@@ -131,7 +130,7 @@ class Engine:
             if not isinstance(out, (bytes, str)):
                 out = b"".join(out)
             return out.decode(errors="replace") if isinstance(out, bytes) else out
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the logs only explain a failure, they must not replace it
             return f"<no logs: {exc}>"
 
 

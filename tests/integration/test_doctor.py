@@ -14,7 +14,7 @@ pytestmark = pytest.mark.podman
 
 
 def run_doctor(config_path):
-    return subprocess.run([sys.executable, "-m", "sparkd", "doctor", "--config", str(config_path)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "sparkd", "doctor", "--config", str(config_path)], capture_output=True, text=True, check=False)
 
 
 def test_doctor_reports_missing_cdi_spec_and_passes_podman_and_port(tmp_path, podman, engine_image):

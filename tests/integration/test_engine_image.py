@@ -8,6 +8,7 @@ SPARKD_TEST_NO_BUILD=1 uses the already-built tag without invoking the build.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -47,7 +48,7 @@ def podman_client():
     client = PodmanClient(base_url=SOCKET_URL, timeout=60)
     try:
         client.ping()
-    except Exception as exc:  # no service: skip (or fail when CI says Podman is required)
+    except Exception as exc:  # noqa: BLE001 - no service: skip (or fail when CI says Podman is required)
         client.close()
         message = f"no Podman service at {SOCKET_URL} ({exc}); run tests/setup/host.sh as root"
         if os.environ.get("SPARKD_REQUIRE_PODMAN") == "1":
@@ -155,10 +156,8 @@ def run_engine(podman_client, engine_image):
 
     yield start
     for container in created:
-        try:
+        with contextlib.suppress(NotFound, APIError):
             container.remove(force=True)
-        except (NotFound, APIError):
-            pass
 
 
 def chat(text: str = "hello from the host", **extra) -> dict:

@@ -153,6 +153,33 @@ async def raw_request(port: int, data: bytes) -> bytes:
         writer.close()
 
 
+def answer_problem(case: Case, status: int, headers: dict[str, str], raw: bytes, key: str) -> str | None:
+    """What is wrong with sparkd's answer to a bad input (the last check that fails), or None."""
+    problem = None
+    try:
+        body = json.loads(raw)
+        error = body["error"]
+        assert isinstance(error["message"], str) and error["message"] and "type" in error and "code" in error
+    except (ValueError, KeyError, TypeError, AssertionError):
+        problem = f"not an OpenAI error body: {raw[:200]!r}"
+    else:
+        if status != case.status:
+            problem = f"status {status}, expected {case.status}: {error['message']}"
+        elif case.code and error["code"] != case.code:
+            problem = f"code {error['code']!r}, expected {case.code!r}: {error['message']}"
+        elif case.message and case.message not in error["message"]:
+            problem = f"message lacks {case.message!r}: {error['message']}"
+        elif any(c in error["message"] for c in "\r\n\x00"):
+            problem = f"control characters echoed: {error['message']!r}"
+        elif len(error["message"]) > 600:
+            problem = f"message of {len(error['message'])} characters"
+    if "X-Injected" in headers or key in raw.decode(errors="replace"):
+        problem = "header injected or key echoed"
+    if headers.get("Content-Type", "").split(";")[0] != "application/json":
+        problem = f"content type {headers.get('Content-Type')}"
+    return problem
+
+
 async def test_bad_inputs_get_precise_errors_and_never_reach_the_engine(sparkd_factory, engine_image, tmp_path):
     keys_path = tmp_path / "keys.toml"
     key = f"sk-test-{secrets.token_hex(16)}"
@@ -186,28 +213,7 @@ async def test_bad_inputs_get_precise_errors_and_never_reach_the_engine(sparkd_f
                 crashes += 1
                 failures.append(f"{case.name}: {type(error).__name__}: {error}")
                 continue
-            problem = None
-            try:
-                body = json.loads(raw)
-                error = body["error"]
-                assert isinstance(error["message"], str) and error["message"] and "type" in error and "code" in error
-            except (ValueError, KeyError, TypeError, AssertionError):
-                problem = f"not an OpenAI error body: {raw[:200]!r}"
-            else:
-                if status != case.status:
-                    problem = f"status {status}, expected {case.status}: {error['message']}"
-                elif case.code and error["code"] != case.code:
-                    problem = f"code {error['code']!r}, expected {case.code!r}: {error['message']}"
-                elif case.message and case.message not in error["message"]:
-                    problem = f"message lacks {case.message!r}: {error['message']}"
-                elif any(c in error["message"] for c in "\r\n\x00"):
-                    problem = f"control characters echoed: {error['message']!r}"
-                elif len(error["message"]) > 600:
-                    problem = f"message of {len(error['message'])} characters"
-            if "X-Injected" in headers or key in raw.decode(errors="replace"):
-                problem = "header injected or key echoed"
-            if headers.get("Content-Type", "").split(";")[0] != "application/json":
-                problem = f"content type {headers.get('Content-Type')}"
+            problem = answer_problem(case, status, headers, raw, key)
             if problem:
                 failures.append(f"{case.name}: {problem}")
             async with session.get(f"{sparkd.base_url}/healthz") as response:

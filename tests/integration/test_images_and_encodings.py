@@ -29,7 +29,7 @@ def test_images_build_streams_the_build_through_podman(tmp_path, podman, engine_
             [sys.executable, "-m", "sparkd", "images", "build", "--config", str(config), "--containerfiles", str(recipe.parent)],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=300, check=False,
         )
         assert result.returncode == 0, result.stderr
         assert "building-step-visible" in result.stdout  # the build's own output, streamed
@@ -50,7 +50,7 @@ def test_images_build_reports_a_broken_recipe(tmp_path, podman):
         [sys.executable, "-m", "sparkd", "images", "build", "smollm2-cpu", "--config", str(config), "--containerfiles", str(recipe.parent)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300, check=False,
     )
     assert result.returncode == 1
     assert "build of localhost/sparkd/smollm2-cpu:latest FAILED" in result.stderr

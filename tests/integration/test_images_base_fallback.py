@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 import tomllib
-from harness import REPO, Sparkd
 
+from harness import REPO, Sparkd
 from sparkd.images import recipe_named
 from sparkd.localbase import DEFAULT_MIRROR, MIRROR_ENV
 
@@ -46,7 +46,7 @@ def build(config: Path, recipes: Path, tag: str) -> subprocess.CompletedProcess[
     return subprocess.run(
         [sys.executable, "-m", "sparkd", "images", "build", "smollm2-cpu", "--config", str(config),
          "--containerfiles", str(recipes), "--tag", tag],
-        capture_output=True, text=True, timeout=900, env={**os.environ, MIRROR_ENV: MIRROR},
+        capture_output=True, text=True, timeout=900, env={**os.environ, MIRROR_ENV: MIRROR}, check=False,
     )
 
 
@@ -99,7 +99,7 @@ def test_tag_names_one_recipe(tmp_path: Path) -> None:
     config.write_text('[models.m]\nimage = "x"\n')
     result = subprocess.run(
         [sys.executable, "-m", "sparkd", "images", "build", "smollm2-cpu", "vllm-gb10", "--config", str(config), "--tag", "localhost/x:y"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2
     assert "--tag names the image of one recipe; 2 recipes were asked for" in result.stderr

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagelayers import assert_holds_no_ca
 
+from imagelayers import assert_holds_no_ca
 from sparkd.buildcontext import CA_VARIABLES, host_pip_ca
 from sparkd.images import recipe_named
 

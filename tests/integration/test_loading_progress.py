@@ -18,6 +18,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+
 import realvllm
 from harness import engine_model, write_keys
 

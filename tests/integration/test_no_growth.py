@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, Sparkd, engine_model
 
+from harness import REPO, Sparkd, engine_model
 from sparkd.ops import SAMPLE_EVERY_S
 
 pytestmark = pytest.mark.podman

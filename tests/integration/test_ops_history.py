@@ -61,10 +61,10 @@ async def test_a_kept_container_continues_its_session_across_a_restart(sparkd_fa
         await sparkd.start()  # adopts the running container
         assert (await sparkd.model_status("a"))["state"] == "ready"
         assert (await sparkd.chat(session, "a"))[0] == 200
-    code, out, _ = await ctl(sparkd, "history", a, "--json")
+    _, out, _ = await ctl(sparkd, "history", a, "--json")
     [session_] = json.loads(out)["sessions"]
     assert session_["running"] and session_["ended_at"] is None
     assert (await ctl(sparkd, "stop", a))[0] == 0
-    code, out, _ = await ctl(sparkd, "history", a, "--json")
+    _code, out, _ = await ctl(sparkd, "history", a, "--json")
     [session_] = json.loads(out)["sessions"]
     assert session_["end_reason"] == "stopped by an operator" and session_["requests"] == 2

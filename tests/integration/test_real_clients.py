@@ -159,14 +159,14 @@ async def test_opencode_answers_and_stops_on_a_prompt_too_long(served: Served, c
     (home / ".config" / "opencode" / "opencode.json").write_text(json.dumps(document))
     opencode = [str(client_bin / "opencode"), "run", "--model", f"sparkd/{served.name}"]
 
-    answered = await run_cli(opencode + ["Say hello in one word."], env, work)
+    answered = await run_cli([*opencode, "Say hello in one word."], env, work)
     print(f"opencode (short prompt) exit {answered.returncode}:\n{answered.output[-3000:]}")
     assert answered.returncode == 0 and not answered.seconds_limit_hit
     assert answered.output.strip(), "opencode printed no answer"
     before = await served.requests()
     assert before >= 1  # it went through sparkd
 
-    refused = await run_cli(opencode + [LONG_PROMPT], env, work)
+    refused = await run_cli([*opencode, LONG_PROMPT], env, work)
     requests = await served.requests() - before
     print(f"opencode (long prompt) exit {refused.returncode}, {requests} request(s):\n{refused.output[-3000:]}")
     assert not refused.seconds_limit_hit, "opencode did not stop"
@@ -190,13 +190,13 @@ async def test_cline_cli_answers_and_stops_on_a_prompt_too_long(served: Served, 
     assert provider["baseUrl"] == served.sparkd.base_url + "/v1" and provider["apiKey"] == served.key
 
     cline = ["cline", "--timeout", str(CLI_TIMEOUT_S - 30)]
-    answered = await run_cli(cline + ["Say hello in one word."], env, work)
+    answered = await run_cli([*cline, "Say hello in one word."], env, work)
     print(f"cline (short prompt) exit {answered.returncode}:\n{answered.output[-3000:]}")
     assert answered.returncode == 0 and not answered.seconds_limit_hit
     before = await served.requests()
     assert before >= 1
 
-    refused = await run_cli(cline + [LONG_PROMPT], env, work)
+    refused = await run_cli([*cline, LONG_PROMPT], env, work)
     requests = await served.requests() - before
     print(f"cline (long prompt) exit {refused.returncode}, {requests} request(s):\n{refused.output[-3000:]}")
     assert not refused.seconds_limit_hit, "cline did not stop"

@@ -70,7 +70,7 @@ class Served:
         return metrics(f"http://{address}/metrics")
 
     def engine_log(self) -> str:
-        logs = subprocess.run(["podman", "logs", self.container], capture_output=True, text=True)
+        logs = subprocess.run(["podman", "logs", self.container], capture_output=True, text=True, check=False)
         return logs.stdout + logs.stderr
 
 
@@ -106,7 +106,7 @@ def served(real_image: str, podman: Any, tmp_path_factory: pytest.TempPathFactor
         sparkd.kill()
         remove_containers(podman, prefix)
         # A vLLM being stopped can outlast podman-py's timeout: make sure it is gone.
-        subprocess.run(["podman", "rm", "-f", "--time", "5", shared.container], capture_output=True)
+        subprocess.run(["podman", "rm", "-f", "--time", "5", shared.container], capture_output=True, check=False)
         print(f"--- sparkd log ({sparkd.workdir}) ---\n{sparkd.logs()[-4000:]}")
 
 
@@ -151,9 +151,8 @@ async def test_streamed_chat_usage_reaches_sparkds_history_and_metrics(served: S
     sparkd = served.sparkd
 
     async def tokens(kind: str) -> float:
-        async with sparkd.admin_session() as session:
-            async with session.get(sparkd.admin_url + "/metrics") as response:
-                text = await response.text()
+        async with sparkd.admin_session() as session, session.get(sparkd.admin_url + "/metrics") as response:
+            text = await response.text()
         values = {}
         for line in text.splitlines():
             match = realvllm.METRIC_LINE.match(line)
@@ -317,10 +316,9 @@ async def test_an_anthropic_max_tokens_over_the_context_is_capped_too(served: Se
 async def test_a_prompt_that_alone_overflows_gets_context_length_exceeded(served: Served) -> None:
     messages = [{"role": "user", "content": "Paris " * (MAX_MODEL_LEN + 500)}]
     refusals = _engine_400s(served)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(served.sparkd.base_url + "/v1/chat/completions",
-                                json={"model": served.model, "messages": messages}) as response:
-            status, body = response.status, await response.json()
+    async with aiohttp.ClientSession() as session, session.post(served.sparkd.base_url + "/v1/chat/completions",
+                            json={"model": served.model, "messages": messages}) as response:
+        status, body = response.status, await response.json()
     assert status == 400, body
     assert body["error"]["code"] == "context_length_exceeded"
     assert f"context of {MAX_MODEL_LEN} tokens" in body["error"]["message"]

@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-from harness import PODMAN_URL, unique_prefix
 
+from harness import PODMAN_URL, unique_prefix
 from sparkd.runtime.logs import MAX_LINE_CHARS, LogFollower, clip_line
 from sparkd.runtime.podman import PodmanRuntime
 

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+
 from capture_engine import (
     captured,
     http_request,
@@ -133,7 +134,7 @@ async def test_key_matrix(sparkd_factory, engine_image, tmp_path):
         statuses, bodies = await cell(mode, key, transport)
         if tuple(statuses) != expected:
             mismatches.append(f"{mode:8} {key:10} {transport:4}: got {tuple(statuses)}, expected {expected}")
-        for status, body in zip(statuses, bodies):
+        for status, body in zip(statuses, bodies, strict=True):
             if status in MATRIX_CODES:
                 assert body["error"]["code"] in MATRIX_CODES[status], (mode, key, transport, body)
         if key == "restricted" and statuses[0] == 200:  # its model list is its own models only

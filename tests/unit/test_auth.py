@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from harness import write_keys
 from multidict import CIMultiDict
 
+from harness import write_keys
 from sparkd.config import ModelConfig
 from sparkd.config.keys import KeysFileError
 from sparkd.errors import Forbidden, Unauthorized
@@ -73,7 +73,7 @@ def test_a_group_or_world_accessible_keys_file_is_refused(tmp_path, mode):
 
 def test_missing_or_empty_keys_file(tmp_path):
     assert len(KeyRing.load(tmp_path / "none.toml", required=False)) == 0
-    with pytest.raises(KeysFileError, match="no such file.*server.anonymous"):
+    with pytest.raises(KeysFileError, match=r"no such file.*server\.anonymous"):
         KeyRing.load(tmp_path / "none.toml", required=True)
     with pytest.raises(KeysFileError, match="holds no"):
         ring(tmp_path, {})
@@ -210,7 +210,7 @@ def test_the_auth_decision_table(tmp_path):
     checked = 0
     for (mode, key_name), expected_row in IDENTIFY.items():
         presented = None if key_name is None else KEYS.get(key_name, "sk-wrong-" + "w" * 32)
-        for transport, expected in zip(transports, expected_row):
+        for transport, expected in zip(transports, expected_row, strict=True):
             cell = (mode, key_name, transport)
             if expected == "401":
                 with pytest.raises(Unauthorized):
@@ -219,7 +219,7 @@ def test_the_auth_decision_table(tmp_path):
                 continue
             principal = identify(keys, mode, presented, **transport)
             assert principal.name == expected, cell
-            for allowed, status in zip(ROUTES, AUTHORIZE[expected]):
+            for allowed, status in zip(ROUTES, AUTHORIZE[expected], strict=True):
                 if status == 200:
                     authorize(principal, allowed, "route")
                 else:

@@ -52,7 +52,7 @@ def test_pip_cert_wins_then_requests_then_ssl_cert_file(tmp_path: Path) -> None:
 def test_a_setting_naming_no_bundle_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BuildContextError, match=r"PIP_CERT=.*/missing\.pem names nothing, not a CA bundle file: point PIP_CERT"):
         host_pip_ca({"PIP_CERT": str(tmp_path / "missing.pem"), "SSL_CERT_FILE": str(bundle(tmp_path, "ssl"))})
-    with pytest.raises(BuildContextError, match="REQUESTS_CA_BUNDLE=.* names a directory"):
+    with pytest.raises(BuildContextError, match=r"REQUESTS_CA_BUNDLE=.* names a directory"):
         host_pip_ca({"REQUESTS_CA_BUNDLE": str(tmp_path)})
 
 

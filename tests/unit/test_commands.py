@@ -42,7 +42,7 @@ def mirror(tmp_path, monkeypatch):
 
 
 def test_fetch_verifies_and_is_idempotent(tmp_path, mirror, capsys):
-    root, url = mirror
+    _root, url = mirror
     state = tmp_path / "state"
     assert encodings_command.check(str(state)) == 1
     assert encodings_command.fetch(str(state), url) == 0

@@ -142,16 +142,16 @@ def test_defaults_env_and_volumes_merge_into_models(tmp_path):
 
 def test_check_config_cli_exit_codes(tmp_path):
     good = write(tmp_path, VALID_MODEL)
-    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(good)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(good)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "OK: 1 models" in result.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[gpu]\nmemory_budget = "high"\n[models.a]\nimage = 3\n')
-    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(bad)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(bad)], capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert "gpu.memory_budget: expected a number, found string 'high'" in result.stderr
     assert "models.a.image: expected a string, found integer 3" in result.stderr
-    missing = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True, check=False)
     assert missing.returncode == 1 and "no such file" in missing.stderr
 
 
@@ -189,8 +189,8 @@ def test_the_shipped_demo_model_gets_no_volume_over_its_own_models(tmp_path):
 
 def test_check_config_says_when_podman_cannot_check_the_mounts(tmp_path):
     path = write(tmp_path, f'[podman]\nurl = "unix://{tmp_path}/absent.sock"\n[defaults]\nvolumes = ["/srv/m:/models"]\n' + VALID_MODEL)
-    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert f"note: could not check the models' mounts against their images: Podman at unix://{tmp_path}/absent.sock did not answer" in result.stdout
-    skipped = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--no-images", "--config", str(path)], capture_output=True, text=True)
+    skipped = subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--no-images", "--config", str(path)], capture_output=True, text=True, check=False)
     assert skipped.returncode == 0 and "could not check" not in skipped.stdout

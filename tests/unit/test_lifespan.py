@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from harness import write_keys
 from structlog.testing import capture_logs
 
+from harness import write_keys
 from sparkd.config import Config, load_config
 from sparkd.daemon import Daemon, StartupError
 from sparkd.lock import GpuLock
@@ -71,7 +71,7 @@ async def test_a_failure_after_the_lock_releases_the_lock_and_everything_after_i
     port = free_port()
     daemon = daemon_for(tmp_path, [f"127.0.0.1:{port}"])
     (tmp_path / "state" / "history.sqlite3").mkdir(parents=True)  # a directory where the database should be
-    with pytest.raises(StartupError, match="usage history .* cannot be used"):
+    with pytest.raises(StartupError, match=r"usage history .* cannot be used"):
         await daemon.run()
     assert (tmp_path / "run" / "gpu.lock").exists()  # it was taken before the failure
     assert_released(tmp_path, [port])

@@ -10,12 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from harness import write_keys
 
+from harness import write_keys
 from sparkd.config import ConfigError, ModelConfig, load_config
+from sparkd.config.keys import KeysFileError
 from sparkd.engine.progress import LoadProgress, parse_line
 from sparkd.errors import GatewayTimeout, ServiceUnavailable
-from sparkd.config.keys import KeysFileError
 from sparkd.http.auth import KeyRing
 from sparkd.http.loading import (
     AnthropicAfterLoading,

@@ -15,12 +15,15 @@ The daemon runs against real Podman with the fake engine image (marker podman).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -81,10 +84,8 @@ class NotifySocket:
             if remaining <= 0:
                 raise TimeoutError(f"no matching datagram after {timeout}s; received: {self.received}")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
 
     def with_field(self, key: str) -> list[Datagram]:
         return [d for d in self.received if key in d.fields]
@@ -92,10 +93,8 @@ class NotifySocket:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self.sock.close()
 
 
@@ -112,9 +111,8 @@ def has(key: str, value: str | None = None) -> Callable[[Datagram], bool]:
 
 
 async def readyz(base_url: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base_url + "/readyz") as response:
-            return response.status
+    async with aiohttp.ClientSession() as session, session.get(base_url + "/readyz") as response:
+        return response.status
 
 
 async def test_ready_after_reconciliation_and_status_follows_model_state(sparkd_factory, engine_image, notify_socket):
@@ -158,7 +156,7 @@ async def test_watchdog_pings_at_half_the_period_from_the_event_loop(sparkd_fact
     await notify_socket.wait_for(has("READY", "1"))
     await asyncio.sleep(3.2)
     pings = [d.at for d in notify_socket.with_field("WATCHDOG")]
-    intervals = [b - a for a, b in zip(pings, pings[1:])]
+    intervals = [b - a for a, b in itertools.pairwise(pings)]
     assert len(pings) >= 6, f"expected a ping every 0.5 s for WATCHDOG_USEC=1 s, got {len(pings)} in 3.2 s"
     assert all(0.35 <= gap <= 0.7 for gap in intervals), intervals
 

@@ -21,7 +21,6 @@ from sparkd.scheduler.outcomes import Adoption, Failed, Launched, Slept, Started
 from sparkd.scheduler.scheduler import Scheduler
 
 
-
 class FakeLifecycle:
     """Returns the outcomes the real Lifecycle does, with no containers."""
 
@@ -93,8 +92,8 @@ def get(found, name: str, **labels: str) -> float | None:
         (b'{"object":"list","data":[],"usage":{"prompt_tokens":5,"total_tokens":5}}', (5, 0)),  # embeddings
         (b'{"usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}', (7, 3)),  # Responses API
         (
-            b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
-            b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\ndata: [DONE]\n\n',
+            (b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\ndata: [DONE]\n\n'),
             (4, 2),
         ),
         (b'data: {"choices":[{"delta":{"content":"usage"}}],"usage":null}\n\ndata: [DONE]\n\n', None),
@@ -118,7 +117,7 @@ def test_parse_usage(text, expected):
 )
 def test_a_stream_tail_keeps_the_usage_chunk_past_the_reads_that_follow_it(reads):
     tail = StreamTail()
-    for data in [b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n'] + reads:
+    for data in [b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n', *reads]:
         tail.feed(data)
     assert parse_usage(tail.text) == (7, 3)
 

@@ -95,14 +95,14 @@ def test_target_resolution(monkeypatch, tmp_path):
 
 
 def test_connection_errors_say_what_to_do(tmp_path):
-    with pytest.raises(CtlError, match="no socket at .*systemctl status sparkd") as missing:
+    with pytest.raises(CtlError, match=r"no socket at .*systemctl status sparkd") as missing:
         Client(Target(socket_path=str(tmp_path / "none.sock"))).get_json("/api/status")
     assert missing.value.exit_code == 3
     stale = tmp_path / "stale.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(stale))
     listener.close()  # the file stays, nothing listens: a stale socket
-    with pytest.raises(CtlError, match="nothing listens on .*systemctl start sparkd"):
+    with pytest.raises(CtlError, match=r"nothing listens on .*systemctl start sparkd"):
         Client(Target(socket_path=str(stale))).get_json("/api/status")
     with pytest.raises(CtlError, match="--url must look like"):
         Client(Target(url="ftp://x"))

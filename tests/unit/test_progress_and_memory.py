@@ -33,18 +33,18 @@ def test_vllm_log_lines_give_progress(line, phase, fraction):
 
 # Lines of vLLM 0.32's real start-up (the CPU build in tests/images/real_vllm), as sparkd reads them.
 REAL_VLLM_032 = [
-    ("(EngineCore pid=24) INFO 12-01 15:09:42 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: "
-     "model='/opt/model/SmolLM2-135M-Instruct', download_dir=None, load_format=auto", None),
-    ("(APIServer pid=1) WARNING 12-01 14:37:37 [vllm.py:1703] Enforce eager set, disabling torch.compile, "
-     "CUDAGraphs, and JIT kernel warmup.", None),
+    (("(EngineCore pid=24) INFO 12-01 15:09:42 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: "
+     "model='/opt/model/SmolLM2-135M-Instruct', download_dir=None, load_format=auto"), None),
+    (("(APIServer pid=1) WARNING 12-01 14:37:37 [vllm.py:1703] Enforce eager set, disabling torch.compile, "
+     "CUDAGraphs, and JIT kernel warmup."), None),
     ("Loading safetensors checkpoint shards:   0% Completed | 0/1 [00:00<?, ?it/s]", ("loading weights", 0.0)),
     ("(Worker pid=37) INFO 12-01 14:38:09 [default_loader.py:501] Loading weights took 1.32 seconds", ("loading weights", None)),
-    ("(EngineCore pid=24) INFO 12-01 14:38:10 [kv_cache_utils.py:2327] CPU KV cache size: 46,592 tokens, "
-     "Maximum concurrency for 4,096 tokens per request: 11.38x", ("profiling memory", None)),
+    (("(EngineCore pid=24) INFO 12-01 14:38:10 [kv_cache_utils.py:2327] CPU KV cache size: 46,592 tokens, "
+     "Maximum concurrency for 4,096 tokens per request: 11.38x"), ("profiling memory", None)),
     ("(EngineCore pid=24) INFO 12-01 14:39:40 [backends.py:622] Dynamo bytecode transform time: 9.81 s", ("compiling", None)),
     ("(Worker pid=37) INFO 12-01 14:51:30 [cpu_model_runner.py:87] Warming up model for the compilation...", ("compiling", None)),
-    ("(Worker pid=37) INFO 12-01 14:53:27 [decorators.py:743] [backbone] saved AOT compiled function to "
-     "/root/.cache/vllm/torch_compile_cache/torch_aot_compile/4295cd1c", ("compiling", None)),
+    (("(Worker pid=37) INFO 12-01 14:53:27 [decorators.py:743] [backbone] saved AOT compiled function to "
+     "/root/.cache/vllm/torch_compile_cache/torch_aot_compile/4295cd1c"), ("compiling", None)),
     ("(APIServer pid=1) INFO 12-01 14:38:19 [entry.py:140] Starting vLLM server on http://0.0.0.0:8000", ("starting API server", None)),
     ("INFO:     Application startup complete.", ("ready", None)),
 ]

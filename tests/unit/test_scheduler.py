@@ -16,30 +16,27 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from fake_runtime import FakeRuntime
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
-from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
 from sparkd.engine.progress import LoadProgress
+from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
 from sparkd.scheduler import scheduler as scheduler_module
 from sparkd.scheduler.events import (
-    FailureCause, Idle, LoadFinished, OperatorAction, Progress, Requested, SwapFor, Transitioned,
+    FailureCause,
+    Idle,
+    LoadFinished,
+    OperatorAction,
+    Progress,
+    Requested,
+    SwapFor,
+    Transitioned,
 )
 from sparkd.scheduler.loadtimes import LoadTimes
 from sparkd.scheduler.outcomes import Failed, Launched, Slept, Started, StopFailed, Stopped, Woke
 from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
-
-
-class FakeRuntime:
-    async def inspect(self, name):
-        return None
-
-    async def list_managed(self):
-        return []
-
-    async def stop(self, name, timeout):
-        return None
 
 
 class FakeLifecycle:
@@ -150,10 +147,11 @@ async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
     scheduler = serving(Scheduler(config_with([model("a", 0.8), model("b", 0.8)]), fake))
     await serve(scheduler, "a")
     stop = asyncio.Event()
+    requests: list[asyncio.Task[str]] = []
 
     async def steady_a():
         while not stop.is_set():
-            asyncio.create_task(serve(scheduler, "a", hold=0.03))
+            requests.append(asyncio.create_task(serve(scheduler, "a", hold=0.03)))
             await asyncio.sleep(0.01)
 
     feeder = asyncio.create_task(steady_a())
@@ -161,6 +159,7 @@ async def test_a_swap_is_not_starved_by_a_steady_stream_for_the_holder(fake):
     served = await asyncio.wait_for(serve(scheduler, "b"), timeout=2)
     stop.set()
     await feeder
+    await asyncio.gather(*requests, return_exceptions=True)
     assert served == "b"
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
-from capture_engine import dechunk, http_request, raw_exchange, stalled_client
 
+from capture_engine import dechunk, http_request, raw_exchange, stalled_client
 from sparkd.config.schema import EngineConfig
 from sparkd.engine.client import Endpoint
 from sparkd.engine.proxy import StreamRewrite, forward
@@ -151,7 +151,7 @@ WIRE = b"".join(chunk(e) for e in EVENTS) + b"0\r\n\r\n"
         # an interim 100 Continue before the answer
         [b"HTTP/1.1 100 Continue\r\n\r\n", SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", WIRE],
         # a close-delimited body (no length, no chunks): sparkd frames it
-        [SSE_HEAD + b"Connection: close\r\n\r\n"] + EVENTS,
+        [SSE_HEAD + b"Connection: close\r\n\r\n", *EVENTS],
     ],
     ids=["whole", "byte-by-byte", "extensions-trailers", "100-continue", "close-delimited"],
 )
@@ -370,7 +370,7 @@ COMMENT = b": sparkd: loading m, loading weights 50%, 3 s so far\n\n"
     [
         [SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + WIRE],
         [bytes([b]) for b in SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + WIRE],
-        [SSE_HEAD + b"Connection: close\r\n\r\n"] + EVENTS,
+        [SSE_HEAD + b"Connection: close\r\n\r\n", *EVENTS],
     ],
     ids=["whole", "byte-by-byte", "close-delimited"],
 )

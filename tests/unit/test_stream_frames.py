@@ -38,7 +38,7 @@ def test_whole_body_passes_and_the_last_chunk_is_held_back():
 def test_any_split_of_the_wire_gives_the_same_bytes(seed):
     rng = random.Random(seed)
     cuts = sorted(rng.sample(range(1, len(WIRE)), 25))
-    pieces = [WIRE[a:b] for a, b in zip([0, *cuts], [*cuts, len(WIRE)])]
+    pieces = [WIRE[a:b] for a, b in zip([0, *cuts], [*cuts, len(WIRE)], strict=True)]
     out, finished = relay(pieces)
     assert out == BODY and finished
 

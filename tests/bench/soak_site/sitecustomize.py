@@ -128,7 +128,7 @@ def _chain_other_sitecustomize() -> None:
         candidate = os.path.join(entry, "sitecustomize.py")
         if entry and os.path.abspath(entry) != here and os.path.exists(candidate):
             with open(candidate) as handle:
-                exec(compile(handle.read(), candidate, "exec"), {"__name__": "sitecustomize_chained"})  # noqa: S102
+                exec(compile(handle.read(), candidate, "exec"), {"__name__": "sitecustomize_chained"})
             return
 
 
