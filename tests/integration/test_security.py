@@ -400,7 +400,7 @@ async def test_a_curl_style_body_reaches_the_engine_as_application_json(sparkd_f
 
 
 async def test_an_http10_client_gets_the_stream_without_chunk_framing(sparkd_factory, engine_image, tmp_path):
-    sparkd, user = user_key_daemon(sparkd_factory, tmp_path, {"a": engine_model(engine_image, env={"FAKE_TOKENS": "8"})})
+    sparkd, user = user_key_daemon(sparkd_factory, tmp_path, {"a": engine_model(engine_image, env={"FAKE_TOKENS": "8", "FAKE_LOAD_DELAY": "1"})})
     await sparkd.start()
     request = http_request("POST", b"/v1/chat/completions", sparkd.port, chat_body(sparkd, "a", stream=True),
                            {"Authorization": f"Bearer {user}", "Content-Type": "application/json"}, version=b"HTTP/1.0")
