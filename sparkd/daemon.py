@@ -33,6 +33,8 @@ from .cluster.workers import WorkerLeases
 from .config import Config, ConfigError, load_config, parse_listen
 from .config.keys import KeysFileError, keys_of
 from .engine.client import EngineClient
+from .hardware import cdi
+from .hardware.memory import MemoryGauge
 from .history import HistoryUnavailable
 from .http.app import build_app
 from .http.auth import KeyRing
@@ -42,12 +44,10 @@ from .http.snapshot import Snapshot, SnapshotHolder
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
 from .ops import Operations
-from .runtime import cdi
 from .runtime.events import EventStream
 from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle
 from .scheduler.loadtimes import LoadTimes
-from .scheduler.memory import MemoryGauge
 from .scheduler.reconcile import adopt_running
 from .scheduler.scheduler import Scheduler
 from .scheduler.status import status_line

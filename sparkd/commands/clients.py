@@ -22,7 +22,7 @@ from typing import Any
 from .. import encodings
 from ..config import Config, ModelConfig
 from ..fixups.profiles import DEFAULT_PROFILE, ToolMode
-from ..runtime import cdi
+from ..hardware import cdi
 from .doctor import image_fix
 
 DEFAULT_CONTEXT = 4096

@@ -21,7 +21,7 @@ from typing import Any
 from .. import __version__, encodings
 from ..cluster.peers import PeerError, in_clear_text, load_peers
 from ..config import Config, parse_listen
-from ..runtime import cdi
+from ..hardware import cdi
 
 MIN_FREE_DISK_GB = 50
 
