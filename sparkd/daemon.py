@@ -33,13 +33,13 @@ from .cluster.workers import WorkerLeases
 from .config import Config, ConfigError, load_config, parse_listen
 from .config.keys import KeysFileError, keys_of
 from .engine.client import EngineClient
+from .fixups.context import TokenizeFailures
 from .hardware import cdi
 from .hardware.memory import MemoryGauge
 from .history import HistoryUnavailable
 from .http.app import build_app
 from .http.auth import KeyRing
 from .http.connections import ConnectionGate, GuardedListener
-from .http.context import TokenizeFailures
 from .http.snapshot import Snapshot, SnapshotHolder
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval

@@ -26,6 +26,7 @@ from ..errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from ..fixups.context import TokenizeFailures
 from ..ops import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
@@ -53,7 +54,6 @@ from .auth import (
 )
 from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
 from .connections import watch_requests
-from .context import TokenizeFailures
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
 from .ops import OpsRoutes

@@ -8,10 +8,10 @@ from aiohttp import web
 
 from ..cluster.workers import WorkerLeases
 from ..engine.client import EngineClient
+from ..fixups.context import TokenizeFailures
 from ..ops import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
-from .context import TokenizeFailures
 from .snapshot import SnapshotHolder
 
 SNAPSHOT = web.AppKey("snapshot", SnapshotHolder)
