@@ -36,14 +36,14 @@ from .engine.client import EngineClient
 from .fixups.context import TokenizeFailures
 from .hardware import cdi
 from .hardware.memory import MemoryGauge
-from .history import HistoryUnavailable
 from .http.app import build_app
 from .http.auth import KeyRing
 from .http.connections import ConnectionGate, GuardedListener
 from .http.snapshot import Snapshot, SnapshotHolder
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
-from .ops import Operations
+from .observe.history import HistoryUnavailable
+from .observe.operations import Operations
 from .runtime.events import EventStream
 from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle

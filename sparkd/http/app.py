@@ -27,7 +27,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..fixups.context import TokenizeFailures
-from ..ops import Operations
+from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
 from . import anthropic, cors

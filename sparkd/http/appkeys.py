@@ -9,7 +9,7 @@ from aiohttp import web
 from ..cluster.workers import WorkerLeases
 from ..engine.client import EngineClient
 from ..fixups.context import TokenizeFailures
-from ..ops import Operations
+from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
 from .snapshot import SnapshotHolder

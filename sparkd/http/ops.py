@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
-from ..metrics import CONTENT_TYPE
+from ..observe.metrics import CONTENT_TYPE
 from ..runtime.errors import RuntimeFailure
 from ..runtime.logs import Backlog, LogFollower
 from ..runtime.spec import container_name

@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from . import __version__
-from .allocator import trim_heap_forever
-from .hardware.memory import parse_meminfo
+from .. import __version__
+from ..allocator import trim_heap_forever
+from ..hardware.memory import parse_meminfo
+from ..runtime.errors import ImageMissing, RuntimeFailure
+from ..scheduler.events import Event, FailureCause, Transitioned
+from ..scheduler.state import ModelState
+from ..scheduler.status import snapshot
 from .history import History
 from .metrics import Metrics
-from .runtime.errors import ImageMissing, RuntimeFailure
-from .scheduler.events import Event, FailureCause, Transitioned
-from .scheduler.state import ModelState
-from .scheduler.status import snapshot
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .hardware.memory import MemoryGauge
-    from .runtime.podman import PodmanRuntime
-    from .scheduler.runner import ModelRunner
-    from .scheduler.scheduler import Scheduler
+    from ..config import Config
+    from ..hardware.memory import MemoryGauge
+    from ..runtime.podman import PodmanRuntime
+    from ..scheduler.runner import ModelRunner
+    from ..scheduler.scheduler import Scheduler
 
 log = structlog.get_logger("sparkd.ops")
 
