@@ -16,8 +16,8 @@ from aiohttp import web
 from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..observe.metrics import CONTENT_TYPE
+from ..runtime.containerlogs import Backlog, LogFollower
 from ..runtime.errors import RuntimeFailure
-from ..runtime.logs import Backlog, LogFollower
 from ..runtime.spec import container_name
 from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT
 from .routing import shown

@@ -52,7 +52,7 @@ RECENT_EVENTS = 100
 """State changes the status hub keeps for the page and ``sparkctl top`` (which show the last 30)."""
 RECENT_FAILURES = 20
 """Failures the status hub keeps, each with the model's last log lines (at most 20, each cut at
-``runtime.logs.MAX_LINE_CHARS``)."""
+``runtime.containerlogs.MAX_LINE_CHARS``)."""
 RUNNING_STATES = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})
 MAX_UNIX_PATH = 107
 
