@@ -44,7 +44,7 @@ from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
 from .observe.history import HistoryUnavailable
 from .observe.operations import Operations
-from .runtime.events import EventStream
+from .runtime.eventstream import EventStream
 from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle
 from .scheduler.loadtimes import LoadTimes

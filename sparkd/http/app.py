@@ -56,7 +56,7 @@ from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
 from .connections import watch_requests
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
-from .ops import OpsRoutes
+from .operator import OpsRoutes
 from .page import PAGE_PATHS, PageRoutes
 from .routing import shown
 from .snapshot import SnapshotHolder

@@ -25,7 +25,7 @@ from aiohttp import web
 from .. import __version__
 from ..allocator import trim_heap_forever
 from ..hardware.memory import parse_meminfo
-from ..runtime.errors import ImageMissing, RuntimeFailure
+from ..runtime.failures import ImageMissing, RuntimeFailure
 from ..scheduler.events import Event, FailureCause, Transitioned
 from ..scheduler.state import ModelState
 from ..scheduler.status import snapshot

@@ -26,7 +26,7 @@ from podman.errors import NotFound
 
 from .containerlogs import clip_line
 from .containers import ContainerInfo, ContainerRuntime
-from .errors import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
+from .failures import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
 from .spec import LABEL_KEY_ENV, LABEL_MODEL, LABEL_SPEC, ContainerSpec, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")

@@ -23,7 +23,7 @@ from ..engine.client import Endpoint, EngineClient, EngineError
 from ..engine.progress import LoadProgress, parse_line
 from ..hardware.memory import MemoryGauge
 from ..runtime.containerlogs import LogFollower
-from ..runtime.errors import PortInUse, RuntimeFailure
+from ..runtime.failures import PortInUse, RuntimeFailure
 from ..runtime.podman import ContainerInfo, PodmanRuntime
 from .loadtimes import LoadTimes
 from .outcomes import (

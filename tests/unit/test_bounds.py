@@ -20,7 +20,7 @@ from sparkd.http.auth import KeyRing
 from sparkd.http.connections import ConnectionGate, GuardedListener, watch_requests
 from sparkd.http.health import HealthRoutes
 from sparkd.http.snapshot import Snapshot, SnapshotHolder
-from sparkd.runtime.errors import RuntimeFailure
+from sparkd.runtime.failures import RuntimeFailure
 from sparkd.scheduler.queue import (
     KeyQueueFull,
     QueueBytesFull,

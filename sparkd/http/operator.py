@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..observe.metrics import CONTENT_TYPE
 from ..runtime.containerlogs import Backlog, LogFollower
-from ..runtime.errors import RuntimeFailure
+from ..runtime.failures import RuntimeFailure
 from ..runtime.spec import container_name
 from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT
 from .routing import shown
