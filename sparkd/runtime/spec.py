@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import encodingfiles
-from ..cluster.render import for_cluster
+from ..cluster.containersettings import for_cluster
 from ..config import Config, ModelConfig
 
 LABEL_MANAGED = "io.sparkd.managed"
