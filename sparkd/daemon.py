@@ -26,28 +26,28 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from . import logs
+from . import logsetup
 from .cluster.head import HeadCoordinator
 from .cluster.peers import PeerClient, PeerError, load_peers, warn_insecure
 from .cluster.workers import WorkerLeases
 from .config import Config, ConfigError, load_config, parse_listen
 from .config.keys import KeysFileError, keys_of
 from .engine.client import EngineClient
-from .history import HistoryUnavailable
+from .fixups.context import TokenizeFailures
+from .hardware import cdi
+from .hardware.memory import MemoryGauge
 from .http.app import build_app
 from .http.auth import KeyRing
 from .http.connections import ConnectionGate, GuardedListener
-from .http.context import TokenizeFailures
 from .http.snapshot import Snapshot, SnapshotHolder
 from .lock import GpuLock
 from .notify import Notifier, run_watchdog, watchdog_interval
-from .ops import Operations
-from .runtime import cdi
-from .runtime.events import EventStream
+from .observe.history import HistoryUnavailable
+from .observe.operations import Operations
+from .runtime.eventstream import EventStream
 from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle
 from .scheduler.loadtimes import LoadTimes
-from .scheduler.memory import MemoryGauge
 from .scheduler.reconcile import adopt_running
 from .scheduler.scheduler import Scheduler
 from .scheduler.status import status_line
@@ -325,7 +325,7 @@ class Daemon:
         old = self.config
         _warn_needs_restart(old, new)
         if new.log != old.log:
-            logs.configure(new.log.format, new.log.level)
+            logsetup.configure(new.log.format, new.log.level)
         snapshot = Snapshot.of(new, keys)
         scheduler.apply_config(new)
         self.snapshot.current = snapshot  # the one swap: routes see the new models, keys and fixups together
@@ -410,12 +410,12 @@ def serve(config_path: Path) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as error:
-        logs.configure()
+        logsetup.configure()
         for problem in error.problems:
             log.error("config_problem", file=problem.file, key=problem.key, expected=problem.expected, found=problem.found)
         log.error("startup_failed", reason=f"{len(error.problems)} problem(s) in {config_path}; run `sparkd check-config`")
         return 1
-    logs.configure(config.log.format, config.log.level)
+    logsetup.configure(config.log.format, config.log.level)
     try:
         asyncio.run(Daemon(config, config_path).run())
     except StartupError as error:

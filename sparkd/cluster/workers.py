@@ -34,7 +34,7 @@ from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailab
 from ..runtime.spec import render
 from ..scheduler.runner import ModelRunner
 from ..scheduler.scheduler import Scheduler
-from .render import fill
+from .containersettings import fill
 
 log = structlog.get_logger("sparkd.cluster")
 

@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .. import encodings
+from .. import encodingfiles
 from ..config import Config, ModelConfig
 from ..fixups.profiles import DEFAULT_PROFILE, ToolMode
-from ..runtime import cdi
+from ..hardware import cdi
 from .doctor import image_fix
 
 DEFAULT_CONTEXT = 4096
@@ -65,7 +65,7 @@ def probe_host(config: Config) -> HostFacts:
     needs_gpu = any(model.gpu for model in config.enabled_models())
     devices = frozenset(cdi.known_devices()[0]) if needs_gpu else frozenset()
     needs_encodings = any(model.encodings for model in config.enabled_models())
-    problems = tuple(encodings.problems(config.server.state_dir)) if needs_encodings else ()
+    problems = tuple(encodingfiles.problems(config.server.state_dir)) if needs_encodings else ()
     return HostFacts(frozenset(present), error, devices, problems)
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, encodings
+from .. import __version__, encodingfiles
 from ..cluster.peers import PeerError, in_clear_text, load_peers
 from ..config import Config, parse_listen
-from ..runtime import cdi
+from ..hardware import cdi
 
 MIN_FREE_DISK_GB = 50
 
@@ -99,7 +99,7 @@ def check_images(config: Config) -> list[Check]:
 
 
 def image_fix(image: str) -> str:
-    from ..images import recipe_for
+    from ..imagerecipes import recipe_for
 
     recipe = recipe_for(image)
     if recipe is not None:
@@ -113,10 +113,10 @@ def check_encodings(config: Config) -> list[Check]:
     users = [m.name for m in config.enabled_models() if m.encodings]
     if not users:
         return []
-    found = encodings.problems(config.server.state_dir)
+    found = encodingfiles.problems(config.server.state_dir)
     if found:
         return [Check("encodings", False, "; ".join(found) + f" (needed by {', '.join(users)})", "sudo sparkd encodings fetch")]
-    return [Check("encodings", True, f"tiktoken encodings verified in {encodings.directory(config.server.state_dir)}")]
+    return [Check("encodings", True, f"tiktoken encodings verified in {encodingfiles.directory(config.server.state_dir)}")]
 
 
 def check_disk(config: Config) -> list[Check]:

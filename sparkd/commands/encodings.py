@@ -8,16 +8,16 @@ import sys
 import urllib.error
 import urllib.request
 
-from .. import encodings
+from .. import encodingfiles
 
 
-def fetch(state_dir: str, source: str = encodings.SOURCE_URL) -> int:
-    target = encodings.directory(state_dir)
+def fetch(state_dir: str, source: str = encodingfiles.SOURCE_URL) -> int:
+    target = encodingfiles.directory(state_dir)
     target.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for encoding in encodings.ENCODINGS:
+    for encoding in encodingfiles.ENCODINGS:
         path = target / encoding.file
-        if path.is_file() and encodings.sha256_of(path) == encoding.sha256:
+        if path.is_file() and encodingfiles.sha256_of(path) == encoding.sha256:
             print(f"ok        {path} (already verified)")
             continue
         url = f"{source.rstrip('/')}/{encoding.file}"
@@ -41,11 +41,11 @@ def fetch(state_dir: str, source: str = encodings.SOURCE_URL) -> int:
 
 
 def check(state_dir: str) -> int:
-    found = encodings.problems(state_dir)
+    found = encodingfiles.problems(state_dir)
     for problem in found:
         print(f"FAILED    {problem}: run `sparkd encodings fetch`", file=sys.stderr)
     if not found:
-        print(f"ok        {encodings.directory(state_dir)}: {len(encodings.ENCODINGS)} encodings verified")
+        print(f"ok        {encodingfiles.directory(state_dir)}: {len(encodingfiles.ENCODINGS)} encodings verified")
     return 1 if found else 0
 
 

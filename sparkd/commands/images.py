@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import images
+from .. import imagerecipes
 from ..buildcontext import (
     BuildContextError,
     PipCa,
@@ -30,7 +30,7 @@ def list_images(config: Config) -> int:
     for model in config.enabled_models():
         users.setdefault(model.image, []).append(model.name)
     with PodmanClient(base_url=config.podman.url, timeout=30) as client:
-        for recipe in images.RECIPES:
+        for recipe in imagerecipes.RECIPES:
             present = "present" if client.images.exists(recipe.image) else "missing"
             used = ", ".join(users.get(recipe.image, [])) or "no enabled model"
             print(f"{recipe.name:<16} {present:<8} {recipe.image}  ({recipe.description}; used by {used})")
@@ -42,10 +42,10 @@ def build(config: Config, names: list[str], build_args: dict[str, str], director
     the one named recipe under another image name (to try a changed recipe)."""
     from podman import PodmanClient
 
-    recipes = [images.recipe_named(n) for n in names] if names else _needed(config)
+    recipes = [imagerecipes.recipe_named(n) for n in names] if names else _needed(config)
     unknown = [n for n, r in zip(names, recipes, strict=False) if r is None]
     if unknown:
-        known = ", ".join(r.name for r in images.RECIPES)
+        known = ", ".join(r.name for r in imagerecipes.RECIPES)
         print(f"unknown image recipe(s): {', '.join(unknown)}; known: {known}", file=sys.stderr)
         return 2
     if not recipes:
@@ -54,7 +54,7 @@ def build(config: Config, names: list[str], build_args: dict[str, str], director
     if tag is not None and len(recipes) != 1:
         print(f"--tag names the image of one recipe; {len(recipes)} recipes were asked for: name one", file=sys.stderr)
         return 2
-    root = directory or images.containerfiles_dir()
+    root = directory or imagerecipes.containerfiles_dir()
     with PodmanClient(base_url=config.podman.url, timeout=None) as client:
         for recipe in recipes:
             assert recipe is not None
@@ -63,12 +63,12 @@ def build(config: Config, names: list[str], build_args: dict[str, str], director
     return 0
 
 
-def _needed(config: Config) -> list[images.Recipe | None]:
+def _needed(config: Config) -> list[imagerecipes.Recipe | None]:
     needed = {m.image for m in config.enabled_models()}
-    return [r for r in images.RECIPES if r.image in needed]
+    return [r for r in imagerecipes.RECIPES if r.image in needed]
 
 
-def _bases_from_a_mirror(client: Any, recipe: images.Recipe, containerfile: Path, build_args: dict[str, str]) -> dict[str, str]:
+def _bases_from_a_mirror(client: Any, recipe: imagerecipes.Recipe, containerfile: Path, build_args: dict[str, str]) -> dict[str, str]:
     """Build arguments naming Debian bases made locally, for each base the recipe would
     pull from a registry that does not answer (none given with --build-arg, none present)."""
     declared = set(re.findall(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", containerfile.read_text(), re.MULTILINE))
@@ -105,7 +105,7 @@ def _pull(client: Any, image: str) -> str | None:
 
 def build_recipe(
     client: Any,
-    recipe: images.Recipe,
+    recipe: imagerecipes.Recipe,
     recipe_dir: Path,
     build_args: dict[str, str],
     image: str,
@@ -137,7 +137,7 @@ def _say_which_ca(recipe_dir: Path, ca: PipCa | None) -> None:
 
 
 def _build_context(
-    client: Any, recipe: images.Recipe, recipe_dir: Path, context: Path, build_args: dict[str, str], image: str
+    client: Any, recipe: imagerecipes.Recipe, recipe_dir: Path, context: Path, build_args: dict[str, str], image: str
 ) -> bool:
     from podman import api
 

@@ -26,7 +26,8 @@ from ..errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from ..ops import Operations
+from ..fixups.context import TokenizeFailures
+from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
 from . import anthropic, cors
@@ -53,10 +54,9 @@ from .auth import (
 )
 from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
 from .connections import watch_requests
-from .context import TokenizeFailures
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
-from .ops import OpsRoutes
+from .operator import OpsRoutes
 from .page import PAGE_PATHS, PageRoutes
 from .routing import shown
 from .snapshot import SnapshotHolder

@@ -8,10 +8,10 @@ from aiohttp import web
 
 from ..cluster.workers import WorkerLeases
 from ..engine.client import EngineClient
-from ..ops import Operations
+from ..fixups.context import TokenizeFailures
+from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
-from .context import TokenizeFailures
 from .snapshot import SnapshotHolder
 
 SNAPSHOT = web.AppKey("snapshot", SnapshotHolder)

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..runtime.errors import RuntimeFailure
+from ..runtime.failures import RuntimeFailure
 from .appkeys import RECONCILED, RUNTIME, SNAPSHOT
 from .auth import ADMIN_ROLES, presented_key, via_unix_socket
 

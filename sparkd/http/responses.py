@@ -13,8 +13,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..engine.client import Endpoint, EngineClient
-from ..fixups import Fixups
-from . import context
+from ..fixups import Fixups, context
 
 RESPONSES_PATH = "/v1/responses"
 CHAT_PATH = "/v1/chat/completions"

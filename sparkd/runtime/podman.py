@@ -24,9 +24,9 @@ from podman import PodmanClient
 from podman.domain.containers import Container
 from podman.errors import NotFound
 
+from .containerlogs import clip_line
 from .containers import ContainerInfo, ContainerRuntime
-from .errors import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
-from .logs import clip_line
+from .failures import EncodingsMissing, RuntimeFailure, VolumeSourceMissing, translate
 from .spec import LABEL_KEY_ENV, LABEL_MODEL, LABEL_SPEC, ContainerSpec, instance_filter
 
 log = structlog.get_logger("sparkd.runtime")

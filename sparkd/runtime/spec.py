@@ -14,8 +14,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import encodings
-from ..cluster.render import for_cluster
+from .. import encodingfiles
+from ..cluster.containersettings import for_cluster
 from ..config import Config, ModelConfig
 
 LABEL_MANAGED = "io.sparkd.managed"
@@ -140,9 +140,9 @@ def render(config: Config, model: ModelConfig, role: str | None = None) -> Conta
     mounts = [parse_volume(v) for v in model.volumes]
     env = dict(model.env)
     if model.encodings:
-        source = encodings.directory(config.server.state_dir)
-        mounts += [Mount(str(source / e.file), f"{encodings.CONTAINER_DIR}/{e.file}", read_only=True) for e in encodings.ENCODINGS]
-        env.setdefault(encodings.ENV, encodings.CONTAINER_DIR)
+        source = encodingfiles.directory(config.server.state_dir)
+        mounts += [Mount(str(source / e.file), f"{encodingfiles.CONTAINER_DIR}/{e.file}", read_only=True) for e in encodingfiles.ENCODINGS]
+        env.setdefault(encodingfiles.ENV, encodingfiles.CONTAINER_DIR)
     fields: dict[str, Any] = dict(
         name=container_name(model.name, config.server.instance),
         model=model.name,

@@ -21,11 +21,11 @@ from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
 from ..engine.progress import LoadProgress, parse_line
-from ..runtime.errors import PortInUse, RuntimeFailure
-from ..runtime.logs import LogFollower
+from ..hardware.memory import MemoryGauge
+from ..runtime.containerlogs import LogFollower
+from ..runtime.failures import PortInUse, RuntimeFailure
 from ..runtime.podman import ContainerInfo, PodmanRuntime
 from .loadtimes import LoadTimes
-from .memory import MemoryGauge
 from .outcomes import (
     Adoption,
     Failed,

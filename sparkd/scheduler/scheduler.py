@@ -31,7 +31,7 @@ from ..errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
-from ..runtime.events import ContainerEvent
+from ..runtime.eventstream import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
 from .eventlog import log_event
 from .events import (

@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from sparkd import images  # noqa: E402
+from sparkd import imagerecipes  # noqa: E402
 from sparkd.buildcontext import host_pip_ca  # noqa: E402
 from sparkd.commands.images import build_recipe  # noqa: E402
 
@@ -59,8 +59,8 @@ def log(msg: str) -> None:
     print(f"[cpu_demo] {msg}", flush=True)
 
 
-def recipe() -> images.Recipe:
-    found = images.recipe_named(RECIPE)
+def recipe() -> imagerecipes.Recipe:
+    found = imagerecipes.recipe_named(RECIPE)
     assert found is not None
     return found
 

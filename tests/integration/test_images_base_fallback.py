@@ -33,7 +33,7 @@ import pytest
 import tomllib
 
 from harness import REPO, Sparkd
-from sparkd.images import recipe_named
+from sparkd.imagerecipes import recipe_named
 from sparkd.localbase import DEFAULT_MIRROR, MIRROR_ENV
 
 pytestmark = pytest.mark.podman

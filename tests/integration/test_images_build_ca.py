@@ -24,7 +24,7 @@ import pytest
 
 from imagelayers import assert_holds_no_ca
 from sparkd.buildcontext import CA_VARIABLES, host_pip_ca
-from sparkd.images import recipe_named
+from sparkd.imagerecipes import recipe_named
 
 pytestmark = pytest.mark.podman
 

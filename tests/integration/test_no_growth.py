@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from harness import REPO, Sparkd, engine_model
-from sparkd.ops import SAMPLE_EVERY_S
+from sparkd.observe.operations import SAMPLE_EVERY_S
 
 pytestmark = pytest.mark.podman
 

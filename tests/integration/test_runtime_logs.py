@@ -1,4 +1,4 @@
-"""Following a container's log (runtime/logs.py) against real Podman."""
+"""Following a container's log (runtime/containerlogs.py) against real Podman."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from harness import PODMAN_URL, unique_prefix
-from sparkd.runtime.logs import MAX_LINE_CHARS, LogFollower, clip_line
+from sparkd.runtime.containerlogs import MAX_LINE_CHARS, LogFollower, clip_line
 from sparkd.runtime.podman import PodmanRuntime
 
 pytestmark = pytest.mark.podman

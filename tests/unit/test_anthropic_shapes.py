@@ -13,13 +13,13 @@ from sparkd.config import ModelConfig
 from sparkd.engine.client import Endpoint
 from sparkd.errors import ApiError, BadRequest, Forbidden, ModelBusy, NotFound, ServiceUnavailable, Unauthorized
 from sparkd.fixups import BUILTIN_PROFILES, compile_profile
+from sparkd.fixups.context import TokenizeFailures
 from sparkd.fixups.messages import merge_system
 from sparkd.fixups.reasoning import map_thinking
 from sparkd.fixups.tools import force_tool_choice, strip_tools
 from sparkd.http import responses
 from sparkd.http.anthropic import engine_answer, error_type, is_anthropic_path
 from sparkd.http.app import error_middleware
-from sparkd.http.context import TokenizeFailures
 from sparkd.http.validation import validate_body
 
 TOOL = {"name": "read_file", "description": "Read a file", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}

@@ -14,13 +14,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sparkd.config import Config, ConfigError, ServerConfig, load_config
 from sparkd.config.keys import ClientKey
+from sparkd.hardware.memory import MemoryGauge
 from sparkd.http.appkeys import RECONCILED, RUNTIME, SNAPSHOT
 from sparkd.http.auth import KeyRing
 from sparkd.http.connections import ConnectionGate, GuardedListener, watch_requests
 from sparkd.http.health import HealthRoutes
 from sparkd.http.snapshot import Snapshot, SnapshotHolder
-from sparkd.runtime.errors import RuntimeFailure
-from sparkd.scheduler.memory import MemoryGauge
+from sparkd.runtime.failures import RuntimeFailure
 from sparkd.scheduler.queue import (
     KeyQueueFull,
     QueueBytesFull,

@@ -15,7 +15,7 @@ from sparkd.buildcontext import (
     host_pip_ca,
 )
 from sparkd.commands.images import build_recipe
-from sparkd.images import containerfiles_dir, recipe_named
+from sparkd.imagerecipes import containerfiles_dir, recipe_named
 
 
 def bundle(tmp_path: Path, name: str) -> Path:

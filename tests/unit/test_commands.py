@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sparkd import encodings
+from sparkd import encodingfiles
 from sparkd.commands import clients
 from sparkd.commands import encodings as encodings_command
 from sparkd.config import Config, ModelConfig
-from sparkd.images import RECIPES, containerfiles_dir, recipe_for
+from sparkd.imagerecipes import RECIPES, containerfiles_dir, recipe_for
 from sparkd.runtime.spec import render
 
 
@@ -27,11 +27,11 @@ def mirror(tmp_path, monkeypatch):
     root = tmp_path / "mirror"
     root.mkdir()
     patched = []
-    for encoding in encodings.ENCODINGS:
+    for encoding in encodingfiles.ENCODINGS:
         data = f"fake {encoding.file}\n".encode()
         (root / encoding.file).write_bytes(data)
-        patched.append(encodings.Encoding(encoding.file, hashlib.sha256(data).hexdigest()))
-    monkeypatch.setattr(encodings, "ENCODINGS", tuple(patched))
+        patched.append(encodingfiles.Encoding(encoding.file, hashlib.sha256(data).hexdigest()))
+    monkeypatch.setattr(encodingfiles, "ENCODINGS", tuple(patched))
 
     handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -53,11 +53,11 @@ def test_fetch_verifies_and_is_idempotent(tmp_path, mirror, capsys):
 
 def test_fetch_refuses_a_corrupt_download(tmp_path, mirror, capsys):
     root, url = mirror
-    (root / encodings.ENCODINGS[0].file).write_bytes(b"tampered")
+    (root / encodingfiles.ENCODINGS[0].file).write_bytes(b"tampered")
     state = tmp_path / "state"
     assert encodings_command.fetch(str(state), url) == 1
     assert "is not the published" in capsys.readouterr().err
-    assert not (encodings.directory(str(state)) / encodings.ENCODINGS[0].file).exists()
+    assert not (encodingfiles.directory(str(state)) / encodingfiles.ENCODINGS[0].file).exists()
 
 
 def test_models_needing_encodings_get_the_read_only_mounts():
@@ -65,7 +65,7 @@ def test_models_needing_encodings_get_the_read_only_mounts():
     model = ModelConfig(name="gpt-oss-20b", image="img", encodings=True)
     spec = render(config, model)
     targets = {m.target: m for m in spec.mounts}
-    for encoding in encodings.ENCODINGS:
+    for encoding in encodingfiles.ENCODINGS:
         mount = targets[f"/etc/encodings/{encoding.file}"]
         assert mount.read_only and mount.source == f"/var/lib/sparkd/encodings/{encoding.file}"
     assert spec.env["TIKTOKEN_ENCODINGS_BASE"] == "/etc/encodings"

@@ -7,6 +7,7 @@ from structlog.testing import capture_logs
 
 from sparkd.config import ModelConfig
 from sparkd.errors import BadRequest
+from sparkd.fixups.context import TokenizeFailures, chat_text, refuse_certain_overflow
 from sparkd.fixups.tokens import (
     Budget,
     ContextOverflow,
@@ -14,7 +15,6 @@ from sparkd.fixups.tokens import (
     estimate_prompt_tokens,
     estimate_prompt_tokens_low,
 )
-from sparkd.http.context import TokenizeFailures, chat_text, refuse_certain_overflow
 
 # A 74 KB source file, as OpenCode attached in the report: SmolLM2's tokenizer makes ~18 750 tokens of it.
 SOURCE = "".join(f"def function_{i}(argument):\n    return argument * {i} + len('text {i}')\n\n" for i in range(1300))

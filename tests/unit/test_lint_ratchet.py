@@ -19,15 +19,17 @@ else:  # pragma: no cover - Python 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The list as issue 15 left it. Entries leave it as their modules come clean; none is added.
+# The list as issue 15 left it (at the paths its modules have since been moved to: history.py,
+# metrics.py and ops.py are now under observe/). Entries leave it as their modules come clean;
+# none is added.
 EXCLUDED_AT_START = {
     "sparkd/daemon.py",
     "sparkd/scheduler/*",
     "sparkd/config/*",
-    "sparkd/history.py",
-    "sparkd/metrics.py",
+    "sparkd/observe/history.py",
+    "sparkd/observe/metrics.py",
     "sparkd/notify.py",
-    "sparkd/ops.py",
+    "sparkd/observe/operations.py",
     "sparkd/http/app.py",
     "sparkd/http/auth.py",
     "sparkd/engine/proxy.py",

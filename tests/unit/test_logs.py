@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from sparkd import logs
+from sparkd import logsetup
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def output(tmp_path: Path):
     yield handle, path
     handle.close()
     structlog.reset_defaults()
-    logging.getLogger().removeHandler(logs._BRIDGE)
+    logging.getLogger().removeHandler(logsetup._BRIDGE)
     sys.excepthook, threading.excepthook = hooks[0], hooks[1]
     logging.getLogger().setLevel(hooks[2])
 
@@ -40,16 +40,16 @@ def lines(handle, path: Path) -> list[str]:
 
 def test_auto_picks_journal_only_for_the_stream_journald_gave_us(output) -> None:
     handle, _ = output
-    assert logs.resolve_format("auto", journal_env(handle), handle) == "journal"
-    assert logs.resolve_format("auto", {"JOURNAL_STREAM": "1:2"}, handle) == "console"  # inherited, stdout elsewhere
-    assert logs.resolve_format("auto", {}, handle) == "console"
-    assert logs.resolve_format("json", journal_env(handle), handle) == "json"
+    assert logsetup.resolve_format("auto", journal_env(handle), handle) == "journal"
+    assert logsetup.resolve_format("auto", {"JOURNAL_STREAM": "1:2"}, handle) == "console"  # inherited, stdout elsewhere
+    assert logsetup.resolve_format("auto", {}, handle) == "console"
+    assert logsetup.resolve_format("json", journal_env(handle), handle) == "json"
 
 
 def test_journal_lines_carry_priorities_and_tracebacks_stay_on_one_line(output, monkeypatch) -> None:
     handle, path = output
     monkeypatch.setattr(os, "environ", {**os.environ, **journal_env(handle)})
-    logs.configure("auto", "info", stream=handle)
+    logsetup.configure("auto", "info", stream=handle)
     log = structlog.get_logger("test")
     log.debug("hidden")
     log.info("model_ready", model="m")
@@ -71,7 +71,7 @@ def test_journal_lines_carry_priorities_and_tracebacks_stay_on_one_line(output, 
 def test_json_under_journald_keeps_the_priority_prefix_and_pure_json(output, monkeypatch) -> None:
     handle, path = output
     monkeypatch.setattr(os, "environ", {**os.environ, **journal_env(handle)})
-    logs.configure("json", "info", stream=handle)
+    logsetup.configure("json", "info", stream=handle)
     structlog.get_logger("test").warning("swap_slow", model="m")
     (line,) = lines(handle, path)
     assert line.startswith("<4>{")
@@ -82,7 +82,7 @@ def test_json_under_journald_keeps_the_priority_prefix_and_pure_json(output, mon
 def test_json_elsewhere_has_no_prefix(output, monkeypatch) -> None:
     handle, path = output
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"})
-    logs.configure("json", "info", stream=handle)
+    logsetup.configure("json", "info", stream=handle)
     structlog.get_logger("test").info("hello")
     (line,) = lines(handle, path)
     assert json.loads(line)["event"] == "hello"
@@ -91,7 +91,7 @@ def test_json_elsewhere_has_no_prefix(output, monkeypatch) -> None:
 def test_library_records_are_library_log_events_with_their_message_as_a_field(output, monkeypatch) -> None:
     handle, path = output
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"})
-    logs.configure("json", "info", stream=handle)
+    logsetup.configure("json", "info", stream=handle)
     try:
         raise OSError("socket gone")
     except OSError:

@@ -10,9 +10,9 @@ import asyncio
 from types import SimpleNamespace
 
 from sparkd.engine.usage import NO_MODEL, RequestRecord
-from sparkd.metrics import Metrics
-from sparkd.ops import RECENT_EVENTS, RECENT_FAILURES, StatusHub
-from sparkd.runtime.logs import FOLLOW_BACKLOG_LINES, MAX_LINE_CHARS, Backlog, clip_line
+from sparkd.observe.metrics import Metrics
+from sparkd.observe.operations import RECENT_EVENTS, RECENT_FAILURES, StatusHub
+from sparkd.runtime.containerlogs import FOLLOW_BACKLOG_LINES, MAX_LINE_CHARS, Backlog, clip_line
 from sparkd.scheduler.events import FailureCause, Requested, Transitioned
 from sparkd.scheduler.loadtimes import KEEP, LoadTimes
 from sparkd.scheduler.state import ModelState

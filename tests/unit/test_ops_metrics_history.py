@@ -14,8 +14,8 @@ from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
 from sparkd.engine.usage import StreamTail
 from sparkd.errors import ServiceUnavailable
-from sparkd.history import History, HistoryUnavailable
-from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
+from sparkd.observe.history import History, HistoryUnavailable
+from sparkd.observe.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
 from sparkd.scheduler.loadtimes import LoadTimes
 from sparkd.scheduler.outcomes import Adoption, Failed, Launched, Slept, Started, Stopped, Woke
 from sparkd.scheduler.scheduler import Scheduler

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from sparkd.ctl import cli, render
-from sparkd.ctl.client import Client, CtlError, Target
+from sparkd.ctl import render, sparkctl
+from sparkd.ctl.adminclient import Client, CtlError, Target
 
 
 def model(**fields):
@@ -80,18 +80,18 @@ def test_prepare_and_history_output():
 
 
 def test_target_resolution(monkeypatch, tmp_path):
-    parser = cli.build_parser()
+    parser = sparkctl.build_parser()
     monkeypatch.delenv("SPARKD_URL", raising=False)
     monkeypatch.delenv("SPARKD_SOCKET", raising=False)
     monkeypatch.setenv("SPARKD_ADMIN_KEY", "sk-admin-key-0123456789")
-    target = cli.resolve_target(parser.parse_args(["--url", "http://spark:8009", "status"]))
+    target = sparkctl.resolve_target(parser.parse_args(["--url", "http://spark:8009", "status"]))
     assert (target.url, target.key) == ("http://spark:8009", "sk-admin-key-0123456789")
-    assert cli.resolve_target(parser.parse_args(["status", "--socket", "/x.sock"])).socket_path == "/x.sock"
+    assert sparkctl.resolve_target(parser.parse_args(["status", "--socket", "/x.sock"])).socket_path == "/x.sock"
     config = tmp_path / "sparkd.toml"
     config.write_text('[server]\nruntime_dir = "/run/other"\n')
-    assert cli.resolve_target(parser.parse_args(["--config", str(config), "status"])).socket_path == "/run/other/sparkd.sock"
+    assert sparkctl.resolve_target(parser.parse_args(["--config", str(config), "status"])).socket_path == "/run/other/sparkd.sock"
     monkeypatch.setenv("SPARKD_SOCKET", "/env.sock")
-    assert cli.resolve_target(parser.parse_args(["status"])).socket_path == "/env.sock"
+    assert sparkctl.resolve_target(parser.parse_args(["status"])).socket_path == "/env.sock"
 
 
 def test_connection_errors_say_what_to_do(tmp_path):
@@ -109,8 +109,8 @@ def test_connection_errors_say_what_to_do(tmp_path):
 
 
 def test_cli_exit_codes(tmp_path, capsys):
-    assert cli.main(["--socket", str(tmp_path / "none.sock"), "status"]) == 3
+    assert sparkctl.main(["--socket", str(tmp_path / "none.sock"), "status"]) == 3
     assert "sparkctl: cannot reach sparkd" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:
-        cli.main(["frobnicate"])
+        sparkctl.main(["frobnicate"])
     assert usage.value.code == 2

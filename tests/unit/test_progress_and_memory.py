@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sparkd.engine.progress import parse_line
-from sparkd.scheduler.memory import MemoryGauge, parse_meminfo, parse_nvidia_smi
+from sparkd.hardware.memory import MemoryGauge, parse_meminfo, parse_nvidia_smi
 
 
 @pytest.mark.parametrize(

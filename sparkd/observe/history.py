@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from .scheduler.events import Adopted, Event, LoadFinished, Transitioned
-from .scheduler.state import ModelState
+from ..scheduler.events import Adopted, Event, LoadFinished, Transitioned
+from ..scheduler.state import ModelState
 
 log = structlog.get_logger("sparkd.history")
 T = TypeVar("T")

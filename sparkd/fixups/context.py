@@ -25,9 +25,9 @@ from ..config import ModelConfig
 from ..config.schema import TokenizeApi
 from ..engine.client import Endpoint, EngineClient, EngineError
 from ..errors import BadRequest
-from ..fixups import Fixups
-from ..fixups.tokens import Budget, ContextOverflow, cap_max_tokens, worth_counting
-from .anthropic import count_input_tokens
+from ..http.anthropic import count_input_tokens
+from .profiles import Fixups
+from .tokens import Budget, ContextOverflow, cap_max_tokens, worth_counting
 
 log = structlog.get_logger("sparkd.fixups")
 

@@ -15,9 +15,9 @@ from aiohttp import web
 
 from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
-from ..metrics import CONTENT_TYPE
-from ..runtime.errors import RuntimeFailure
-from ..runtime.logs import Backlog, LogFollower
+from ..observe.metrics import CONTENT_TYPE
+from ..runtime.containerlogs import Backlog, LogFollower
+from ..runtime.failures import RuntimeFailure
 from ..runtime.spec import container_name
 from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT
 from .routing import shown

@@ -23,15 +23,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .engine.usage import NO_MODEL, RequestRecord, parse_usage  # noqa: F401 - re-exported for tests
-from .scheduler.memory import parse_meminfo
-from .scheduler.events import Event, LoadFinished, Transitioned, swap_target
-from .scheduler.state import ModelState
+from .. import __version__
+from ..engine.usage import NO_MODEL, RequestRecord, parse_usage  # noqa: F401 - re-exported for tests
+from ..hardware.memory import parse_meminfo
+from ..scheduler.events import Event, LoadFinished, Transitioned, swap_target
+from ..scheduler.state import ModelState
 
 if TYPE_CHECKING:
-    from .scheduler.memory import MemoryGauge
-    from .scheduler.scheduler import Scheduler
+    from ..hardware.memory import MemoryGauge
+    from ..scheduler.scheduler import Scheduler
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them

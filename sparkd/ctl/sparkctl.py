@@ -27,7 +27,7 @@ from typing import Any
 from .. import __version__
 from ..private_files import PrivateFileError, read_private_file
 from . import render
-from .client import DEFAULT_SOCKET, Client, CtlError, Target, model_path
+from .adminclient import DEFAULT_SOCKET, Client, CtlError, Target, model_path
 
 DEFAULT_CONFIG = "/etc/sparkd/sparkd.toml"
 

@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from . import __version__
-from .allocator import trim_heap_forever
+from .. import __version__
+from ..allocator import trim_heap_forever
+from ..hardware.memory import parse_meminfo
+from ..runtime.failures import ImageMissing, RuntimeFailure
+from ..scheduler.events import Event, FailureCause, Transitioned
+from ..scheduler.state import ModelState
+from ..scheduler.status import snapshot
 from .history import History
 from .metrics import Metrics
-from .runtime.errors import ImageMissing, RuntimeFailure
-from .scheduler.events import Event, FailureCause, Transitioned
-from .scheduler.memory import parse_meminfo
-from .scheduler.state import ModelState
-from .scheduler.status import snapshot
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .runtime.podman import PodmanRuntime
-    from .scheduler.memory import MemoryGauge
-    from .scheduler.runner import ModelRunner
-    from .scheduler.scheduler import Scheduler
+    from ..config import Config
+    from ..hardware.memory import MemoryGauge
+    from ..runtime.podman import PodmanRuntime
+    from ..scheduler.runner import ModelRunner
+    from ..scheduler.scheduler import Scheduler
 
 log = structlog.get_logger("sparkd.ops")
 
@@ -52,7 +52,7 @@ RECENT_EVENTS = 100
 """State changes the status hub keeps for the page and ``sparkctl top`` (which show the last 30)."""
 RECENT_FAILURES = 20
 """Failures the status hub keeps, each with the model's last log lines (at most 20, each cut at
-``runtime.logs.MAX_LINE_CHARS``)."""
+``runtime.containerlogs.MAX_LINE_CHARS``)."""
 RUNNING_STATES = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})
 MAX_UNIX_PATH = 107
 

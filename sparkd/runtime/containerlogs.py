@@ -33,7 +33,7 @@ logs hold no more, whatever an engine prints."""
 FOLLOW_BACKLOG_LINES = 10_000
 """Lines of a followed log waiting for a slow reader (``sparkctl logs -f``); past that the oldest are dropped
 and counted, so a reader slower than the log costs at most this many lines of memory.  As many as the
-longest tail a reader may ask for first (``http/ops.py`` ``MAX_TAIL``), which arrives in one burst."""
+longest tail a reader may ask for first (``http/operator.py`` ``MAX_TAIL``), which arrives in one burst."""
 
 
 def clip_line(line: str) -> str:
