@@ -11,6 +11,7 @@ nothing on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
 from ..engine.progress import LoadProgress, parse_line
+from ..runtime.containers import ContainerInfo
 from ..runtime.errors import PortInUse, RuntimeFailure
 from ..runtime.logs import LogFollower
-from ..runtime.podman import ContainerInfo, PodmanRuntime
+from ..runtime.podman import PodmanRuntime
 from .loadtimes import LoadTimes
 from .memory import MemoryGauge
 from .outcomes import (
@@ -213,10 +215,8 @@ class Lifecycle:
                 else:
                     if info is None or not info.running:
                         raise StartFailed(await self._exit_message(runner, info))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(runner.died.wait(), lifecycle.probe_interval_s)
-            except asyncio.TimeoutError:
-                pass
 
     async def _exit_message(self, runner: ModelRunner, info: ContainerInfo | None = None) -> str:
         if runner.loss:

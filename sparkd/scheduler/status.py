@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 
-def model_status(scheduler: "Scheduler", runner: ModelRunner, now: float, now_wall: float) -> dict[str, Any]:
+def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall: float) -> dict[str, Any]:
     uptime = runner.uptime(now_wall)
     progress = runner.progress
     failure = runner.failure
@@ -47,7 +47,7 @@ def model_status(scheduler: "Scheduler", runner: ModelRunner, now: float, now_wa
     }
 
 
-def snapshot(scheduler: "Scheduler") -> dict[str, Any]:
+def snapshot(scheduler: Scheduler) -> dict[str, Any]:
     now, now_wall = time.monotonic(), time.time()
     lease = scheduler.lease
     return {
@@ -62,7 +62,7 @@ def snapshot(scheduler: "Scheduler") -> dict[str, Any]:
     }
 
 
-def status_line(scheduler: "Scheduler") -> str:
+def status_line(scheduler: Scheduler) -> str:
     """One line for systemd's STATUS=: ``ready: a, b | starting: c | queued: 3``."""
     by_state: dict[ModelState, list[str]] = {}
     for runner in scheduler.runners.values():
