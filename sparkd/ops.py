@@ -11,6 +11,7 @@ and owns the admin socket's lifecycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import deque
@@ -85,10 +86,8 @@ class StatusHub:
 
     async def wait(self, timeout: float) -> None:
         """Return after the next change, or after ``timeout`` seconds."""
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     def close(self) -> None:
         self.closing = True
@@ -233,7 +232,8 @@ class Operations:
             for name in containers:
                 try:
                     stats = self._podman.containers.get(name).stats(stream=False, decode=True)
-                except Exception:  # noqa: BLE001 - gone meanwhile, or not running
+                except Exception as error:  # noqa: BLE001 - gone meanwhile, or not running
+                    log.debug("container_stats_skipped", container=name, error=str(error))
                     continue
                 for entry in (stats or {}).get("Stats") or []:
                     if entry.get("MemUsage"):

@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
-from sparkd.engine.usage import StreamTail
+from sparkd.engine.usage import NO_MODEL, RequestRecord, StreamTail, parse_usage
 from sparkd.errors import ServiceUnavailable
 from sparkd.history import History, HistoryUnavailable
-from sparkd.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
+from sparkd.metrics import Metrics
 from sparkd.scheduler.loadtimes import LoadTimes
 from sparkd.scheduler.outcomes import Adoption, Failed, Launched, Slept, Started, Stopped, Woke
 from sparkd.scheduler.scheduler import Scheduler
