@@ -238,7 +238,7 @@ class Operations:
                 for entry in (stats or {}).get("Stats") or []:
                     if entry.get("MemUsage"):
                         usage[name] = int(entry["MemUsage"])
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - no Podman client or socket: the sample goes without container figures
             log.debug("container_stats_failed", error=str(error))
         return host_used, usage
 
