@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -21,11 +20,12 @@ import structlog
 from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
-from ..engine.progress import LoadProgress, parse_line
+from ..engine.progress import parse_line
 from ..runtime.containers import ContainerInfo
 from ..runtime.errors import PortInUse, RuntimeFailure
 from ..runtime.logs import LogFollower
 from ..runtime.podman import PodmanRuntime
+from .contract import ProgressSink
 from .loadtimes import LoadTimes
 from .memory import MemoryGauge
 from .outcomes import (
@@ -47,8 +47,6 @@ INSPECT_EVERY_S = 2.0
 PORT_ATTEMPTS = 3
 LOG_LINES_ON_FAILURE = 20
 
-ProgressSink = Callable[[LoadProgress], None]
-
 
 class StartFailed(Exception):
     def __init__(self, message: str, log_lines: list[str] | None = None) -> None:
@@ -65,6 +63,11 @@ class Lifecycle:
     load_times: LoadTimes
     cluster: HeadCoordinator | None = None
     """Worker leases on the peers, for models that span several nodes."""
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        if self.cluster is not None:
+            self.cluster.config = config
 
     # -- start ----------------------------------------------------------------
 

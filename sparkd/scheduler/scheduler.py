@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..runtime.events import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
+from .contract import ModelLifecycle
 from .eventlog import log_event
 from .events import (
     Adopted,
@@ -54,7 +55,6 @@ from .events import (
     Transitioned,
 )
 from .lease import Eviction, Holder, Lease, plan
-from .lifecycle import Lifecycle
 from .outcomes import Adoption, Failed, Slept, Started, StopFailed, Stopped, Woke
 from .queue import (
     KeyQueueFull,
@@ -80,7 +80,7 @@ STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING})
 
 
 class Scheduler:
-    def __init__(self, config: Config, lifecycle: Lifecycle) -> None:
+    def __init__(self, config: Config, lifecycle: ModelLifecycle) -> None:
         self.config = config
         self.lifecycle = lifecycle
         self.lease = Lease(config.gpu.memory_budget)
@@ -149,9 +149,7 @@ class Scheduler:
         removed or disabled is stopped once idle.
         """
         self.config = config
-        self.lifecycle.config = config
-        if self.lifecycle.cluster is not None:
-            self.lifecycle.cluster.config = config
+        self.lifecycle.apply_config(config)
         self.lease.budget = config.gpu.memory_budget
         self.queue.limits = queue_limits(config)
         enabled = {m.name: m for m in config.enabled_models()}

@@ -20,7 +20,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
-TYPE_CHECKED_FAKES = ("tests/fake_runtime.py",)
+TYPE_CHECKED_FAKES = ("tests/fake_runtime.py", "tests/fake_lifecycle.py")
 """Test fakes that stand in for sparkd's Protocols: mypy checks them against those."""
 
 NOQA = re.compile(r"#\s*noqa\b(?P<codes>:\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*)?(?P<why>\s+-\s+\S.*)?")
