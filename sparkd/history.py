@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from .adminjson import DailyRow, HistoryDoc, LoadRow, ModelHistory, SessionRow
 from .scheduler.events import Adopted, Event, LoadFinished, Transitioned
 from .scheduler.state import ModelState
 
@@ -274,33 +275,32 @@ class History:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def query(self, model: str | None = None, days: int = 30, limit: int = 20) -> dict[str, Any]:
+    async def query(self, model: str | None = None, days: int = 30, limit: int = 20) -> HistoryDoc:
         return await self._run(self._query_sync, model, days, limit, time.time())
 
-    def _query_sync(self, model: str | None, days: int, limit: int, now: float) -> dict[str, Any]:
+    def _query_sync(self, model: str | None, days: int, limit: int, now: float) -> HistoryDoc:
         assert self._db is not None
         db = self._db
         # Constant queries with bound values only; a NULL :model matches every model.
         params = {"model": model or None, "now": now, "limit": limit,
                   "since_day": time.strftime("%Y-%m-%d", time.localtime(now - days * 86400))}
-        summary: dict[str, dict[str, Any]] = {}
+        summary: dict[str, ModelHistory] = {}
+        ready: dict[str, list[float]] = {}
         for name, duration, outcome in db.execute(
             "SELECT model, duration_s, outcome FROM loads WHERE (:model IS NULL OR model = :model) AND kind = 'start' "
             "ORDER BY started_at", params
         ):
-            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "_ok": []})
+            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
             entry["loads"] += 1
             if outcome == "ready":
-                entry["_ok"].append(duration)
+                ready.setdefault(name, []).append(duration)
             else:
                 entry["failed_loads"] += 1
-        for entry in summary.values():
-            ok = entry.pop("_ok")
-            entry["load_s"] = (
-                {"median": round(statistics.median(ok), 1), "min": round(min(ok), 1), "max": round(max(ok), 1),
-                 "last": round(ok[-1], 1)}
-                if ok else None
-            )
+        for name, ok in ready.items():
+            summary[name]["load_s"] = {
+                "median": round(statistics.median(ok), 1), "min": round(min(ok), 1), "max": round(max(ok), 1),
+                "last": round(ok[-1], 1),
+            }
         for name, count, seconds, peak_host, peak_container, peak_gpu in db.execute(
             "SELECT model, COUNT(*), SUM(COALESCE(ended_at, :now) - started_at), MAX(peak_host_used_bytes), "
             "MAX(peak_container_bytes), MAX(peak_gpu_used_bytes) FROM sessions WHERE (:model IS NULL OR model = :model) "
@@ -308,24 +308,24 @@ class History:
             params,
         ):
             entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
-            entry.update(
-                sessions=count, running_s=round(seconds or 0.0, 1), peak_host_used_bytes=peak_host,
-                peak_container_bytes=peak_container, peak_gpu_used_bytes=peak_gpu,
-            )
+            entry.update({
+                "sessions": count, "running_s": round(seconds or 0.0, 1), "peak_host_used_bytes": peak_host,
+                "peak_container_bytes": peak_container, "peak_gpu_used_bytes": peak_gpu,
+            })
         for name, requests, tokens in db.execute(
             "SELECT model, SUM(requests), SUM(prompt_tokens + completion_tokens) FROM usage_daily "
             "WHERE (:model IS NULL OR model = :model) GROUP BY model", params
         ):
             entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
-            entry.update(requests=requests, tokens=tokens)
-        loads = [
+            entry.update({"requests": requests, "tokens": tokens})
+        loads: list[LoadRow] = [
             {"model": m, "kind": k, "started_at": s, "duration_s": d, "outcome": o, "message": msg}
             for m, k, s, d, o, msg in db.execute(
                 "SELECT model, kind, started_at, duration_s, outcome, message FROM loads "
                 "WHERE (:model IS NULL OR model = :model) ORDER BY started_at DESC LIMIT :limit", params
             )
         ]
-        sessions = [
+        sessions: list[SessionRow] = [
             {
                 "model": m, "started_at": s, "ended_at": e, "duration_s": round((e or now) - s, 1), "running": e is None,
                 "end_state": st, "end_reason": r, "requests": q, "peak_host_used_bytes": ph,
@@ -338,7 +338,7 @@ class History:
                 params,
             )
         ]
-        daily = [
+        daily: list[DailyRow] = [
             {"day": d, "model": m, "requests": q, "errors": e, "prompt_tokens": p, "completion_tokens": c}
             for d, m, q, e, p, c in db.execute(
                 "SELECT day, model, requests, errors, prompt_tokens, completion_tokens FROM usage_daily "

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__
+from .adminjson import LiveStatus, RecentFailure, RecentMove
 from .allocator import trim_heap_forever
 from .history import History
 from .metrics import Metrics
@@ -64,8 +65,8 @@ class StatusHub:
     def __init__(self) -> None:
         self._changed = asyncio.Event()
         self.closing = False
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
-        self.failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
+        self.recent: deque[RecentMove] = deque(maxlen=RECENT_EVENTS)
+        self.failures: deque[RecentFailure] = deque(maxlen=RECENT_FAILURES)
 
     def on_event(self, event: Event) -> None:
         """Scheduler listener: keep moves and failures, wake the live views on any news."""
@@ -167,7 +168,7 @@ class Operations:
 
     # -- live status ------------------------------------------------------------------
 
-    def live(self) -> dict[str, Any]:
+    def live(self) -> LiveStatus:
         """What the status page and ``sparkctl top`` show: status, recent events and failures."""
         config = self._config()
         return {

@@ -221,5 +221,5 @@ class OpsRoutes:
             name = self._configured(name).name
         days = self._int(request, "days", 30, 1, 3660)
         limit = self._int(request, "limit", 20, 1, 1000)
-        data: dict[str, Any] = await self._ops.history.query(name, days, limit)
+        data = await self._ops.history.query(name, days, limit)
         return web.json_response(data)
