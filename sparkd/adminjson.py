@@ -3,7 +3,9 @@
 * ``StatusDoc``: ``GET /api/status`` (``sparkctl status``);
 * ``LiveStatus``: each ``status`` event of ``GET /api/events`` (the status page,
   ``sparkctl top``): the status snapshot, the server, recent moves and failures;
-* ``HistoryDoc``: ``GET /api/history`` (``sparkctl history``).
+* ``HistoryDoc``: ``GET /api/history`` (``sparkctl history``);
+* ``CatalogDoc``: ``GET /api/models`` (``sparkctl models``);
+* ``PrepareDoc``: ``POST /api/prepare`` (``sparkctl prepare``).
 
 Fields that are absent rather than null are in ``total=False`` parts. Standard library
 only: sparkctl imports it, and starts fast.
@@ -207,3 +209,54 @@ class HistoryDoc(TypedDict):
     loads: list[LoadRow]
     sessions: list[SessionRow]
     daily: list[DailyRow]
+
+
+# -- catalog and prepare -----------------------------------------------------------------------
+
+
+class CatalogEntry(TypedDict):
+    name: str
+    enabled: bool
+    experimental: bool
+    reason: str | None
+    """Why the model is off; None when it is enabled."""
+    state: str
+    lifecycle: str
+    claim: float
+    max_model_len: int | None
+    image: str
+    gpu: bool
+    sleep_mode: bool
+    aliases: list[str]
+    profile: str | None
+    tools: str
+    hf_model: str | None
+    notes: list[str]
+    container: str
+
+
+class CatalogDoc(TypedDict):
+    models: list[CatalogEntry]
+
+
+class _PrepareResultField(TypedDict):
+    result: str
+    """created, recreated, exists, running, busy, image_missing or error."""
+
+
+class PrepareOutcome(_PrepareResultField, total=False):
+    message: str
+    """What to do, for the results that are not a container."""
+    status: str
+    port: int | None
+
+
+class PrepareResult(PrepareOutcome):
+    model: str
+    container: str
+    image: str
+
+
+class PrepareDoc(TypedDict):
+    ok: bool
+    results: list[PrepareResult]

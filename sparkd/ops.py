@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .adminjson import LiveStatus, RecentFailure, RecentMove
+from .adminjson import LiveStatus, PrepareOutcome, PrepareResult, RecentFailure, RecentMove
 from .allocator import trim_heap_forever
 from .history import History
 from .metrics import Metrics
@@ -250,7 +250,7 @@ class Operations:
 
     # -- prepare -------------------------------------------------------------------------
 
-    async def prepare(self, names: list[str]) -> list[dict[str, Any]]:
+    async def prepare(self, names: list[str]) -> list[PrepareResult]:
         """Create the containers of ``names`` ahead of time (not started) and check their images.
 
         One result per model: ``created``, ``recreated``, ``exists`` (the container is
@@ -262,13 +262,12 @@ class Operations:
             results.append(await self._prepare_one(name))
         return results
 
-    async def _prepare_one(self, name: str) -> dict[str, Any]:
+    async def _prepare_one(self, name: str) -> PrepareResult:
         runner = self._scheduler.runners[name]
         port_range = self._config().defaults.port_range
         first, last = port_range[0], port_range[-1]
-        entry: dict[str, Any] = {"model": name, "container": runner.spec.name, "image": runner.spec.image}
 
-        async def create(runner: ModelRunner) -> dict[str, Any]:
+        async def create(runner: ModelRunner) -> PrepareOutcome:
             runtime = self._runtime
             try:
                 before = await runtime.inspect(runner.spec.name)
@@ -294,6 +293,9 @@ class Operations:
             else:
                 note = " (its container predates the configuration: it is re-created at the next start)" if runner.stale_spec else ""
                 outcome = {"result": "running", "message": f"model {name} is {runner.state}; its container is left alone{note}"}
+        log.info("model_prepared", model=name, result=outcome["result"])
+        entry: PrepareResult = {
+            "model": name, "container": runner.spec.name, "image": runner.spec.image, "result": outcome["result"]
+        }
         entry.update(outcome)
-        log.info("model_prepared", model=name, result=entry["result"])
         return entry

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..adminjson import HistoryDoc, LiveStatus, ModelStatus, StatusSnapshot
+from ..adminjson import CatalogDoc, HistoryDoc, LiveStatus, ModelStatus, PrepareDoc, StatusSnapshot
 
 BAR_WIDTH = 20
 
@@ -113,7 +113,7 @@ def status(data: StatusSnapshot) -> str:
     return "\n".join(out)
 
 
-def models(data: dict[str, Any]) -> str:
+def models(data: CatalogDoc) -> str:
     rows = []
     notes = []
     for model in data["models"]:
@@ -150,7 +150,7 @@ PREPARE_WORDS = {
 }
 
 
-def prepare(data: dict[str, Any]) -> str:
+def prepare(data: PrepareDoc) -> str:
     lines = []
     width = max([len(r["model"]) for r in data["results"]] + [5])
     for result in data["results"]:
