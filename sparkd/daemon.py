@@ -72,7 +72,7 @@ def startup_step(what: str, advice: str) -> Iterator[None]:
         yield
     except StartupError:
         raise
-    except Exception as error:  # noqa: BLE001 - whatever fails here, sparkd cannot start and must say so
+    except Exception as error:  # whatever fails here, sparkd cannot start and must say so
         raise StartupError(f"{what} failed: {str(error) or repr(error)}. {advice}") from error
 
 
@@ -305,7 +305,7 @@ class Daemon:
                     scheduler,
                     f"reload failed: {len(error.problems)} problem(s), first {first.key} in {first.file}; serving the previous configuration",
                 )
-            except Exception as error:  # noqa: BLE001 - systemd waits for READY=1 after RELOADING=1
+            except Exception as error:  # systemd waits for READY=1 after RELOADING=1
                 log.error("reload_failed", config=str(self.config_path), error=repr(error), exc_info=error)
                 return self._reload_refused(scheduler, f"reload failed: {error!r}; serving the previous configuration")
             self._apply(scheduler, new, keys)

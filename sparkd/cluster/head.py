@@ -17,6 +17,7 @@ from typing import TypedDict
 
 import structlog
 
+from ..adminjson import NodeView
 from ..config import Config, ModelConfig
 from .peers import Peer, PeerClient, PeerError
 
@@ -35,20 +36,6 @@ class WorkerLeaseRequest(TypedDict):
     ray_port: int
     head_port: int | None
     heartbeat_timeout_s: float
-
-
-class _Node(TypedDict):
-    node: str
-    role: str
-    """"head" (this node) or "worker"."""
-    address: str | None
-
-
-class NodeView(_Node, total=False):
-    """One node's part in a model spanning several Sparks, as the status JSON shows it."""
-
-    lease: str | None
-    heartbeat_age_s: float | None
 
 
 @dataclass

@@ -22,10 +22,11 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any
 
 import structlog
 
+from ..adminjson import WorkerLeaseView
 from ..config import Config, ModelConfig
 from ..config.schema import WorkerConfig
 from ..config.validate import describe
@@ -41,21 +42,6 @@ log = structlog.get_logger("sparkd.cluster")
 EXPIRY_CHECK_S = 1.0
 MAX_HEARTBEAT_TIMEOUT_S = 300.0
 REQUEST_FIELDS = ("head", "model", "image", "head_address", "ray_port", "head_port", "heartbeat_timeout_s")
-
-
-class WorkerLeaseView(TypedDict):
-    """A lease granted to a head, as /api/worker-leases and the status JSON show it."""
-
-    id: str
-    head: str
-    peer_key: str
-    model: str
-    worker: str
-    state: str
-    claim: float
-    granted_at: float
-    heartbeat_age_s: float
-    releasing: bool
 
 
 @dataclass

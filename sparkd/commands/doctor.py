@@ -93,7 +93,7 @@ def check_images(config: Config) -> list[Check]:
                     checks.append(Check("image", True, f"{image} is present (used by {', '.join(models)})"))
                 else:
                     checks.append(Check("image", False, f"{image} is missing (needed by {', '.join(models)})", image_fix(image)))
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - any failure means "cannot list", said as a failed check
         checks.append(Check("image", False, f"cannot list images: {error}", "fix the podman check first"))
     return checks
 

@@ -133,7 +133,7 @@ def parse_keys(document: dict[str, Any]) -> tuple[dict[str, ClientKey], list[str
     ]
     tables = document.get("keys", {})
     if not isinstance(tables, dict):
-        return {}, problems + ["'keys' must hold tables [keys.<name>]"]
+        return {}, [*problems, "'keys' must hold tables [keys.<name>]"]
     entries: dict[str, ClientKey] = {}
     seen: dict[bytes, str] = {}
     for name, table in tables.items():

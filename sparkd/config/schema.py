@@ -296,7 +296,7 @@ class EngineCacheConfig:
 
     paths: Annotated[tuple[str, ...], Each(ContainerDirectory)] = (
         "/root/.cache/vllm",
-        "/tmp/torchinductor_root",
+        "/tmp/torchinductor_root",  # noqa: S108 - a path inside the container, not on this host
         "/root/.triton",
         "/root/.cache/flashinfer",
         "/root/.nv/ComputeCache",

@@ -147,7 +147,7 @@ def _convert_items(annotation: Any, items: Iterable[tuple[str, Any]]) -> dict[st
         try:
             converted[where] = convert(annotation, item)
         except _Mismatch as inner:
-            raise _Mismatch(inner.expected, inner.found, (where,) + inner.where) from None
+            raise _Mismatch(inner.expected, inner.found, (where, *inner.where)) from None
     return converted
 
 
@@ -187,7 +187,7 @@ def build(
                 )
             )
             continue
-        value = _build_value(hints[name], raw, file=file, path=path + (name,), problems=problems)
+        value = _build_value(hints[name], raw, file=file, path=(*path, name), problems=problems)
         if value is not _INVALID:
             values[name] = value
     missing = [

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from ..adminjson import LiveStatus
+
 DEFAULT_SOCKET = "/run/sparkd/sparkd.sock"
 
 
@@ -113,7 +115,7 @@ class Client:
         except ValueError:
             raise CtlError(f"sparkd answered something that is not JSON: {raw[:200]!r}") from None
 
-    def events(self, interval: float) -> Iterator[dict[str, Any]]:
+    def events(self, interval: float) -> Iterator[LiveStatus]:
         """The live status, one snapshot per server-sent event, until the stream ends."""
         response = self.open("GET", f"/api/events?interval={interval:g}", timeout=None)
         data: list[str] = []

@@ -6,6 +6,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..adminjson import CatalogDoc, HistoryDoc, LiveStatus, ModelStatus, PrepareDoc, StatusSnapshot
+
 BAR_WIDTH = 20
 
 
@@ -56,18 +58,19 @@ def bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + f"] {round(fraction * 100):3d}%"
 
 
-def progress(model: dict[str, Any]) -> str:
+def progress(model: ModelStatus) -> str:
     """Load progress of a starting (or waking) model: a bar over its ETA, the phase, the ETA left."""
     state = model.get("state")
-    if state == "failed" and model.get("failure"):
-        return "failed: " + str(model["failure"]["message"])[:100]
+    failure = model.get("failure")
+    if state == "failed" and failure:
+        return "failed: " + str(failure["message"])[:100]
     if state not in ("starting", "waking"):
         return ""
     loading = model.get("loading_for_s")
     eta = model.get("eta_s")
-    info = model.get("progress") or {}
-    phase = info.get("phase") or state
-    phase_fraction = info.get("fraction")
+    info = model.get("progress")
+    phase = (info["phase"] if info else "") or state
+    phase_fraction = info["fraction"] if info else None
     text = phase + (f" {round(phase_fraction * 100)}%" if phase_fraction is not None else "")
     if eta and loading is not None:
         overall = min(0.99, loading / eta) if eta > 0 else None
@@ -78,7 +81,7 @@ def progress(model: dict[str, Any]) -> str:
     return f"{text}, {duration(loading)} so far (no ETA: first load)"
 
 
-def status(data: dict[str, Any]) -> str:
+def status(data: StatusSnapshot) -> str:
     rows = []
     for model in data["models"]:
         rows.append(
@@ -101,15 +104,16 @@ def status(data: dict[str, Any]) -> str:
     counts = {m["name"]: m["queued"] for m in data["models"]}
     waiting = ", ".join(f"{name} {counts.get(name, '?')}" for name in queue.get("models") or [])
     out.append(f"queue: {queue['depth']} waiting (limit {queue['limit']})" + (f": {waiting}" if waiting else ""))
-    failed = [m for m in data["models"] if m.get("failure")]
-    for model in failed:
-        failure = model["failure"]
+    for model in data["models"]:
+        failure = model.get("failure")
+        if not failure:
+            continue
         out.append(f"\n{model['name']} failed {duration(failure.get('age_s'))} ago: {failure['message']}")
         out.extend(f"  | {line}" for line in failure.get("log_lines", [])[-8:])
     return "\n".join(out)
 
 
-def models(data: dict[str, Any]) -> str:
+def models(data: CatalogDoc) -> str:
     rows = []
     notes = []
     for model in data["models"]:
@@ -146,7 +150,7 @@ PREPARE_WORDS = {
 }
 
 
-def prepare(data: dict[str, Any]) -> str:
+def prepare(data: PrepareDoc) -> str:
     lines = []
     width = max([len(r["model"]) for r in data["results"]] + [5])
     for result in data["results"]:
@@ -160,18 +164,18 @@ def prepare(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def history(data: dict[str, Any]) -> str:
+def history(data: HistoryDoc) -> str:
     out = []
     rows = []
     for name, entry in sorted(data["models"].items()):
-        load = entry.get("load_s") or {}
+        times = entry.get("load_s")
         rows.append(
             [
                 name,
                 entry.get("loads", 0),
                 entry.get("failed_loads", 0),
-                duration(load.get("median")) if load else "-",
-                duration(load.get("last")) if load else "-",
+                duration(times["median"]) if times else "-",
+                duration(times["last"]) if times else "-",
                 entry.get("sessions", 0),
                 duration(entry.get("running_s")),
                 entry.get("requests") or 0,
@@ -217,7 +221,7 @@ def history(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def recent(data: dict[str, Any], count: int = 8) -> str:
+def recent(data: LiveStatus, count: int = 8) -> str:
     lines = []
     for event in (data.get("recent") or [])[-count:]:
         when = time.strftime("%H:%M:%S", time.localtime(event["at"]))

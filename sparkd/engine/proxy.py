@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -241,6 +242,20 @@ async def _relay(
             record.note_body(first, usage_tail.text)
     if broken is not None and tail and not tail.endswith(b"\n\n"):
         return _abort(request, response)  # cut inside an event: an error event would be glued to its remains
+    return await _end_relay(request, response, watch, ending, rewrite, broken, usage_tail)
+
+
+async def _end_relay(
+    request: web.Request,
+    response: web.StreamResponse,
+    watch: StallWatch,
+    ending: StreamEnding,
+    rewrite: StreamRewrite | None,
+    broken: str | None,
+    usage_tail: StreamTail,
+) -> web.StreamResponse:
+    """Close a relayed stream: the rewrite's rest, then an error event for a ``broken`` engine or
+    the final event an engine left out, and the end of the body."""
     try:
         watch.enter(Phase.WRITE)
         if rewrite is not None and broken is None:
@@ -255,7 +270,7 @@ async def _relay(
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
-        _log_timeout(model, Phase.WRITE.value, watch.limit(Phase.WRITE), CONFIG_KEYS[Phase.WRITE])
+        _log_timeout(ending.model, Phase.WRITE.value, watch.limit(Phase.WRITE), CONFIG_KEYS[Phase.WRITE])
         return _abort(request, response, drop=True)
     return response
 

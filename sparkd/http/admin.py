@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..adminjson import StatusDoc
 from ..errors import ModelDisabled
 from ..scheduler.status import snapshot
 from .appkeys import SCHEDULER, SNAPSHOT, WORKERS
@@ -16,7 +17,9 @@ class AdminRoutes:
         app.router.add_post("/api/models/{model}/{action:start|stop|sleep|wake}", self.act)
 
     async def status(self, request: web.Request) -> web.Response:
-        status = snapshot(self._scheduler)
+        status: StatusDoc = {
+            **snapshot(self._scheduler), "worker_leases": [lease.view() for lease in self._workers.leases()]
+        }
         coordinator = self._scheduler.lifecycle.cluster
         if coordinator is not None:
             models = self._snapshot.current.config.models
@@ -24,7 +27,6 @@ class AdminRoutes:
                 config = models.get(model["name"])
                 if config is not None and len(config.nodes) > 1:
                     model["nodes"] = coordinator.nodes_view(config)
-        status["worker_leases"] = [lease.view() for lease in self._workers.leases()]
         return web.json_response(status)
 
     async def act(self, request: web.Request) -> web.Response:

@@ -105,12 +105,12 @@ def engine_answer(response: web.StreamResponse, model: str, path: str) -> web.St
 
 def _engine_message(answer: Any, raw: bytes) -> str:
     error = answer.get("error") if isinstance(answer, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    if isinstance(error, str):
-        return error
-    if isinstance(answer, dict) and isinstance(answer.get("detail"), str):
-        return answer["detail"]
+    message = error.get("message") if isinstance(error, dict) else error
+    if isinstance(message, str):
+        return message
+    detail = answer.get("detail") if isinstance(answer, dict) else None
+    if isinstance(detail, str):
+        return detail
     return raw[:300].decode("utf-8", "replace") or "no reason given"
 
 

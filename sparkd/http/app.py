@@ -127,7 +127,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return render(refusal)
     except ConnectionError:
         raise  # the client went away: nobody to answer
-    except Exception:  # noqa: BLE001 - a bug must cost one request a 500, never the daemon
+    except Exception:  # a bug must cost one request a 500, never the daemon
         log.exception("request_failed", method=request.method, path=shown(request.path))
         if request.writer is not None and request.writer.output_size > 0:
             raise  # an answer is under way already: aiohttp closes the connection

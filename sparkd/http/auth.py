@@ -44,8 +44,8 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ModelConfig
-from ..config.schema import LoadingFeedback
 from ..config.keys import ADMIN, PEER, USER, ClientKey, digest_key, read_keys_file
+from ..config.schema import LoadingFeedback
 from ..errors import Forbidden, Unauthorized
 from .hosts import is_address_host
 from .routing import shown

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 from aiohttp import web
 
@@ -22,10 +22,21 @@ from .auth import ADMIN_ROLES, presented_key, via_unix_socket
 READINESS_CACHE_S = 1.0
 
 
+class ReadinessDetail(TypedDict, total=False):
+    """What /readyz adds for the admin: why it is not ready, or the configuration it serves."""
+
+    reason: str
+    config: str
+
+
+class ReadinessDoc(ReadinessDetail):
+    status: str
+
+
 @dataclass(frozen=True)
 class Readiness:
     status: str
-    detail: dict[str, Any]
+    detail: ReadinessDetail
 
     @property
     def http_status(self) -> int:
@@ -49,9 +60,8 @@ class HealthRoutes:
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready: configuration loaded, running containers reconciled, Podman reachable."""
         readiness = await self._readiness()
-        body: dict[str, Any] = {"status": readiness.status}
-        if self._shows_details(request):
-            body.update(readiness.detail)
+        shown: ReadinessDetail = readiness.detail if self._shows_details(request) else {}
+        body: ReadinessDoc = {"status": readiness.status, **shown}
         return web.json_response(body, status=readiness.http_status)
 
     def _shows_details(self, request: web.Request) -> bool:

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import StreamReader, web
 
-from ..config import ServerConfig
+from ..config import ModelConfig, ServerConfig
+from ..engine.client import Endpoint
 from ..engine.proxy import forward
 from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
-from ..fixups import DEFAULT_PROFILE
+from ..fixups import DEFAULT_PROFILE, Fixups
 from . import anthropic, loading, responses
 from .appkeys import ENGINE, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
 from .auth import PRINCIPAL
@@ -167,9 +168,8 @@ class OpenAIRoutes:
             if changed:
                 raw, changed = json.dumps(body, separators=(",", ":")).encode(), False
             del body
-            if streaming and route.path in loading.STREAM_PATHS:
-                principal = request[PRINCIPAL]
-                feed = loading.LoadingFeed(request, self._scheduler, model.name, route.path, principal.feedback_for(model), headers)
+            if streaming:
+                feed = self._loading_feed(request, model, route.path, headers)
             queued = time.monotonic()
             try:
                 runner = await self._wait_for(model.name, request[PRINCIPAL].name, len(raw), feed)
@@ -188,12 +188,7 @@ class OpenAIRoutes:
         try:
             assert runner.endpoint is not None
             if fitting:
-                fitted, capped = await responses.fit(
-                    self._engine, runner.endpoint, model, fixups, route.path, body, self._tokenize_failures
-                )
-                headers.update(capped)
-                if feed is not None and capped:
-                    await feed.tell_headers(capped)
+                fitted = await self._fit(runner.endpoint, model, fixups, route.path, body, headers, feed)
                 changed, body = changed or fitted is not body, fitted
             if changed:
                 raw = json.dumps(body, separators=(",", ":")).encode()
@@ -211,6 +206,33 @@ class OpenAIRoutes:
             return await feed.end_with_error(error, record)  # the stream's 200 went out while it waited
         finally:
             self._scheduler.release(runner)
+
+    def _loading_feed(
+        self, request: web.Request, model: ModelConfig, path: str, headers: dict[str, str]
+    ) -> loading.LoadingFeed | None:
+        """What tells a waiting stream's client about its model's loading; None for paths without one."""
+        if path not in loading.STREAM_PATHS:
+            return None
+        feedback = request[PRINCIPAL].feedback_for(model)
+        return loading.LoadingFeed(request, self._scheduler, model.name, path, feedback, headers)
+
+    async def _fit(
+        self,
+        endpoint: Endpoint,
+        model: ModelConfig,
+        fixups: Fixups,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        feed: loading.LoadingFeed | None,
+    ) -> dict[str, Any]:
+        """The body with its token limit fitted to the context left; the cap's headers go to
+        ``headers`` and, for a stream whose headers went out while it waited, to its client."""
+        fitted, capped = await responses.fit(self._engine, endpoint, model, fixups, path, body, self._tokenize_failures)
+        headers.update(capped)
+        if feed is not None and capped:
+            await feed.tell_headers(capped)
+        return fitted
 
     async def _wait_for(self, model: str, key: str, body_bytes: int, feed: loading.LoadingFeed | None) -> ModelRunner | None:
         """Wait for the model, telling a stream's client why (``feed``); None when that client left."""

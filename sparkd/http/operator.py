@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..adminjson import CatalogDoc, CatalogEntry, PrepareDoc
 from ..config import ModelConfig
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..observe.metrics import CONTENT_TYPE
@@ -88,7 +89,7 @@ class OpsRoutes:
     async def models(self, request: web.Request) -> web.Response:
         config = self._snapshot.current.config
         runners = self._scheduler.runners
-        entries = []
+        entries: list[CatalogEntry] = []
         for name, model in config.models.items():
             runner = runners.get(name)
             entries.append(
@@ -112,7 +113,8 @@ class OpsRoutes:
                     "container": runner.spec.name if runner else container_name(name, config.server.instance),
                 }
             )
-        return web.json_response({"models": entries})
+        catalog: CatalogDoc = {"models": entries}
+        return web.json_response(catalog)
 
     # -- container logs ------------------------------------------------------------------------
 
@@ -211,7 +213,8 @@ class OpsRoutes:
         names = [n for n in names if n in self._scheduler.runners]
         results = await self._ops.prepare(names)
         ok = all(r["result"] in ("created", "recreated", "exists", "running") for r in results)
-        return web.json_response({"ok": ok, "results": results})
+        answer: PrepareDoc = {"ok": ok, "results": results}
+        return web.json_response(answer)
 
     # -- history ------------------------------------------------------------------------------------
 
@@ -221,5 +224,5 @@ class OpsRoutes:
             name = self._configured(name).name
         days = self._int(request, "days", 30, 1, 3660)
         limit = self._int(request, "limit", 20, 1, 1000)
-        data: dict[str, Any] = await self._ops.history.query(name, days, limit)
+        data = await self._ops.history.query(name, days, limit)
         return web.json_response(data)

@@ -18,6 +18,7 @@ reads are awaited), and that thread alone ever touches the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import statistics
 import time
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from ..adminjson import DailyRow, HistoryDoc, LoadRow, ModelHistory, SessionRow
 from ..scheduler.events import Adopted, Event, LoadFinished, Transitioned
 from ..scheduler.state import ModelState
 
@@ -102,10 +104,8 @@ class History:
         """Queue a write; never blocks the event loop."""
         if self.problem is not None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # shut down already
             self._executor.submit(self._guarded, func, *args)
-        except RuntimeError:
-            pass  # shut down already
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         try:
@@ -275,55 +275,57 @@ class History:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def query(self, model: str | None = None, days: int = 30, limit: int = 20) -> dict[str, Any]:
+    async def query(self, model: str | None = None, days: int = 30, limit: int = 20) -> HistoryDoc:
         return await self._run(self._query_sync, model, days, limit, time.time())
 
-    def _query_sync(self, model: str | None, days: int, limit: int, now: float) -> dict[str, Any]:
+    def _query_sync(self, model: str | None, days: int, limit: int, now: float) -> HistoryDoc:
         assert self._db is not None
         db = self._db
-        where, args = ("WHERE model = ?", [model]) if model else ("", [])
-        since = now - days * 86400
-        summary: dict[str, dict[str, Any]] = {}
+        # Constant queries with bound values only; a NULL :model matches every model.
+        params = {"model": model or None, "now": now, "limit": limit,
+                  "since_day": time.strftime("%Y-%m-%d", time.localtime(now - days * 86400))}
+        summary: dict[str, ModelHistory] = {}
+        ready: dict[str, list[float]] = {}
         for name, duration, outcome in db.execute(
-            f"SELECT model, duration_s, outcome FROM loads {where} {'AND' if where else 'WHERE'} kind = 'start' "
-            "ORDER BY started_at", args
+            "SELECT model, duration_s, outcome FROM loads WHERE (:model IS NULL OR model = :model) AND kind = 'start' "
+            "ORDER BY started_at", params
         ):
-            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "_ok": []})
+            entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
             entry["loads"] += 1
             if outcome == "ready":
-                entry["_ok"].append(duration)
+                ready.setdefault(name, []).append(duration)
             else:
                 entry["failed_loads"] += 1
-        for name, entry in summary.items():
-            ok = entry.pop("_ok")
-            entry["load_s"] = (
-                {"median": round(statistics.median(ok), 1), "min": round(min(ok), 1), "max": round(max(ok), 1),
-                 "last": round(ok[-1], 1)}
-                if ok else None
-            )
+        for name, ok in ready.items():
+            summary[name]["load_s"] = {
+                "median": round(statistics.median(ok), 1), "min": round(min(ok), 1), "max": round(max(ok), 1),
+                "last": round(ok[-1], 1),
+            }
         for name, count, seconds, peak_host, peak_container, peak_gpu in db.execute(
-            f"SELECT model, COUNT(*), SUM(COALESCE(ended_at, ?) - started_at), MAX(peak_host_used_bytes), "
-            f"MAX(peak_container_bytes), MAX(peak_gpu_used_bytes) FROM sessions {where} GROUP BY model",
-            [now, *args],
+            "SELECT model, COUNT(*), SUM(COALESCE(ended_at, :now) - started_at), MAX(peak_host_used_bytes), "
+            "MAX(peak_container_bytes), MAX(peak_gpu_used_bytes) FROM sessions WHERE (:model IS NULL OR model = :model) "
+            "GROUP BY model",
+            params,
         ):
             entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
-            entry.update(
-                sessions=count, running_s=round(seconds or 0.0, 1), peak_host_used_bytes=peak_host,
-                peak_container_bytes=peak_container, peak_gpu_used_bytes=peak_gpu,
-            )
+            entry.update({
+                "sessions": count, "running_s": round(seconds or 0.0, 1), "peak_host_used_bytes": peak_host,
+                "peak_container_bytes": peak_container, "peak_gpu_used_bytes": peak_gpu,
+            })
         for name, requests, tokens in db.execute(
-            f"SELECT model, SUM(requests), SUM(prompt_tokens + completion_tokens) FROM usage_daily {where} GROUP BY model", args
+            "SELECT model, SUM(requests), SUM(prompt_tokens + completion_tokens) FROM usage_daily "
+            "WHERE (:model IS NULL OR model = :model) GROUP BY model", params
         ):
             entry = summary.setdefault(name, {"loads": 0, "failed_loads": 0, "load_s": None})
-            entry.update(requests=requests, tokens=tokens)
-        loads = [
+            entry.update({"requests": requests, "tokens": tokens})
+        loads: list[LoadRow] = [
             {"model": m, "kind": k, "started_at": s, "duration_s": d, "outcome": o, "message": msg}
             for m, k, s, d, o, msg in db.execute(
-                f"SELECT model, kind, started_at, duration_s, outcome, message FROM loads {where} "
-                "ORDER BY started_at DESC LIMIT ?", [*args, limit]
+                "SELECT model, kind, started_at, duration_s, outcome, message FROM loads "
+                "WHERE (:model IS NULL OR model = :model) ORDER BY started_at DESC LIMIT :limit", params
             )
         ]
-        sessions = [
+        sessions: list[SessionRow] = [
             {
                 "model": m, "started_at": s, "ended_at": e, "duration_s": round((e or now) - s, 1), "running": e is None,
                 "end_state": st, "end_reason": r, "requests": q, "peak_host_used_bytes": ph,
@@ -331,16 +333,17 @@ class History:
             }
             for m, s, e, st, r, q, ph, pc, pg in db.execute(
                 "SELECT model, started_at, ended_at, end_state, end_reason, requests, peak_host_used_bytes, "
-                f"peak_container_bytes, peak_gpu_used_bytes FROM sessions {where} ORDER BY started_at DESC LIMIT ?",
-                [*args, limit],
+                "peak_container_bytes, peak_gpu_used_bytes FROM sessions WHERE (:model IS NULL OR model = :model) "
+                "ORDER BY started_at DESC LIMIT :limit",
+                params,
             )
         ]
-        daily = [
+        daily: list[DailyRow] = [
             {"day": d, "model": m, "requests": q, "errors": e, "prompt_tokens": p, "completion_tokens": c}
             for d, m, q, e, p, c in db.execute(
-                f"SELECT day, model, requests, errors, prompt_tokens, completion_tokens FROM usage_daily {where} "
-                f"{'AND' if where else 'WHERE'} day >= ? ORDER BY day DESC, model",
-                [*args, time.strftime("%Y-%m-%d", time.localtime(since))],
+                "SELECT day, model, requests, errors, prompt_tokens, completion_tokens FROM usage_daily "
+                "WHERE (:model IS NULL OR model = :model) AND day >= :since_day ORDER BY day DESC, model",
+                params,
             )
         ]
         return {"path": str(self.path), "days": days, "models": summary, "loads": loads, "sessions": sessions, "daily": daily}

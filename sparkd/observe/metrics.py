@@ -16,15 +16,23 @@ word, never client input, so the number of series stays bounded.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..engine.usage import NO_MODEL, RequestRecord, parse_usage  # noqa: F401 - re-exported for tests
+from ..engine.usage import RequestRecord
 from ..hardware.memory import parse_meminfo
 from ..scheduler.events import Event, LoadFinished, Transitioned, swap_target
 from ..scheduler.state import ModelState
@@ -42,7 +50,7 @@ LOAD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900, 1800)
 
 
 class Metrics:
-    def __init__(self, scheduler: "Scheduler", memory: "MemoryGauge | None" = None, meminfo: str = "/proc/meminfo") -> None:
+    def __init__(self, scheduler: Scheduler, memory: MemoryGauge | None = None, meminfo: str = "/proc/meminfo") -> None:
         self.scheduler = scheduler
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -169,7 +177,7 @@ class Metrics:
 class _Levels(Collector):
     """Gauges read at scrape time from the scheduler, the lease and /proc/meminfo."""
 
-    def __init__(self, metrics: Metrics, memory: "MemoryGauge | None", meminfo: Path) -> None:
+    def __init__(self, metrics: Metrics, memory: MemoryGauge | None, meminfo: Path) -> None:
         self._metrics = metrics
         self._memory = memory
         self._meminfo = meminfo

@@ -11,6 +11,7 @@ and owns the admin socket's lifecycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import deque
@@ -23,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from .. import __version__
+from ..adminjson import LiveStatus, PrepareOutcome, PrepareResult, RecentFailure, RecentMove
 from ..allocator import trim_heap_forever
 from ..hardware.memory import parse_meminfo
 from ..runtime.failures import ImageMissing, RuntimeFailure
@@ -63,8 +65,8 @@ class StatusHub:
     def __init__(self) -> None:
         self._changed = asyncio.Event()
         self.closing = False
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
-        self.failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
+        self.recent: deque[RecentMove] = deque(maxlen=RECENT_EVENTS)
+        self.failures: deque[RecentFailure] = deque(maxlen=RECENT_FAILURES)
 
     def on_event(self, event: Event) -> None:
         """Scheduler listener: keep moves and failures, wake the live views on any news."""
@@ -85,10 +87,8 @@ class StatusHub:
 
     async def wait(self, timeout: float) -> None:
         """Return after the next change, or after ``timeout`` seconds."""
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     def close(self) -> None:
         self.closing = True
@@ -168,7 +168,7 @@ class Operations:
 
     # -- live status ------------------------------------------------------------------
 
-    def live(self) -> dict[str, Any]:
+    def live(self) -> LiveStatus:
         """What the status page and ``sparkctl top`` show: status, recent events and failures."""
         config = self._config()
         return {
@@ -233,12 +233,13 @@ class Operations:
             for name in containers:
                 try:
                     stats = self._podman.containers.get(name).stats(stream=False, decode=True)
-                except Exception:  # noqa: BLE001 - gone meanwhile, or not running
+                except Exception as error:  # noqa: BLE001 - gone meanwhile, or not running
+                    log.debug("container_stats_skipped", container=name, error=str(error))
                     continue
                 for entry in (stats or {}).get("Stats") or []:
                     if entry.get("MemUsage"):
                         usage[name] = int(entry["MemUsage"])
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - no Podman client or socket: the sample goes without container figures
             log.debug("container_stats_failed", error=str(error))
         return host_used, usage
 
@@ -249,7 +250,7 @@ class Operations:
 
     # -- prepare -------------------------------------------------------------------------
 
-    async def prepare(self, names: list[str]) -> list[dict[str, Any]]:
+    async def prepare(self, names: list[str]) -> list[PrepareResult]:
         """Create the containers of ``names`` ahead of time (not started) and check their images.
 
         One result per model: ``created``, ``recreated``, ``exists`` (the container is
@@ -261,13 +262,12 @@ class Operations:
             results.append(await self._prepare_one(name))
         return results
 
-    async def _prepare_one(self, name: str) -> dict[str, Any]:
+    async def _prepare_one(self, name: str) -> PrepareResult:
         runner = self._scheduler.runners[name]
         port_range = self._config().defaults.port_range
         first, last = port_range[0], port_range[-1]
-        entry: dict[str, Any] = {"model": name, "container": runner.spec.name, "image": runner.spec.image}
 
-        async def create(runner: ModelRunner) -> dict[str, Any]:
+        async def create(runner: ModelRunner) -> PrepareOutcome:
             runtime = self._runtime
             try:
                 before = await runtime.inspect(runner.spec.name)
@@ -293,6 +293,9 @@ class Operations:
             else:
                 note = " (its container predates the configuration: it is re-created at the next start)" if runner.stale_spec else ""
                 outcome = {"result": "running", "message": f"model {name} is {runner.state}; its container is left alone{note}"}
+        log.info("model_prepared", model=name, result=outcome["result"])
+        entry: PrepareResult = {
+            "model": name, "container": runner.spec.name, "image": runner.spec.image, "result": outcome["result"]
+        }
         entry.update(outcome)
-        log.info("model_prepared", model=name, result=entry["result"])
         return entry

@@ -11,8 +11,8 @@ nothing on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -20,11 +20,13 @@ import structlog
 from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
-from ..engine.progress import LoadProgress, parse_line
+from ..engine.progress import parse_line
 from ..hardware.memory import MemoryGauge
 from ..runtime.containerlogs import LogFollower
+from ..runtime.containers import ContainerInfo
 from ..runtime.failures import PortInUse, RuntimeFailure
-from ..runtime.podman import ContainerInfo, PodmanRuntime
+from ..runtime.podman import PodmanRuntime
+from .contract import ProgressSink
 from .loadtimes import LoadTimes
 from .outcomes import (
     Adoption,
@@ -45,8 +47,6 @@ INSPECT_EVERY_S = 2.0
 PORT_ATTEMPTS = 3
 LOG_LINES_ON_FAILURE = 20
 
-ProgressSink = Callable[[LoadProgress], None]
-
 
 class StartFailed(Exception):
     def __init__(self, message: str, log_lines: list[str] | None = None) -> None:
@@ -63,6 +63,11 @@ class Lifecycle:
     load_times: LoadTimes
     cluster: HeadCoordinator | None = None
     """Worker leases on the peers, for models that span several nodes."""
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        if self.cluster is not None:
+            self.cluster.config = config
 
     # -- start ----------------------------------------------------------------
 
@@ -213,10 +218,8 @@ class Lifecycle:
                 else:
                     if info is None or not info.running:
                         raise StartFailed(await self._exit_message(runner, info))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(runner.died.wait(), lifecycle.probe_interval_s)
-            except asyncio.TimeoutError:
-                pass
 
     async def _exit_message(self, runner: ModelRunner, info: ContainerInfo | None = None) -> str:
         if runner.loss:

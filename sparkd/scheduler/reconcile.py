@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ..runtime.podman import ContainerInfo
+from ..runtime.containers import ContainerInfo
 from .lease import Lease
 from .outcomes import NotAdoptable
 from .runner import ModelRunner
@@ -50,7 +50,7 @@ async def adopt_running(scheduler: Scheduler) -> None:
             ledger.grant(runner.name, runner.claim)
             adopting.append((runner, info))
     outcomes = await asyncio.gather(*(lifecycle.adopt(runner, info) for runner, info in adopting))
-    for (runner, info), outcome in zip(adopting, outcomes):
+    for (runner, info), outcome in zip(adopting, outcomes, strict=True):
         if isinstance(outcome, NotAdoptable):
             leftovers.append((info, "its engine cannot be reached"))
         else:

@@ -15,6 +15,7 @@ move against ``state.ALLOWED``, sets the lease share the new state implies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from ..errors import (
 )
 from ..runtime.eventstream import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
+from .contract import ModelLifecycle
 from .eventlog import log_event
 from .events import (
     Adopted,
@@ -53,7 +55,6 @@ from .events import (
     Transitioned,
 )
 from .lease import Eviction, Holder, Lease, plan
-from .lifecycle import Lifecycle
 from .outcomes import Adoption, Failed, Slept, Started, StopFailed, Stopped, Woke
 from .queue import (
     KeyQueueFull,
@@ -63,9 +64,9 @@ from .queue import (
     Waiter,
     WaitQueue,
 )
+from .refusal import busy_refusal
 from .runner import Failure, ModelRunner
 from .state import ALLOWED, ModelState
-from .refusal import busy_refusal
 
 log = structlog.get_logger("sparkd.scheduler")
 S = ModelState
@@ -79,7 +80,7 @@ STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING})
 
 
 class Scheduler:
-    def __init__(self, config: Config, lifecycle: Lifecycle) -> None:
+    def __init__(self, config: Config, lifecycle: ModelLifecycle) -> None:
         self.config = config
         self.lifecycle = lifecycle
         self.lease = Lease(config.gpu.memory_budget)
@@ -148,9 +149,7 @@ class Scheduler:
         removed or disabled is stopped once idle.
         """
         self.config = config
-        self.lifecycle.config = config
-        if self.lifecycle.cluster is not None:
-            self.lifecycle.cluster.config = config
+        self.lifecycle.apply_config(config)
         self.lease.budget = config.gpu.memory_budget
         self.queue.limits = queue_limits(config)
         enabled = {m.name: m for m in config.enabled_models()}
@@ -679,10 +678,8 @@ class Scheduler:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GatewayTimeout(f"model {runner.name} is still {runner.state} after {timeout:.0f}s")
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
-            except asyncio.TimeoutError:
-                pass
 
     # -- reject policy and ETAs ----------------------------------------------------------
 
@@ -718,7 +715,9 @@ class Scheduler:
             self._fail_waiters(self.runners[name], ServiceUnavailable("sparkd is shutting down; retry shortly", retry_after=5))
         deadline = time.monotonic() + grace
         while any(r.in_flight for r in self.runners.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+            # A request's end emits no event: look again every 0.1 s, sooner on any news.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.1)
 
     async def stop_multi_node(self) -> None:
         """Stop the models that span nodes (``on_shutdown = "keep"`` cannot keep their worker leases)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..adminjson import ModelStatus, StatusSnapshot
 from .runner import ModelRunner
 from .state import ModelState
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 
-def model_status(scheduler: "Scheduler", runner: ModelRunner, now: float, now_wall: float) -> dict[str, Any]:
+def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall: float) -> ModelStatus:
     uptime = runner.uptime(now_wall)
     progress = runner.progress
     failure = runner.failure
@@ -47,7 +48,7 @@ def model_status(scheduler: "Scheduler", runner: ModelRunner, now: float, now_wa
     }
 
 
-def snapshot(scheduler: "Scheduler") -> dict[str, Any]:
+def snapshot(scheduler: Scheduler) -> StatusSnapshot:
     now, now_wall = time.monotonic(), time.time()
     lease = scheduler.lease
     return {
@@ -62,7 +63,7 @@ def snapshot(scheduler: "Scheduler") -> dict[str, Any]:
     }
 
 
-def status_line(scheduler: "Scheduler") -> str:
+def status_line(scheduler: Scheduler) -> str:
     """One line for systemd's STATUS=: ``ready: a, b | starting: c | queued: 3``."""
     by_state: dict[ModelState, list[str]] = {}
     for runner in scheduler.runners.values():

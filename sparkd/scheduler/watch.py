@@ -40,7 +40,7 @@ async def watch_serving_engines(scheduler: Scheduler, engine: EngineClient) -> N
         ]
         results = await asyncio.gather(*probes)
         now = time.monotonic()
-        for runner, ok in zip(serving, results):
+        for runner, ok in zip(serving, results, strict=True):
             since = max(answered.get(runner.name, 0.0), runner.ready_at or 0.0)
             if ok:
                 answered[runner.name] = now

@@ -5,51 +5,19 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fake_lifecycle import FakeLifecycle
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
 from sparkd.engine.client import Endpoint
-from sparkd.engine.usage import StreamTail
+from sparkd.engine.usage import NO_MODEL, RequestRecord, StreamTail, parse_usage
 from sparkd.errors import ServiceUnavailable
 from sparkd.observe.history import History, HistoryUnavailable
-from sparkd.observe.metrics import NO_MODEL, Metrics, RequestRecord, parse_usage
-from sparkd.scheduler.loadtimes import LoadTimes
-from sparkd.scheduler.outcomes import Adoption, Failed, Launched, Slept, Started, Stopped, Woke
+from sparkd.observe.metrics import Metrics
+from sparkd.scheduler.outcomes import Adoption
 from sparkd.scheduler.scheduler import Scheduler
-
-
-class FakeLifecycle:
-    """Returns the outcomes the real Lifecycle does, with no containers."""
-
-    def __init__(self, tmp: Path, failing: set[str] | None = None) -> None:
-        self.load_times = LoadTimes(tmp / "load-times.json")
-        self.failing = failing or set()
-
-    async def launch(self, runner):
-        return Launched(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), began=time.monotonic())
-
-    async def await_ready(self, runner, on_progress, launched):
-        await asyncio.sleep(0.02)
-        if runner.name in self.failing:
-            return Failed(f"model {runner.name}: its container exited during start with code 1", ("CUDA error: boom",))
-        return Started(took=0.02)
-
-    async def stop(self, runner, reason):
-        await asyncio.sleep(0.005)
-        return Stopped()
-
-    async def sleep(self, runner):
-        return Slept()
-
-    async def wake(self, runner):
-        await asyncio.sleep(0.01)
-        return Woke(took=0.01)
-
-    async def tail_logs(self, runner):
-        return []
 
 
 def config_with(*models: ModelConfig) -> Config:
@@ -126,7 +94,7 @@ def test_a_stream_tail_keeps_the_usage_chunk_past_the_reads_that_follow_it(reads
 
 
 async def test_transitions_count_starts_stops_failures_swaps_and_load_times(tmp_path):
-    scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, {"c"}))
+    scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, failing={"c": "CUDA error: boom"}))
     scheduler.start_serving()  # as the daemon does once adoption is over
     metrics = Metrics(scheduler, meminfo=str(tmp_path / "no-meminfo"))
     scheduler.subscribe(metrics.on_event)
@@ -205,7 +173,7 @@ async def test_request_done_counts_status_latency_and_tokens(tmp_path):
 
 async def test_history_records_sessions_loads_usage_and_survives_reopening(tmp_path):
     path = tmp_path / "state" / "history.sqlite3"
-    scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, {"c"}))
+    scheduler = Scheduler(config_with(model("a", 0.8), model("b", 0.8), model("c", 0.1)), FakeLifecycle(tmp_path, failing={"c": "CUDA error: boom"}))
     scheduler.start_serving()  # as the daemon does once adoption is over
     history = History(path)
     await history.open()

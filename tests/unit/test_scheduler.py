@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from fake_runtime import FakeRuntime
+from fake_lifecycle import FakeLifecycle
 from sparkd.config import Config, GpuConfig, LifecycleConfig, ModelConfig
-from sparkd.engine.client import Endpoint
 from sparkd.engine.progress import LoadProgress
 from sparkd.errors import GatewayTimeout, ModelBusy, ModelUnavailable, ServiceUnavailable
 from sparkd.scheduler import scheduler as scheduler_module
@@ -32,67 +30,10 @@ from sparkd.scheduler.events import (
     SwapFor,
     Transitioned,
 )
-from sparkd.scheduler.loadtimes import LoadTimes
-from sparkd.scheduler.outcomes import Failed, Launched, Slept, Started, StopFailed, Stopped, Woke
+from sparkd.scheduler.outcomes import StopFailed
 from sparkd.scheduler.runner import Failure
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
-
-
-class FakeLifecycle:
-    """Does the slow work with short sleeps and returns its outcomes, as the real Lifecycle does."""
-
-    def __init__(self, tmp: Path, start_delay: float = 0.02) -> None:
-        self.runtime = FakeRuntime()
-        self.load_times = LoadTimes(tmp / "load-times.json")
-        self.start_delay = start_delay
-        self.running: set[str] = set()
-        self.timeline: list[tuple[str, str]] = []
-        self.overlaps: list[set[str]] = []
-        self.failing: dict[str, str] = {}
-        self.exclusive_pairs: list[tuple[str, str]] = []
-
-    def _record(self, action: str, name: str) -> None:
-        self.timeline.append((action, name))
-        self.overlaps.append(set(self.running))
-
-    async def launch(self, runner):
-        self.running.add(runner.name)
-        self._record("start", runner.name)
-        return Launched(endpoint=Endpoint(port=1, key="k"), started_at=time.time(), began=time.monotonic())
-
-    async def await_ready(self, runner, on_progress, launched):
-        await asyncio.sleep(self.start_delay)
-        if runner.name in self.failing:
-            self.running.discard(runner.name)
-            return Failed(f"model {runner.name}: its container exited during start with code 1", (self.failing[runner.name],))
-        return Started(took=self.start_delay)
-
-    async def stop(self, runner, reason):
-        await asyncio.sleep(0.005)
-        self.running.discard(runner.name)
-        self._record("stop", runner.name)
-        return Stopped()
-
-    async def stop_after_loss(self, runner, reason):
-        self.running.discard(runner.name)
-        return Failed(reason)
-
-    async def sleep(self, runner):
-        await asyncio.sleep(0.005)
-        self._record("sleep", runner.name)
-        return Slept()
-
-    async def wake(self, runner):
-        await asyncio.sleep(0.005)
-        self._record("wake", runner.name)
-        return Woke(took=0.005)
-
-    async def tail_logs(self, runner):
-        return []
-
-    def starts(self, name: str | None = None) -> int:
-        return sum(1 for action, model in self.timeline if action == "start" and (name is None or model == name))
 
 
 def config_with(models: list[ModelConfig], **lifecycle: object) -> Config:

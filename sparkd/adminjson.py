@@ -1,0 +1,262 @@
+"""The JSON documents of the admin API, as TypedDicts: what sparkd builds and sparkctl reads.
+
+* ``StatusDoc``: ``GET /api/status`` (``sparkctl status``);
+* ``LiveStatus``: each ``status`` event of ``GET /api/events`` (the status page,
+  ``sparkctl top``): the status snapshot, the server, recent moves and failures;
+* ``HistoryDoc``: ``GET /api/history`` (``sparkctl history``);
+* ``CatalogDoc``: ``GET /api/models`` (``sparkctl models``);
+* ``PrepareDoc``: ``POST /api/prepare`` (``sparkctl prepare``).
+
+Fields that are absent rather than null are in ``total=False`` parts. Standard library
+only: sparkctl imports it, and starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+# -- status ------------------------------------------------------------------------------
+
+
+class ProgressJson(TypedDict):
+    phase: str
+    fraction: float | None
+    line: str
+    """The engine's log line the progress was read from."""
+
+
+class FailureJson(TypedDict):
+    message: str
+    log_lines: list[str]
+    age_s: float
+
+
+class _ModelStatusFields(TypedDict):
+    name: str
+    state: str
+    reason: str
+    state_since: float
+    lifecycle: str
+    claim: float
+    holds: float
+    """The lease share the model holds now (0 when it holds none)."""
+    in_flight: int
+    queued: int
+    uptime_s: float | None
+    idle_s: float | None
+    progress: ProgressJson | None
+    eta_s: float | None
+    loading_for_s: float | None
+    failure: FailureJson | None
+    stale_spec: bool
+    container: str
+    port: int | None
+
+
+class _Node(TypedDict):
+    node: str
+    role: str
+    """"head" (this node) or "worker"."""
+    address: str | None
+
+
+class NodeView(_Node, total=False):
+    """One node's part in a model spanning several Sparks."""
+
+    lease: str | None
+    heartbeat_age_s: float | None
+
+
+class ModelStatus(_ModelStatusFields, total=False):
+    nodes: list[NodeView]
+    """Only for a model spanning several nodes, on ``/api/status``."""
+
+
+class LeaseJson(TypedDict):
+    budget: float
+    claimed: float
+    free: float
+    holders: dict[str, float]
+
+
+class QueueJson(TypedDict):
+    depth: int
+    limit: int
+    models: list[str]
+    """The models requests wait for, in the order they are served."""
+
+
+class StatusSnapshot(TypedDict):
+    models: list[ModelStatus]
+    lease: LeaseJson
+    queue: QueueJson
+
+
+class WorkerLeaseView(TypedDict):
+    """A lease granted to a head, as /api/worker-leases and /api/status show it."""
+
+    id: str
+    head: str
+    peer_key: str
+    model: str
+    worker: str
+    state: str
+    claim: float
+    granted_at: float
+    heartbeat_age_s: float
+    releasing: bool
+
+
+class StatusDoc(StatusSnapshot):
+    worker_leases: list[WorkerLeaseView]
+    """What this node runs for other nodes' heads."""
+
+
+# -- live status ---------------------------------------------------------------------------
+
+
+class ServerJson(TypedDict):
+    version: str
+    instance: str
+    started_at: float
+    now: float
+    policy: str
+    listen: list[str]
+
+
+RecentMove = TypedDict("RecentMove", {"at": float, "model": str, "from": str, "to": str, "reason": str})
+"""One state change (``from`` is a keyword, hence the functional form)."""
+
+
+class RecentFailure(TypedDict):
+    at: float
+    model: str
+    message: str
+    log_lines: list[str]
+
+
+class LiveStatus(StatusSnapshot):
+    server: ServerJson
+    recent: list[RecentMove]
+    failures: list[RecentFailure]
+
+
+# -- history -------------------------------------------------------------------------------
+
+
+class LoadTimesJson(TypedDict):
+    median: float
+    min: float
+    max: float
+    last: float
+
+
+class _ModelHistoryFields(TypedDict):
+    loads: int
+    failed_loads: int
+    load_s: LoadTimesJson | None
+    """Of the starts that became ready; None when none did."""
+
+
+class ModelHistory(_ModelHistoryFields, total=False):
+    """The session fields are there once the model ran, the usage fields once it served."""
+
+    sessions: int
+    running_s: float
+    peak_host_used_bytes: int | None
+    peak_container_bytes: int | None
+    peak_gpu_used_bytes: int | None
+    requests: int
+    tokens: int
+
+
+class LoadRow(TypedDict):
+    model: str
+    kind: str
+    started_at: float
+    duration_s: float
+    outcome: str
+    message: str | None
+
+
+class SessionRow(TypedDict):
+    model: str
+    started_at: float
+    ended_at: float | None
+    duration_s: float
+    running: bool
+    end_state: str | None
+    end_reason: str | None
+    requests: int
+    peak_host_used_bytes: int | None
+    peak_container_bytes: int | None
+    peak_gpu_used_bytes: int | None
+
+
+class DailyRow(TypedDict):
+    day: str
+    model: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class HistoryDoc(TypedDict):
+    path: str
+    days: int
+    models: dict[str, ModelHistory]
+    loads: list[LoadRow]
+    sessions: list[SessionRow]
+    daily: list[DailyRow]
+
+
+# -- catalog and prepare -----------------------------------------------------------------------
+
+
+class CatalogEntry(TypedDict):
+    name: str
+    enabled: bool
+    experimental: bool
+    reason: str | None
+    """Why the model is off; None when it is enabled."""
+    state: str
+    lifecycle: str
+    claim: float
+    max_model_len: int | None
+    image: str
+    gpu: bool
+    sleep_mode: bool
+    aliases: list[str]
+    profile: str | None
+    tools: str
+    hf_model: str | None
+    notes: list[str]
+    container: str
+
+
+class CatalogDoc(TypedDict):
+    models: list[CatalogEntry]
+
+
+class _PrepareResultField(TypedDict):
+    result: str
+    """created, recreated, exists, running, busy, image_missing or error."""
+
+
+class PrepareOutcome(_PrepareResultField, total=False):
+    message: str
+    """What to do, for the results that are not a container."""
+    status: str
+    port: int | None
+
+
+class PrepareResult(PrepareOutcome):
+    model: str
+    container: str
+    image: str
+
+
+class PrepareDoc(TypedDict):
+    ok: bool
+    results: list[PrepareResult]
