@@ -51,6 +51,7 @@ from .scheduler.memory import MemoryGauge
 from .scheduler.reconcile import adopt_running
 from .scheduler.scheduler import Scheduler
 from .scheduler.status import status_line
+from .scheduler.running_guard import guard_running_models
 from .scheduler.watch import watch_serving_engines
 
 log = structlog.get_logger("sparkd")
@@ -232,6 +233,7 @@ class Daemon:
         jobs = [
             scheduler.run_reaper(), watch_serving_engines(scheduler, services.engine), self._refresh_status(scheduler),
             services.workers.run_expiry(),
+            guard_running_models(scheduler, services.runtime, scheduler.lifecycle.memory),
         ]
         interval = watchdog_interval()
         if interval:

@@ -53,6 +53,8 @@ MAX_LEASE_TIMEOUT_S = 300.0
 PositiveFloat = Annotated[float, Positive]
 PositiveInt = Annotated[int, Positive]
 AtLeastZeroFloat = Annotated[float, AtLeastZero]
+AtLeastZeroInt = Annotated[int, AtLeastZero]
+GIB = 1024 * MIB
 PortNumber = Annotated[int, Port]
 ImageReference = Annotated[str, not_blank("an image reference, e.g. localhost/sparkd/vllm-gb10:v1")]
 ListenAddresses = Annotated[
@@ -159,6 +161,9 @@ class GpuConfig:
     memory_probe: MemoryProbe = "auto"
     reclaim_timeout_s: PositiveFloat = 30.0
     """Upper bound on waiting for memory to come back after a model stopped."""
+    min_free: AtLeastZeroInt = 4 * GIB
+    """Bytes of memory that must stay free on unified memory (the ``meminfo`` probe): a model whose
+    load or run takes it below this is stopped at once (0 = no guard)."""
 
 
 @dataclass(frozen=True)

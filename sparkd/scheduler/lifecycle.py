@@ -24,6 +24,7 @@ from ..engine.progress import LoadProgress, parse_line
 from ..runtime.errors import PortInUse, RuntimeFailure
 from ..runtime.logs import LogFollower
 from ..runtime.podman import ContainerInfo, PodmanRuntime
+from .guard import LoadWatch, Tripped, guard_message
 from .loadtimes import LoadTimes
 from .memory import MemoryGauge
 from .outcomes import (
@@ -54,6 +55,14 @@ class StartFailed(Exception):
         self.log_lines = log_lines or []
 
 
+class GuardTripped(Exception):
+    """Free memory fell under ``gpu.min_free`` while the model loaded."""
+
+    def __init__(self, tripped: Tripped) -> None:
+        super().__init__("memory guard")
+        self.tripped = tripped
+
+
 @dataclass
 class Lifecycle:
     config: Config
@@ -79,7 +88,7 @@ class Lifecycle:
             return await self._failed(runner, str(error), [], error)
         except (StartFailed, WorkersUnavailable) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
-        return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began)
+        return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began, pid=info.pid)
 
     async def _create_and_start(self, runner: ModelRunner) -> ContainerInfo:
         attempts = 0
@@ -128,8 +137,11 @@ class Lifecycle:
         """
         began = launched.began if launched is not None else time.monotonic()
         follower = self._follow_progress(runner, on_progress)
+        watch = await self._load_watch(runner, launched.pid if launched is not None else None)
         try:
-            await self._wait_ready(runner, runner.endpoint, began)
+            await self._wait_ready(runner, runner.endpoint, began, watch)
+        except GuardTripped as error:
+            return await self._guard_stopped(runner, error.tripped, "loading")
         except (StartFailed, RuntimeFailure) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         finally:
@@ -140,6 +152,29 @@ class Lifecycle:
         took = time.monotonic() - began
         await self.load_times.record(runner.name, took)
         return Started(took=took)
+
+    async def _load_watch(self, runner: ModelRunner, pid: int | None) -> LoadWatch:
+        """The memory watch of a load; ``pid``: its container's first process, when known."""
+        if pid is None:
+            try:
+                info = await self.runtime.inspect(runner.spec.name)
+            except RuntimeFailure:
+                info = None
+            pid = info.pid if info is not None else None
+        return LoadWatch(self.memory, self.config.gpu.min_free, pid)
+
+    async def _guard_stopped(self, runner: ModelRunner, tripped: Tripped, doing: str) -> Failed:
+        """Kill the container first (each second counts), then clean up as any failed load."""
+        try:
+            await self.runtime.kill(runner.spec.name)
+        except RuntimeFailure as error:
+            log.error("memory_guard_kill_failed", model=runner.name, error=str(error))
+        log.error(
+            "memory_guard_stopped", model=runner.name, doing=doing, available_bytes=tripped.available,
+            min_free=tripped.floor, peak_bytes=tripped.peak,
+        )
+        failed = await self._failed(runner, guard_message(runner.name, tripped, doing), [])
+        return Failed(failed.message, failed.log_lines, code="memory_guard")
 
     async def _failed(self, runner: ModelRunner, message: str, log_lines: list[str],
                       cause: RuntimeFailure | None = None) -> Failed:
@@ -181,7 +216,9 @@ class Lifecycle:
         follower.start()
         return follower
 
-    async def _wait_ready(self, runner: ModelRunner, endpoint: Endpoint | None, began: float) -> None:
+    async def _wait_ready(
+        self, runner: ModelRunner, endpoint: Endpoint | None, began: float, watch: LoadWatch | None = None,
+    ) -> None:
         lifecycle = self.config.lifecycle
         timeout = runner.config.start_timeout_s or lifecycle.start_timeout_s
         deadline = began + timeout
@@ -189,6 +226,9 @@ class Lifecycle:
         while True:
             if runner.died.is_set():
                 raise StartFailed(await self._exit_message(runner))
+            tripped = await watch.sample() if watch is not None else None
+            if tripped is not None:
+                raise GuardTripped(tripped)
             if endpoint is None:
                 # No readiness path (a Ray worker): a running container is ready.
                 info = await self.runtime.inspect(runner.spec.name)
@@ -290,7 +330,9 @@ class Lifecycle:
         try:
             await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
             await self.engine.post_json(endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
-            await self._wait_ready(runner, endpoint, began)
+            await self._wait_ready(runner, endpoint, began, await self._load_watch(runner, None))
+        except GuardTripped as error:
+            return await self._guard_stopped(runner, error.tripped, "waking up")
         except (EngineError, StartFailed, RuntimeFailure) as error:
             return await self._failed(runner, f"model {runner.name} failed to wake up: {error}", [])
         return Woke(took=time.monotonic() - began)

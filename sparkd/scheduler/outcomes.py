@@ -21,6 +21,8 @@ class Launched:
     """Wall-clock time the container started (from Podman)."""
     began: float
     """time.monotonic() the start began: the start timeout and the load time count from then."""
+    pid: int | None = None
+    """The host PID of the container's first process: where its memory is read."""
 
 
 @dataclass(frozen=True)

@@ -476,7 +476,8 @@ class Scheduler:
         if failure is not None and failure.needs_operator:
             return ModelUnavailable(text, code=failure.code, extra={"log_lines": lines, "needs_operator": True})
         retry = max(self._backoff_left(runner), 1.0)
-        return ServiceUnavailable(text, retry_after=retry, code="model_failed", extra={"log_lines": lines})
+        code = failure.code if failure is not None else "model_failed"
+        return ServiceUnavailable(text, retry_after=retry, code=code, extra={"log_lines": lines})
 
     # -- tasks: the slow work, and what its outcome moves ---------------------------------
 

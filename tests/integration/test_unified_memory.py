@@ -1,0 +1,138 @@
+"""Issue 16: the lease on unified memory, with engines that really allocate memory.
+
+The daemon is told the machine is unified memory by its probe setting
+(``gpu.memory_probe = "meminfo"``): every figure it then reads is this machine's real
+MemAvailable and the containers' real cgroups, and the fake engines' ``load_mb`` /
+``ready_mb`` knobs really take that memory.  Floors are set relative to the memory
+free when the test starts, so the tests hold on any machine with a few GB free.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from harness import engine_model
+
+pytestmark = pytest.mark.podman
+
+MIB = 1024 * 1024
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def podman_time(stamp: str) -> float:
+    """Seconds since the epoch of a Podman time (RFC 3339 with up to nine fraction digits)."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp() + float("0." + (fraction or "0"))
+
+
+class FloorWatch:
+    """Reads MemAvailable every few milliseconds in a thread: when it first fell under ``floor``,
+    and the lowest it went."""
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.crossed_at: float | None = None
+        self.lowest = mem_available()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> FloorWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            available = mem_available()
+            self.lowest = min(self.lowest, available)
+            if available < self.floor and self.crossed_at is None:
+                self.crossed_at = time.time()
+            time.sleep(0.002)
+
+
+def unified(**gpu: object) -> dict[str, dict[str, object]]:
+    return {"gpu": {"memory_probe": "meminfo", "memory_budget": 0.94, **gpu}}
+
+
+async def test_guard_stops_a_load_that_takes_free_memory_under_the_floor(sparkd_factory, engine_image, podman):
+    load_mb = 1500
+    floor = mem_available() - 400 * MIB
+    sparkd = sparkd_factory(
+        {"big": engine_model(engine_image, claim=0.3, env={"FAKE_LOAD_DELAY": "6", "FAKE_LOAD_MB": str(load_mb),
+                                                           "FAKE_READY_MB": "100"})},
+        unified(min_free=floor),
+    )
+    await sparkd.start()
+    with FloorWatch(floor) as watch:
+        async with aiohttp.ClientSession() as session:
+            status, body = await sparkd.chat(session, "big")
+    assert status == 503, body
+    error = body["error"]
+    assert error["code"] == "memory_guard", error
+    message = error["message"]
+    assert sparkd.model("big") in message and "gpu.min_free" in message and str(floor) in message, message
+    peak = re.search(r"measured peak was (\d+) MiB", message)
+    assert peak is not None, message
+    container = podman.containers.get(sparkd.container("big"))
+    state = container.attrs["State"]
+    assert not state["Running"], state
+    held = [int(n) for n in re.findall(rb"fake memory: holding (\d+) MB", b"".join(container.logs(stdout=True, stderr=True)))]
+    assert held and max(held) < load_mb, held  # stopped before it took all it asked for
+    assert int(peak.group(1)) >= 300, message  # the container's own memory, measured while it loaded
+    model = await sparkd.model_status("big")
+    assert model["state"] == "failed" and "memory guard" in model["reason"], model
+    assert watch.crossed_at is not None
+    reaction = podman_time(state["FinishedAt"]) - watch.crossed_at
+    print(
+        f"\nmemory guard: floor {floor / MIB:.0f} MiB free; engine held at most {max(held)} MB of {load_mb}; "
+        f"measured peak {peak.group(1)} MiB; lowest free {watch.lowest / MIB:.0f} MiB "
+        f"({(floor - watch.lowest) / MIB:.0f} MiB under the floor); floor crossed -> container stopped: {reaction:.3f} s"
+    )
+    print(f"RESULT memory_guard_reaction {reaction:.3f} s")
+    assert reaction > -0.5, (reaction, state)  # the stop followed the crossing (clocks: Podman's and ours)
+    assert "memory_guard_stopped" in sparkd.logs()
+
+
+async def test_guard_stops_the_largest_running_model_when_free_memory_falls_under_the_floor(
+    sparkd_factory, engine_image, podman,
+):
+    sparkd = sparkd_factory(
+        {
+            "small": engine_model(engine_image, claim=0.2, env={"FAKE_READY_MB": "50"}),
+            "large": engine_model(engine_image, claim=0.2, env={"FAKE_READY_MB": "400"}),
+        },
+        unified(min_free=0),
+    )
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        assert (await sparkd.chat(session, "small"))[0] == 200
+        assert (await sparkd.chat(session, "large"))[0] == 200
+        # The machine's free memory is now under the floor (a reload raises it above what is free):
+        # the running model holding the most memory goes, the other keeps serving.
+        sparkd.settings["gpu"]["min_free"] = mem_available() + 200 * MIB
+        sparkd.write_config()
+        sparkd.reload()
+        failed = await sparkd.wait_state("large", "failed", timeout=15)
+        assert "memory guard while it was running" in failed["reason"] and "gpu.min_free" in failed["reason"], failed
+        sparkd.settings["gpu"]["min_free"] = 0
+        sparkd.write_config()
+        sparkd.reload()
+        assert (await sparkd.model_status("small"))["state"] == "ready"
+        assert (await sparkd.chat(session, "small"))[0] == 200
+    assert not podman.containers.get(sparkd.container("large")).attrs["State"]["Running"]
