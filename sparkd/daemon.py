@@ -152,7 +152,7 @@ class Daemon:
         scheduler: Scheduler  # built after the coordinator, which reports lost workers to it
         coordinator = await _head_coordinator(stack, config, lambda model, reason: scheduler.model_lost(model, reason))
         lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator)
-        scheduler = Scheduler(config, lifecycle)
+        scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)
         workers = WorkerLeases(scheduler)
         scheduler.subscribe(lambda _event: self._publish_status(scheduler))
         ops = Operations(lambda: self.config, scheduler, runtime, memory)  # metrics, history, live status, the admin socket

@@ -164,6 +164,9 @@ class GpuConfig:
     min_free: AtLeastZeroInt = 4 * GIB
     """Bytes of memory that must stay free on unified memory (the ``meminfo`` probe): a model whose
     load or run takes it below this is stopped at once (0 = no guard)."""
+    concurrent_loads: AtLeastZeroInt = 0
+    """Models that may load (start or wake) at once; 0 = automatic: one on unified memory, any number
+    on discrete GPUs."""
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,11 @@ STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING})
 
 
 class Scheduler:
-    def __init__(self, config: Config, lifecycle: Lifecycle) -> None:
+    def __init__(self, config: Config, lifecycle: Lifecycle, *, unified_memory: bool = False) -> None:
         self.config = config
         self.lifecycle = lifecycle
+        self.unified_memory = unified_memory
+        """The GPU allocates from system memory (the memory probe found a DGX Spark's unified memory)."""
         self.lease = Lease(config.gpu.memory_budget)
         self.queue = WaitQueue(queue_limits(config))
         self.runners: dict[str, ModelRunner] = {}
@@ -342,7 +344,8 @@ class Scheduler:
                 self.lease.budget,
             )
             if decision.verdict == "admit":
-                self._admit(runner, Requested())
+                if not self._admit(runner, Requested()):
+                    head = name  # its turn comes when the load under way ends; nobody overtakes it
             elif decision.verdict == "impossible":
                 self._fail_waiters(runner, ModelUnavailable(
                     f"model {name} cannot be loaded: {decision.reason}; change its gpu_memory or gpu.memory_budget",
@@ -413,17 +416,36 @@ class Scheduler:
             if runner.state is S.STOPPED and self.lease.fits(runner.claim):
                 self._admit(runner, KeepUtility())
 
-    def _admit(self, runner: ModelRunner, cause: Cause) -> None:
-        """Start (or wake) the model; the move takes its lease share at once."""
+    def _admit(self, runner: ModelRunner, cause: Cause) -> bool:
+        """Start (or wake) the model; the move takes its lease share at once.  False: another load
+        holds the last load slot (``gpu.concurrent_loads``), the model waits for it to end."""
+        if not self._load_slot_free():
+            return False
         if runner.state is S.SLEEPING:
             if self._move(runner, S.SLEEPING, S.WAKING, cause):
                 self._spawn(runner, self._run_wake(runner, cause))
-            return
+            return True
         if self._move(runner, frozenset({S.STOPPED, S.FAILED}), S.STARTING, cause):
             runner.start_requested_at = runner.load_began
             runner.died.clear()
             runner.loss = None
             self._spawn(runner, self._run_start(runner, cause))
+        return True
+
+    def load_limit(self) -> int:
+        """How many models may load (start or wake) at once; 0: any number.  On unified memory one:
+        two loads race for the same pool, and vLLM's profiling counts the other's memory as its own."""
+        configured = self.config.gpu.concurrent_loads
+        if configured:
+            return configured
+        return 1 if self.unified_memory else 0
+
+    def loading(self) -> list[ModelRunner]:
+        return [r for r in self.runners.values() if r.state in (S.STARTING, S.WAKING)]
+
+    def _load_slot_free(self) -> bool:
+        limit = self.load_limit()
+        return not limit or len(self.loading()) < limit
 
     def _grant(self, runner: ModelRunner) -> None:
         for waiter in self.queue.take(runner.name):
@@ -706,6 +728,9 @@ class Scheduler:
     def _why_waiting(self, runner: ModelRunner) -> str:
         if runner.state in (S.STARTING, S.WAKING):
             return f"it is still {runner.state}" + (f" ({runner.progress.describe()})" if runner.progress else "")
+        loading = [r.name for r in self.loading()]
+        if loading and not self._load_slot_free():
+            return f"waiting for {', '.join(loading)} to finish loading (gpu.concurrent_loads = {self.load_limit()})"
         holders = [n for n in self.lease.holders if n != runner.name]
         return "the GPU is busy with " + ", ".join(holders) if holders else f"it is {runner.state}"
 

@@ -136,3 +136,50 @@ async def test_guard_stops_the_largest_running_model_when_free_memory_falls_unde
         assert (await sparkd.model_status("small"))["state"] == "ready"
         assert (await sparkd.chat(session, "small"))[0] == 200
     assert not podman.containers.get(sparkd.container("large")).attrs["State"]["Running"]
+
+
+async def first_comment_about(session: aiohttp.ClientSession, url: str, body: dict[str, object], words: bytes) -> bytes:
+    """Stream a request; return the first SSE comment containing ``words`` (then read the answer out)."""
+    found = b""
+    async with session.post(url, json=body) as response:
+        assert response.status == 200
+        while True:
+            frame = await response.content.readuntil(b"\n\n")
+            if not frame:
+                break
+            if not found and frame.startswith(b": sparkd: ") and words in frame:
+                found = frame
+            if frame.startswith(b"data: [DONE]"):
+                break
+    return found
+
+
+@pytest.mark.parametrize(("concurrent_loads", "one_at_a_time"), [(0, True), (2, False)])
+async def test_two_loads_never_overlap_on_unified_memory(sparkd_factory, engine_image, podman, concurrent_loads,
+                                                          one_at_a_time):
+    load_s = 3.0
+    knobs = {"FAKE_LOAD_DELAY": str(load_s), "FAKE_LOAD_MB": "200", "FAKE_READY_MB": "100"}
+    sparkd = sparkd_factory(
+        {
+            "u": engine_model(engine_image, claim=0.1, lifecycle="utility", env=knobs),
+            "a": engine_model(engine_image, claim=0.3, env=knobs),
+        },
+        unified(min_free=0, concurrent_loads=concurrent_loads),
+    )
+    await sparkd.start()
+    await sparkd.wait_state("u", "starting")  # the utility model loads on its own; a request for a arrives now
+    body = {"model": sparkd.model("a"), "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        comment = await first_comment_about(session, sparkd.base_url + "/v1/chat/completions", body, b"finish loading")
+    await sparkd.wait_state("u", "ready", timeout=15)
+    u_started = podman_time(podman.containers.get(sparkd.container("u")).attrs["State"]["StartedAt"])
+    a_started = podman_time(podman.containers.get(sparkd.container("a")).attrs["State"]["StartedAt"])
+    # A container's load takes load_s from its start: a's container started after u's load was over.
+    print(f"\nconcurrent_loads={concurrent_loads}: a's container started {a_started - u_started:.2f} s after u's")
+    if one_at_a_time:
+        assert a_started - u_started >= load_s, (u_started, a_started)
+        assert comment.startswith(f": sparkd: {sparkd.model('a')} is queued, waiting for {sparkd.model('u')} "
+                                  "to finish loading".encode()), comment
+    else:
+        assert a_started - u_started < load_s, (u_started, a_started)
+        assert comment == b""
