@@ -197,7 +197,7 @@ def _build_model(name: str, table: Any, defaults: ContainerDefaults, file: str, 
     merged = dict(table)
     for key in INHERITED:
         merged.setdefault(key, getattr(defaults, key))
-    model = build(ModelConfig, merged, file=file, path=path, problems=problems, fixed={"name": name})
+    model = build(ModelConfig, merged, file=file, path=path, problems=problems, fixed={"name": name, "source": file})
     if model is None:
         return None
     return dataclasses.replace(

@@ -289,6 +289,8 @@ class ModelConfig:
     """A stream that waits for this model always gets SSE comments saying why (loading, waking,
     queued); "content" or "reasoning" also sends that text as answer or reasoning deltas, which chat
     UIs display (a key's own ``loading_feedback`` wins)."""
+    source: str = ""
+    """The file the model's table came from (not a TOML key): warnings name the line to change there."""
 
 
 @dataclass(frozen=True)

@@ -101,12 +101,28 @@ def status(data: dict[str, Any]) -> str:
     counts = {m["name"]: m["queued"] for m in data["models"]}
     waiting = ", ".join(f"{name} {counts.get(name, '?')}" for name in queue.get("models") or [])
     out.append(f"queue: {queue['depth']} waiting (limit {queue['limit']})" + (f": {waiting}" if waiting else ""))
+    for model in data["models"]:
+        if model.get("footprint"):
+            out.append(f"{model['name']} measured: {footprint(model['footprint'])}")
+        out.extend(f"{model['name']} warning: {warning}" for warning in model.get("claim_warnings") or [])
     failed = [m for m in data["models"] if m.get("failure")]
     for model in failed:
         failure = model["failure"]
         out.append(f"\n{model['name']} failed {duration(failure.get('age_s'))} ago: {failure['message']}")
         out.extend(f"  | {line}" for line in failure.get("log_lines", [])[-8:])
     return "\n".join(out)
+
+
+def footprint(measured: dict[str, Any]) -> str:
+    """A model's measured memory: load peak, resident ready, resident asleep (with its sleep level)."""
+    parts = []
+    for label, key in (("load peak", "peak_bytes"), ("ready", "ready_bytes"), ("asleep", "asleep_bytes")):
+        value = measured.get(key)
+        if value is not None:
+            level = f" (level {measured['sleep_level']})" if key == "asleep_bytes" and measured.get("sleep_level") else ""
+            parts.append(f"{label} {value / 2**20:.0f} MiB{level}")
+    total = measured.get("total_bytes")
+    return ", ".join(parts) + (f" of {total / 2**30:.1f} GiB" if total else "")
 
 
 def models(data: dict[str, Any]) -> str:
@@ -127,6 +143,10 @@ def models(data: dict[str, Any]) -> str:
         )
         if model.get("reason"):
             notes.append(f"  {model['name']}: off: {model['reason']}")
+        if model.get("footprint"):
+            notes.append(f"  {model['name']}: measured: {footprint(model['footprint'])}")
+        for warning in model.get("claim_warnings") or []:
+            notes.append(f"  {model['name']}: warning: {warning}")
         for note in model.get("notes") or []:
             notes.append(f"  {model['name']}: {note}")
         if model.get("aliases"):

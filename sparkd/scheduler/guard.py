@@ -41,12 +41,12 @@ class LoadWatch:
     def __init__(self, gauge: MemoryGauge, floor: int, pid: int | None) -> None:
         self._gauge = gauge
         self._floor = floor if gauge.unified else 0
-        self._pid = pid
+        self.pid = pid
         self.peak: int | None = None
 
     async def sample(self) -> Tripped | None:
-        if self._pid is not None:
-            used = await asyncio.to_thread(container_memory_bytes, self._pid)
+        if self.pid is not None:
+            used = await asyncio.to_thread(container_memory_bytes, self.pid)
             if used is not None:
                 self.peak = max(self.peak or 0, used)
         if not self._floor:

@@ -26,7 +26,7 @@ from ..runtime.logs import LogFollower
 from ..runtime.podman import ContainerInfo, PodmanRuntime
 from .guard import LoadWatch, Tripped, guard_message
 from .loadtimes import LoadTimes
-from .memory import MemoryGauge
+from .memory import MemoryGauge, container_memory_bytes
 from .outcomes import (
     Adoption,
     Failed,
@@ -79,7 +79,7 @@ class Lifecycle:
         """Bring the model's container up (create or re-create it, start it); ``await_ready`` follows."""
         began = time.monotonic()
         try:
-            await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
+            await self.memory.wait_for(runner.load_claim, self.config.gpu.reclaim_timeout_s)
             if len(runner.config.nodes) > 1:
                 await self._acquire_workers(runner)
             info = await self._create_and_start(runner)
@@ -146,12 +146,23 @@ class Lifecycle:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         finally:
             follower.stop()
+        ready, total = await self._measure(watch.pid)
         if launched is None:
-            # An adopted container's load began with the container, under the earlier sparkd.
-            return Started(took=max(0.0, time.time() - (runner.started_at or time.time())))
+            # An adopted container's load began with the container, under the earlier sparkd: its peak is unknown.
+            return Started(took=max(0.0, time.time() - (runner.started_at or time.time())), ready=ready, total=total)
         took = time.monotonic() - began
         await self.load_times.record(runner.name, took)
-        return Started(took=took)
+        peak = max(watch.peak or 0, ready or 0) if ready is not None else None
+        return Started(took=took, peak=peak, ready=ready, total=total)
+
+    async def _measure(self, pid: int | None) -> tuple[int | None, int | None]:
+        """The container's memory now and the memory the lease shares, in bytes; measured on unified
+        memory only (on a discrete GPU the container's host memory is not what the lease shares)."""
+        if pid is None or not self.memory.unified:
+            return None, None
+        used = await asyncio.to_thread(container_memory_bytes, pid)
+        reading = await self.memory.read()
+        return used, (int(reading.total * reading.unit_bytes) if reading is not None else None)
 
     async def _load_watch(self, runner: ModelRunner, pid: int | None) -> LoadWatch:
         """The memory watch of a load; ``pid``: its container's first process, when known."""
@@ -314,21 +325,24 @@ class Lifecycle:
     # -- sleep / wake (vLLM sleep mode) -----------------------------------------
 
     async def sleep(self, runner: ModelRunner) -> Slept | Failed:
-        """Put the engine to sleep (weights offloaded, KV cache freed)."""
+        """Put the engine to sleep (KV cache freed; weights offloaded at level 1, discarded at level 2)."""
         assert runner.endpoint is not None
+        level = 1
         try:
-            await self.engine.post_json(runner.endpoint, "/sleep?level=1", timeout=self.config.lifecycle.start_timeout_s)
+            await self.engine.post_json(runner.endpoint, f"/sleep?level={level}", timeout=self.config.lifecycle.start_timeout_s)
         except EngineError as error:
             log.warning("model_sleep_failed", model=runner.name, error=str(error))
             return Failed(f"model {runner.name} could not be put to sleep: {error}")
-        return Slept()
+        watch = await self._load_watch(runner, None)
+        resident, total = await self._measure(watch.pid)
+        return Slept(level=level, resident=resident, total=total)
 
     async def wake(self, runner: ModelRunner) -> Woke | Failed:
         began = time.monotonic()
         endpoint = runner.endpoint
         assert endpoint is not None
         try:
-            await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
+            await self.memory.wait_for(runner.load_claim, self.config.gpu.reclaim_timeout_s)
             await self.engine.post_json(endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
             await self._wait_ready(runner, endpoint, began, await self._load_watch(runner, None))
         except GuardTripped as error:

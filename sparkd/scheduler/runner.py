@@ -16,6 +16,7 @@ from ..engine.client import Endpoint
 from ..engine.progress import LoadProgress
 from ..runtime.spec import ContainerSpec
 from .events import Cause
+from .footprint import Footprint
 from .state import ModelState
 
 
@@ -59,6 +60,10 @@ class ModelRunner:
     loss: str | None = None
     """Why the current start must fail although its container may run (a peer it needs is gone)."""
     task: asyncio.Task[Any] | None = None
+    footprint: Footprint = field(default_factory=Footprint)
+    """What its container was measured to use (unified memory), kept across restarts in the history."""
+    claim_warnings: tuple[str, ...] = ()
+    """Measured footprints above the configured claims, with the config line to change."""
 
     @property
     def name(self) -> str:
@@ -81,8 +86,14 @@ class ModelRunner:
 
     @property
     def claim(self) -> float:
-        return self.config.gpu_memory
+        """Its share while it serves: the configured claim, or what it measured once ready if more."""
+        return max(self.config.gpu_memory, self.footprint.fraction(self.footprint.ready))
+
+    @property
+    def load_claim(self) -> float:
+        """Its share while it loads: a load's measured peak must fit beside what runs."""
+        return max(self.claim, self.footprint.fraction(self.footprint.peak))
 
     @property
     def sleep_claim(self) -> float:
-        return self.config.sleep_gpu_memory
+        return max(self.config.sleep_gpu_memory, self.footprint.fraction(self.footprint.asleep))

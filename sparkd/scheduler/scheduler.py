@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any, Literal
 
 import structlog
@@ -39,6 +40,7 @@ from .events import (
     Cause,
     Event,
     FailureCause,
+    FootprintMeasured,
     Idle,
     KeepUtility,
     Listener,
@@ -52,6 +54,7 @@ from .events import (
     SwapFor,
     Transitioned,
 )
+from .footprint import Footprint, claim_warning
 from .lease import Eviction, Holder, Lease, plan
 from .lifecycle import Lifecycle
 from .outcomes import Adoption, Failed, Slept, Started, StopFailed, Stopped, Woke
@@ -204,9 +207,11 @@ class Scheduler:
         now = time.time()
         runner.state, runner.cause, runner.state_since = new, cause, now
         _enter(runner, new, cause, now)
-        share = share_for(runner, new, self.lease.holders.get(runner.name))
+        share = share_for(runner, old, new, self.lease.holders.get(runner.name))
         if share is None:
             self.lease.release(runner.name)
+        elif new is S.SLEEPING or (new is S.READY and old in (S.STARTING, S.WAKING)):
+            self.lease.hold_measured(runner.name, share)  # what a load or a sleep measured is in use already
         else:
             self.lease.grant(runner.name, share)
         self._emit(Transitioned(runner.name, old, new, cause, now))
@@ -337,7 +342,7 @@ class Scheduler:
                 continue
             decision = plan(
                 name,
-                runner.claim,
+                runner.claim if runner.state is S.SLEEPING else runner.load_claim,
                 runner.config.lifecycle,
                 self.lease.holders.get(name, 0.0),
                 self._holders(),
@@ -347,8 +352,10 @@ class Scheduler:
                 if not self._admit(runner, Requested()):
                     head = name  # its turn comes when the load under way ends; nobody overtakes it
             elif decision.verdict == "impossible":
+                measured = f" (measured: {runner.footprint.describe()})" if runner.footprint.total else ""
                 self._fail_waiters(runner, ModelUnavailable(
-                    f"model {name} cannot be loaded: {decision.reason}; change its gpu_memory or gpu.memory_budget",
+                    f"model {name} cannot be loaded: {decision.reason}{measured}; change its gpu_memory or "
+                    "gpu.memory_budget",
                     code="claim_impossible",
                 ))
             else:
@@ -413,7 +420,7 @@ class Scheduler:
             if runner.config.gpu and self.gpu_missing:
                 continue  # it would only fail; it still starts on its first request
             # A failed utility model is not retried on its own: its next request retries it.
-            if runner.state is S.STOPPED and self.lease.fits(runner.claim):
+            if runner.state is S.STOPPED and self.lease.fits(runner.load_claim):
                 self._admit(runner, KeepUtility())
 
     def _admit(self, runner: ModelRunner, cause: Cause) -> bool:
@@ -446,6 +453,44 @@ class Scheduler:
     def _load_slot_free(self) -> bool:
         limit = self.load_limit()
         return not limit or len(self.loading()) < limit
+
+    def _record_load(self, runner: ModelRunner, outcome: Started | Woke) -> None:
+        """A start measured its container (unified memory): its load peak and its resident size."""
+        if not isinstance(outcome, Started) or outcome.ready is None:
+            return
+        old = runner.footprint
+        peak = outcome.peak if outcome.peak is not None else old.peak
+        self._record_footprint(runner, replace(old, peak=peak, ready=outcome.ready, total=outcome.total or old.total))
+
+    def _record_footprint(self, runner: ModelRunner, footprint: Footprint) -> None:
+        """Keep what the model's container was measured to use; warn when it is above its claims."""
+        runner.footprint = footprint
+        self._emit(FootprintMeasured(
+            runner.name, footprint.peak, footprint.ready, footprint.asleep, footprint.total, footprint.sleep_level, time.time(),
+        ))
+        self._check_claims(runner)
+
+    def remember_footprint(self, name: str, footprint: Footprint) -> None:
+        """A footprint measured before this sparkd started (the history): admission uses it from now on."""
+        runner = self.runners.get(name)
+        if runner is not None:
+            runner.footprint = footprint
+            self._check_claims(runner)
+
+    def _check_claims(self, runner: ModelRunner) -> None:
+        model, footprint = runner.config, runner.footprint
+        checks = (
+            (footprint.ready, model.gpu_memory, "resident once ready", "gpu_memory"),
+            (footprint.asleep, model.sleep_gpu_memory, "resident asleep", "sleep_gpu_memory"),
+        )
+        warnings = []
+        for value, configured, what, key in checks:
+            measured = footprint.fraction(value)
+            if measured > configured:
+                warnings.append(claim_warning(runner.name, configured, measured, what, key, model.source))
+                log.warning("model_claim_below_measured", model=runner.name, key=f"models.{runner.name}.{key}",
+                            file=model.source, configured=configured, measured=round(measured, 4))
+        runner.claim_warnings = tuple(warnings)
 
     def _grant(self, runner: ModelRunner) -> None:
         for waiter in self.queue.take(runner.name):
@@ -547,6 +592,7 @@ class Scheduler:
                 self._emit(LoadFinished(runner.name, kind, began, time.time() - began, "failed", outcome.message))
             self._fail_waiters(runner, self._failure_error(runner))
             return
+        self._record_load(runner, outcome)
         if self._move(runner, loading, S.READY, cause):
             self._emit(LoadFinished(runner.name, kind, began, outcome.took, "ready", cause.describe(S.READY)))
             self._grant(runner)
@@ -589,6 +635,11 @@ class Scheduler:
         self._operator_requests.pop(runner.name, None)
         outcome: Slept | Failed = await self.lifecycle.sleep(runner)
         if isinstance(outcome, Slept):
+            if outcome.resident is not None:
+                self._record_footprint(runner, replace(
+                    runner.footprint, asleep=outcome.resident, sleep_level=outcome.level,
+                    total=outcome.total or runner.footprint.total,
+                ))
             self._move(runner, S.DRAINING, S.SLEEPING, cause)
             return
         stop_cause = SleepFailed(cause)
@@ -714,7 +765,7 @@ class Scheduler:
         if runner.state in (S.STARTING, S.WAKING):
             return
         decision = plan(
-            runner.name, runner.claim, runner.config.lifecycle, self.lease.holders.get(runner.name, 0.0),
+            runner.name, runner.claim if runner.state is S.SLEEPING else runner.load_claim, runner.config.lifecycle, self.lease.holders.get(runner.name, 0.0),
             self._holders(), self.lease.budget,
         )
         if decision.verdict in ("evict", "wait"):
@@ -770,23 +821,27 @@ class Scheduler:
             await self._stop_container(runner, cause, retry=False)
 
 
-def share_for(runner: ModelRunner, state: ModelState, held: float | None) -> float | None:
-    """The lease share a model holds in ``state`` (None: none), given the share it ``held``.
+def share_for(runner: ModelRunner, old: ModelState, state: ModelState, held: float | None) -> float | None:
+    """The lease share a model holds in ``state`` (None: none), coming from ``old`` with the share it ``held``.
 
-    Loading or serving models hold their claim (a share granted at the start stays as it
-    was, even if a reload changed the claim since); a sleeping model its sleep claim; a
-    stopping one what it held until its container is gone; stopped and failed ones
-    nothing (a failed model's container was stopped before it was failed).
+    A loading model holds its load claim (its measured load peak, if more than its claim);
+    once ready, its claim (the larger of the configured and the measured resident size); a
+    share granted then stays as it was while it serves, even if a reload changed the claim
+    since; a sleeping model holds its sleep claim; a stopping one what it held until its
+    container is gone; stopped and failed ones nothing (a failed model's container was
+    stopped before it was failed).
     """
     if state in (S.STOPPED, S.FAILED):
         return None
     if state is S.SLEEPING:
         return runner.sleep_claim
     if state in (S.STARTING, S.WAKING):
-        return runner.claim
+        return runner.load_claim
     if state is S.STOPPING:
         return held
-    return held if held is not None else runner.claim  # READY, DRAINING: adopted at start-up holds nothing yet
+    if old in (S.STARTING, S.WAKING) or held is None:
+        return runner.claim  # ready after a load (or adopted at start-up, holding nothing yet)
+    return held
 
 
 def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> None:
