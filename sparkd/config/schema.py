@@ -35,6 +35,7 @@ from .constraints import (
     matches,
     not_blank,
     not_empty,
+    positive,
 )
 from .origins import pattern_error
 from .validate import describe
@@ -48,6 +49,11 @@ from .values import (
 )
 
 MIB = 1024 * 1024
+KV_CACHE_FLAG = "--kv-cache-memory-bytes"
+"""vLLM's flag for a KV cache of a fixed size in bytes (``kv_cache_bytes``)."""
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_MODE_ENV = "VLLM_SERVER_DEV_MODE"
+"""vLLM serves /sleep and /wake_up only in its development mode."""
 MAX_LEASE_TIMEOUT_S = 300.0
 
 PositiveFloat = Annotated[float, Positive]
@@ -82,6 +88,7 @@ ContainerDirectory = Check(
     lambda path: path.startswith("/") and ":" not in path and ".." not in path.split("/"),
     "an absolute directory inside the container, without ':' or '..'",
 )
+SleepLevel = Check(lambda level: level in (1, 2), "1 (weights offloaded to CPU memory) or 2 (weights discarded)")
 LeaseTimeoutCap = Check(lambda value: value <= MAX_LEASE_TIMEOUT_S, f"at most {MAX_LEASE_TIMEOUT_S:.0f} seconds")
 
 QueuePolicy = Literal["queue", "reject"]
@@ -258,7 +265,15 @@ class ModelConfig:
     """The engine's token-count endpoint, used to fit a prompt into ``max_model_len`` exactly."""
     lifecycle: LifecycleClass = "normal"
     sleep_mode: bool = False
+    """vLLM's sleep mode: a swap puts the engine to sleep instead of stopping it (sparkd adds
+    ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``)."""
     sleep_gpu_memory: float = 0.0
+    sleep_level: Annotated[int | None, SleepLevel] = None
+    """vLLM's sleep level: 1 keeps the weights in CPU memory (on unified memory: the same pool), 2 discards
+    them (reloaded on wake); unset = 2 on unified memory, 1 on discrete GPUs."""
+    kv_cache_bytes: Annotated[int | None, positive("number of bytes")] = None
+    """The engine's KV cache in bytes (vLLM's ``--kv-cache-memory-bytes``), so its footprint does not
+    depend on vLLM's memory profiling, which on unified memory counts other processes' memory."""
     profile: str | None = None
     tools: ToolSupport = "full"
     multimodal: bool = False

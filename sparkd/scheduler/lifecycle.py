@@ -327,7 +327,7 @@ class Lifecycle:
     async def sleep(self, runner: ModelRunner) -> Slept | Failed:
         """Put the engine to sleep (KV cache freed; weights offloaded at level 1, discarded at level 2)."""
         assert runner.endpoint is not None
-        level = 1
+        level = runner.sleep_level
         try:
             await self.engine.post_json(runner.endpoint, f"/sleep?level={level}", timeout=self.config.lifecycle.start_timeout_s)
         except EngineError as error:

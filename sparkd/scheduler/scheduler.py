@@ -106,11 +106,11 @@ class Scheduler:
             self.runners[model.name] = self._new_runner(model)
 
     def _new_runner(self, model: ModelConfig) -> ModelRunner:
-        return ModelRunner(config=model, spec=render(self.config, model))
+        return ModelRunner(config=model, spec=render(self.config, model), unified_memory=self.unified_memory)
 
     def add_transient(self, model: ModelConfig, spec: ContainerSpec) -> ModelRunner:
         """A model that is not in the configuration (a peer's worker lease) until ``remove_transient``."""
-        runner = ModelRunner(config=model, spec=spec)
+        runner = ModelRunner(config=model, spec=spec, unified_memory=self.unified_memory)
         self.runners[model.name] = runner
         self._transient.add(model.name)
         return runner

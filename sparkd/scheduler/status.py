@@ -28,6 +28,8 @@ def model_status(scheduler: "Scheduler", runner: ModelRunner, now: float, now_wa
         "load_claim": runner.load_claim,
         "footprint": runner.footprint.view(),
         "claim_warnings": list(runner.claim_warnings),
+        "sleep_level": runner.sleep_level if runner.config.sleep_mode else None,
+        "sleep_claim": runner.sleep_claim if runner.config.sleep_mode else None,
         "holds": scheduler.lease.holders.get(runner.name, 0.0),
         "in_flight": runner.in_flight,
         "queued": scheduler.queue.depth(runner.name),

@@ -240,3 +240,49 @@ async def test_a_claim_far_below_what_the_engine_holds_is_admitted_by_its_measur
     assert again["footprint"]["ready_bytes"] == measured["ready_bytes"] and again["claim_warnings"], again
     code, out, _ = await ctl(sparkd, "models")
     assert code == 0 and f"{sparkd.model('a')}: measured: load peak" in out and "set gpu_memory" in out, out
+
+
+async def fake_state(port: int) -> dict[str, object]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/fake/state") as response:
+        state: dict[str, object] = await response.json()
+        return state
+
+
+async def test_sleep_levels_free_what_they_say_and_the_claim_asleep_follows_the_measure(sparkd_factory, engine_image):
+    knobs = {"FAKE_LOAD_MB": "500", "FAKE_READY_MB": "400", "FAKE_KV_MB": "100", "FAKE_LOAD_DELAY": "1"}
+    sparkd = sparkd_factory(
+        {
+            # sleep_mode without --enable-sleep-mode in args: sparkd adds the flag and VLLM_SERVER_DEV_MODE itself.
+            "one": engine_model(engine_image, claim=0.5, sleep_mode=True, sleep_level=1, sleep_gpu_memory=0.01, env=knobs),
+            "two": engine_model(engine_image, claim=0.5, sleep_mode=True, sleep_gpu_memory=0.01, env=knobs),
+        },
+        unified(min_free=0),
+    )
+    await sparkd.start()
+    measured: dict[str, dict[str, int]] = {}
+    for key, level in (("one", 1), ("two", 2)):
+        async with aiohttp.ClientSession() as session:
+            assert (await sparkd.chat(session, key))[0] == 200
+        port = (await sparkd.model_status(key))["port"]
+        status, _ = await sparkd.admin("POST", f"/api/models/{sparkd.model(key)}/sleep")
+        assert status == 200
+        model = await sparkd.model_status(key)
+        assert model["state"] == "sleeping", model
+        engine = await fake_state(port)
+        assert engine["sleep_level"] == level and "--enable-sleep-mode" in engine["argv"], engine  # type: ignore[operator]
+        assert engine["env"]["VLLM_SERVER_DEV_MODE"] == "1", engine  # type: ignore[index]
+        measured[key] = footprint = model["footprint"]
+        assert footprint["sleep_level"] == level and footprint["ready_bytes"] >= 400 * MIB, footprint
+        # The claim asleep is what the sleep released to, measured (above the configured 0.01 here).
+        held = (await sparkd.status())["lease"]["holders"][sparkd.model(key)]
+        assert held == pytest.approx(max(0.01, footprint["asleep_bytes"] / footprint["total_bytes"]), abs=1e-4)
+    one, two = measured["one"], measured["two"]
+    # Level 1 freed only the KV cache (100 of 400 MB), level 2 the weights too.
+    assert one["ready_bytes"] - one["asleep_bytes"] == pytest.approx(100 * MIB, abs=40 * MIB), one
+    assert two["ready_bytes"] - two["asleep_bytes"] == pytest.approx(400 * MIB, abs=40 * MIB), two
+    for key, figures in measured.items():
+        print(f"\n{key}: peak {figures['peak_bytes'] / MIB:.0f} MiB, ready {figures['ready_bytes'] / MIB:.0f} MiB, "
+              f"asleep (level {figures['sleep_level']}) {figures['asleep_bytes'] / MIB:.0f} MiB")
+    async with aiohttp.ClientSession() as session:
+        assert (await sparkd.chat(session, "one"))[0] == 200  # wakes
+    assert (await fake_state((await sparkd.model_status("one"))["port"]))["resident_mb"] == 400
