@@ -52,6 +52,7 @@ from .scheduler.reconcile import adopt_running
 from .scheduler.scheduler import Scheduler
 from .scheduler.status import status_line
 from .scheduler.running_guard import guard_running_models
+from .scheduler.stall import watch_for_stalls
 from .scheduler.watch import watch_serving_engines
 
 log = structlog.get_logger("sparkd")
@@ -234,6 +235,7 @@ class Daemon:
             scheduler.run_reaper(), watch_serving_engines(scheduler, services.engine), self._refresh_status(scheduler),
             services.workers.run_expiry(),
             guard_running_models(scheduler, services.runtime, scheduler.lifecycle.memory),
+            watch_for_stalls(scheduler, services.engine),
         ]
         interval = watchdog_interval()
         if interval:

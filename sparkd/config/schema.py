@@ -192,6 +192,9 @@ class LifecycleConfig:
     """Request bodies held by waiting requests, in bytes, at most (503 past it); at least server.max_body_bytes."""
     queue_per_key: PositiveInt = 256
     """Waiting requests of one key at most (429 past it), so one client cannot fill the queue."""
+    stall_s: AtLeastZeroFloat = 120.0
+    """A READY vLLM engine whose token counters do not move this long while it runs requests is
+    wedged: it is failed and stopped (0 = never)."""
 
 
 @dataclass(frozen=True)

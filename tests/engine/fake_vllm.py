@@ -45,6 +45,9 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     load_mb               MB really allocated (pages written) while loading, growing evenly
                           over load_delay up to this peak; once ready the engine keeps ready_mb
     ready_mb              MB really allocated while ready (weights and KV cache)
+    freeze_after          after N SSE events (all streams together) the engine wedges as GB10 engines
+                          do: streams stop mid-answer and never end, /health and /v1/models stay
+                          200, vllm:generation_tokens_total stops while num_requests_running > 0
     kv_mb                 the part of ready_mb that is KV cache: freed by sleep level 1, which
                           keeps the weights (on unified memory: in the same pool); sleep level 2
                           frees all of ready_mb; a wake allocates it again
@@ -156,6 +159,7 @@ KNOBS: dict[str, tuple[type, Any, str]] = {
     "load_mb": (int, 0, "MB allocated while loading (the load's peak)"),
     "ready_mb": (int, 0, "MB allocated while ready"),
     "kv_mb": (int, 0, "the part of ready_mb sleep level 1 frees (level 2 frees all of it)"),
+    "freeze_after": (int, 0, "wedge every stream after N SSE events in total (0 = never)"),
 }
 
 MIB = 1024 * 1024
@@ -383,6 +387,7 @@ class FakeEngine:
         self.aborted_streams = 0
         self.completed_streams = 0
         self.active_streams = 0
+        self.events_sent = 0
         self.sleeps = 0
         self.wakes = 0
         self.sleep_level = 0
@@ -560,7 +565,10 @@ class FakeEngine:
                     frame = b"event: " + event[0].encode() + b"\ndata: " + _dumps(event[1]) + b"\n\n"
                 else:
                     frame = b"data: " + _dumps(event) + b"\n\n"
+                if self.cfg.freeze_after and self.events_sent >= self.cfg.freeze_after:
+                    await self.wedged(request)
                 await write_or_gone(request, resp, frame)
+                self.events_sent += 1
                 if self.cfg.crash_mid_stream and i >= self.cfg.crash_mid_stream:
                     await asyncio.sleep(0.05)  # let the sent bytes leave before dying
                     _crash(f"fake crash mid-stream after {i} events")
@@ -585,6 +593,13 @@ class FakeEngine:
         self.completed_streams += 1
         on_complete()
         return resp
+
+    async def wedged(self, request: web.Request) -> None:
+        """The freeze_after knob: this stream never goes on (the client may leave)."""
+        _log("fake engine wedged: no more tokens")
+        while not client_gone(request):
+            await asyncio.sleep(0.05)
+        raise ClientGone()
 
     async def hold(self, request: web.Request) -> None:
         event = self._release_event()

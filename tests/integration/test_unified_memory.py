@@ -286,3 +286,27 @@ async def test_sleep_levels_free_what_they_say_and_the_claim_asleep_follows_the_
     async with aiohttp.ClientSession() as session:
         assert (await sparkd.chat(session, "one"))[0] == 200  # wakes
     assert (await fake_state((await sparkd.model_status("one"))["port"]))["resident_mb"] == 400
+
+
+async def test_a_wedged_engine_is_failed_by_its_frozen_token_counters(sparkd_factory, engine_image, podman):
+    sparkd = sparkd_factory(
+        {"w": engine_model(engine_image, claim=0.2, env={"FAKE_FREEZE_AFTER": "3", "FAKE_TOKENS": "50"})},
+        {"lifecycle": {"stall_s": 1.5}},
+    )
+    await sparkd.start()
+    body = {"model": sparkd.model("w"), "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    began = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(sparkd.base_url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            answer = await response.read()  # ends: the engine is stopped under it
+        took = time.monotonic() - began
+        model = await sparkd.wait_state("w", "failed", timeout=15)
+        reason = model["reason"]
+        assert "is wedged" in reason and "vllm:generation_tokens_total" in reason and "lifecycle.stall_s = 1.5" in reason
+        assert b"error" in answer and sparkd.model("w").encode() in answer, answer  # the stream ends with an error event
+        print(f"\nwedged engine: stream ended {took:.1f} s after it began (stall_s 1.5)")
+        assert not podman.containers.get(sparkd.container("w")).attrs["State"]["Running"]
+        assert "engine_wedged" in sparkd.logs()
+        status, _ = await sparkd.chat(session, "w")  # the next request starts it again
+        assert status == 200
