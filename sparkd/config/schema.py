@@ -171,6 +171,9 @@ class GpuConfig:
     min_free: AtLeastZeroInt = 4 * GIB
     """Bytes of memory that must stay free on unified memory (the ``meminfo`` probe): a model whose
     load or run takes it below this is stopped at once (0 = no guard)."""
+    drop_caches_before_load: bool = False
+    """On unified memory, drop the page cache before a load whose peak (plus ``min_free``) is more than
+    the memory free outright; needs sparkd to run as root with a writable /proc/sys."""
     concurrent_loads: AtLeastZeroInt = 0
     """Models that may load (start or wake) at once; 0 = automatic: one on unified memory, any number
     on discrete GPUs."""

@@ -80,6 +80,7 @@ class Lifecycle:
         began = time.monotonic()
         try:
             await self.memory.wait_for(runner.load_claim, self.config.gpu.reclaim_timeout_s)
+            await self._drop_page_cache(runner)
             if len(runner.config.nodes) > 1:
                 await self._acquire_workers(runner)
             info = await self._create_and_start(runner)
@@ -89,6 +90,16 @@ class Lifecycle:
         except (StartFailed, WorkersUnavailable) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began, pid=info.pid)
+
+    async def _drop_page_cache(self, runner: ModelRunner) -> None:
+        """``gpu.drop_caches_before_load``: room for the load's peak plus the floor, out of the page cache."""
+        gpu = self.config.gpu
+        if not (gpu.drop_caches_before_load and self.memory.unified):
+            return
+        reading = await self.memory.read()
+        if reading is not None:
+            total = reading.total * reading.unit_bytes
+            await self.memory.drop_page_cache_if_short(int(runner.load_claim * total) + gpu.min_free)
 
     async def _create_and_start(self, runner: ModelRunner) -> ContainerInfo:
         attempts = 0

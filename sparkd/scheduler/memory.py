@@ -44,11 +44,13 @@ NVIDIA_SMI_TIMEOUT_S = 5.0
 
 class MemoryGauge:
     def __init__(
-        self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi", timeout_s: float = NVIDIA_SMI_TIMEOUT_S
+        self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi",
+        timeout_s: float = NVIDIA_SMI_TIMEOUT_S, drop_caches: str = "/proc/sys/vm/drop_caches",
     ) -> None:
         self.mode = mode
         self._timeout_s = timeout_s
         self._meminfo = Path(meminfo)
+        self._drop_caches = Path(drop_caches)
         self._nvidia_smi = shutil.which(nvidia_smi) if nvidia_smi else None
 
     @property
@@ -95,6 +97,25 @@ class MemoryGauge:
                 )
                 return waited
             await asyncio.sleep(POLL_S)
+
+    async def drop_page_cache_if_short(self, needed: int) -> bool:
+        """Drop the page cache when memory that is free outright (MemFree, the cache not counted) is
+        under ``needed`` bytes, as Spark owners do by hand before a large load; True when dropped.
+        Needs root (CAP_SYS_ADMIN) and a writable /proc/sys: otherwise logged and skipped."""
+        try:
+            free = parse_mem_free(await asyncio.to_thread(self._meminfo.read_text))
+        except OSError:
+            return False
+        if free is None or free >= needed:
+            return False
+        try:
+            await asyncio.to_thread(self._drop_caches.write_text, "1\n")
+        except OSError as error:
+            log.warning("page_cache_drop_failed", path=str(self._drop_caches), error=str(error),
+                        fix="gpu.drop_caches_before_load needs sparkd to run as root with a writable /proc/sys")
+            return False
+        log.info("page_cache_dropped", free_bytes=free, needed_bytes=needed)
+        return True
 
     async def _read_nvidia_smi(self) -> Reading | None:
         if self._nvidia_smi is None:
@@ -152,6 +173,16 @@ def parse_meminfo(text: str) -> Reading | None:
     if "MemAvailable" not in values or "MemTotal" not in values:
         return None
     return Reading(available=values["MemAvailable"], total=values["MemTotal"], unit_bytes=1024)
+
+
+def parse_mem_free(text: str) -> int | None:
+    """MemFree in bytes: memory in no use at all (MemAvailable also counts the droppable cache)."""
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if name == "MemFree" and fields and fields[0].isdigit():
+            return int(fields[0]) * 1024
+    return None
 
 
 def container_memory_bytes(pid: int, proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -210,8 +210,9 @@ class Scheduler:
         share = share_for(runner, old, new, self.lease.holders.get(runner.name))
         if share is None:
             self.lease.release(runner.name)
-        elif new is S.SLEEPING or (new is S.READY and old in (S.STARTING, S.WAKING)):
-            self.lease.hold_measured(runner.name, share)  # what a load or a sleep measured is in use already
+        elif new is S.SLEEPING or isinstance(cause, Adopted) or (new is S.READY and old in (S.STARTING, S.WAKING)):
+            # In use already, whatever the budget says: what a load or a sleep measured, an adopted container.
+            self.lease.hold_measured(runner.name, share)
         else:
             self.lease.grant(runner.name, share)
         self._emit(Transitioned(runner.name, old, new, cause, now))

@@ -70,3 +70,16 @@ def test_guard_message_names_the_model_its_peak_and_the_setting():
     assert "model glm-4.5-air" in text and "while it was loading" in text
     assert "gpu.min_free = 4294967296 bytes (4096 MiB)" in text and "measured peak was 90000 MiB" in text
     assert "not measurable" in guard_message("m", Tripped(1, 2, None), "running")
+
+
+async def test_the_page_cache_is_dropped_only_when_the_load_would_not_fit_beside_it(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8388608 kB\nMemFree: 1048576 kB\nMemAvailable: 6291456 kB\n")  # 1 GiB free, 6 with the cache
+    knob = tmp_path / "drop_caches"
+    knob.write_text("")
+    gauge = MemoryGauge("meminfo", meminfo=str(meminfo), drop_caches=str(knob))
+    assert await gauge.drop_page_cache_if_short(512 * MIB) is False and knob.read_text() == ""
+    assert await gauge.drop_page_cache_if_short(2048 * MIB) is True and knob.read_text() == "1\n"
+    # Without the privilege: logged, the load goes on.
+    locked = MemoryGauge("meminfo", meminfo=str(meminfo), drop_caches=str(tmp_path / "no" / "such"))
+    assert await locked.drop_page_cache_if_short(2048 * MIB) is False
