@@ -56,7 +56,7 @@ async def guard_running_models(scheduler: Scheduler, runtime: PodmanRuntime, gau
             "memory_guard_stopped", model=runner.name, doing="running", available_bytes=tripped.available,
             min_free=floor, container_bytes=used,
         )
-        scheduler.model_lost(runner.name, guard_message(runner.name, tripped, "running"))
+        scheduler.model_lost(runner.name, guard_message(runner.name, tripped, "running"), code="memory_guard")
 
 
 async def _largest(runtime: PodmanRuntime, runners: list[ModelRunner]) -> tuple[ModelRunner, int] | None:

@@ -123,8 +123,9 @@ class Scheduler:
         self.runners.pop(name, None)
         self.pump()
 
-    def model_lost(self, name: str, reason: str) -> None:
-        """Something the model depends on is gone (a peer's worker): fail it and free its share."""
+    def model_lost(self, name: str, reason: str, code: str = "model_failed") -> None:
+        """Something the model depends on is gone (a peer's worker), or a watch gave it up (``code``
+        says which: ``memory_guard``, ``engine_wedged``): fail it and free its share."""
         runner = self.runners.get(name)
         if runner is None or runner.state not in (S.STARTING, S.READY, S.DRAINING, S.WAKING, S.SLEEPING):
             return
@@ -133,16 +134,16 @@ class Scheduler:
             runner.loss = reason
             runner.died.set()
         else:
-            self._spawn(runner, self._run_lost(runner, reason))
+            self._spawn(runner, self._run_lost(runner, reason, code))
 
-    async def _run_lost(self, runner: ModelRunner, reason: str) -> None:
+    async def _run_lost(self, runner: ModelRunner, reason: str, code: str = "model_failed") -> None:
         """The container died, or a peer it needs, or a task of the model crashed: clean up, fail it."""
         try:
             outcome = await self.lifecycle.stop_after_loss(runner, reason)
         except Exception as error:  # the model must end FAILED whatever the clean-up did
             log.error("model_clean_up_crashed", model=runner.name, error=repr(error), exc_info=error)
             outcome = Failed(reason)
-        if self._fail(runner, LIVE, outcome):
+        if self._fail(runner, LIVE, replace(outcome, code=code)):
             self._fail_waiters(runner, self._failure_error(runner))
 
     def apply_config(self, config: Config) -> None:

@@ -98,4 +98,5 @@ def _fail(scheduler: Scheduler, runner: ModelRunner, frozen_s: float, counters: 
         f"model {runner.name}: its engine is wedged: vllm:generation_tokens_total has not moved for {frozen_s:.0f} s "
         f"while {counters.running:.0f} requests were running (lifecycle.stall_s = {limit:g}); it was stopped, "
         f"the next request starts it again; see `sparkctl logs {runner.name}`",
+        code="engine_wedged",
     )

@@ -133,6 +133,7 @@ async def test_guard_stops_the_largest_running_model_when_free_memory_falls_unde
         sparkd.reload()
         failed = await sparkd.wait_state("large", "failed", timeout=15)
         assert "memory guard while it was running" in failed["reason"] and "gpu.min_free" in failed["reason"], failed
+        assert "code=memory_guard" in sparkd.logs()
         sparkd.settings["gpu"]["min_free"] = 0
         sparkd.write_config()
         sparkd.reload()
