@@ -48,6 +48,8 @@ async def guard_running_models(scheduler: Scheduler, runtime: PodmanRuntime, gau
             continue
         runner, used = offender
         tripped = Tripped(available=reading.available_bytes, floor=floor, peak=used)
+        # Given up first, so the streams the kill breaks are told why.
+        scheduler.model_lost(runner.name, guard_message(runner.name, tripped, "running"), code="memory_guard")
         try:
             await runtime.kill(runner.spec.name)
         except RuntimeFailure as error:
@@ -56,7 +58,6 @@ async def guard_running_models(scheduler: Scheduler, runtime: PodmanRuntime, gau
             "memory_guard_stopped", model=runner.name, doing="running", available_bytes=tripped.available,
             min_free=floor, container_bytes=used,
         )
-        scheduler.model_lost(runner.name, guard_message(runner.name, tripped, "running"), code="memory_guard")
 
 
 async def _largest(runtime: PodmanRuntime, runners: list[ModelRunner]) -> tuple[ModelRunner, int] | None:

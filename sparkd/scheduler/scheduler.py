@@ -129,9 +129,8 @@ class Scheduler:
         runner = self.runners.get(name)
         if runner is None or runner.state not in (S.STARTING, S.READY, S.DRAINING, S.WAKING, S.SLEEPING):
             return
+        runner.loss = reason  # a start or wake under way fails with it; a stream it breaks is told it
         if self._busy(runner):
-            # A start or wake is running: it notices and fails with this reason.
-            runner.loss = reason
             runner.died.set()
         else:
             self._spawn(runner, self._run_lost(runner, reason, code))
@@ -455,6 +454,14 @@ class Scheduler:
     def _load_slot_free(self) -> bool:
         limit = self.load_limit()
         return not limit or len(self.loading()) < limit
+
+    async def last_words(self, runner: ModelRunner) -> list[str]:
+        """Why a stream the engine broke off ended: sparkd's own reason when sparkd gave the model up
+        (``model_lost``: its memory guard, its stall or readiness watch, a lost peer), else the
+        engine's last log lines."""
+        if runner.loss:
+            return [runner.loss]
+        return await self.lifecycle.tail_logs(runner)
 
     def _record_load(self, runner: ModelRunner, outcome: Started | Woke) -> None:
         """A start measured its container (unified memory): its load peak and its resident size."""

@@ -305,7 +305,7 @@ async def test_a_wedged_engine_is_failed_by_its_frozen_token_counters(sparkd_fac
         model = await sparkd.wait_state("w", "failed", timeout=15)
         reason = model["reason"]
         assert "is wedged" in reason and "vllm:generation_tokens_total" in reason and "lifecycle.stall_s = 1.5" in reason
-        assert b"error" in answer and sparkd.model("w").encode() in answer, answer  # the stream ends with an error event
+        assert b"error" in answer and b"is wedged" in answer, answer  # the stream ends with an error event saying why
         print(f"\nwedged engine: stream ended {took:.1f} s after it began (stall_s 1.5)")
         assert not podman.containers.get(sparkd.container("w")).attrs["State"]["Running"]
         assert "engine_wedged" in sparkd.logs()
