@@ -31,6 +31,18 @@ class FailureJson(TypedDict):
     age_s: float
 
 
+class FootprintDoc(TypedDict):
+    """What a model was measured to use, in bytes (on unified memory; None: not measured yet)."""
+
+    peak_bytes: int | None
+    ready_bytes: int | None
+    asleep_bytes: int | None
+    sleep_level: int | None
+    """The sleep level ``asleep_bytes`` was measured at."""
+    total_bytes: int
+    """The memory the figures are of (MemTotal on unified memory)."""
+
+
 class _ModelStatusFields(TypedDict):
     name: str
     state: str
@@ -38,6 +50,13 @@ class _ModelStatusFields(TypedDict):
     state_since: float
     lifecycle: str
     claim: float
+    configured_claim: float
+    load_claim: float
+    """What a start must find free: the larger of the claim and the measured load peak."""
+    footprint: FootprintDoc | None
+    claim_warnings: list[str]
+    sleep_level: int | None
+    sleep_claim: float | None
     holds: float
     """The lease share the model holds now (0 when it holds none)."""
     in_flight: int
@@ -223,6 +242,9 @@ class CatalogEntry(TypedDict):
     state: str
     lifecycle: str
     claim: float
+    configured_claim: float
+    footprint: FootprintDoc | None
+    claim_warnings: list[str]
     max_model_len: int | None
     image: str
     gpu: bool

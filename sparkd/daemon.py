@@ -49,7 +49,9 @@ from .runtime.podman import PodmanRuntime
 from .scheduler.lifecycle import Lifecycle
 from .scheduler.loadtimes import LoadTimes
 from .scheduler.reconcile import adopt_running
+from .scheduler.running_guard import guard_running_models
 from .scheduler.scheduler import Scheduler
+from .scheduler.stall import watch_for_stalls
 from .scheduler.status import status_line
 from .scheduler.watch import watch_serving_engines
 
@@ -85,6 +87,7 @@ class Services:
     scheduler: Scheduler
     workers: WorkerLeases
     ops: Operations
+    memory: MemoryGauge
 
 
 class Daemon:
@@ -151,7 +154,7 @@ class Daemon:
         scheduler: Scheduler  # built after the coordinator, which reports lost workers to it
         coordinator = await _head_coordinator(stack, config, lambda model, reason: scheduler.model_lost(model, reason))
         lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator)
-        scheduler = Scheduler(config, lifecycle)
+        scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)
         workers = WorkerLeases(scheduler)
         scheduler.subscribe(lambda _event: self._publish_status(scheduler))
         ops = Operations(lambda: self.config, scheduler, runtime, memory)  # metrics, history, live status, the admin socket
@@ -160,7 +163,7 @@ class Daemon:
             await ops.open()
         except HistoryUnavailable as error:
             raise StartupError(str(error)) from error
-        return Services(runtime, engine, scheduler, workers, ops)
+        return Services(runtime, engine, scheduler, workers, ops, memory)
 
     async def _listen(self, stack: AsyncExitStack, services: Services, config: Config) -> list[Listener]:
         """Bind every ``server.listen`` address and the admin socket."""
@@ -232,6 +235,8 @@ class Daemon:
         jobs = [
             scheduler.run_reaper(), watch_serving_engines(scheduler, services.engine), self._refresh_status(scheduler),
             services.workers.run_expiry(),
+            guard_running_models(scheduler, services.runtime, services.memory),
+            watch_for_stalls(scheduler, services.engine),
         ]
         interval = watchdog_interval()
         if interval:

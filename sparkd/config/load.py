@@ -15,6 +15,7 @@ from typing import Any
 
 from ..fixups.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE, Profile, expand_tables
 from .schema import (
+    KV_CACHE_FLAG,
     ClusterConfig,
     Config,
     ContainerDefaults,
@@ -197,7 +198,7 @@ def _build_model(name: str, table: Any, defaults: ContainerDefaults, file: str, 
     merged = dict(table)
     for key in INHERITED:
         merged.setdefault(key, getattr(defaults, key))
-    model = build(ModelConfig, merged, file=file, path=path, problems=problems, fixed={"name": name})
+    model = build(ModelConfig, merged, file=file, path=path, problems=problems, fixed={"name": name, "source": file})
     if model is None:
         return None
     return dataclasses.replace(
@@ -336,6 +337,10 @@ def _check_claims(config: Config, model: ModelConfig, model_add: Add) -> None:
         model_add("gpu_memory", f"a fraction between 0 and gpu.memory_budget ({budget})", describe(model.gpu_memory))
     if not 0 <= model.sleep_gpu_memory <= max(model.gpu_memory, 0):
         model_add("sleep_gpu_memory", f"between 0 and the model's gpu_memory ({model.gpu_memory})", describe(model.sleep_gpu_memory))
+    if model.kv_cache_bytes is not None and any(arg.split("=")[0] == KV_CACHE_FLAG for arg in model.args):
+        model_add("kv_cache_bytes", f"either kv_cache_bytes or {KV_CACHE_FLAG} in args, not both", describe(model.kv_cache_bytes))
+    if model.sleep_level is not None and not model.sleep_mode:
+        model_add("sleep_level", "set together with sleep_mode = true", describe(model.sleep_level))
 
 
 def _check_port(model: ModelConfig, ports: dict[int, str], listen_ports: set[int], model_add: Add) -> None:

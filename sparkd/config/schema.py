@@ -35,6 +35,7 @@ from .constraints import (
     matches,
     not_blank,
     not_empty,
+    positive,
 )
 from .origins import pattern_error
 from .validate import describe
@@ -48,11 +49,18 @@ from .values import (
 )
 
 MIB = 1024 * 1024
+KV_CACHE_FLAG = "--kv-cache-memory-bytes"
+"""vLLM's flag for a KV cache of a fixed size in bytes (``kv_cache_bytes``)."""
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_MODE_ENV = "VLLM_SERVER_DEV_MODE"
+"""vLLM serves /sleep and /wake_up only in its development mode."""
 MAX_LEASE_TIMEOUT_S = 300.0
 
 PositiveFloat = Annotated[float, Positive]
 PositiveInt = Annotated[int, Positive]
 AtLeastZeroFloat = Annotated[float, AtLeastZero]
+AtLeastZeroInt = Annotated[int, AtLeastZero]
+GIB = 1024 * MIB
 PortNumber = Annotated[int, Port]
 ImageReference = Annotated[str, not_blank("an image reference, e.g. localhost/sparkd/vllm-gb10:v1")]
 ListenAddresses = Annotated[
@@ -80,6 +88,7 @@ ContainerDirectory = Check(
     lambda path: path.startswith("/") and ":" not in path and ".." not in path.split("/"),
     "an absolute directory inside the container, without ':' or '..'",
 )
+SleepLevel = Check(lambda level: level in (1, 2), "1 (weights offloaded to CPU memory) or 2 (weights discarded)")
 LeaseTimeoutCap = Check(lambda value: value <= MAX_LEASE_TIMEOUT_S, f"at most {MAX_LEASE_TIMEOUT_S:.0f} seconds")
 
 QueuePolicy = Literal["queue", "reject"]
@@ -159,6 +168,15 @@ class GpuConfig:
     memory_probe: MemoryProbe = "auto"
     reclaim_timeout_s: PositiveFloat = 30.0
     """Upper bound on waiting for memory to come back after a model stopped."""
+    min_free: AtLeastZeroInt = 4 * GIB
+    """Bytes of memory that must stay free on unified memory (the ``meminfo`` probe): a model whose
+    load or run takes it below this is stopped at once (0 = no guard)."""
+    drop_caches_before_load: bool = False
+    """On unified memory, drop the page cache before a load whose peak (plus ``min_free``) is more than
+    the memory free outright; needs sparkd to run as root with a writable /proc/sys."""
+    concurrent_loads: AtLeastZeroInt = 0
+    """Models that may load (start or wake) at once; 0 = automatic: one on unified memory, any number
+    on discrete GPUs."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,9 @@ class LifecycleConfig:
     """Request bodies held by waiting requests, in bytes, at most (503 past it); at least server.max_body_bytes."""
     queue_per_key: PositiveInt = 256
     """Waiting requests of one key at most (429 past it), so one client cannot fill the queue."""
+    stall_s: AtLeastZeroFloat = 120.0
+    """A READY vLLM engine whose token counters do not move this long while it runs requests is
+    wedged: it is failed and stopped (0 = never)."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +271,15 @@ class ModelConfig:
     """The engine's token-count endpoint, used to fit a prompt into ``max_model_len`` exactly."""
     lifecycle: LifecycleClass = "normal"
     sleep_mode: bool = False
+    """vLLM's sleep mode: a swap puts the engine to sleep instead of stopping it (sparkd adds
+    ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``)."""
     sleep_gpu_memory: float = 0.0
+    sleep_level: Annotated[int | None, SleepLevel] = None
+    """vLLM's sleep level: 1 keeps the weights in CPU memory (on unified memory: the same pool), 2 discards
+    them (reloaded on wake); unset = 2 on unified memory, 1 on discrete GPUs."""
+    kv_cache_bytes: Annotated[int | None, positive("number of bytes")] = None
+    """The engine's KV cache in bytes (vLLM's ``--kv-cache-memory-bytes``), so its footprint does not
+    depend on vLLM's memory profiling, which on unified memory counts other processes' memory."""
     profile: str | None = None
     tools: ToolSupport = "full"
     multimodal: bool = False
@@ -281,6 +310,8 @@ class ModelConfig:
     """A stream that waits for this model always gets SSE comments saying why (loading, waking,
     queued); "content" or "reasoning" also sends that text as answer or reasoning deltas, which chat
     UIs display (a key's own ``loading_feedback`` wins)."""
+    source: str = ""
+    """The file the model's table came from (not a TOML key): warnings name the line to change there."""
 
 
 @dataclass(frozen=True)

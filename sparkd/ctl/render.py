@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..adminjson import CatalogDoc, HistoryDoc, LiveStatus, ModelStatus, PrepareDoc, StatusSnapshot
+from ..adminjson import CatalogDoc, FootprintDoc, HistoryDoc, LiveStatus, ModelStatus, PrepareDoc, StatusSnapshot
 
 BAR_WIDTH = 20
 
@@ -105,12 +105,29 @@ def status(data: StatusSnapshot) -> str:
     waiting = ", ".join(f"{name} {counts.get(name, '?')}" for name in queue.get("models") or [])
     out.append(f"queue: {queue['depth']} waiting (limit {queue['limit']})" + (f": {waiting}" if waiting else ""))
     for model in data["models"]:
+        measured = model.get("footprint")
+        if measured:
+            out.append(f"{model['name']} measured: {footprint(measured)}")
+        out.extend(f"{model['name']} warning: {warning}" for warning in model.get("claim_warnings") or [])
+    for model in data["models"]:
         failure = model.get("failure")
         if not failure:
             continue
         out.append(f"\n{model['name']} failed {duration(failure.get('age_s'))} ago: {failure['message']}")
         out.extend(f"  | {line}" for line in failure.get("log_lines", [])[-8:])
     return "\n".join(out)
+
+
+def footprint(measured: FootprintDoc) -> str:
+    """A model's measured memory: load peak, resident ready, resident asleep (with its sleep level)."""
+    level = measured["sleep_level"]
+    figures = (
+        ("load peak", measured["peak_bytes"], ""),
+        ("ready", measured["ready_bytes"], ""),
+        ("asleep", measured["asleep_bytes"], f" (level {level})" if level else ""),
+    )
+    parts = [f"{label} {value / 2**20:.0f} MiB{suffix}" for label, value, suffix in figures if value is not None]
+    return ", ".join(parts) + f" of {measured['total_bytes'] / 2**30:.1f} GiB"
 
 
 def models(data: CatalogDoc) -> str:
@@ -131,6 +148,11 @@ def models(data: CatalogDoc) -> str:
         )
         if model.get("reason"):
             notes.append(f"  {model['name']}: off: {model['reason']}")
+        measured = model["footprint"]
+        if measured:
+            notes.append(f"  {model['name']}: measured: {footprint(measured)}")
+        for warning in model.get("claim_warnings") or []:
+            notes.append(f"  {model['name']}: warning: {warning}")
         for note in model.get("notes") or []:
             notes.append(f"  {model['name']}: {note}")
         if model.get("aliases"):

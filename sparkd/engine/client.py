@@ -60,6 +60,21 @@ class EngineClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
+    async def get_text(self, endpoint: Endpoint, path: str, timeout: float = 5.0, limit: int = 4 * 1024 * 1024) -> str:
+        """The body of ``GET path`` (at most ``limit`` bytes: an engine's /metrics is tens of kB)."""
+        try:
+            async with self.session.get(
+                endpoint.base_url + path,
+                headers={"Authorization": endpoint.auth_header},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                body = await response.content.read(limit)
+                if response.status >= 400:
+                    raise EngineError(f"GET {path} answered {response.status}")
+                return body.decode("utf-8", "replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            raise EngineError(f"GET {path} failed: {type(error).__name__}: {error}") from error
+
     async def post_json(self, endpoint: Endpoint, path: str, payload: Any | None = None, timeout: float = 30.0) -> Any:
         try:
             async with self.session.post(

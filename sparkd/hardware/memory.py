@@ -27,10 +27,16 @@ POLL_S = 0.2
 class Reading:
     available: float
     total: float
+    unit_bytes: float = 1.0
+    """Bytes per unit of ``available`` and ``total`` (kB for /proc/meminfo, MiB for nvidia-smi)."""
 
     @property
     def fraction(self) -> float:
         return self.available / self.total if self.total else 0.0
+
+    @property
+    def available_bytes(self) -> int:
+        return int(self.available * self.unit_bytes)
 
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
@@ -38,12 +44,20 @@ NVIDIA_SMI_TIMEOUT_S = 5.0
 
 class MemoryGauge:
     def __init__(
-        self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi", timeout_s: float = NVIDIA_SMI_TIMEOUT_S
+        self, mode: str, meminfo: str = "/proc/meminfo", nvidia_smi: str | None = "nvidia-smi",
+        timeout_s: float = NVIDIA_SMI_TIMEOUT_S, drop_caches: str = "/proc/sys/vm/drop_caches",
     ) -> None:
         self.mode = mode
         self._timeout_s = timeout_s
         self._meminfo = Path(meminfo)
+        self._drop_caches = Path(drop_caches)
         self._nvidia_smi = shutil.which(nvidia_smi) if nvidia_smi else None
+
+    @property
+    def unified(self) -> bool:
+        """The GPU allocates from system memory (DGX Spark): what the CPU, the page cache and
+        every engine use comes out of one pool, read as MemAvailable."""
+        return self.mode == "meminfo"
 
     async def resolve(self) -> None:
         """Settle ``auto`` to the source that works on this machine."""
@@ -83,6 +97,25 @@ class MemoryGauge:
                 )
                 return waited
             await asyncio.sleep(POLL_S)
+
+    async def drop_page_cache_if_short(self, needed: int) -> bool:
+        """Drop the page cache when memory that is free outright (MemFree, the cache not counted) is
+        under ``needed`` bytes, as Spark owners do by hand before a large load; True when dropped.
+        Needs root (CAP_SYS_ADMIN) and a writable /proc/sys: otherwise logged and skipped."""
+        try:
+            free = parse_mem_free(await asyncio.to_thread(self._meminfo.read_text))
+        except OSError:
+            return False
+        if free is None or free >= needed:
+            return False
+        try:
+            await asyncio.to_thread(self._drop_caches.write_text, "1\n")
+        except OSError as error:
+            log.warning("page_cache_drop_failed", path=str(self._drop_caches), error=str(error),
+                        fix="gpu.drop_caches_before_load needs sparkd to run as root with a writable /proc/sys")
+            return False
+        log.info("page_cache_dropped", free_bytes=free, needed_bytes=needed)
+        return True
 
     async def _read_nvidia_smi(self) -> Reading | None:
         if self._nvidia_smi is None:
@@ -126,7 +159,7 @@ def parse_nvidia_smi(text: str) -> Reading | None:
             used, total = float(parts[0]), float(parts[1])
         except ValueError:
             return None
-        return Reading(available=total - used, total=total)
+        return Reading(available=total - used, total=total, unit_bytes=1024 * 1024)
     return None
 
 
@@ -139,4 +172,52 @@ def parse_meminfo(text: str) -> Reading | None:
             values[name] = float(fields[0])
     if "MemAvailable" not in values or "MemTotal" not in values:
         return None
-    return Reading(available=values["MemAvailable"], total=values["MemTotal"])
+    return Reading(available=values["MemAvailable"], total=values["MemTotal"], unit_bytes=1024)
+
+
+def parse_mem_free(text: str) -> int | None:
+    """MemFree in bytes: memory in no use at all (MemAvailable also counts the droppable cache)."""
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if name == "MemFree" and fields and fields[0].isdigit():
+            return int(fields[0]) * 1024
+    return None
+
+
+def container_memory_bytes(pid: int, proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Memory charged to the cgroup of process ``pid`` (a container's first process), in bytes.
+
+    cgroup v2 (``0::/path``) reads ``memory.current``; v1 (``N:memory:/path``)
+    ``memory.usage_in_bytes``; without either, the process's own resident size.
+    None when the process is gone.  Blocking (file reads): call it in a worker thread.
+    """
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        relative = path.lstrip("/")
+        if controllers == "":
+            candidates.append(cgroups / relative / "memory.current")
+        elif "memory" in controllers.split(","):
+            candidates.insert(0, cgroups / "memory" / relative / "memory.usage_in_bytes")
+    for candidate in candidates:
+        try:
+            return int(candidate.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return _resident_bytes(proc / str(pid) / "status")
+
+
+def _resident_bytes(status: Path) -> int | None:
+    try:
+        text = status.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None

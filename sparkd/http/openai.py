@@ -194,7 +194,7 @@ class OpenAIRoutes:
                 raw = json.dumps(body, separators=(",", ":")).encode()
             answer = await forward(
                 request, self._engine.session, runner.endpoint, route.path, raw, model.name, current.config.engine, headers or None,
-                streaming, record, last_words=lambda: self._scheduler.lifecycle.tail_logs(runner), prepared=prepared,
+                streaming, record, last_words=lambda: self._scheduler.last_words(runner), prepared=prepared,
                 rewrite=feed.engine_rewrite() if feed is not None else None,
             )
             if isinstance(answer, web.Response) and isinstance(answer.body, bytes) and is_missing_route(answer.status, answer.body):

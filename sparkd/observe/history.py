@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 import structlog
 
 from ..adminjson import DailyRow, HistoryDoc, LoadRow, ModelHistory, SessionRow
-from ..scheduler.events import Adopted, Event, LoadFinished, Transitioned
+from ..scheduler.events import Adopted, Event, FootprintMeasured, LoadFinished, Transitioned
+from ..scheduler.footprint import Footprint
 from ..scheduler.state import ModelState
 
 log = structlog.get_logger("sparkd.history")
@@ -65,6 +66,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     peak_gpu_used_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS sessions_model_time ON sessions (model, started_at);
+CREATE TABLE IF NOT EXISTS footprints (
+    model TEXT PRIMARY KEY,          -- what its container was last measured to use, in bytes (unified memory)
+    peak_bytes INTEGER,              -- the most during its last measured load
+    ready_bytes INTEGER,             -- resident once ready
+    asleep_bytes INTEGER,            -- resident asleep, at sleep_level
+    sleep_level INTEGER,
+    total_bytes INTEGER NOT NULL,    -- the memory the lease shares (MemTotal)
+    measured_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage_daily (
     day TEXT NOT NULL,               -- local date, YYYY-MM-DD
     model TEXT NOT NULL,
@@ -185,6 +195,8 @@ class History:
         """Scheduler listener: sessions and loads (runs on the loop, queues the writes)."""
         if isinstance(event, LoadFinished):
             self._submit(self._load_sync, event.model, event.kind, event.began, event.took, event.outcome, event.message)
+        elif isinstance(event, FootprintMeasured) and event.total is not None:
+            self._submit(self._footprint_sync, event)
         elif isinstance(event, Transitioned):
             self._record_move(event)
 
@@ -225,6 +237,30 @@ class History:
             "INSERT INTO loads (model, kind, started_at, duration_s, outcome, message) VALUES (?, ?, ?, ?, ?, ?)",
             (model, kind, started_at, round(duration, 3), outcome, message),
         )
+
+    def _footprint_sync(self, event: FootprintMeasured) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "INSERT INTO footprints (model, peak_bytes, ready_bytes, asleep_bytes, sleep_level, total_bytes, measured_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET peak_bytes = excluded.peak_bytes, "
+            "ready_bytes = excluded.ready_bytes, asleep_bytes = excluded.asleep_bytes, sleep_level = excluded.sleep_level, "
+            "total_bytes = excluded.total_bytes, measured_at = excluded.measured_at",
+            (event.model, event.peak, event.ready, event.asleep, event.sleep_level, event.total, event.at),
+        )
+
+    async def footprints(self) -> dict[str, Footprint]:
+        """Every model's last measured footprint (for admission after a restart)."""
+        if self.problem is not None:
+            return {}
+        return await self._run(self._footprints_sync)
+
+    def _footprints_sync(self) -> dict[str, Footprint]:
+        assert self._db is not None
+        rows = self._db.execute("SELECT model, peak_bytes, ready_bytes, asleep_bytes, sleep_level, total_bytes FROM footprints")
+        return {
+            model: Footprint(peak=peak, ready=ready, asleep=asleep, sleep_level=level, total=total)
+            for model, peak, ready, asleep, level, total in rows
+        }
 
     def record_memory(self, model: str, host_used: int | None, container: int | None, gpu_used: int | None) -> None:
         """Raise the running session's peaks to what was just measured."""

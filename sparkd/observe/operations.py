@@ -119,8 +119,11 @@ class Operations:
     # -- lifespan ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Before adoption: open the history so adopted models continue their sessions."""
+        """Before adoption: open the history so adopted models continue their sessions, and admission
+        knows the footprints measured before."""
         await self.history.open()
+        for name, footprint in (await self.history.footprints()).items():
+            self._scheduler.remember_footprint(name, footprint)
 
     async def adopted(self) -> None:
         """After adoption: close sessions of containers that did not survive, start the loops."""

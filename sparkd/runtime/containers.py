@@ -25,6 +25,8 @@ class ContainerInfo:
     host_port: int | None
     engine_key: str | None = field(repr=False)
     exit_code: int | None
+    pid: int | None = None
+    """The host PID of the container's first process while it runs (its cgroup holds the rest)."""
 
     @property
     def running(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from .. import encodingfiles
 from ..cluster.containersettings import for_cluster
 from ..config import Config, ModelConfig
+from ..config.schema import KV_CACHE_FLAG, SLEEP_MODE_ENV, SLEEP_MODE_FLAG
 
 LABEL_MANAGED = "io.sparkd.managed"
 LABEL_MODEL = "io.sparkd.model"
@@ -130,6 +131,17 @@ def parse_volume(volume: str) -> Mount:
     return Mount(source=parts[0], target=parts[1], read_only=read_only)
 
 
+def engine_flags(model: ModelConfig) -> tuple[str, ...]:
+    """The vLLM flags the model's settings imply, unless its args give them already."""
+    given = {arg.split("=")[0] for arg in model.args}
+    flags: list[str] = []
+    if model.kv_cache_bytes is not None and KV_CACHE_FLAG not in given:
+        flags += [KV_CACHE_FLAG, str(model.kv_cache_bytes)]
+    if model.sleep_mode and SLEEP_MODE_FLAG not in given:
+        flags.append(SLEEP_MODE_FLAG)
+    return tuple(flags)
+
+
 def render(config: Config, model: ModelConfig, role: str | None = None) -> ContainerSpec:
     """The container spec of ``model`` under ``config``.
 
@@ -139,6 +151,8 @@ def render(config: Config, model: ModelConfig, role: str | None = None) -> Conta
     devices = tuple(config.gpu.devices) if model.gpu else ()
     mounts = [parse_volume(v) for v in model.volumes]
     env = dict(model.env)
+    if model.sleep_mode:
+        env.setdefault(SLEEP_MODE_ENV, "1")
     if model.encodings:
         source = encodingfiles.directory(config.server.state_dir)
         mounts += [Mount(str(source / e.file), f"{encodingfiles.CONTAINER_DIR}/{e.file}", read_only=True) for e in encodingfiles.ENCODINGS]
@@ -148,7 +162,7 @@ def render(config: Config, model: ModelConfig, role: str | None = None) -> Conta
         model=model.name,
         instance=config.server.instance,
         image=model.image,
-        command=tuple(model.command) + tuple(model.args),
+        command=tuple(model.command) + tuple(model.args) + engine_flags(model),
         env=dict(sorted(env.items())),
         engine_port=model.engine_port,
         host_port=model.port,

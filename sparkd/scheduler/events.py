@@ -177,5 +177,18 @@ class Progress:
     at: float
 
 
-Event = Transitioned | LoadFinished | Progress
+@dataclass(frozen=True)
+class FootprintMeasured:
+    """The model's container was measured after a load or a sleep (bytes; None: not measured)."""
+
+    model: str
+    peak: int | None
+    ready: int | None
+    asleep: int | None
+    total: int | None
+    sleep_level: int | None
+    at: float
+
+
+Event = Transitioned | LoadFinished | Progress | FootprintMeasured
 Listener = Callable[[Event], None]

@@ -50,6 +50,11 @@ class Lease:
             raise ValueError(f"lease over budget: {model} wants {claim}, free {self.budget - self.claimed + held:.2f}")
         self.holders[model] = claim
 
+    def hold_measured(self, model: str, claim: float) -> None:
+        """Set ``model``'s share to what it was measured to hold: the memory is in use whatever the
+        budget says, so this is never refused; past the budget nothing fits until enough leaves."""
+        self.holders[model] = claim
+
     def release(self, model: str) -> None:
         self.holders.pop(model, None)
 

@@ -21,12 +21,13 @@ from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
 from ..engine.progress import parse_line
-from ..hardware.memory import MemoryGauge
+from ..hardware.memory import MemoryGauge, container_memory_bytes
 from ..runtime.containerlogs import LogFollower
 from ..runtime.containers import ContainerInfo
 from ..runtime.failures import PortInUse, RuntimeFailure
 from ..runtime.podman import PodmanRuntime
 from .contract import ProgressSink
+from .guard import LoadWatch, Tripped, guard_message
 from .loadtimes import LoadTimes
 from .outcomes import (
     Adoption,
@@ -54,6 +55,14 @@ class StartFailed(Exception):
         self.log_lines = log_lines or []
 
 
+class GuardTripped(Exception):
+    """Free memory fell under ``gpu.min_free`` while the model loaded."""
+
+    def __init__(self, tripped: Tripped) -> None:
+        super().__init__("memory guard")
+        self.tripped = tripped
+
+
 @dataclass
 class Lifecycle:
     config: Config
@@ -75,7 +84,8 @@ class Lifecycle:
         """Bring the model's container up (create or re-create it, start it); ``await_ready`` follows."""
         began = time.monotonic()
         try:
-            await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
+            await self.memory.wait_for(runner.load_claim, self.config.gpu.reclaim_timeout_s)
+            await self._drop_page_cache(runner)
             if len(runner.config.nodes) > 1:
                 await self._acquire_workers(runner)
             info = await self._create_and_start(runner)
@@ -84,7 +94,17 @@ class Lifecycle:
             return await self._failed(runner, str(error), [], error)
         except (StartFailed, WorkersUnavailable) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
-        return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began)
+        return Launched(endpoint=endpoint, started_at=info.started_at or time.time(), began=began, pid=info.pid)
+
+    async def _drop_page_cache(self, runner: ModelRunner) -> None:
+        """``gpu.drop_caches_before_load``: room for the load's peak plus the floor, out of the page cache."""
+        gpu = self.config.gpu
+        if not (gpu.drop_caches_before_load and self.memory.unified):
+            return
+        reading = await self.memory.read()
+        if reading is not None:
+            total = reading.total * reading.unit_bytes
+            await self.memory.drop_page_cache_if_short(int(runner.load_claim * total) + gpu.min_free)
 
     async def _create_and_start(self, runner: ModelRunner) -> ContainerInfo:
         attempts = 0
@@ -133,18 +153,55 @@ class Lifecycle:
         """
         began = launched.began if launched is not None else time.monotonic()
         follower = self._follow_progress(runner, on_progress)
+        watch = await self._load_watch(runner, launched.pid if launched is not None else None)
         try:
-            await self._wait_ready(runner, runner.endpoint, began)
+            await self._wait_ready(runner, runner.endpoint, began, watch)
+        except GuardTripped as error:
+            return await self._guard_stopped(runner, error.tripped, "loading")
         except (StartFailed, RuntimeFailure) as error:
             return await self._failed(runner, str(error), getattr(error, "log_lines", []))
         finally:
             follower.stop()
+        ready, total = await self._measure(watch.pid)
         if launched is None:
-            # An adopted container's load began with the container, under the earlier sparkd.
-            return Started(took=max(0.0, time.time() - (runner.started_at or time.time())))
+            # An adopted container's load began with the container, under the earlier sparkd: its peak is unknown.
+            return Started(took=max(0.0, time.time() - (runner.started_at or time.time())), ready=ready, total=total)
         took = time.monotonic() - began
         await self.load_times.record(runner.name, took)
-        return Started(took=took)
+        peak = max(watch.peak or 0, ready or 0) if ready is not None else None
+        return Started(took=took, peak=peak, ready=ready, total=total)
+
+    async def _measure(self, pid: int | None) -> tuple[int | None, int | None]:
+        """The container's memory now and the memory the lease shares, in bytes; measured on unified
+        memory only (on a discrete GPU the container's host memory is not what the lease shares)."""
+        if pid is None or not self.memory.unified:
+            return None, None
+        used = await asyncio.to_thread(container_memory_bytes, pid)
+        reading = await self.memory.read()
+        return used, (int(reading.total * reading.unit_bytes) if reading is not None else None)
+
+    async def _load_watch(self, runner: ModelRunner, pid: int | None) -> LoadWatch:
+        """The memory watch of a load; ``pid``: its container's first process, when known."""
+        if pid is None:
+            try:
+                info = await self.runtime.inspect(runner.spec.name)
+            except RuntimeFailure:
+                info = None
+            pid = info.pid if info is not None else None
+        return LoadWatch(self.memory, self.config.gpu.min_free, pid)
+
+    async def _guard_stopped(self, runner: ModelRunner, tripped: Tripped, doing: str) -> Failed:
+        """Kill the container first (each second counts), then clean up as any failed load."""
+        try:
+            await self.runtime.kill(runner.spec.name)
+        except RuntimeFailure as error:
+            log.error("memory_guard_kill_failed", model=runner.name, error=str(error))
+        log.error(
+            "memory_guard_stopped", model=runner.name, doing=doing, available_bytes=tripped.available,
+            min_free=tripped.floor, peak_bytes=tripped.peak,
+        )
+        failed = await self._failed(runner, guard_message(runner.name, tripped, doing), [])
+        return Failed(failed.message, failed.log_lines, code="memory_guard")
 
     async def _failed(self, runner: ModelRunner, message: str, log_lines: list[str],
                       cause: RuntimeFailure | None = None) -> Failed:
@@ -186,7 +243,9 @@ class Lifecycle:
         follower.start()
         return follower
 
-    async def _wait_ready(self, runner: ModelRunner, endpoint: Endpoint | None, began: float) -> None:
+    async def _wait_ready(
+        self, runner: ModelRunner, endpoint: Endpoint | None, began: float, watch: LoadWatch | None = None,
+    ) -> None:
         lifecycle = self.config.lifecycle
         timeout = runner.config.start_timeout_s or lifecycle.start_timeout_s
         deadline = began + timeout
@@ -194,6 +253,9 @@ class Lifecycle:
         while True:
             if runner.died.is_set():
                 raise StartFailed(await self._exit_message(runner))
+            tripped = await watch.sample() if watch is not None else None
+            if tripped is not None:
+                raise GuardTripped(tripped)
             if endpoint is None:
                 # No readiness path (a Ray worker): a running container is ready.
                 info = await self.runtime.inspect(runner.spec.name)
@@ -277,23 +339,28 @@ class Lifecycle:
     # -- sleep / wake (vLLM sleep mode) -----------------------------------------
 
     async def sleep(self, runner: ModelRunner) -> Slept | Failed:
-        """Put the engine to sleep (weights offloaded, KV cache freed)."""
+        """Put the engine to sleep (KV cache freed; weights offloaded at level 1, discarded at level 2)."""
         assert runner.endpoint is not None
+        level = runner.sleep_level
         try:
-            await self.engine.post_json(runner.endpoint, "/sleep?level=1", timeout=self.config.lifecycle.start_timeout_s)
+            await self.engine.post_json(runner.endpoint, f"/sleep?level={level}", timeout=self.config.lifecycle.start_timeout_s)
         except EngineError as error:
             log.warning("model_sleep_failed", model=runner.name, error=str(error))
             return Failed(f"model {runner.name} could not be put to sleep: {error}")
-        return Slept()
+        watch = await self._load_watch(runner, None)
+        resident, total = await self._measure(watch.pid)
+        return Slept(level=level, resident=resident, total=total)
 
     async def wake(self, runner: ModelRunner) -> Woke | Failed:
         began = time.monotonic()
         endpoint = runner.endpoint
         assert endpoint is not None
         try:
-            await self.memory.wait_for(runner.claim, self.config.gpu.reclaim_timeout_s)
+            await self.memory.wait_for(runner.load_claim, self.config.gpu.reclaim_timeout_s)
             await self.engine.post_json(endpoint, "/wake_up", timeout=self.config.lifecycle.start_timeout_s)
-            await self._wait_ready(runner, endpoint, began)
+            await self._wait_ready(runner, endpoint, began, await self._load_watch(runner, None))
+        except GuardTripped as error:
+            return await self._guard_stopped(runner, error.tripped, "waking up")
         except (EngineError, StartFailed, RuntimeFailure) as error:
             return await self._failed(runner, f"model {runner.name} failed to wake up: {error}", [])
         return Woke(took=time.monotonic() - began)

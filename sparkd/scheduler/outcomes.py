@@ -21,6 +21,8 @@ class Launched:
     """Wall-clock time the container started (from Podman)."""
     began: float
     """time.monotonic() the start began: the start timeout and the load time count from then."""
+    pid: int | None = None
+    """The host PID of the container's first process: where its memory is read."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class Started:
 
     took: float
     """Seconds since the start began (for an adopted container: since the container started)."""
+    peak: int | None = None
+    """Bytes the container held at most while it loaded (measured on unified memory only)."""
+    ready: int | None = None
+    """Bytes it held once ready."""
+    total: int | None = None
+    """Bytes of the memory the lease shares (MemTotal)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,12 @@ class StopFailed:
 
 @dataclass(frozen=True)
 class Slept:
-    """The engine sleeps: weights offloaded, KV cache freed."""
+    """The engine sleeps: KV cache freed, and at level 2 the weights discarded too."""
+
+    level: int = 1
+    resident: int | None = None
+    """Bytes the container still holds asleep (measured on unified memory only)."""
+    total: int | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from ..engine.client import Endpoint
 from ..engine.progress import LoadProgress
 from ..runtime.spec import ContainerSpec
 from .events import Cause
+from .footprint import Footprint
 from .state import ModelState
 
 
@@ -59,6 +60,12 @@ class ModelRunner:
     loss: str | None = None
     """Why the current start must fail although its container may run (a peer it needs is gone)."""
     task: asyncio.Task[Any] | None = None
+    footprint: Footprint = field(default_factory=Footprint)
+    """What its container was measured to use (unified memory), kept across restarts in the history."""
+    claim_warnings: tuple[str, ...] = ()
+    """Measured footprints above the configured claims, with the config line to change."""
+    unified_memory: bool = False
+    """The GPU allocates from system memory (set by the scheduler when it makes the runner)."""
 
     @property
     def name(self) -> str:
@@ -81,8 +88,28 @@ class ModelRunner:
 
     @property
     def claim(self) -> float:
-        return self.config.gpu_memory
+        """Its share while it serves: the configured claim, or what it measured once ready if more."""
+        return max(self.config.gpu_memory, self.footprint.fraction(self.footprint.ready))
+
+    @property
+    def load_claim(self) -> float:
+        """Its share while it loads: a load's measured peak must fit beside what runs."""
+        return max(self.claim, self.footprint.fraction(self.footprint.peak))
+
+    @property
+    def sleep_level(self) -> int:
+        """vLLM's sleep level: as configured, else 2 on unified memory (level 1 would keep the weights
+        in the same pool), 1 on discrete GPUs (the weights go to host memory, off the GPU)."""
+        return self.config.sleep_level or (2 if self.unified_memory else 1)
 
     @property
     def sleep_claim(self) -> float:
+        """Its share asleep: what its last sleep at this level measured, at least the configured
+        ``sleep_gpu_memory``; not measured yet at level 1 on unified memory, its whole claim (the
+        weights stay in the pool, only the KV cache goes)."""
+        measured = self.footprint
+        if measured.asleep is not None and measured.sleep_level == self.sleep_level:
+            return max(self.config.sleep_gpu_memory, measured.fraction(measured.asleep))
+        if self.unified_memory and self.sleep_level == 1:
+            return self.claim
         return self.config.sleep_gpu_memory

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any, Literal
 
 import structlog
@@ -41,6 +42,7 @@ from .events import (
     Cause,
     Event,
     FailureCause,
+    FootprintMeasured,
     Idle,
     KeepUtility,
     Listener,
@@ -54,6 +56,7 @@ from .events import (
     SwapFor,
     Transitioned,
 )
+from .footprint import Footprint, claim_warning
 from .lease import Eviction, Holder, Lease, plan
 from .outcomes import Adoption, Failed, Slept, Started, StopFailed, Stopped, Woke
 from .queue import (
@@ -80,9 +83,11 @@ STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING})
 
 
 class Scheduler:
-    def __init__(self, config: Config, lifecycle: ModelLifecycle) -> None:
+    def __init__(self, config: Config, lifecycle: ModelLifecycle, *, unified_memory: bool = False) -> None:
         self.config = config
         self.lifecycle = lifecycle
+        self.unified_memory = unified_memory
+        """The GPU allocates from system memory (the memory probe found a DGX Spark's unified memory)."""
         self.lease = Lease(config.gpu.memory_budget)
         self.queue = WaitQueue(queue_limits(config))
         self.runners: dict[str, ModelRunner] = {}
@@ -102,11 +107,11 @@ class Scheduler:
             self.runners[model.name] = self._new_runner(model)
 
     def _new_runner(self, model: ModelConfig) -> ModelRunner:
-        return ModelRunner(config=model, spec=render(self.config, model))
+        return ModelRunner(config=model, spec=render(self.config, model), unified_memory=self.unified_memory)
 
     def add_transient(self, model: ModelConfig, spec: ContainerSpec) -> ModelRunner:
         """A model that is not in the configuration (a peer's worker lease) until ``remove_transient``."""
-        runner = ModelRunner(config=model, spec=spec)
+        runner = ModelRunner(config=model, spec=spec, unified_memory=self.unified_memory)
         self.runners[model.name] = runner
         self._transient.add(model.name)
         return runner
@@ -119,26 +124,26 @@ class Scheduler:
         self.runners.pop(name, None)
         self.pump()
 
-    def model_lost(self, name: str, reason: str) -> None:
-        """Something the model depends on is gone (a peer's worker): fail it and free its share."""
+    def model_lost(self, name: str, reason: str, code: str = "model_failed") -> None:
+        """Something the model depends on is gone (a peer's worker), or a watch gave it up (``code``
+        says which: ``memory_guard``, ``engine_wedged``): fail it and free its share."""
         runner = self.runners.get(name)
         if runner is None or runner.state not in (S.STARTING, S.READY, S.DRAINING, S.WAKING, S.SLEEPING):
             return
+        runner.loss = reason  # a start or wake under way fails with it; a stream it breaks is told it
         if self._busy(runner):
-            # A start or wake is running: it notices and fails with this reason.
-            runner.loss = reason
             runner.died.set()
         else:
-            self._spawn(runner, self._run_lost(runner, reason))
+            self._spawn(runner, self._run_lost(runner, reason, code))
 
-    async def _run_lost(self, runner: ModelRunner, reason: str) -> None:
+    async def _run_lost(self, runner: ModelRunner, reason: str, code: str = "model_failed") -> None:
         """The container died, or a peer it needs, or a task of the model crashed: clean up, fail it."""
         try:
             outcome = await self.lifecycle.stop_after_loss(runner, reason)
         except Exception as error:  # the model must end FAILED whatever the clean-up did
             log.error("model_clean_up_crashed", model=runner.name, error=repr(error), exc_info=error)
             outcome = Failed(reason)
-        if self._fail(runner, LIVE, outcome):
+        if self._fail(runner, LIVE, replace(outcome, code=code)):
             self._fail_waiters(runner, self._failure_error(runner))
 
     def apply_config(self, config: Config) -> None:
@@ -201,9 +206,12 @@ class Scheduler:
         now = time.time()
         runner.state, runner.cause, runner.state_since = new, cause, now
         _enter(runner, new, cause, now)
-        share = share_for(runner, new, self.lease.holders.get(runner.name))
+        share = share_for(runner, old, new, self.lease.holders.get(runner.name))
         if share is None:
             self.lease.release(runner.name)
+        elif new is S.SLEEPING or isinstance(cause, Adopted) or (new is S.READY and old in (S.STARTING, S.WAKING)):
+            # In use already, whatever the budget says: what a load or a sleep measured, an adopted container.
+            self.lease.hold_measured(runner.name, share)
         else:
             self.lease.grant(runner.name, share)
         self._emit(Transitioned(runner.name, old, new, cause, now))
@@ -334,17 +342,20 @@ class Scheduler:
                 continue
             decision = plan(
                 name,
-                runner.claim,
+                runner.claim if runner.state is S.SLEEPING else runner.load_claim,
                 runner.config.lifecycle,
                 self.lease.holders.get(name, 0.0),
                 self._holders(),
                 self.lease.budget,
             )
             if decision.verdict == "admit":
-                self._admit(runner, Requested())
+                if not self._admit(runner, Requested()):
+                    head = name  # its turn comes when the load under way ends; nobody overtakes it
             elif decision.verdict == "impossible":
+                measured = f" (measured: {runner.footprint.describe()})" if runner.footprint.total else ""
                 self._fail_waiters(runner, ModelUnavailable(
-                    f"model {name} cannot be loaded: {decision.reason}; change its gpu_memory or gpu.memory_budget",
+                    f"model {name} cannot be loaded: {decision.reason}{measured}; change its gpu_memory or "
+                    "gpu.memory_budget",
                     code="claim_impossible",
                 ))
             else:
@@ -409,20 +420,85 @@ class Scheduler:
             if runner.config.gpu and self.gpu_missing:
                 continue  # it would only fail; it still starts on its first request
             # A failed utility model is not retried on its own: its next request retries it.
-            if runner.state is S.STOPPED and self.lease.fits(runner.claim):
+            if runner.state is S.STOPPED and self.lease.fits(runner.load_claim):
                 self._admit(runner, KeepUtility())
 
-    def _admit(self, runner: ModelRunner, cause: Cause) -> None:
-        """Start (or wake) the model; the move takes its lease share at once."""
+    def _admit(self, runner: ModelRunner, cause: Cause) -> bool:
+        """Start (or wake) the model; the move takes its lease share at once.  False: another load
+        holds the last load slot (``gpu.concurrent_loads``), the model waits for it to end."""
+        if not self._load_slot_free():
+            return False
         if runner.state is S.SLEEPING:
             if self._move(runner, S.SLEEPING, S.WAKING, cause):
                 self._spawn(runner, self._run_wake(runner, cause))
-            return
+            return True
         if self._move(runner, frozenset({S.STOPPED, S.FAILED}), S.STARTING, cause):
             runner.start_requested_at = runner.load_began
             runner.died.clear()
             runner.loss = None
             self._spawn(runner, self._run_start(runner, cause))
+        return True
+
+    def load_limit(self) -> int:
+        """How many models may load (start or wake) at once; 0: any number.  On unified memory one:
+        two loads race for the same pool, and vLLM's profiling counts the other's memory as its own."""
+        configured = self.config.gpu.concurrent_loads
+        if configured:
+            return configured
+        return 1 if self.unified_memory else 0
+
+    def loading(self) -> list[ModelRunner]:
+        return [r for r in self.runners.values() if r.state in (S.STARTING, S.WAKING)]
+
+    def _load_slot_free(self) -> bool:
+        limit = self.load_limit()
+        return not limit or len(self.loading()) < limit
+
+    async def last_words(self, runner: ModelRunner) -> list[str]:
+        """Why a stream the engine broke off ended: sparkd's own reason when sparkd gave the model up
+        (``model_lost``: its memory guard, its stall or readiness watch, a lost peer), else the
+        engine's last log lines."""
+        if runner.loss:
+            return [runner.loss]
+        return await self.lifecycle.tail_logs(runner)
+
+    def _record_load(self, runner: ModelRunner, outcome: Started | Woke) -> None:
+        """A start measured its container (unified memory): its load peak and its resident size."""
+        if not isinstance(outcome, Started) or outcome.ready is None:
+            return
+        old = runner.footprint
+        peak = outcome.peak if outcome.peak is not None else old.peak
+        self._record_footprint(runner, replace(old, peak=peak, ready=outcome.ready, total=outcome.total or old.total))
+
+    def _record_footprint(self, runner: ModelRunner, footprint: Footprint) -> None:
+        """Keep what the model's container was measured to use; warn when it is above its claims."""
+        runner.footprint = footprint
+        self._emit(FootprintMeasured(
+            runner.name, footprint.peak, footprint.ready, footprint.asleep, footprint.total, footprint.sleep_level, time.time(),
+        ))
+        self._check_claims(runner)
+
+    def remember_footprint(self, name: str, footprint: Footprint) -> None:
+        """A footprint measured before this sparkd started (the history): admission uses it from now on."""
+        runner = self.runners.get(name)
+        if runner is not None:
+            runner.footprint = footprint
+            self._check_claims(runner)
+
+    def _check_claims(self, runner: ModelRunner) -> None:
+        model, footprint = runner.config, runner.footprint
+        checks = (
+            (footprint.ready, model.gpu_memory, "resident once ready", "gpu_memory"),
+            (footprint.asleep, model.sleep_gpu_memory, "resident asleep", "sleep_gpu_memory"),
+        )
+        warnings = []
+        for value, configured, what, key in checks:
+            measured = footprint.fraction(value)
+            if measured > configured:
+                warnings.append(claim_warning(runner.name, configured, measured, what, key, model.source))
+                log.warning("model_claim_below_measured", model=runner.name, key=f"models.{runner.name}.{key}",
+                            file=model.source, configured=configured, measured=round(measured, 4))
+        runner.claim_warnings = tuple(warnings)
 
     def _grant(self, runner: ModelRunner) -> None:
         for waiter in self.queue.take(runner.name):
@@ -475,7 +551,8 @@ class Scheduler:
         if failure is not None and failure.needs_operator:
             return ModelUnavailable(text, code=failure.code, extra={"log_lines": lines, "needs_operator": True})
         retry = max(self._backoff_left(runner), 1.0)
-        return ServiceUnavailable(text, retry_after=retry, code="model_failed", extra={"log_lines": lines})
+        code = failure.code if failure is not None else "model_failed"
+        return ServiceUnavailable(text, retry_after=retry, code=code, extra={"log_lines": lines})
 
     # -- tasks: the slow work, and what its outcome moves ---------------------------------
 
@@ -523,6 +600,7 @@ class Scheduler:
                 self._emit(LoadFinished(runner.name, kind, began, time.time() - began, "failed", outcome.message))
             self._fail_waiters(runner, self._failure_error(runner))
             return
+        self._record_load(runner, outcome)
         if self._move(runner, loading, S.READY, cause):
             self._emit(LoadFinished(runner.name, kind, began, outcome.took, "ready", cause.describe(S.READY)))
             self._grant(runner)
@@ -565,6 +643,11 @@ class Scheduler:
         self._operator_requests.pop(runner.name, None)
         outcome: Slept | Failed = await self.lifecycle.sleep(runner)
         if isinstance(outcome, Slept):
+            if outcome.resident is not None:
+                self._record_footprint(runner, replace(
+                    runner.footprint, asleep=outcome.resident, sleep_level=outcome.level,
+                    total=outcome.total or runner.footprint.total,
+                ))
             self._move(runner, S.DRAINING, S.SLEEPING, cause)
             return
         stop_cause = SleepFailed(cause)
@@ -688,7 +771,7 @@ class Scheduler:
         if runner.state in (S.STARTING, S.WAKING):
             return
         decision = plan(
-            runner.name, runner.claim, runner.config.lifecycle, self.lease.holders.get(runner.name, 0.0),
+            runner.name, runner.claim if runner.state is S.SLEEPING else runner.load_claim, runner.config.lifecycle, self.lease.holders.get(runner.name, 0.0),
             self._holders(), self.lease.budget,
         )
         if decision.verdict in ("evict", "wait"):
@@ -702,6 +785,9 @@ class Scheduler:
     def _why_waiting(self, runner: ModelRunner) -> str:
         if runner.state in (S.STARTING, S.WAKING):
             return f"it is still {runner.state}" + (f" ({runner.progress.describe()})" if runner.progress else "")
+        loading = [r.name for r in self.loading()]
+        if loading and not self._load_slot_free():
+            return f"waiting for {', '.join(loading)} to finish loading (gpu.concurrent_loads = {self.load_limit()})"
         holders = [n for n in self.lease.holders if n != runner.name]
         return "the GPU is busy with " + ", ".join(holders) if holders else f"it is {runner.state}"
 
@@ -743,23 +829,27 @@ class Scheduler:
             await self._stop_container(runner, cause, retry=False)
 
 
-def share_for(runner: ModelRunner, state: ModelState, held: float | None) -> float | None:
-    """The lease share a model holds in ``state`` (None: none), given the share it ``held``.
+def share_for(runner: ModelRunner, old: ModelState, state: ModelState, held: float | None) -> float | None:
+    """The lease share a model holds in ``state`` (None: none), coming from ``old`` with the share it ``held``.
 
-    Loading or serving models hold their claim (a share granted at the start stays as it
-    was, even if a reload changed the claim since); a sleeping model its sleep claim; a
-    stopping one what it held until its container is gone; stopped and failed ones
-    nothing (a failed model's container was stopped before it was failed).
+    A loading model holds its load claim (its measured load peak, if more than its claim);
+    once ready, its claim (the larger of the configured and the measured resident size); a
+    share granted then stays as it was while it serves, even if a reload changed the claim
+    since; a sleeping model holds its sleep claim; a stopping one what it held until its
+    container is gone; stopped and failed ones nothing (a failed model's container was
+    stopped before it was failed).
     """
     if state in (S.STOPPED, S.FAILED):
         return None
     if state is S.SLEEPING:
         return runner.sleep_claim
     if state in (S.STARTING, S.WAKING):
-        return runner.claim
+        return runner.load_claim
     if state is S.STOPPING:
         return held
-    return held if held is not None else runner.claim  # READY, DRAINING: adopted at start-up holds nothing yet
+    if old in (S.STARTING, S.WAKING) or held is None:
+        return runner.claim  # ready after a load (or adopted at start-up, holding nothing yet)
+    return held
 
 
 def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> None:

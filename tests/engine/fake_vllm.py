@@ -42,6 +42,15 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     head_address          worker: the head's host:port to register with
     workers               head: /health is 503 until this many workers registered
     worker_id             worker: its id at the head (default hostname-pid)
+    load_mb               MB really allocated (pages written) while loading, growing evenly
+                          over load_delay up to this peak; once ready the engine keeps ready_mb
+    ready_mb              MB really allocated while ready (weights and KV cache)
+    freeze_after          after N SSE events (all streams together) the engine wedges as GB10 engines
+                          do: streams stop mid-answer and never end, /health and /v1/models stay
+                          200, vllm:generation_tokens_total stops while num_requests_running > 0
+    kv_mb                 the part of ready_mb that is KV cache: freed by sleep level 1, which
+                          keeps the weights (on unified memory: in the same pool); sleep level 2
+                          frees all of ready_mb; a wake allocates it again
 
 Tokenizer (deterministic, documented so tests can predict counts):
     tokens = re.findall(r"<\|\w+\|>|\w+|[^\w\s]", text): special markers such as
@@ -147,7 +156,14 @@ KNOBS: dict[str, tuple[type, Any, str]] = {
     "head_address": (str, "", "worker: head host:port"),
     "workers": (int, 0, "head: workers needed before /health is 200"),
     "worker_id": (str, "", "worker: id to register with (default hostname-pid)"),
+    "load_mb": (int, 0, "MB allocated while loading (the load's peak)"),
+    "ready_mb": (int, 0, "MB allocated while ready"),
+    "kv_mb": (int, 0, "the part of ready_mb sleep level 1 frees (level 2 frees all of it)"),
+    "freeze_after": (int, 0, "wedge every stream after N SSE events in total (0 = never)"),
 }
+
+MIB = 1024 * 1024
+BALLAST_CHUNK_MB = 10
 
 
 # ---------------------------------------------------------------- configuration
@@ -334,13 +350,35 @@ def unsupported_media_type() -> EngineError:
 # ---------------------------------------------------------------- the engine
 
 
+class Ballast:
+    """Memory the engine really holds: chunks whose pages are written, so the kernel counts them
+    (MemAvailable drops, the container's cgroup grows); freed chunks go back to the system."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+
+    @property
+    def mb(self) -> int:
+        return len(self._chunks) * BALLAST_CHUNK_MB
+
+    def resize(self, mb: int) -> None:
+        wanted = max(0, mb) // BALLAST_CHUNK_MB
+        if wanted == len(self._chunks):
+            return
+        while len(self._chunks) < wanted:
+            self._chunks.append(b"\x01" * (BALLAST_CHUNK_MB * MIB))
+        del self._chunks[wanted:]
+        _log(f"fake memory: holding {self.mb} MB")
+
+
 class ClientGone(Exception):
     """The client closed its connection while we were streaming to it."""
 
 
 class FakeEngine:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, ballast: Ballast | None = None):
         self.cfg = config
+        self.ballast = ballast or Ballast()
         self.tok = Tokenizer()
         self.started = time.time()
         self.requests: dict[str, int] = {}
@@ -349,6 +387,7 @@ class FakeEngine:
         self.aborted_streams = 0
         self.completed_streams = 0
         self.active_streams = 0
+        self.events_sent = 0
         self.sleeps = 0
         self.wakes = 0
         self.sleep_level = 0
@@ -394,6 +433,7 @@ class FakeEngine:
             "wakes": self.wakes,
             "is_sleeping": self.is_sleeping,
             "sleep_level": self.sleep_level,
+            "resident_mb": self.ballast.mb,
             "last_request_path": self.last_request_path,
             "last_request_body": self.last_request_body,
             "last_request_headers": self.last_request_headers,
@@ -525,7 +565,10 @@ class FakeEngine:
                     frame = b"event: " + event[0].encode() + b"\ndata: " + _dumps(event[1]) + b"\n\n"
                 else:
                     frame = b"data: " + _dumps(event) + b"\n\n"
+                if self.cfg.freeze_after and self.events_sent >= self.cfg.freeze_after:
+                    await self.wedged(request)
                 await write_or_gone(request, resp, frame)
+                self.events_sent += 1
                 if self.cfg.crash_mid_stream and i >= self.cfg.crash_mid_stream:
                     await asyncio.sleep(0.05)  # let the sent bytes leave before dying
                     _crash(f"fake crash mid-stream after {i} events")
@@ -550,6 +593,13 @@ class FakeEngine:
         self.completed_streams += 1
         on_complete()
         return resp
+
+    async def wedged(self, request: web.Request) -> None:
+        """The freeze_after knob: this stream never goes on (the client may leave)."""
+        _log("fake engine wedged: no more tokens")
+        while not client_gone(request):
+            await asyncio.sleep(0.05)
+        raise ClientGone()
 
     async def hold(self, request: web.Request) -> None:
         event = self._release_event()
@@ -926,7 +976,9 @@ class Handlers:
         if not self.e.is_sleeping:
             self.e.sleeps += 1
             _log(f"engine put to sleep (level {level})")
-        self.e.sleep_level = level
+        self.e.sleep_level = max(level, self.e.sleep_level)
+        cfg = self.e.cfg
+        self.e.ballast.resize(0 if self.e.sleep_level == 2 else cfg.ready_mb - cfg.kv_mb)
         return web.Response(status=200)
 
     async def wake_up(self, request: web.Request) -> web.Response:
@@ -934,6 +986,7 @@ class Handlers:
             self.e.wakes += 1
             _log("engine woken up")
         self.e.sleep_level = 0
+        self.e.ballast.resize(self.e.cfg.ready_mb)
         return web.Response(status=200)
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
@@ -1088,12 +1141,31 @@ class LoadCrashed(Exception):
     """The crash_during_load knob: the load dies part way."""
 
 
-async def load(cfg: Config, stop: asyncio.Event) -> bool:
+async def allocate_while_loading(cfg: Config, ballast: Ballast, began: float) -> None:
+    """The load_mb knob: grow the ballast evenly over the load (a load's peak is transient)."""
+    while True:
+        share = 1.0 if cfg.load_delay <= 0 else min(1.0, (time.monotonic() - began) / cfg.load_delay)
+        ballast.resize(int(cfg.load_mb * share))
+        if share >= 1.0:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def load(cfg: Config, stop: asyncio.Event, ballast: Ballast) -> bool:
     """Pretend to load weights for load_delay seconds, printing vLLM-like progress.
 
     Returns False if a stop signal arrived meanwhile; raises LoadCrashed at crash_during_load.
     """
     began = time.monotonic()
+    allocating = asyncio.ensure_future(allocate_while_loading(cfg, ballast, began)) if cfg.load_mb > 0 else None
+    try:
+        return await _load_steps(cfg, stop, began)
+    finally:
+        if allocating is not None:
+            allocating.cancel()
+
+
+async def _load_steps(cfg: Config, stop: asyncio.Event, began: float) -> bool:
     print(f"INFO {_ts()} [api_server.py] vLLM API server version {VERSION}", flush=True)
     print(f"INFO {_ts()} [api_server.py] args: {cfg.argv}", flush=True)
     print(f"INFO {_ts()} [model_runner.py] Starting to load model {cfg.model}...", flush=True)
@@ -1192,8 +1264,9 @@ async def serve(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    ballast = Ballast()
     try:
-        loaded = await load(cfg, stop)
+        loaded = await load(cfg, stop, ballast)
     except LoadCrashed:
         print("Traceback (most recent call last):\n"
               '  File "/opt/fake_vllm.py", line 1, in load_weights\n'
@@ -1208,7 +1281,8 @@ async def serve(cfg: Config) -> int:
               "RuntimeError: CUDA error: fake crash at start", file=sys.stderr, flush=True)
         return 1
 
-    engine = FakeEngine(cfg)
+    ballast.resize(cfg.ready_mb)
+    engine = FakeEngine(cfg, ballast)
     runner = web.AppRunner(make_app(cfg, engine), access_log=None, handle_signals=False)
     await runner.setup()
     front = None

@@ -334,6 +334,39 @@ async def test_sleep_mode_endpoints_and_counters(aiohttp_client):
     assert (state["sleeps"], state["wakes"], state["is_sleeping"]) == (1, 1, False)
 
 
+def resident_mb() -> float:
+    """This process's resident memory (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def test_memory_knobs_really_allocate_and_sleep_levels_free_what_they_say(aiohttp_client):
+    cfg = fake_vllm.Config(["--served-model-name", "m", "--enable-sleep-mode", "--fake-load-mb", "300",
+                            "--fake-ready-mb", "200", "--fake-kv-mb", "50", "--fake-load-delay", "0.6"], env={})
+    ballast = fake_vllm.Ballast()
+    before = resident_mb()
+    peak = 0.0
+    loading = asyncio.ensure_future(fake_vllm.load(cfg, asyncio.Event(), ballast))
+    while not loading.done():
+        peak = max(peak, resident_mb() - before)
+        await asyncio.sleep(0.02)
+    assert loading.result() is True
+    assert peak >= 250, peak  # the pages are written: the kernel counts them
+    ballast.resize(cfg.ready_mb)
+    assert 170 <= resident_mb() - before <= 230
+    client = await aiohttp_client(fake_vllm.make_app(cfg, fake_vllm.FakeEngine(cfg, ballast)))
+    assert (await client.post("/sleep?level=1")).status == 200
+    assert (await (await client.get("/fake/state")).json())["resident_mb"] == 150  # level 1 keeps the weights
+    assert 120 <= resident_mb() - before <= 180
+    assert (await client.post("/sleep?level=2")).status == 200
+    assert (await (await client.get("/fake/state")).json())["resident_mb"] == 0  # level 2 discards them
+    assert resident_mb() - before <= 30
+    assert (await client.post("/wake_up")).status == 200
+    assert (await (await client.get("/fake/state")).json())["resident_mb"] == 200
+
+
 async def test_sleep_endpoints_absent_without_flag(aiohttp_client):
     _, client = make_client(aiohttp_client)
     client = await client

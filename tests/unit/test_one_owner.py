@@ -66,6 +66,9 @@ def calls(tree: ast.Module) -> list[tuple[ast.Call, str, str]]:
     return found
 
 
+LEASE_CHANGES = ("grant", "hold_measured", "release")
+
+
 def test_runner_fields_are_written_only_by_the_scheduler():
     offenders = []
     for path, tree in sources().items():
@@ -82,13 +85,13 @@ def test_state_and_lease_change_only_in_the_one_moving_method():
     tree = sources()[SCHEDULER]
     owner = enclosing_functions(tree)
     state_writes = [owner[t] for t, attribute in written_attributes(tree) if attribute in ("state", "cause")]
-    lease_changes = [owner[c] for c, method, on in calls(tree) if on == "lease" and method in ("grant", "release")]
+    lease_changes = [owner[c] for c, method, on in calls(tree) if on == "lease" and method in LEASE_CHANGES]
     assert state_writes == ["_move", "_move"]  # state and cause, in one assignment
-    assert sorted(lease_changes) == ["_move", "_move"]  # one grant, one release
+    assert sorted(lease_changes) == ["_move", "_move", "_move"]  # one grant, one measured hold, one release
     for path, other in sources().items():
         if path == SCHEDULER:
             continue
-        assert not [c for c, method, on in calls(other) if on == "lease" and method in ("grant", "release")], path
+        assert not [c for c, method, on in calls(other) if on == "lease" and method in LEASE_CHANGES], path
 
 
 def test_nothing_calls_a_transition_method():

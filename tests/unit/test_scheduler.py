@@ -458,3 +458,34 @@ async def test_a_failed_stop_of_a_container_that_is_gone_fails_the_model_without
     stopped = await scheduler.stop_model("a", timeout=2)
     assert stopped.state is ModelState.FAILED and scheduler.lease.holders == {}
     assert stopped.failure is not None and "no such container" in stopped.failure.message
+
+
+@pytest.mark.parametrize(("unified", "concurrent_loads", "most_at_once"), [(True, 0, 1), (False, 0, 2), (True, 2, 2)])
+async def test_loads_take_turns_on_unified_memory(tmp_path, unified, concurrent_loads, most_at_once):
+    fake = FakeLifecycle(tmp_path, start_delay=0.1)
+    config = replace(
+        config_with([model("a", 0.3), model("u", 0.1, lifecycle="utility")]),
+        gpu=GpuConfig(devices=(), memory_budget=0.94, concurrent_loads=concurrent_loads),
+    )
+    scheduler = Scheduler(config, fake, unified_memory=unified)
+    loading: set[str] = set()
+    at_once: list[int] = []
+
+    def track(event: object) -> None:
+        if isinstance(event, Transitioned):
+            if event.new in (ModelState.STARTING, ModelState.WAKING):
+                loading.add(event.model)
+            else:
+                loading.discard(event.model)
+            at_once.append(len(loading))
+
+    scheduler.subscribe(track)
+    serving(scheduler)  # the utility model starts on its own
+    waiting = asyncio.ensure_future(serve(scheduler, "a"))
+    await asyncio.sleep(0.02)
+    if most_at_once == 1:
+        why = scheduler._why_waiting(scheduler.runners["a"])
+        assert why == "waiting for u to finish loading (gpu.concurrent_loads = 1)", why
+    assert await waiting == "a"
+    assert max(at_once) == most_at_once, at_once
+    assert scheduler.runners["u"].state is ModelState.READY

@@ -1,0 +1,85 @@
+"""Issue 16 point 4: the memory guard's readings and its verdict, on files laid out as the kernel does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sparkd.hardware.memory import MemoryGauge, container_memory_bytes, parse_meminfo, parse_nvidia_smi
+from sparkd.scheduler.guard import LoadWatch, Tripped, guard_message
+
+MIB = 1024 * 1024
+
+
+def fake_proc(root: Path, pid: int, cgroup: str, status: str = "VmRSS:\t  2048 kB\n") -> Path:
+    proc = root / "proc"
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cgroup").write_text(cgroup)
+    (proc / str(pid) / "status").write_text(status)
+    return proc
+
+
+def test_readings_know_their_unit():
+    meminfo = parse_meminfo("MemTotal: 1000 kB\nMemAvailable: 500 kB\n")
+    smi = parse_nvidia_smi("1024, 81920\n")
+    assert meminfo is not None and meminfo.available_bytes == 500 * 1024
+    assert smi is not None and smi.available_bytes == (81920 - 1024) * MIB
+
+
+def test_container_memory_from_cgroup_v2_v1_or_rss(tmp_path):
+    cgroups = tmp_path / "cgroup"
+    (cgroups / "machine.slice" / "libpod-a.scope").mkdir(parents=True)
+    (cgroups / "machine.slice" / "libpod-a.scope" / "memory.current").write_text("734003200\n")
+    proc = fake_proc(tmp_path / "v2", 41, "0::/machine.slice/libpod-a.scope\n")
+    assert container_memory_bytes(41, proc, cgroups) == 734003200
+
+    (cgroups / "memory" / "libpod_parent" / "libpod-b").mkdir(parents=True)
+    (cgroups / "memory" / "libpod_parent" / "libpod-b" / "memory.usage_in_bytes").write_text("5242880\n")
+    hybrid = "12:memory:/libpod_parent/libpod-b\n3:cpu,cpuacct:/libpod_parent/libpod-b\n0::/libpod_parent/libpod-b\n"
+    proc = fake_proc(tmp_path / "v1", 42, hybrid)
+    assert container_memory_bytes(42, proc, cgroups) == 5242880  # the v1 memory controller wins on a hybrid host
+
+    proc = fake_proc(tmp_path / "none", 43, "0::/gone\n")
+    assert container_memory_bytes(43, proc, cgroups) == 2048 * 1024  # no cgroup file: the process's own RSS
+    assert container_memory_bytes(44, proc, cgroups) is None  # the process is gone
+
+
+def test_this_process_is_measured_for_real():
+    used = container_memory_bytes(os.getpid())
+    assert used is not None and used > 10 * MIB
+
+
+async def test_load_watch_trips_under_the_floor_on_unified_memory_only(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n")  # 4 GiB free
+    floor = 3 * 1024 * MIB
+    watch = LoadWatch(MemoryGauge("meminfo", meminfo=str(meminfo)), floor, os.getpid())
+    assert await watch.sample() is None
+    assert watch.peak is not None and watch.peak > 10 * MIB  # the watched process's memory, its peak so far
+    meminfo.write_text("MemTotal: 8388608 kB\nMemAvailable: 2097152 kB\n")  # 2 GiB free
+    tripped = await watch.sample()
+    assert tripped == Tripped(available=2 * 1024 * MIB, floor=floor, peak=watch.peak)
+    # A discrete GPU's free memory is no host floor: the guard is off there (the peak is still measured).
+    discrete = LoadWatch(MemoryGauge("none"), floor, os.getpid())
+    assert await discrete.sample() is None and discrete.peak is not None
+    assert await LoadWatch(MemoryGauge("meminfo", meminfo=str(meminfo)), 0, None).sample() is None  # min_free = 0
+
+
+def test_guard_message_names_the_model_its_peak_and_the_setting():
+    text = guard_message("glm-4.5-air", Tripped(available=1024 * MIB, floor=4096 * MIB, peak=90_000 * MIB), "loading")
+    assert "model glm-4.5-air" in text and "while it was loading" in text
+    assert "gpu.min_free = 4294967296 bytes (4096 MiB)" in text and "measured peak was 90000 MiB" in text
+    assert "not measurable" in guard_message("m", Tripped(1, 2, None), "running")
+
+
+async def test_the_page_cache_is_dropped_only_when_the_load_would_not_fit_beside_it(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8388608 kB\nMemFree: 1048576 kB\nMemAvailable: 6291456 kB\n")  # 1 GiB free, 6 with the cache
+    knob = tmp_path / "drop_caches"
+    knob.write_text("")
+    gauge = MemoryGauge("meminfo", meminfo=str(meminfo), drop_caches=str(knob))
+    assert await gauge.drop_page_cache_if_short(512 * MIB) is False and knob.read_text() == ""
+    assert await gauge.drop_page_cache_if_short(2048 * MIB) is True and knob.read_text() == "1\n"
+    # Without the privilege: logged, the load goes on.
+    locked = MemoryGauge("meminfo", meminfo=str(meminfo), drop_caches=str(tmp_path / "no" / "such"))
+    assert await locked.drop_page_cache_if_short(2048 * MIB) is False
