@@ -40,6 +40,17 @@ class KeepUtility:
 
 
 @dataclass(frozen=True)
+class RestartAfterLoss:
+    """A watch gave the model up (``code``, e.g. ``engine_wedged``) while it served: it is started
+    again on its own, so the next request finds it loading rather than failed."""
+
+    code: str
+
+    def describe(self, state: ModelState) -> str:
+        return f"restarted after it was given up ({self.code})"
+
+
+@dataclass(frozen=True)
 class Adopted:
     """A container left running by an earlier sparkd was taken over."""
 
@@ -130,7 +141,7 @@ class FailureCause:
 
 
 Cause = (
-    Requested | KeepUtility | Adopted | SwapFor | SwapCalledOff | Idle | OperatorAction | SleepFailed | Shutdown | FailureCause
+    Requested | KeepUtility | RestartAfterLoss | Adopted | SwapFor | SwapCalledOff | Idle | OperatorAction | SleepFailed | Shutdown | FailureCause
 )
 
 

@@ -50,6 +50,7 @@ from .events import (
     OperatorAction,
     Progress,
     Requested,
+    RestartAfterLoss,
     Shutdown,
     SleepFailed,
     SwapCalledOff,
@@ -96,6 +97,9 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._closing = False
         self._operator_requests: dict[str, str] = {}
+        self._restarts: dict[str, str] = {}
+        """Models a watch gave up that start again once they fit (``model_lost`` with a code in
+        ``RESTARTED_AFTER``), with that code."""
         """Models an operator asked to stop or sleep: drained, then stopped/slept."""
         self._transient: set[str] = set()
         """Runners of models outside the configuration: worker leases granted to a head sparkd."""
@@ -145,6 +149,9 @@ class Scheduler:
             outcome = Failed(reason)
         if self._fail(runner, LIVE, replace(outcome, code=code)):
             self._fail_waiters(runner, self._failure_error(runner))
+            if code in RESTARTED_AFTER and not self._closing and runner.name not in self._operator_requests:
+                self._restarts[runner.name] = code
+                self.pump()
 
     def apply_config(self, config: Config) -> None:
         """Switch to a reloaded configuration without killing anything.
@@ -367,6 +374,7 @@ class Scheduler:
         self._carry_out_operator_requests()
         if head is None:
             self._keep_utility_models()
+            self._restart_lost_models()
 
     def _call_off_swaps(self, victims: dict[str, Eviction]) -> None:
         """A model draining for a swap that is needed no more serves again."""
@@ -422,6 +430,22 @@ class Scheduler:
             # A failed utility model is not retried on its own: its next request retries it.
             if runner.state is S.STOPPED and self.lease.fits(runner.load_claim):
                 self._admit(runner, KeepUtility())
+
+    def _restart_lost_models(self) -> None:
+        """A model given up while it served (a wedged engine) starts again once it fits beside what
+        runs; it evicts nothing, having no request of its own.  A request, an operator's stop or a
+        reload that starts, stops or removes it first settles it."""
+        for name, code in list(self._restarts.items()):
+            runner = self.runners.get(name)
+            if runner is None or self._restart_settled(runner, code):
+                del self._restarts[name]
+
+    def _restart_settled(self, runner: ModelRunner, code: str) -> bool:
+        """Start the model again if it fits now; True once nothing is left to do (started, or
+        called off: it moved on, an operator acts on it, sparkd is closing)."""
+        if runner.state is not S.FAILED or runner.name in self._operator_requests or self._closing:
+            return True
+        return not self._busy(runner) and self.lease.fits(runner.load_claim) and self._admit(runner, RestartAfterLoss(code))
 
     def _admit(self, runner: ModelRunner, cause: Cause) -> bool:
         """Start (or wake) the model; the move takes its lease share at once.  False: another load
@@ -872,6 +896,12 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
     if state is S.FAILED and isinstance(cause, FailureCause):
         runner.failure = Failure(cause.message, cause.log_lines, monotonic, needs_operator=cause.needs_operator, code=cause.code)
         runner.consecutive_failures += 1
+
+
+RESTARTED_AFTER = frozenset({"engine_wedged"})
+"""Codes of ``model_lost`` after which the model is started again on its own: its engine loaded
+and served, then wedged; a restart is what an operator would do.  A memory guard's stop is not
+retried (the same load would trip it again)."""
 
 
 def queue_limits(config: Config) -> QueueLimits:

@@ -6,7 +6,7 @@ honest signal is its own counters: ``vllm:generation_tokens_total`` (and
 ``vllm:num_requests_running`` is above zero.  Such a model, frozen for
 ``lifecycle.stall_s``, takes the way of a container that died while serving
 (``Scheduler.model_lost``): failed, its container stopped, its share freed; its
-requests end with the reason, and the next request starts it again.
+requests end with the reason, and sparkd starts it again as soon as it fits.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _fail(scheduler: Scheduler, runner: ModelRunner, frozen_s: float, counters: 
     scheduler.model_lost(
         runner.name,
         f"model {runner.name}: its engine is wedged: vllm:generation_tokens_total has not moved for {frozen_s:.0f} s "
-        f"while {counters.running:.0f} requests were running (lifecycle.stall_s = {limit:g}); it was stopped, "
-        f"the next request starts it again; see `sparkctl logs {runner.name}`",
+        f"while {counters.running:.0f} requests were running (lifecycle.stall_s = {limit:g}); it was stopped "
+        f"and is being started again; see `sparkctl logs {runner.name}` for why it wedged",
         code="engine_wedged",
     )

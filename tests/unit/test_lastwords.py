@@ -27,3 +27,16 @@ def test_without_an_error_line_the_last_lines_are_quoted():
     lines = ["INFO: loading", "INFO: Shutting down", "INFO: Finished server process [1]"]
     assert telling_lines(lines, 2) == lines[1:]
     assert telling_lines([], 5) == []
+
+
+def test_sparkds_own_probes_in_the_access_log_are_never_quoted():
+    # A wedged engine's log ends with sparkd's readiness and stall probes, which say nothing.
+    lines = [
+        "(APIServer pid=1) INFO 12-01 14:41:33 [loggers.py:335] Engine 000: Running: 1 reqs, Waiting: 0 reqs",
+        'INFO:     10.88.0.1:51918 - "GET /metrics HTTP/1.1" 200 OK',
+        'INFO:     10.88.0.1:51920 - "GET /health HTTP/1.1" 200 OK',
+        'INFO:     10.88.0.1:51918 - "GET /metrics HTTP/1.1" 200 OK',
+    ]
+    assert telling_lines(lines, 2) == lines[:1]
+    failed_probe = 'INFO:     10.88.0.1:51918 - "GET /health HTTP/1.1" 500 Internal Server Error'
+    assert telling_lines([*lines, failed_probe], 2) == [failed_probe]  # "Error": it is the cause

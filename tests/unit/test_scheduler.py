@@ -31,7 +31,7 @@ from sparkd.scheduler.events import (
     Transitioned,
 )
 from sparkd.scheduler.outcomes import StopFailed
-from sparkd.scheduler.runner import Failure
+from sparkd.scheduler.runner import Failure, ModelRunner
 from sparkd.scheduler.scheduler import Scheduler
 from sparkd.scheduler.state import ModelState
 
@@ -489,3 +489,64 @@ async def test_loads_take_turns_on_unified_memory(tmp_path, unified, concurrent_
     assert await waiting == "a"
     assert max(at_once) == most_at_once, at_once
     assert scheduler.runners["u"].state is ModelState.READY
+
+
+async def wait_for(condition, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_wedged_model_is_failed_then_started_again_on_its_own(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
+    await serve(scheduler, "a")
+    scheduler.model_lost("a", "model a: its engine is wedged", code="engine_wedged")
+    runner = scheduler.runners["a"]
+    await wait_for(lambda: fake.starts("a") == 2 and runner.state is ModelState.READY)
+    assert runner.cause is not None and runner.cause.describe(runner.state) == "restarted after it was given up (engine_wedged)"
+    assert "a" in fake.running  # its container was stopped by the loss, then started again
+
+
+async def test_a_model_the_memory_guard_gave_up_is_not_restarted(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
+    await serve(scheduler, "a")
+    scheduler.model_lost("a", "stopped by the memory guard", code="memory_guard")
+    await wait_for(lambda: scheduler.runners["a"].state is ModelState.FAILED)
+    await asyncio.sleep(0.1)
+    assert fake.starts("a") == 1 and scheduler.runners["a"].state is ModelState.FAILED
+
+
+async def wedge_while_another_takes_its_place(scheduler: Scheduler) -> asyncio.Task[ModelRunner]:
+    """a serves one request; c (which cannot share the GPU with it) asks, a drains for it; then a
+    wedges: c takes the room a left, so a's restart does not fit."""
+    held = await scheduler.acquire("a")
+    c = asyncio.create_task(scheduler.acquire("c"))
+    await wait_for(lambda: scheduler.runners["a"].state is ModelState.DRAINING)
+    scheduler.model_lost("a", "model a: its engine is wedged", code="engine_wedged")
+    scheduler.release(held)
+    await asyncio.wait_for(asyncio.shield(c), 2)
+    return c
+
+
+async def test_a_wedge_restart_evicts_nothing_and_waits_until_the_model_fits(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5), model("c", 0.5)]), fake))
+    c = (await wedge_while_another_takes_its_place(scheduler)).result()
+    await asyncio.sleep(0.1)
+    assert c.state is ModelState.READY  # a's restart made nothing leave
+    assert scheduler.runners["a"].state is ModelState.FAILED and fake.starts("a") == 1
+    scheduler.release(c)
+    await scheduler.stop_model("c", 5)  # room again: the restart happens now
+    await wait_for(lambda: scheduler.runners["a"].state is ModelState.READY)
+    assert fake.starts("a") == 2
+
+
+async def test_an_operator_stop_calls_off_a_pending_wedge_restart(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5), model("c", 0.5)]), fake))
+    c = (await wedge_while_another_takes_its_place(scheduler)).result()
+    await scheduler.stop_model("a", 5)
+    assert scheduler.runners["a"].state is ModelState.STOPPED
+    scheduler.release(c)
+    await scheduler.stop_model("c", 5)
+    await asyncio.sleep(0.1)
+    assert scheduler.runners["a"].state is ModelState.STOPPED and fake.starts("a") == 1
