@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fixups.profiles import BUILTIN_PROFILES, DEFAULT_PROFILE, Profile, expand_tables
+from .imagemarks import keep_sleep_off
 from .schema import (
     KV_CACHE_FLAG,
     ClusterConfig,
@@ -22,6 +23,7 @@ from .schema import (
     EngineCacheConfig,
     EngineConfig,
     GpuConfig,
+    ImageConfig,
     LifecycleConfig,
     LogConfig,
     ModelConfig,
@@ -40,6 +42,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_PATH = Path("/etc/sparkd/sparkd.toml")
 DROPIN_DIR = "models.d"
+DROPIN_SECTIONS = ("models", "images")
 
 SECTIONS = {
     "server": ServerConfig,
@@ -70,19 +73,21 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
     sections: dict[str, Any] = {}
     named: dict[str, Any] = {}
     for name, table in main.items():
-        if name in ("models", "profiles"):
+        if name in ("models", "profiles", "images"):
             continue
         if name in NAMED_TABLES:
             named[name] = _build_named(NAMED_TABLES[name], name, table, str(path), problems)
             continue
         if name not in SECTIONS:
-            known = sorted([*SECTIONS, *NAMED_TABLES, "models", "profiles"])
+            known = sorted([*SECTIONS, *NAMED_TABLES, "models", "profiles", "images"])
             problems.append(Problem(str(path), key_path(name), "one of the sections " + ", ".join(known), f"unknown section {name!r}"))
             continue
         sections[name] = build(SECTIONS[name], table, file=str(path), path=(name,), problems=problems)
 
     defaults = sections.get("defaults") or ContainerDefaults()
-    model_tables = _collect_model_tables(path, main, problems)
+    documents = _documents(path, main, problems)
+    model_tables = _collect_tables(documents, "models", "model", problems)
+    images = _build_images(_collect_tables(documents, "images", "image", problems), problems)
     models: dict[str, ModelConfig] = {}
     for name, (file, table) in model_tables.items():
         model = _build_model(name, table, defaults, file, problems)
@@ -95,6 +100,7 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
         **{name: section for name, section in sections.items() if section is not None},
         **named,
         models=models,
+        images=images,
         profiles=_build_profiles(path, main.get("profiles", {}), problems),
         cluster_configured="cluster" in main,
         source=str(path),
@@ -102,7 +108,7 @@ def load_config(path: str | Path = DEFAULT_PATH) -> Config:
     problems.extend(check(config, {name: file for name, (file, _) in model_tables.items()}))
     if problems:
         raise ConfigError(problems)
-    return config
+    return keep_sleep_off(config)
 
 
 def _build_named(cls: type, section: str, tables: Any, file: str, problems: list[Problem]) -> dict[str, Any]:
@@ -137,9 +143,8 @@ def _read_toml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     return None
 
 
-def _collect_model_tables(path: Path, main: dict[str, Any], problems: list[Problem]) -> dict[str, tuple[str, Any]]:
-    """Model tables from the main file and the drop-ins, each with the file it came from."""
-    found: dict[str, tuple[str, Any]] = {}
+def _documents(path: Path, main: dict[str, Any], problems: list[Problem]) -> list[tuple[str, dict[str, Any]]]:
+    """The main file and its drop-ins, each with its path; a drop-in holds only models and images."""
     sources = [(str(path), main)]
     dropins = path.parent / DROPIN_DIR
     if dropins.is_dir():
@@ -148,22 +153,45 @@ def _collect_model_tables(path: Path, main: dict[str, Any], problems: list[Probl
             if document is None:
                 continue
             for name in document:
-                if name != "models":
-                    problems.append(Problem(str(dropin), key_path(name), "only [models.<name>] tables in a drop-in", f"section {name!r}"))
+                if name not in DROPIN_SECTIONS:
+                    problems.append(Problem(
+                        str(dropin), key_path(name), 'only [models.<name>] and [images."<image>"] tables in a drop-in',
+                        f"section {name!r}",
+                    ))
             sources.append((str(dropin), document))
+    return sources
+
+
+def _collect_tables(
+    sources: list[tuple[str, dict[str, Any]]], section: str, noun: str, problems: list[Problem],
+) -> dict[str, tuple[str, Any]]:
+    """The ``[section.<name>]`` tables of every file, each with the file it came from; each name once."""
+    found: dict[str, tuple[str, Any]] = {}
     for file, document in sources:
-        tables = document.get("models", {})
+        tables = document.get(section, {})
         if not isinstance(tables, dict):
-            problems.append(Problem(file, "models", "tables [models.<name>]", describe(tables)))
+            problems.append(Problem(file, section, f"tables [{section}.<name>]", describe(tables)))
             continue
         for name, table in tables.items():
             if name in found:
                 problems.append(
-                    Problem(file, key_path("models", name), "each model defined once", f"a second definition (first in {found[name][0]})")
+                    Problem(file, key_path(section, name), f"each {noun} defined once", f"a second definition (first in {found[name][0]})")
                 )
                 continue
             found[name] = (file, table)
     return found
+
+
+def _build_images(tables: dict[str, tuple[str, Any]], problems: list[Problem]) -> dict[str, ImageConfig]:
+    built: dict[str, ImageConfig] = {}
+    for name, (file, table) in tables.items():
+        if not name.strip() or any(c.isspace() or not c.isprintable() for c in name):
+            problems.append(Problem(file, key_path("images", name), "an image reference, e.g. localhost/sparkd/vllm-gb10:v1", describe(name)))
+            continue
+        image = build(ImageConfig, table, file=file, path=("images", name), problems=problems, fixed={"name": name})
+        if image is not None:
+            built[name] = image
+    return built
 
 
 def _build_profiles(path: Path, tables: Any, problems: list[Problem]) -> dict[str, Profile]:

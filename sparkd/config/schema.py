@@ -378,6 +378,17 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """What the catalog knows of one engine image (``[images."<image reference>"]``)."""
+
+    name: str
+    wake_crash: str = ""
+    """Why waking a model on this image is unsafe (a known crash, e.g. vLLM issue #50011 on GB10):
+    when set, ``sleep_mode`` stays off for its models, with this reason in their notes.  Set it to
+    ``""`` once a fixed build of the image is verified."""
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """This node's part in models that span several Sparks."""
 
@@ -412,6 +423,7 @@ class Config:
     engine_cache: EngineCacheConfig = field(default_factory=EngineCacheConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     workers: dict[str, WorkerConfig] = field(default_factory=dict)
+    images: dict[str, ImageConfig] = field(default_factory=dict)
     cluster_configured: bool = False
     """Whether the file has a ``[cluster]`` table (not a TOML key): worker-lease routes exist only then."""
     source: str = "<defaults>"

@@ -117,7 +117,7 @@ def test_dropins_are_merged_and_problems_name_their_file(tmp_path):
     found = problems(path)
     assert any(p.startswith(str(tmp_path / "models.d" / "10-extra.toml")) and "models.gamma.gpu_memory" in p for p in found)
     assert any("20-dup.toml: models.alpha: expected each model defined once" in p for p in found)
-    assert any("20-dup.toml: server: expected only [models.<name>] tables" in p for p in found)
+    assert any("20-dup.toml: server: expected only [models.<name>] and [images.\"<image>\"] tables" in p for p in found)
 
 
 def test_dropin_models_load(tmp_path):
