@@ -6,6 +6,11 @@
   /proc/meminfo is the measure;
 * neither (no NVIDIA driver, e.g. CI): nothing to measure; a stopped container
   being gone is enough.
+
+What one container uses (``container_bytes``, its measured footprint) follows the
+same split: on unified memory, the memory charged to its cgroup (the GPU's
+allocations included); on a discrete GPU, the GPU memory ``nvidia-smi`` reports
+for the compute processes that live in the container's cgroup.
 """
 
 from __future__ import annotations
@@ -58,6 +63,23 @@ class MemoryGauge:
         """The GPU allocates from system memory (DGX Spark): what the CPU, the page cache and
         every engine use comes out of one pool, read as MemAvailable."""
         return self.mode == "meminfo"
+
+    @property
+    def measures_containers(self) -> bool:
+        """Whether one container's share can be measured (``container_bytes``)."""
+        return self.mode in ("meminfo", "nvidia-smi")
+
+    async def container_bytes(self, pid: int) -> int | None:
+        """What the container whose first process is ``pid`` holds of the memory the lease shares,
+        in bytes; None when it cannot be told (the process is gone, no probe, nvidia-smi failed)."""
+        if self.mode == "meminfo":
+            return await asyncio.to_thread(container_memory_bytes, pid)
+        if self.mode != "nvidia-smi":
+            return None
+        output = await self._run_nvidia_smi("--query-compute-apps=pid,used_memory")
+        if output is None:
+            return None
+        return await asyncio.to_thread(container_gpu_bytes, pid, parse_compute_apps(output))
 
     async def resolve(self) -> None:
         """Settle ``auto`` to the source that works on this machine."""
@@ -118,12 +140,17 @@ class MemoryGauge:
         return True
 
     async def _read_nvidia_smi(self) -> Reading | None:
+        output = await self._run_nvidia_smi("--query-gpu=memory.used,memory.total")
+        return parse_nvidia_smi(output) if output is not None else None
+
+    async def _run_nvidia_smi(self, query: str) -> str | None:
+        """``nvidia-smi QUERY --format=csv,noheader,nounits``'s output; None when it cannot run or hangs."""
         if self._nvidia_smi is None:
             return None
         try:
             process = await asyncio.create_subprocess_exec(
                 self._nvidia_smi,
-                "--query-gpu=memory.used,memory.total",
+                query,
                 "--format=csv,noheader,nounits",
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -140,7 +167,7 @@ class MemoryGauge:
                 # A wedged driver makes nvidia-smi hang: kill it rather than leave one per poll behind.
                 process.kill()
                 await process.wait()
-        return parse_nvidia_smi(output.decode(errors="replace"))
+        return output.decode(errors="replace") if process.returncode == 0 else None
 
     def _read_meminfo(self) -> Reading | None:
         try:
@@ -161,6 +188,41 @@ def parse_nvidia_smi(text: str) -> Reading | None:
             return None
         return Reading(available=total - used, total=total, unit_bytes=1024 * 1024)
     return None
+
+
+def parse_compute_apps(text: str) -> dict[int, int]:
+    """``pid, used_memory`` lines (MiB) of ``--query-compute-apps``: pid → bytes.  Lines the driver
+    cannot fill (``[N/A]``, as on unified memory) are left out."""
+    apps: dict[int, int] = {}
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        apps[int(parts[0])] = apps.get(int(parts[0]), 0) + int(parts[1]) * 1024 * 1024
+    return apps
+
+
+def container_gpu_bytes(pid: int, apps: dict[int, int], proc: Path = Path("/proc")) -> int | None:
+    """The GPU memory of the ``apps`` (pid → bytes) that run in the cgroup of process ``pid`` (a
+    container's first process) or below it.  None when ``pid`` is gone.  Blocking: a worker thread."""
+    home = _cgroup_paths(proc / str(pid) / "cgroup")
+    if not home:
+        return None  # gone, or in the root cgroup: no container to tell its processes by
+    used = 0
+    for app, held in apps.items():
+        paths = _cgroup_paths(proc / str(app) / "cgroup")
+        if paths and any(path == mine or path.startswith(mine.rstrip("/") + "/") for path in paths for mine in home):
+            used += held
+    return used
+
+
+def _cgroup_paths(cgroup: Path) -> set[str] | None:
+    """The cgroup paths of a process (one per hierarchy; v2 has one), None when it is gone."""
+    try:
+        lines = cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    return {line.split(":", 2)[2] for line in lines if line.count(":") >= 2 and line.split(":", 2)[2] not in ("", "/")}
 
 
 def parse_meminfo(text: str) -> Reading | None:

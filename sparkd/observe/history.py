@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_model_time ON sessions (model, started_at);
 CREATE TABLE IF NOT EXISTS footprints (
-    model TEXT PRIMARY KEY,          -- what its container was last measured to use, in bytes (unified memory)
+    model TEXT PRIMARY KEY,          -- what its container was last measured to use, in bytes
     peak_bytes INTEGER,              -- the most during its last measured load
     ready_bytes INTEGER,             -- resident once ready
     asleep_bytes INTEGER,            -- resident asleep, at sleep_level

@@ -27,7 +27,7 @@ class Footprint:
     asleep: int | None = None
     """What it held after its last sleep."""
     total: int | None = None
-    """The memory the fractions are of (MemTotal on unified memory)."""
+    """The memory the fractions are of (MemTotal on unified memory, the GPU's total on a discrete GPU)."""
     sleep_level: int | None = None
     """The sleep level ``asleep`` was measured at."""
 

@@ -12,12 +12,12 @@ The guard never moves a model's state: a load it stops ends in a failed outcome
 
 from __future__ import annotations
 
-import asyncio
+import time
 from dataclasses import dataclass
 
 import structlog
 
-from ..hardware.memory import MemoryGauge, container_memory_bytes
+from ..hardware.memory import MemoryGauge
 
 log = structlog.get_logger("sparkd.scheduler")
 
@@ -36,17 +36,19 @@ class Tripped:
 
 class LoadWatch:
     """Samples one loading container: the machine's free memory against the floor (on unified
-    memory) and the container's own memory, whose largest value is its measured peak."""
+    memory) and the container's own share, whose largest value is its measured peak (on a discrete
+    GPU from nvidia-smi, at most once a second: each reading is a process to run)."""
 
     def __init__(self, gauge: MemoryGauge, floor: int, pid: int | None) -> None:
         self._gauge = gauge
         self._floor = floor if gauge.unified else 0
         self.pid = pid
         self.peak: int | None = None
+        self._next_gpu_sample = 0.0
 
     async def sample(self) -> Tripped | None:
-        if self.pid is not None:
-            used = await asyncio.to_thread(container_memory_bytes, self.pid)
+        if self.pid is not None and self._may_sample_container():
+            used = await self._gauge.container_bytes(self.pid)
             if used is not None:
                 self.peak = max(self.peak or 0, used)
         if not self._floor:
@@ -55,6 +57,18 @@ class LoadWatch:
         if reading is None or reading.available_bytes >= self._floor:
             return None
         return Tripped(available=reading.available_bytes, floor=self._floor, peak=self.peak)
+
+    def _may_sample_container(self) -> bool:
+        if self._gauge.unified:
+            return True
+        now = time.monotonic()
+        if now < self._next_gpu_sample:
+            return False
+        self._next_gpu_sample = now + GPU_SAMPLE_S
+        return True
+
+
+GPU_SAMPLE_S = 1.0
 
 
 def guard_message(model: str, tripped: Tripped, doing: str) -> str:

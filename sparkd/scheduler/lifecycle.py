@@ -21,7 +21,7 @@ from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
 from ..engine.progress import parse_line
-from ..hardware.memory import MemoryGauge, container_memory_bytes
+from ..hardware.memory import MemoryGauge
 from ..runtime.containerlogs import LogFollower
 from ..runtime.containers import ContainerInfo
 from ..runtime.failures import PortInUse, RuntimeFailure
@@ -172,11 +172,11 @@ class Lifecycle:
         return Started(took=took, peak=peak, ready=ready, total=total)
 
     async def _measure(self, pid: int | None) -> tuple[int | None, int | None]:
-        """The container's memory now and the memory the lease shares, in bytes; measured on unified
-        memory only (on a discrete GPU the container's host memory is not what the lease shares)."""
-        if pid is None or not self.memory.unified:
+        """The container's share now and the memory the lease shares, in bytes: on unified memory its
+        cgroup's memory, on a discrete GPU its processes' GPU memory (``MemoryGauge.container_bytes``)."""
+        if pid is None or not self.memory.measures_containers:
             return None, None
-        used = await asyncio.to_thread(container_memory_bytes, pid)
+        used = await self.memory.container_bytes(pid)
         reading = await self.memory.read()
         return used, (int(reading.total * reading.unit_bytes) if reading is not None else None)
 

@@ -61,7 +61,8 @@ class ModelRunner:
     """Why the current start must fail although its container may run (a peer it needs is gone)."""
     task: asyncio.Task[Any] | None = None
     footprint: Footprint = field(default_factory=Footprint)
-    """What its container was measured to use (unified memory), kept across restarts in the history."""
+    """What its container was measured to use (its cgroup on unified memory, its processes' GPU
+    memory on a discrete GPU), kept across restarts in the history."""
     claim_warnings: tuple[str, ...] = ()
     """Measured footprints above the configured claims, with the config line to change."""
     unified_memory: bool = False

@@ -487,7 +487,7 @@ class Scheduler:
         return await self.lifecycle.tail_logs(runner)
 
     def _record_load(self, runner: ModelRunner, outcome: Started | Woke) -> None:
-        """A start measured its container (unified memory): its load peak and its resident size."""
+        """A start measured its container (a memory probe is in force): its load peak and its resident size."""
         if not isinstance(outcome, Started) or outcome.ready is None:
             return
         old = runner.footprint

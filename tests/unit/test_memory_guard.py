@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-from sparkd.hardware.memory import MemoryGauge, container_memory_bytes, parse_meminfo, parse_nvidia_smi
+import pytest
+
+from sparkd.hardware.memory import (
+    MemoryGauge,
+    container_gpu_bytes,
+    container_memory_bytes,
+    parse_compute_apps,
+    parse_meminfo,
+    parse_nvidia_smi,
+)
 from sparkd.scheduler.guard import LoadWatch, Tripped, guard_message
 
 MIB = 1024 * 1024
@@ -59,9 +69,9 @@ async def test_load_watch_trips_under_the_floor_on_unified_memory_only(tmp_path)
     meminfo.write_text("MemTotal: 8388608 kB\nMemAvailable: 2097152 kB\n")  # 2 GiB free
     tripped = await watch.sample()
     assert tripped == Tripped(available=2 * 1024 * MIB, floor=floor, peak=watch.peak)
-    # A discrete GPU's free memory is no host floor: the guard is off there (the peak is still measured).
-    discrete = LoadWatch(MemoryGauge("none"), floor, os.getpid())
-    assert await discrete.sample() is None and discrete.peak is not None
+    # Without a probe there is no floor and nothing to measure a container by.
+    blind = LoadWatch(MemoryGauge("none"), floor, os.getpid())
+    assert await blind.sample() is None and blind.peak is None
     assert await LoadWatch(MemoryGauge("meminfo", meminfo=str(meminfo)), 0, None).sample() is None  # min_free = 0
 
 
@@ -83,3 +93,50 @@ async def test_the_page_cache_is_dropped_only_when_the_load_would_not_fit_beside
     # Without the privilege: logged, the load goes on.
     locked = MemoryGauge("meminfo", meminfo=str(meminfo), drop_caches=str(tmp_path / "no" / "such"))
     assert await locked.drop_page_cache_if_short(2048 * MIB) is False
+
+
+def test_compute_apps_are_read_per_process_and_unfilled_lines_left_out():
+    text = "4101, 20480\n4102, [N/A]\nnot a line\n4101, 512\n\n4200, 96\n"
+    assert parse_compute_apps(text) == {4101: (20480 + 512) * MIB, 4200: 96 * MIB}
+    assert parse_compute_apps("[N/A], [N/A]\n") == {}  # unified memory: nvidia-smi knows no figures
+
+
+def test_a_containers_gpu_memory_is_that_of_the_processes_in_its_cgroup(tmp_path):
+    mine = "/libpod_parent/libpod-a"
+    proc = fake_proc(tmp_path, 50, f"4:memory:{mine}\n1:cpu:{mine}\n0::{mine}\n")
+    fake_proc(tmp_path, 51, f"4:memory:{mine}\n0::{mine}\n")  # the engine core, same container
+    fake_proc(tmp_path, 52, f"0::{mine}/worker\n")  # in a cgroup below the container's
+    fake_proc(tmp_path, 60, "0::/libpod_parent/libpod-ab\n")  # another container (its name only starts alike)
+    fake_proc(tmp_path, 61, "4:memory:/\n0::/\n")  # on the host
+    apps = {51: 1000 * MIB, 52: 24 * MIB, 60: 5000 * MIB, 61: 7 * MIB, 70: 9 * MIB}  # 70: exited since
+    assert container_gpu_bytes(50, apps, proc) == 1024 * MIB
+    assert container_gpu_bytes(50, {}, proc) == 0  # a container with no GPU process holds nothing
+    assert container_gpu_bytes(99, apps, proc) is None  # the container's process is gone
+    assert container_gpu_bytes(61, apps, proc) is None  # the root cgroup tells no container apart
+
+
+async def test_the_gauge_asks_nvidia_smi_for_the_containers_processes(tmp_path):
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f'  --query-compute-apps=pid,used_memory) echo "{os.getpid()}, 300"; echo "1, 900" ;;\n'
+        '  --query-gpu=memory.used,memory.total) echo "1200, 81920" ;;\n'
+        "  *) exit 2 ;;\n"
+        "esac\n"
+    )
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    gauge = MemoryGauge("nvidia-smi", nvidia_smi=str(tool))
+    assert gauge.measures_containers and not gauge.unified
+    def cgroups(pid: int) -> set[str]:
+        return {line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()} - {"", "/"}
+
+    if not cgroups(os.getpid()):
+        pytest.skip("this process sits in the root cgroup: no container to tell it by")
+    expected = 300 * MIB + (900 * MIB if cgroups(1) & cgroups(os.getpid()) else 0)
+    assert await gauge.container_bytes(os.getpid()) == expected
+    failing = tmp_path / "failing-smi"
+    failing.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed'\nexit 9\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
+    assert await MemoryGauge("nvidia-smi", nvidia_smi=str(failing)).container_bytes(os.getpid()) is None
+    assert await MemoryGauge("none").container_bytes(os.getpid()) is None
