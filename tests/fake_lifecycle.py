@@ -96,7 +96,9 @@ class FakeLifecycle(ModelLifecycle):
         self._record("stop", runner.name)
         return Stopped()
 
-    async def stop_after_loss(self, runner: ModelRunner, reason: str) -> Failed:
+    async def stop_after_loss(self, runner: ModelRunner, reason: str, *, kill: bool = False) -> Failed:
+        if kill:
+            self._record("kill", runner.name)
         self.running.discard(runner.name)
         return Failed(reason)
 

@@ -61,8 +61,9 @@ class ModelLifecycle(Protocol):
 
     async def stop(self, runner: ModelRunner, reason: str) -> Stopped | StopFailed: ...
 
-    async def stop_after_loss(self, runner: ModelRunner, reason: str) -> Failed:
-        """The container or a peer it needs went away: make sure it is stopped."""
+    async def stop_after_loss(self, runner: ModelRunner, reason: str, *, kill: bool = False) -> Failed:
+        """The container or a peer it needs went away, or a watch gave it up: make sure it is stopped
+        (``kill``: at once, without the engine's graceful shutdown a wedged engine never finishes)."""
         ...
 
     async def sleep(self, runner: ModelRunner) -> Slept | Failed: ...

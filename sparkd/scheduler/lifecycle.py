@@ -329,9 +329,15 @@ class Lifecycle:
             return True
         return info is not None and info.running
 
-    async def stop_after_loss(self, runner: ModelRunner, reason: str) -> Failed:
-        """A model whose container or peer went away: make sure it is stopped, return its worker leases."""
+    async def stop_after_loss(self, runner: ModelRunner, reason: str, *, kill: bool = False) -> Failed:
+        """A model whose container or peer went away, or that a watch gave up: make sure it is stopped
+        (``kill``: SIGKILL at once), return its worker leases."""
         lines = await self.tail_logs(runner)
+        if kill:
+            try:
+                await self.runtime.kill(runner.spec.name)
+            except RuntimeFailure as error:
+                log.warning("container_kill_failed", model=runner.name, error=str(error))
         await self._clean_up_failed(runner)
         await self.release_workers(runner, reason)
         return Failed(reason, tuple(lines))

@@ -143,7 +143,7 @@ class Scheduler:
     async def _run_lost(self, runner: ModelRunner, reason: str, code: str = "model_failed") -> None:
         """The container died, or a peer it needs, or a task of the model crashed: clean up, fail it."""
         try:
-            outcome = await self.lifecycle.stop_after_loss(runner, reason)
+            outcome = await self.lifecycle.stop_after_loss(runner, reason, kill=code in KILLED_AFTER)
         except Exception as error:  # the model must end FAILED whatever the clean-up did
             log.error("model_clean_up_crashed", model=runner.name, error=repr(error), exc_info=error)
             outcome = Failed(reason)
@@ -898,6 +898,9 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
         runner.consecutive_failures += 1
 
 
+KILLED_AFTER = frozenset({"engine_wedged"})
+"""Codes of ``model_lost`` whose container is killed rather than stopped: a wedged engine never
+finishes a graceful shutdown, and its requests wait for the container to go."""
 RESTARTED_AFTER = frozenset({"engine_wedged"})
 """Codes of ``model_lost`` after which the model is started again on its own: its engine loaded
 and served, then wedged; a restart is what an operator would do.  A memory guard's stop is not

@@ -413,9 +413,9 @@ async def test_a_crashed_task_fails_its_model_stops_what_runs_and_frees_its_shar
     losses: list[str] = []
     stop_after_loss = fake.stop_after_loss
 
-    async def record_loss(runner, reason):
+    async def record_loss(runner, reason, *, kill=False):
         losses.append(reason)
-        return await stop_after_loss(runner, reason)
+        return await stop_after_loss(runner, reason, kill=kill)
 
     fake.stop_after_loss = record_loss
     scheduler = serving(Scheduler(config_with([model("a", 0.5)], failure_backoff_s=30), fake))
@@ -505,7 +505,8 @@ async def test_a_wedged_model_is_failed_then_started_again_on_its_own(fake):
     runner = scheduler.runners["a"]
     await wait_for(lambda: fake.starts("a") == 2 and runner.state is ModelState.READY)
     assert runner.cause is not None and runner.cause.describe(runner.state) == "restarted after it was given up (engine_wedged)"
-    assert "a" in fake.running  # its container was stopped by the loss, then started again
+    assert ("kill", "a") in fake.timeline  # a wedged engine is killed: it would never finish a graceful stop
+    assert "a" in fake.running  # then started again
 
 
 async def test_a_model_the_memory_guard_gave_up_is_not_restarted(fake):
@@ -515,6 +516,7 @@ async def test_a_model_the_memory_guard_gave_up_is_not_restarted(fake):
     await wait_for(lambda: scheduler.runners["a"].state is ModelState.FAILED)
     await asyncio.sleep(0.1)
     assert fake.starts("a") == 1 and scheduler.runners["a"].state is ModelState.FAILED
+    assert ("kill", "a") not in fake.timeline  # the guard killed it itself; the loss only cleans up
 
 
 async def wedge_while_another_takes_its_place(scheduler: Scheduler) -> asyncio.Task[ModelRunner]:
