@@ -258,20 +258,39 @@ def container_memory_bytes(pid: int, proc: Path = Path("/proc"), cgroups: Path =
         lines = (proc / str(pid) / "cgroup").read_text().splitlines()
     except OSError:
         return None
+    used = _cgroup_value(lines, cgroups, "memory.current", "memory.usage_in_bytes")
+    return used if used is not None else _resident_bytes(proc / str(pid) / "status")
+
+
+def container_memory_peak_bytes(pid: int, proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The most memory the cgroup of process ``pid`` ever held, as the kernel counted it (v2
+    ``memory.peak``, kernel 5.19 and later; v1 ``memory.max_usage_in_bytes``): a load's true
+    peak, which sampling can miss.  None when the kernel keeps none or the process is gone.
+    Blocking: call it in a worker thread."""
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    return _cgroup_value(lines, cgroups, "memory.peak", "memory.max_usage_in_bytes")
+
+
+def _cgroup_value(lines: list[str], cgroups: Path, v2_file: str, v1_file: str) -> int | None:
+    """A memory controller's figure for the cgroup a process's ``/proc/PID/cgroup`` lines name;
+    the v1 memory controller first on a hybrid host (there it is the one that counts)."""
     candidates = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         relative = path.lstrip("/")
         if controllers == "":
-            candidates.append(cgroups / relative / "memory.current")
+            candidates.append(cgroups / relative / v2_file)
         elif "memory" in controllers.split(","):
-            candidates.insert(0, cgroups / "memory" / relative / "memory.usage_in_bytes")
+            candidates.insert(0, cgroups / "memory" / relative / v1_file)
     for candidate in candidates:
         try:
             return int(candidate.read_text().strip())
         except (OSError, ValueError):
             continue
-    return _resident_bytes(proc / str(pid) / "status")
+    return None
 
 
 def _resident_bytes(status: Path) -> int | None:

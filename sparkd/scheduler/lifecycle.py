@@ -21,7 +21,7 @@ from ..cluster.head import HeadCoordinator, WorkersUnavailable
 from ..config import Config
 from ..engine.client import Endpoint, EngineClient, EngineError
 from ..engine.progress import parse_line
-from ..hardware.memory import MemoryGauge
+from ..hardware.memory import MemoryGauge, container_memory_peak_bytes
 from ..runtime.containerlogs import LogFollower
 from ..runtime.containers import ContainerInfo
 from ..runtime.failures import PortInUse, RuntimeFailure
@@ -168,8 +168,7 @@ class Lifecycle:
             return Started(took=max(0.0, time.time() - (runner.started_at or time.time())), ready=ready, total=total)
         took = time.monotonic() - began
         await self.load_times.record(runner.name, took)
-        peak = max(watch.peak or 0, ready or 0) if ready is not None else None
-        return Started(took=took, peak=peak, ready=ready, total=total)
+        return Started(took=took, peak=await self._load_peak(watch, ready), ready=ready, total=total)
 
     async def _measure(self, pid: int | None) -> tuple[int | None, int | None]:
         """The container's share now and the memory the lease shares, in bytes: on unified memory its
@@ -179,6 +178,16 @@ class Lifecycle:
         used = await self.memory.container_bytes(pid)
         reading = await self.memory.read()
         return used, (int(reading.total * reading.unit_bytes) if reading is not None else None)
+
+    async def _load_peak(self, watch: LoadWatch, ready: int | None) -> int | None:
+        """A start's peak: the most its samples saw, or on unified memory the kernel's own high-water
+        mark of the container's cgroup (created with the container, so it covers exactly this load)."""
+        if ready is None:
+            return None
+        kernel = None
+        if self.memory.unified and watch.pid is not None:
+            kernel = await asyncio.to_thread(container_memory_peak_bytes, watch.pid)
+        return max(watch.peak or 0, ready, kernel or 0)
 
     async def _load_watch(self, runner: ModelRunner, pid: int | None) -> LoadWatch:
         """The memory watch of a load; ``pid``: its container's first process, when known."""

@@ -45,6 +45,8 @@ Knobs (``--fake-<name>`` / ``FAKE_<NAME>``):
     load_mb               MB really allocated (pages written) while loading, growing evenly
                           over load_delay up to this peak; once ready the engine keeps ready_mb
     ready_mb              MB really allocated while ready (weights and KV cache)
+    spike_mb              MB allocated half way through the load and freed 10 ms later: a peak
+                          as brief as torch.compile's, which sampling at 0.1 s misses
     freeze_after          after N SSE events (all streams together) the engine wedges as GB10 engines
                           do: streams stop mid-answer and never end, /health and /v1/models stay
                           200, vllm:generation_tokens_total stops while num_requests_running > 0
@@ -158,6 +160,7 @@ KNOBS: dict[str, tuple[type, Any, str]] = {
     "worker_id": (str, "", "worker: id to register with (default hostname-pid)"),
     "load_mb": (int, 0, "MB allocated while loading (the load's peak)"),
     "ready_mb": (int, 0, "MB allocated while ready"),
+    "spike_mb": (int, 0, "MB allocated for 10 ms half way through the load"),
     "kv_mb": (int, 0, "the part of ready_mb sleep level 1 frees (level 2 frees all of it)"),
     "freeze_after": (int, 0, "wedge every stream after N SSE events in total (0 = never)"),
 }
@@ -1151,6 +1154,15 @@ async def allocate_while_loading(cfg: Config, ballast: Ballast, began: float) ->
         await asyncio.sleep(0.05)
 
 
+async def spike_while_loading(cfg: Config) -> None:
+    """The spike_mb knob: a brief peak in the middle of the load."""
+    await asyncio.sleep(cfg.load_delay / 2)
+    held = [b"\x01" * (BALLAST_CHUNK_MB * MIB) for _ in range(cfg.spike_mb // BALLAST_CHUNK_MB)]
+    _log(f"fake memory: spike of {len(held) * BALLAST_CHUNK_MB} MB")
+    await asyncio.sleep(0.01)
+    del held
+
+
 async def load(cfg: Config, stop: asyncio.Event, ballast: Ballast) -> bool:
     """Pretend to load weights for load_delay seconds, printing vLLM-like progress.
 
@@ -1158,11 +1170,13 @@ async def load(cfg: Config, stop: asyncio.Event, ballast: Ballast) -> bool:
     """
     began = time.monotonic()
     allocating = asyncio.ensure_future(allocate_while_loading(cfg, ballast, began)) if cfg.load_mb > 0 else None
+    spiking = asyncio.ensure_future(spike_while_loading(cfg)) if cfg.spike_mb > 0 else None
     try:
         return await _load_steps(cfg, stop, began)
     finally:
-        if allocating is not None:
-            allocating.cancel()
+        for task in (allocating, spiking):
+            if task is not None:
+                task.cancel()
 
 
 async def _load_steps(cfg: Config, stop: asyncio.Event, began: float) -> bool:

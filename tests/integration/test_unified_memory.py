@@ -245,6 +245,22 @@ async def test_a_claim_far_below_what_the_engine_holds_is_admitted_by_its_measur
     assert code == 0 and f"{sparkd.model('a')}: measured: load peak" in out and "set gpu_memory" in out, out
 
 
+async def test_a_brief_peak_of_a_load_is_measured_whole(sparkd_factory, engine_image):
+    """The load peak is the kernel's high-water mark of the container's cgroup: a 10 ms spike,
+    which readings every 0.1 s catch only part of if at all, is counted whole."""
+    sparkd = sparkd_factory(
+        {"s": engine_model(engine_image, claim=0.05, env={"FAKE_SPIKE_MB": "400", "FAKE_READY_MB": "50",
+                                                          "FAKE_LOAD_DELAY": "1"})},
+        unified(min_free=0),
+    )
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        assert (await sparkd.chat(session, "s"))[0] == 200
+    footprint = (await sparkd.model_status("s"))["footprint"]
+    assert footprint["peak_bytes"] >= 400 * MIB > footprint["ready_bytes"], footprint
+    print(f"\nspike: peak {footprint['peak_bytes'] / MIB:.0f} MiB, ready {footprint['ready_bytes'] / MIB:.0f} MiB")
+
+
 async def fake_state(port: int) -> dict[str, object]:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/fake/state") as response:
         state: dict[str, object] = await response.json()

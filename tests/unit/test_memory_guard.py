@@ -12,6 +12,7 @@ from sparkd.hardware.memory import (
     MemoryGauge,
     container_gpu_bytes,
     container_memory_bytes,
+    container_memory_peak_bytes,
     parse_compute_apps,
     parse_meminfo,
     parse_nvidia_smi,
@@ -52,6 +53,21 @@ def test_container_memory_from_cgroup_v2_v1_or_rss(tmp_path):
     proc = fake_proc(tmp_path / "none", 43, "0::/gone\n")
     assert container_memory_bytes(43, proc, cgroups) == 2048 * 1024  # no cgroup file: the process's own RSS
     assert container_memory_bytes(44, proc, cgroups) is None  # the process is gone
+
+
+def test_the_kernels_high_water_mark_of_the_cgroup_is_the_peak(tmp_path):
+    cgroups = tmp_path / "cgroup"
+    (cgroups / "machine.slice" / "libpod-a.scope").mkdir(parents=True)
+    (cgroups / "machine.slice" / "libpod-a.scope" / "memory.peak").write_text("900000000\n")
+    proc = fake_proc(tmp_path / "v2", 41, "0::/machine.slice/libpod-a.scope\n")
+    assert container_memory_peak_bytes(41, proc, cgroups) == 900000000
+    (cgroups / "memory" / "libpod_parent" / "libpod-b").mkdir(parents=True)
+    (cgroups / "memory" / "libpod_parent" / "libpod-b" / "memory.max_usage_in_bytes").write_text("6291456\n")
+    proc = fake_proc(tmp_path / "v1", 42, "12:memory:/libpod_parent/libpod-b\n0::/libpod_parent/libpod-b\n")
+    assert container_memory_peak_bytes(42, proc, cgroups) == 6291456
+    old_kernel = fake_proc(tmp_path / "old", 43, "0::/gone\n")
+    assert container_memory_peak_bytes(43, old_kernel, cgroups) is None  # no memory.peak before 5.19: samples only
+    assert container_memory_peak_bytes(44, old_kernel, cgroups) is None
 
 
 def test_this_process_is_measured_for_real():
