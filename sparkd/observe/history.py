@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS footprints (
     asleep_bytes INTEGER,            -- resident asleep, at sleep_level
     sleep_level INTEGER,
     total_bytes INTEGER NOT NULL,    -- the memory the lease shares (MemTotal)
-    measured_at REAL NOT NULL
+    measured_at REAL NOT NULL,
+    spec_hash TEXT                   -- the container spec it was measured on (NULL: before sparkd kept it)
 );
 CREATE TABLE IF NOT EXISTS usage_daily (
     day TEXT NOT NULL,               -- local date, YYYY-MM-DD
@@ -85,6 +86,18 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     PRIMARY KEY (day, model)
 );
 """
+
+
+ADDED_COLUMNS = (("footprints", "spec_hash", "TEXT"),)
+"""Columns newer than their table: a database an older sparkd made gets them on opening
+(added columns are nullable, so the older sparkd still reads and writes it)."""
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    for table, column, kind in ADDED_COLUMNS:  # names from the constant above, never from input
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class HistoryUnavailable(Exception):
@@ -143,6 +156,7 @@ class History:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            _add_missing_columns(db)
             found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if found is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -241,11 +255,11 @@ class History:
     def _footprint_sync(self, event: FootprintMeasured) -> None:
         assert self._db is not None
         self._db.execute(
-            "INSERT INTO footprints (model, peak_bytes, ready_bytes, asleep_bytes, sleep_level, total_bytes, measured_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET peak_bytes = excluded.peak_bytes, "
+            "INSERT INTO footprints (model, peak_bytes, ready_bytes, asleep_bytes, sleep_level, total_bytes, measured_at, "
+            "spec_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET peak_bytes = excluded.peak_bytes, "
             "ready_bytes = excluded.ready_bytes, asleep_bytes = excluded.asleep_bytes, sleep_level = excluded.sleep_level, "
-            "total_bytes = excluded.total_bytes, measured_at = excluded.measured_at",
-            (event.model, event.peak, event.ready, event.asleep, event.sleep_level, event.total, event.at),
+            "total_bytes = excluded.total_bytes, measured_at = excluded.measured_at, spec_hash = excluded.spec_hash",
+            (event.model, event.peak, event.ready, event.asleep, event.sleep_level, event.total, event.at, event.spec_hash),
         )
 
     async def footprints(self) -> dict[str, Footprint]:
@@ -256,10 +270,12 @@ class History:
 
     def _footprints_sync(self) -> dict[str, Footprint]:
         assert self._db is not None
-        rows = self._db.execute("SELECT model, peak_bytes, ready_bytes, asleep_bytes, sleep_level, total_bytes FROM footprints")
+        rows = self._db.execute(
+            "SELECT model, peak_bytes, ready_bytes, asleep_bytes, sleep_level, total_bytes, spec_hash FROM footprints"
+        )
         return {
-            model: Footprint(peak=peak, ready=ready, asleep=asleep, sleep_level=level, total=total)
-            for model, peak, ready, asleep, level, total in rows
+            model: Footprint(peak=peak, ready=ready, asleep=asleep, sleep_level=level, total=total, spec_hash=spec)
+            for model, peak, ready, asleep, level, total, spec in rows
         }
 
     def record_memory(self, model: str, host_used: int | None, container: int | None, gpu_used: int | None) -> None:

@@ -199,6 +199,8 @@ class FootprintMeasured:
     total: int | None
     sleep_level: int | None
     at: float
+    spec_hash: str | None = None
+    """The container spec it was measured on."""
 
 
 Event = Transitioned | LoadFinished | Progress | FootprintMeasured

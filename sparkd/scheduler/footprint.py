@@ -30,6 +30,13 @@ class Footprint:
     """The memory the fractions are of (MemTotal on unified memory, the GPU's total on a discrete GPU)."""
     sleep_level: int | None = None
     """The sleep level ``asleep`` was measured at."""
+    spec_hash: str | None = None
+    """The container spec it was measured on (None: not recorded, measured by an older sparkd).
+    Another spec is another container: its figures say nothing of this one's."""
+
+    def measured_on(self, spec_hash: str) -> bool:
+        """Whether these figures hold for a container made from ``spec_hash``."""
+        return self.spec_hash in (None, spec_hash)
 
     def fraction(self, value: int | None) -> float:
         """``value`` as a fraction of the shared memory (0 when not measured)."""

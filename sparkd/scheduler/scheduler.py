@@ -179,6 +179,8 @@ class Scheduler:
                 runner.stale_spec = True
                 log.info("model_spec_changed", model=name, state=runner.state.value, applies="at its next start")
             runner.config, runner.spec = model, spec
+            if runner.state in (S.STOPPED, S.FAILED):
+                _forget_stale_footprint(runner)
         for name, model in enabled.items():
             if name not in self.runners:
                 self.runners[name] = self._new_runner(model)
@@ -492,13 +494,16 @@ class Scheduler:
             return
         old = runner.footprint
         peak = outcome.peak if outcome.peak is not None else old.peak
-        self._record_footprint(runner, replace(old, peak=peak, ready=outcome.ready, total=outcome.total or old.total))
+        self._record_footprint(runner, replace(
+            old, peak=peak, ready=outcome.ready, total=outcome.total or old.total, spec_hash=runner.spec.spec_hash,
+        ))
 
     def _record_footprint(self, runner: ModelRunner, footprint: Footprint) -> None:
         """Keep what the model's container was measured to use; warn when it is above its claims."""
         runner.footprint = footprint
         self._emit(FootprintMeasured(
             runner.name, footprint.peak, footprint.ready, footprint.asleep, footprint.total, footprint.sleep_level, time.time(),
+            footprint.spec_hash,
         ))
         self._check_claims(runner)
 
@@ -507,6 +512,7 @@ class Scheduler:
         runner = self.runners.get(name)
         if runner is not None:
             runner.footprint = footprint
+            _forget_stale_footprint(runner)
             self._check_claims(runner)
 
     def _check_claims(self, runner: ModelRunner) -> None:
@@ -876,6 +882,17 @@ def share_for(runner: ModelRunner, old: ModelState, state: ModelState, held: flo
     return held
 
 
+def _forget_stale_footprint(runner: ModelRunner) -> None:
+    """Figures measured on another container spec say nothing of the next container: until it is
+    measured, the configured claims stand.  Called where no container of the old spec runs."""
+    if runner.footprint.measured_on(runner.spec.spec_hash):
+        return
+    log.info("model_footprint_forgotten", model=runner.name, measured_on=runner.footprint.spec_hash,
+             spec=runner.spec.spec_hash, reason="its container spec changed since it was measured")
+    runner.footprint = Footprint()
+    runner.claim_warnings = ()
+
+
 def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> None:
     """The runner's fields that entering ``state`` sets or clears (``now``: wall-clock)."""
     monotonic = time.monotonic()
@@ -889,6 +906,7 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
         runner.progress = None
         runner.load_began = now
     elif state in (S.STOPPED, S.FAILED):
+        _forget_stale_footprint(runner)  # its container, of an older spec, is gone
         runner.endpoint = None
         runner.started_at = None
         runner.ready_at = None

@@ -4,6 +4,7 @@ a claim below what was measured warns with the config line, and the history keep
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import replace
 
 from structlog.testing import capture_logs
@@ -46,7 +47,7 @@ async def test_a_claim_below_the_measured_size_is_admitted_by_the_measured_size(
     with capture_logs() as logs:
         assert await serve(scheduler, "a") == "a"
     a = scheduler.runners["a"]
-    assert a.footprint == Footprint(peak=70 * GIB, ready=60 * GIB, total=TOTAL)
+    assert a.footprint == Footprint(peak=70 * GIB, ready=60 * GIB, total=TOTAL, spec_hash=a.spec.spec_hash)
     assert (a.claim, a.load_claim) == (0.6, 0.7)
     assert scheduler.lease.holders["a"] == 0.6  # ready: its measured resident size, not the configured 0.1
     warning = a.claim_warnings[0]
@@ -92,3 +93,46 @@ async def test_discrete_gpus_measure_nothing_and_admit_by_configuration(tmp_path
     runner = scheduler.runners["a"]
     assert runner.footprint.view() is None and runner.claim == 0.5 and not runner.claim_warnings
     assert scheduler.config.gpu == GpuConfig(devices=(), memory_budget=0.94)
+
+
+async def test_a_footprint_measured_on_another_container_spec_is_forgotten(tmp_path):
+    fake = MeasuringLifecycle(tmp_path, {"a": (70 * GIB, 60 * GIB)})
+    config = config_with([model("a", 0.1)])
+    scheduler = serving(Scheduler(config, fake, unified_memory=True))
+    spec = scheduler.runners["a"].spec.spec_hash
+    scheduler.remember_footprint("a", Footprint(ready=60 * GIB, total=TOTAL, spec_hash="another"))
+    assert scheduler.runners["a"].footprint == Footprint() and scheduler.runners["a"].claim == 0.1
+    scheduler.remember_footprint("a", Footprint(ready=60 * GIB, total=TOTAL))  # an older sparkd's: kept
+    assert scheduler.runners["a"].claim == 0.6
+
+    assert await serve(scheduler, "a") == "a"
+    assert scheduler.runners["a"].footprint.spec_hash == spec
+    # The model's container spec changes while it runs: the figures hold for the running container
+    # until it stops, then the configured claim stands until the new container is measured.
+    changed = replace(config, models={"a": replace(config.models["a"], env={"VLLM_SOMETHING": "1"})})
+    with capture_logs() as logs:
+        scheduler.apply_config(changed)
+        assert scheduler.runners["a"].claim == 0.6
+        await scheduler.stop_model("a", 5)
+    runner = scheduler.runners["a"]
+    assert runner.footprint == Footprint() and runner.claim == 0.1 and not runner.claim_warnings
+    assert any(e["event"] == "model_footprint_forgotten" and e["measured_on"] == spec for e in logs), logs
+    assert await serve(scheduler, "a") == "a"
+    assert runner.footprint.spec_hash == runner.spec.spec_hash != spec and runner.claim == 0.6
+
+
+async def test_the_history_keeps_the_spec_and_adds_the_column_to_an_older_database(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    older = sqlite3.connect(path)
+    older.executescript(
+        "CREATE TABLE footprints (model TEXT PRIMARY KEY, peak_bytes INTEGER, ready_bytes INTEGER, "
+        "asleep_bytes INTEGER, sleep_level INTEGER, total_bytes INTEGER NOT NULL, measured_at REAL NOT NULL);"
+        f"INSERT INTO footprints VALUES ('old', NULL, {GIB}, NULL, NULL, {TOTAL}, 1.0);"
+    )
+    older.close()
+    history = History(path)
+    await history.open()
+    assert await history.footprints() == {"old": Footprint(ready=GIB, total=TOTAL)}
+    history.on_event(FootprintMeasured("a", 2 * GIB, GIB, None, TOTAL, None, 2.0, "0123abcd"))
+    assert (await history.footprints())["a"].spec_hash == "0123abcd"
+    await history.close()
