@@ -6,7 +6,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..adminjson import CatalogDoc, FootprintDoc, HistoryDoc, LiveStatus, ModelStatus, PrepareDoc, StatusSnapshot
+from ..adminjson import (
+    CatalogDoc,
+    FootprintDoc,
+    HistoryDoc,
+    LiveStatus,
+    ModelStatus,
+    PrepareDoc,
+    StatusSnapshot,
+    UsageDoc,
+)
 
 BAR_WIDTH = 20
 
@@ -241,6 +250,33 @@ def history(data: HistoryDoc) -> str:
             )
         )
     return "\n".join(out)
+
+
+def usage(data: UsageDoc) -> str:
+    """``sparkctl usage``: one row per day, key and model, and a total per key."""
+    rows = data["rows"]
+    if not rows:
+        return f"no usage in the last {data['days']} days"
+    body = [
+        [r["day"], r["key"], r["model"], r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
+         duration(r["queue_wait_s"])]
+        for r in rows
+    ]
+    totals: dict[str, list[int]] = {}
+    for r in rows:
+        total = totals.setdefault(r["key"], [0, 0, 0, 0])
+        for index, value in enumerate((r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"])):
+            total[index] += value
+    lines = [table(
+        ["DAY", "KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "QUEUE WAIT"],
+        body, right=(3, 4, 5, 6, 7),
+    )]
+    lines.append(f"\ntotal per key (last {data['days']} days):")
+    lines.extend(
+        f"  {key}: {t[0]} requests, {t[1]} errors, {t[2] + t[3]} tokens ({t[2]} prompt, {t[3]} completion)"
+        for key, t in sorted(totals.items())
+    )
+    return "\n".join(lines)
 
 
 def recent(data: LiveStatus, count: int = 8) -> str:

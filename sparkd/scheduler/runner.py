@@ -17,6 +17,7 @@ from ..engine.progress import LoadProgress
 from ..runtime.spec import ContainerSpec
 from .events import Cause
 from .footprint import Footprint
+from .quantum import Quantum
 from .state import ModelState
 
 
@@ -66,6 +67,8 @@ class ModelRunner:
     """Measured footprints above the configured claims, with the config line to change."""
     unified_memory: bool = False
     """The GPU allocates from system memory (set by the scheduler when it makes the runner)."""
+    quantum: Quantum | None = None
+    """The swap quantum it got when it last became ready for waiting requests (``quantum.py``)."""
 
     @property
     def name(self) -> str:
