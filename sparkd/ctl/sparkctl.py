@@ -273,7 +273,10 @@ def read_key_file(path: str) -> str:
 
 
 def key_on_command_line(argv: list[str]) -> bool:
-    return any(arg == "--key" or arg.startswith("--key=") for arg in argv)
+    """A ``--key`` on the command line, except ``sparkctl usage --key NAME``, where it is a key's name."""
+    command = next((index for index, arg in enumerate(argv) if arg in HANDLERS), len(argv))
+    checked = argv[:command] if command < len(argv) and argv[command] == "usage" else argv
+    return any(arg == "--key" or arg.startswith("--key=") for arg in checked)
 
 
 def runtime_dir(config: str) -> str:
