@@ -2,11 +2,18 @@
 
 Without it two clients alternating two models that cannot share the GPU make every
 request a cold load: the first-come-first-served queue evicts a model as soon as its
-requests are done.  With it, a model that became ready for waiting requests keeps the
-GPU, while it has work, for ``max(min_uptime_s, swap_cost_factor x its measured load
-time)``; so the time lost to loads is at most about ``1 / (1 + swap_cost_factor)`` of
-the GPU's time.  A waiter of a higher priority than the one the model was loaded for
-may still evict it.
+requests are done.  With it, a model swapped in for waiting requests keeps the GPU,
+while it has work, for ``max(min_uptime_s, swap_cost_factor x its measured load time)``
+before another swap may evict it.  A waiter of a higher priority than the one the model
+was loaded for may still evict it.
+
+The quantum is the model's whole turn on the GPU: it counts from the moment the GPU was
+promised to the model (the holders began draining for it, or it was admitted), and its
+load time is what that swap-in cost, measured from then until the model was ready (the
+holders' last answers, their stop, the memory reclaim and the model's load; before a
+first swap-in, the model's load ETA).  So at most ``1 / swap_cost_factor`` of the GPU's
+time goes to swaps, and a waiter waits at most about a quantum, one answer of the holder
+and its own model's swap.
 
 "Has work" means a request in flight or waiting for it, or one that ended less than
 ``WORK_GRACE_S`` ago: a client sending one request after another leaves a gap of a

@@ -107,6 +107,8 @@ class Scheduler:
         self._pump_timer: asyncio.TimerHandle | None = None
         """Pumps again when a swap quantum that holds a waiter back may end (``_pump_at``)."""
         self._pump_timer_at = 0.0
+        self._handing: tuple[str, float] | None = None
+        """The model the holders drain for, and since when (time.monotonic()): where its swap began."""
         for model in config.enabled_models():
             self.runners[model.name] = self._new_runner(model)
 
@@ -368,13 +370,17 @@ class Scheduler:
                 held_until = self._held_by_quantum([e.name for e in decision.evictions], self.queue.priority(name))
                 if held_until is None:
                     victims = {e.name: e for e in decision.evictions}
+                    if self._handing is None or self._handing[0] != name:
+                        self._handing = (name, time.monotonic())
                 else:
                     self._pump_at(held_until)  # it waits; nobody overtakes it meanwhile
+                    self._handing = None  # no swap under way: its swap begins when the quantum lets it
         self._call_off_swaps(victims)
         if head is not None:
             self._evict(victims, head)
         self._carry_out_operator_requests()
         if head is None:
+            self._handing = None
             self._keep_utility_models()
 
     def _held_by_quantum(self, names: list[str], priority: int) -> float | None:
@@ -410,11 +416,15 @@ class Scheduler:
             self.pump()
 
     def quantum_of(self, runner: ModelRunner) -> float | None:
-        """The swap quantum ``runner`` would get now: max(min_uptime_s, swap_cost_factor x measured load)."""
+        """The swap quantum ``runner`` has, or would get now: max(min_uptime_s, swap_cost_factor x its
+        last swap-in's cost, or its load ETA before one)."""
         lifecycle = self.config.lifecycle
         if lifecycle.swap_policy != "quantum":
             return None
-        return quantum_length(lifecycle.min_uptime_s, lifecycle.swap_cost_factor, self.lifecycle.load_times.eta(runner.name))
+        if runner.quantum is not None:
+            return runner.quantum.length_s
+        measured = runner.last_swap_s if runner.last_swap_s is not None else self.lifecycle.load_times.eta(runner.name)
+        return quantum_length(lifecycle.min_uptime_s, lifecycle.swap_cost_factor, measured)
 
     def _call_off_swaps(self, victims: dict[str, Eviction]) -> None:
         """A model draining for a swap that is needed no more serves again."""
@@ -476,6 +486,10 @@ class Scheduler:
         holds the last load slot (``gpu.concurrent_loads``), the model waits for it to end."""
         if not self._load_slot_free():
             return False
+        handing = self._handing
+        runner.handed_at = handing[1] if handing is not None and handing[0] == runner.name else time.monotonic()
+        if handing is not None and handing[0] == runner.name:
+            self._handing = None
         if runner.state is S.SLEEPING:
             if self._move(runner, S.SLEEPING, S.WAKING, cause):
                 self._spawn(runner, self._run_wake(runner, cause))
@@ -655,14 +669,23 @@ class Scheduler:
             self._grant(runner)
 
     def _begin_quantum(self, runner: ModelRunner, took: float) -> None:
-        """A model that became ready for waiting requests gets its swap quantum (none without waiters)."""
+        """A model that became ready for waiting requests gets its swap quantum (none without waiters),
+        counted from the start of its swap, long enough for the swap it cost (``quantum.py``)."""
+        now = time.monotonic()
+        began = runner.handed_at if runner.handed_at is not None else now - took
+        # A holder's long answer drained meanwhile is not a cost of the swap: at most a stop and a reclaim are.
+        longest = took + self.config.lifecycle.stop_timeout_s + self.config.gpu.reclaim_timeout_s
+        runner.handed_at, runner.last_swap_s = None, min(max(took, now - began), longest)
         lifecycle = self.config.lifecycle
         if lifecycle.swap_policy != "quantum" or not self.queue.depth(runner.name):
             runner.quantum = None
             return
-        measured = self.lifecycle.load_times.eta(runner.name)
-        length = quantum_length(lifecycle.min_uptime_s, lifecycle.swap_cost_factor, took if measured is None else measured)
-        runner.quantum = Quantum(length, time.monotonic() + length, self.queue.priority(runner.name))
+        length = quantum_length(lifecycle.min_uptime_s, lifecycle.swap_cost_factor, runner.last_swap_s)
+        runner.quantum = Quantum(length, began + length, self.queue.priority(runner.name))
+        log.info(
+            "swap_quantum_began", model=runner.name, quantum_s=round(length, 3), swap_s=round(runner.last_swap_s, 3),
+            left_s=round(began + length - now, 3), priority=runner.quantum.priority,
+        )
 
     def _stop(self, runner: ModelRunner, cause: Cause) -> None:
         """Stop the model; STOPPING at once, so no request slips in before the task runs."""
