@@ -113,6 +113,9 @@ def status(data: StatusSnapshot) -> str:
     counts = {m["name"]: m["queued"] for m in data["models"]}
     waiting = ", ".join(f"{name} {counts.get(name, '?')}" for name in queue.get("models") or [])
     out.append(f"queue: {queue['depth']} waiting (limit {queue['limit']})" + (f": {waiting}" if waiting else ""))
+    swap_line = swaps(data)
+    if swap_line:
+        out.append(swap_line)
     for model in data["models"]:
         measured = model.get("footprint")
         if measured:
@@ -193,6 +196,18 @@ def prepare(data: PrepareDoc) -> str:
     if not data["results"]:
         lines.append("no enabled models to prepare")
     return "\n".join(lines)
+
+
+def swaps(data: StatusSnapshot) -> str | None:
+    """``swaps: policy quantum, swap_cost_factor 4; a keeps the GPU 8s more (quantum 12s)``; None without the data."""
+    swap = data.get("swap")
+    if swap is None:
+        return None
+    held = [
+        f"{m['name']} keeps the GPU {duration(m.get('quantum_left_s'))} more (quantum {duration(m.get('quantum_s'))})"
+        for m in data["models"] if m.get("quantum_left_s") is not None
+    ]
+    return f"swaps: policy {swap['policy']}, swap_cost_factor {swap['cost_factor']:g}" + ("; " + ", ".join(held) if held else "")
 
 
 def history(data: HistoryDoc) -> str:

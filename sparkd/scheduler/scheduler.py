@@ -676,6 +676,7 @@ class Scheduler:
         # A holder's long answer drained meanwhile is not a cost of the swap: at most a stop and a reclaim are.
         longest = took + self.config.lifecycle.stop_timeout_s + self.config.gpu.reclaim_timeout_s
         runner.handed_at, runner.last_swap_s = None, min(max(took, now - began), longest)
+        began = now - runner.last_swap_s
         lifecycle = self.config.lifecycle
         if lifecycle.swap_policy != "quantum" or not self.queue.depth(runner.name):
             runner.quantum = None

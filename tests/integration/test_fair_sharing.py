@@ -262,6 +262,8 @@ async def test_the_quantum_keeps_a_just_loaded_model_through_a_burst_for_the_oth
     assert status["swap"] == {"policy": "quantum", "cost_factor": 4.0, "min_uptime_s": 120.0}
     b_status = next(m for m in status["models"] if m["name"] == sparkd.model("b"))
     assert b_status["quantum_s"] == 120.0 and b_status["quantum_left_s"] is not None  # b swapped in for the burst
+    code, out, _ = await ctl(sparkd, "status")
+    assert code == 0 and "swaps: policy quantum, swap_cost_factor 4" in out and f"{sparkd.model('b')} keeps the GPU" in out
     await sparkd.stop()
 
     # The same run under the policy before the quantum: the burst evicts a at once.
