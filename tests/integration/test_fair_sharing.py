@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from harness import Sparkd, container_events, engine_model, write_keys
-from opskit import ctl, run_ctl
+from opskit import CHROMIUM, Browser, ctl, run_ctl
 
 pytestmark = pytest.mark.podman
 
@@ -130,6 +130,30 @@ async def test_usage_per_key_matches_the_tokens_the_engine_reported(sparkd_facto
     await sparkd.start()
     code, out, _ = await ctl(sparkd, "usage", "--json", "--key", "alice")
     assert rows_of(json.loads(out))[("alice", sparkd.model("b"))] == reported[("alice", sparkd.model("b"))]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: tests/setup/host.sh installs it")
+async def test_the_status_page_shows_todays_usage_per_key(sparkd_factory, engine_image):
+    sparkd = sparkd_factory({"a": engine_model(engine_image)})
+    write_keys(sparkd.workdir / "keys.toml", {"ops": {"key": ADMIN, "role": "admin"}, "alice": {"key": ALICE}})
+    await sparkd.start()
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await chat(session, sparkd, "a", ALICE, "count my tokens")
+        assert status == 200
+    async with Browser() as browser:
+        await browser.goto(sparkd.base_url + "/")
+        await browser.wait_until("!document.getElementById('auth').hidden")
+        await browser.evaluate(
+            f"document.getElementById('auth-key').value = {json.dumps(ADMIN)};"
+            "document.getElementById('auth-form').requestSubmit()"
+        )
+        cells = await browser.wait_until(
+            "(r => r && [...r.cells].map(c => c.textContent))(document.querySelector('#usage-rows tr[data-key=\"alice\"]'))"
+        )
+        assert cells[:4] == ["alice", sparkd.model("a"), "1", "0"], cells
+        assert cells[4:6] == [str(body["usage"]["prompt_tokens"]), str(body["usage"]["completion_tokens"])], cells
+        swap_text = await browser.evaluate("document.getElementById('swap-text').textContent")
+        assert "policy quantum" in swap_text and "swap_cost_factor 4" in swap_text, swap_text
 
 
 async def test_max_concurrent_and_tokens_per_day_refuse_with_their_codes_and_free_up(sparkd_factory, engine_image):
