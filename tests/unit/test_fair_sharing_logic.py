@@ -301,3 +301,32 @@ async def test_a_higher_priority_waiter_evicts_a_model_in_its_quantum(tmp_path):
     assert runner.state is ModelState.DRAINING  # no quantum against a higher priority
     scheduler.release(runner)
     await asyncio.wait_for(b, 5)
+
+
+# -- sparkd check-config reads the keys file -----------------------------------------------------
+
+
+def test_check_config_lists_a_bad_limit_of_the_keys_file(tmp_path):
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.toml"
+    config = tmp_path / "sparkd.toml"
+    config.write_text(
+        f'[server]\nkeys_file = "{keys}"\n[models.alpha]\nimage = "img"\ngpu = false\n'
+    )
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sparkd", "check-config", "--config", str(config), "--no-images"],
+                              check=False, capture_output=True, text=True)
+
+    keys.write_text(f'[keys.bob]\nkey = "{KEY}"\ntokens_per_day = 0\npriority = 5000\n')
+    keys.chmod(0o600)
+    result = check()
+    assert result.returncode == 1
+    assert "keys.bob.tokens_per_day: expected a whole number of at least 1, found 0" in result.stderr
+    assert "keys.bob.priority: expected a whole number from -1000 to 1000, found 5000" in result.stderr
+    assert KEY not in result.stdout + result.stderr
+    keys.write_text(f'[keys.bob]\nkey = "{KEY}"\ntokens_per_day = 1000\npriority = 5\n')
+    result = check()
+    assert result.returncode == 0, result.stderr
