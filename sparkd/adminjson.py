@@ -89,6 +89,10 @@ class NodeView(_Node, total=False):
 class ModelStatus(_ModelStatusFields, total=False):
     nodes: list[NodeView]
     """Only for a model spanning several nodes, on ``/api/status``."""
+    quantum_s: float | None
+    """The swap quantum it gets when it is swapped in (None: policy fifo)."""
+    quantum_left_s: float | None
+    """How long its current quantum still protects it (None: none runs)."""
 
 
 class LeaseJson(TypedDict):
@@ -105,7 +109,19 @@ class QueueJson(TypedDict):
     """The models requests wait for, in the order they are served."""
 
 
-class StatusSnapshot(TypedDict):
+class SwapJson(TypedDict):
+    """How swaps are decided: ``lifecycle.swap_policy`` and ``lifecycle.swap_cost_factor``."""
+
+    policy: str
+    cost_factor: float
+    min_uptime_s: float
+
+
+class _SwapStatus(TypedDict, total=False):
+    swap: SwapJson
+
+
+class StatusSnapshot(_SwapStatus):
     models: list[ModelStatus]
     lease: LeaseJson
     queue: QueueJson
@@ -154,7 +170,12 @@ class RecentFailure(TypedDict):
     log_lines: list[str]
 
 
-class LiveStatus(StatusSnapshot):
+class _LiveUsage(TypedDict, total=False):
+    usage_today: list[KeyUsageRow]
+    """Today's requests, tokens and queue wait per key name and model (the status page's table)."""
+
+
+class LiveStatus(StatusSnapshot, _LiveUsage):
     server: ServerJson
     recent: list[RecentMove]
     failures: list[RecentFailure]
@@ -219,6 +240,28 @@ class DailyRow(TypedDict):
     errors: int
     prompt_tokens: int
     completion_tokens: int
+
+
+class KeyUsageRow(TypedDict):
+    """One key's use of one model on one day (the key's name only, never the key)."""
+
+    day: str
+    key: str
+    model: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_s: float
+
+
+class UsageDoc(TypedDict):
+    """``GET /api/usage``: per key, day and model, newest day first."""
+
+    days: int
+    key: str | None
+    model: str | None
+    rows: list[KeyUsageRow]
 
 
 class HistoryDoc(TypedDict):

@@ -18,6 +18,9 @@ def check_config(path: Path, check_images: bool = True) -> int:
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
+    keys_problem = _keys_problems(config)
+    if keys_problem:
+        return 1
     enabled = config.enabled_models()
     off = [m for m in config.models.values() if not m.enabled]
     print(
@@ -37,6 +40,29 @@ def check_config(path: Path, check_images: bool = True) -> int:
 
         mounts.report(config)
     return 0
+
+
+def _keys_problems(config: Config) -> bool:
+    """Print the problems of the keys file (``server.keys_file``); True when it has some.
+
+    A missing file, or one this user may not read, is the daemon's to report: it is not checked here.
+    """
+    import os
+
+    from .config.keys import KeysFileError, read_keys_file
+
+    path = Path(config.server.keys_file)
+    if not os.access(path, os.R_OK):
+        print(f"  note: keys file {path} not checked (missing, or not readable by this user)")
+        return False
+    try:
+        read_keys_file(path, required=False)
+    except KeysFileError as error:
+        print(f"{error.path}: {len(error.problems)} problem(s):", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return True
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,7 +157,9 @@ class Daemon:
         scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)
         workers = WorkerLeases(scheduler)
         scheduler.subscribe(lambda _event: self._publish_status(scheduler))
-        ops = Operations(lambda: self.config, scheduler, runtime, memory)  # metrics, history, live status, the admin socket
+        ops = Operations(  # metrics, history, live status, the admin socket
+            lambda: self.config, scheduler, runtime, memory, known_keys=lambda: self.snapshot.current.keys.name_set
+        )
         stack.push_async_callback(ops.close)
         try:
             await ops.open()

@@ -12,6 +12,9 @@ The file (TOML, owned by the user sparkd runs as, mode 0600)::
     models = ["qwen2.5-1.5b-instruct"]   # optional: only these models (names or aliases)
     loading_feedback = "reasoning"       # optional: how its streams show a model's loading ("off",
                                          # "content", "reasoning"), over the model's own setting
+    max_concurrent = 2                   # optional: requests of this key in flight + waiting at most (429 past it)
+    tokens_per_day = 200000              # optional: prompt + completion tokens per day (local time) at most
+    priority = 10                        # optional (default 0): higher-priority waiters get the GPU first
 
 Only each key's SHA-256 digest is kept; problems name the entry and never quote a key.
 Who a request is, given these keys, is ``http/auth.py``'s concern.
@@ -41,13 +44,28 @@ PEER = "peer"
 ROLES = (ADMIN, USER, PEER)
 MIN_KEY_LENGTH = 16
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENTRY_FIELDS = frozenset({"key", "role", "models", "loading_feedback"})
+LIMIT_FIELDS = ("max_concurrent", "tokens_per_day", "priority")
+ENTRY_FIELDS = frozenset({"key", "role", "models", "loading_feedback", *LIMIT_FIELDS})
+MAX_PRIORITY = 1000
+"""Priorities are integers in -MAX_PRIORITY..MAX_PRIORITY."""
 LOADING_FEEDBACK: tuple[LoadingFeedback, ...] = get_args(LoadingFeedback)
 
 
 def digest_key(key: str) -> bytes:
     """The SHA-256 digest a key is known by (a presented key is hashed the same way)."""
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """What one key may take of the GPU's time (``max_concurrent``, ``tokens_per_day``, ``priority``)."""
+
+    max_concurrent: int | None = None
+    """Requests in flight plus waiting at most; None = no limit beyond ``lifecycle.queue_per_key``."""
+    tokens_per_day: int | None = None
+    """Prompt plus completion tokens per (local) day at most; None = no limit."""
+    priority: int = 0
+    """Higher goes first when the GPU changes hands; equal priorities are first come, first served."""
 
 
 @dataclass(frozen=True)
@@ -61,13 +79,14 @@ class ClientKey:
     digest: bytes = field(repr=False)
     loading_feedback: LoadingFeedback | None = None
     """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
+    limits: KeyLimits = field(default_factory=KeyLimits)
 
     @classmethod
     def of(
         cls, name: str, key: str, role: str = USER, models: frozenset[str] | None = None,
-        loading_feedback: LoadingFeedback | None = None,
+        loading_feedback: LoadingFeedback | None = None, limits: KeyLimits | None = None,
     ) -> ClientKey:
-        return cls(name, role, models, digest_key(key), loading_feedback)
+        return cls(name, role, models, digest_key(key), loading_feedback, limits or KeyLimits())
 
 
 class KeysFileError(Exception):
@@ -153,7 +172,7 @@ def _parse_entry(name: str, table: Any, seen: dict[bytes, str], problems: list[s
         problems.append(f"{where}: expected a table with key, role and models")
         return None
     for unknown in sorted(set(table) - ENTRY_FIELDS):
-        problems.append(f"{where}.{unknown}: unknown field (known: key, role, models, loading_feedback)")
+        problems.append(f"{where}.{unknown}: unknown field (known: {', '.join(sorted(ENTRY_FIELDS))})")
     digest_or_problem = _key_digest(where, table.get("key"), seen)
     if isinstance(digest_or_problem, str):
         problems.append(digest_or_problem)
@@ -166,7 +185,38 @@ def _parse_entry(name: str, table: Any, seen: dict[bytes, str], problems: list[s
     if problem is not None:
         problems.append(problem)
         return None
-    return ClientKey(name, role, frozenset(models) if models is not None else None, digest_or_problem, feedback)
+    limits = _parse_limits(where, table, problems)
+    if limits is None:
+        return None
+    return ClientKey(name, role, frozenset(models) if models is not None else None, digest_or_problem, feedback, limits)
+
+
+def _parse_limits(where: str, table: dict[str, Any], problems: list[str]) -> KeyLimits | None:
+    """An entry's ``max_concurrent``, ``tokens_per_day`` and ``priority``, or None with every problem in ``problems``."""
+    found = [
+        _whole_number_problem(where, "max_concurrent", table.get("max_concurrent"), 1, None),
+        _whole_number_problem(where, "tokens_per_day", table.get("tokens_per_day"), 1, None),
+        _whole_number_problem(where, "priority", table.get("priority"), -MAX_PRIORITY, MAX_PRIORITY),
+    ]
+    found_problems = [problem for problem in found if problem is not None]
+    if found_problems:
+        problems.extend(found_problems)
+        return None
+    return KeyLimits(
+        max_concurrent=table.get("max_concurrent"), tokens_per_day=table.get("tokens_per_day"), priority=table.get("priority", 0)
+    )
+
+
+def _whole_number_problem(where: str, name: str, value: Any, low: int, high: int | None) -> str | None:
+    """The problem with an optional whole-number field (None: absent, or fine)."""
+    if value is None:
+        return None
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{where}.{name}: expected a whole number {bounds}, found {describe(value)}"
+    if value < low or (high is not None and value > high):
+        return f"{where}.{name}: expected a whole number {bounds}, found {value}"
+    return None
 
 
 def _key_digest(where: str, key: Any, seen: dict[bytes, str]) -> bytes | str:

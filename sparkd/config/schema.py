@@ -99,6 +99,7 @@ LogFormat = Literal["auto", "console", "journal", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 MemoryProbe = Literal["auto", "nvidia-smi", "meminfo", "none"]
 AnonymousAccess = Literal["off", "loopback", "any"]
+SwapPolicy = Literal["quantum", "fifo"]
 Parallelism = Literal["tensor", "pipeline"]
 VLLM_API_PATHS = (
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/models",
@@ -198,6 +199,11 @@ class LifecycleConfig:
     stall_s: AtLeastZeroFloat = 120.0
     """A READY vLLM engine whose token counters do not move this long while it runs requests is
     wedged: it is failed and stopped (0 = never)."""
+    swap_policy: SwapPolicy = "quantum"
+    """"quantum": a model swapped in for waiters keeps the GPU, while it has work, for its quantum
+    (``scheduler/quantum.py``); "fifo": the next waiting model evicts it once its requests are done."""
+    swap_cost_factor: AtLeastZeroFloat = 4.0
+    """The quantum is max(min_uptime_s, swap_cost_factor x the model's measured load time)."""
 
 
 @dataclass(frozen=True)

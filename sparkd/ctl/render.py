@@ -6,7 +6,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..adminjson import CatalogDoc, FootprintDoc, HistoryDoc, LiveStatus, ModelStatus, PrepareDoc, StatusSnapshot
+from ..adminjson import (
+    CatalogDoc,
+    FootprintDoc,
+    HistoryDoc,
+    LiveStatus,
+    ModelStatus,
+    PrepareDoc,
+    StatusSnapshot,
+    UsageDoc,
+)
 
 BAR_WIDTH = 20
 
@@ -104,6 +113,9 @@ def status(data: StatusSnapshot) -> str:
     counts = {m["name"]: m["queued"] for m in data["models"]}
     waiting = ", ".join(f"{name} {counts.get(name, '?')}" for name in queue.get("models") or [])
     out.append(f"queue: {queue['depth']} waiting (limit {queue['limit']})" + (f": {waiting}" if waiting else ""))
+    swap_line = swaps(data)
+    if swap_line:
+        out.append(swap_line)
     for model in data["models"]:
         measured = model.get("footprint")
         if measured:
@@ -186,6 +198,18 @@ def prepare(data: PrepareDoc) -> str:
     return "\n".join(lines)
 
 
+def swaps(data: StatusSnapshot) -> str | None:
+    """``swaps: policy quantum, swap_cost_factor 4; a keeps the GPU 8s more (quantum 12s)``; None without the data."""
+    swap = data.get("swap")
+    if swap is None:
+        return None
+    held = [
+        f"{m['name']} keeps the GPU {duration(m.get('quantum_left_s'))} more (quantum {duration(m.get('quantum_s'))})"
+        for m in data["models"] if m.get("quantum_left_s") is not None
+    ]
+    return f"swaps: policy {swap['policy']}, swap_cost_factor {swap['cost_factor']:g}" + ("; " + ", ".join(held) if held else "")
+
+
 def history(data: HistoryDoc) -> str:
     out = []
     rows = []
@@ -241,6 +265,33 @@ def history(data: HistoryDoc) -> str:
             )
         )
     return "\n".join(out)
+
+
+def usage(data: UsageDoc) -> str:
+    """``sparkctl usage``: one row per day, key and model, and a total per key."""
+    rows = data["rows"]
+    if not rows:
+        return f"no usage in the last {data['days']} days"
+    body = [
+        [r["day"], r["key"], r["model"], r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
+         duration(r["queue_wait_s"])]
+        for r in rows
+    ]
+    totals: dict[str, list[int]] = {}
+    for r in rows:
+        total = totals.setdefault(r["key"], [0, 0, 0, 0])
+        for index, value in enumerate((r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"])):
+            total[index] += value
+    lines = [table(
+        ["DAY", "KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "QUEUE WAIT"],
+        body, right=(3, 4, 5, 6, 7),
+    )]
+    lines.append(f"\ntotal per key (last {data['days']} days):")
+    lines.extend(
+        f"  {key}: {t[0]} requests, {t[1]} errors, {t[2] + t[3]} tokens ({t[2]} prompt, {t[3]} completion)"
+        for key, t in sorted(totals.items())
+    )
+    return "\n".join(lines)
 
 
 def recent(data: LiveStatus, count: int = 8) -> str:

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,17 @@ def cmd_history(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(client: Client, args: argparse.Namespace) -> int:
+    query = {"days": str(args.days)}
+    if args.key:
+        query["key"] = args.key
+    if args.model:
+        query["model"] = args.model
+    data = client.get_json("/api/usage?" + urllib.parse.urlencode(query))
+    emit(args, data, render.usage)
+    return 0
+
+
 def emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
     if args.json:
         print(json.dumps(data, indent=2))
@@ -207,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("model", nargs="?")
     history.add_argument("--days", type=int, default=30, help="per-day usage for this many days (default 30)")
     history.add_argument("--limit", type=int, default=20, help="this many recent sessions and loads (default 20)")
+    usage = add("usage", "requests, tokens, errors and queue wait per key name, model and day")
+    usage.add_argument("--key", metavar="NAME", help="only this key (its name in the keys file)")
+    usage.add_argument("--model", metavar="M", help="only this model")
+    usage.add_argument("--days", type=int, default=7, metavar="N", help="the last N days, today included (default 7)")
     return parser
 
 
@@ -221,6 +237,7 @@ HANDLERS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "top": cmd_top,
     "prepare": cmd_prepare,
     "history": cmd_history,
+    "usage": cmd_usage,
 }
 
 
@@ -256,7 +273,10 @@ def read_key_file(path: str) -> str:
 
 
 def key_on_command_line(argv: list[str]) -> bool:
-    return any(arg == "--key" or arg.startswith("--key=") for arg in argv)
+    """A ``--key`` on the command line, except ``sparkctl usage --key NAME``, where it is a key's name."""
+    command = next((index for index, arg in enumerate(argv) if arg in HANDLERS), len(argv))
+    checked = argv[:command] if command < len(argv) and argv[command] == "usage" else argv
+    return any(arg == "--key" or arg.startswith("--key=") for arg in checked)
 
 
 def runtime_dir(config: str) -> str:

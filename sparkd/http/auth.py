@@ -37,14 +37,14 @@ import hmac
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..config import ModelConfig
-from ..config.keys import ADMIN, PEER, USER, ClientKey, digest_key, read_keys_file
+from ..config.keys import ADMIN, PEER, USER, ClientKey, KeyLimits, digest_key, read_keys_file
 from ..config.schema import LoadingFeedback
 from ..errors import Forbidden, Unauthorized
 from .hosts import is_address_host
@@ -69,6 +69,8 @@ class Principal:
     """Sent no key (the anonymous client, the admin socket's client)."""
     loading_feedback: LoadingFeedback | None = None
     """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    """The key's ``max_concurrent``, ``tokens_per_day`` and ``priority`` (none for keyless callers)."""
 
     def feedback_for(self, model: ModelConfig) -> LoadingFeedback:
         return self.loading_feedback or model.loading_feedback
@@ -99,8 +101,11 @@ class KeyRing:
 
     def __init__(self, keys: Iterable[ClientKey] = ()) -> None:
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {
-            key.digest: (key.digest, Principal(key.name, key.role, key.models, loading_feedback=key.loading_feedback)) for key in keys
+            key.digest: (key.digest, Principal(key.name, key.role, key.models, loading_feedback=key.loading_feedback, limits=key.limits))
+            for key in keys
         }
+        self.name_set = frozenset(principal.name for _, principal in self._by_digest.values())
+        """The key names (for the per-key metrics, which know no other)."""
 
     def __len__(self) -> int:
         return len(self._by_digest)

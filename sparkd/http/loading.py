@@ -295,13 +295,13 @@ class LoadingFeed:
         """How the engine's stream must be rewritten to follow what this feed sent, if at all."""
         return AnthropicAfterLoading() if self.response is not None and self._opened_message else None
 
-    async def acquire(self, *, key: str | None, body_bytes: int) -> ModelRunner | None:
+    async def acquire(self, *, key: str | None, body_bytes: int, priority: int = 0) -> ModelRunner | None:
         """``scheduler.acquire``, telling the client about the wait; None when the client left meanwhile.
 
         Raises the scheduler's ``ApiError``: before the headers went out (``response`` is None)
         it becomes a status as usual, after them the caller ends the stream with ``fail``.
         """
-        waiting = asyncio.ensure_future(self._scheduler.acquire(self._model, key=key, body_bytes=body_bytes))
+        waiting = asyncio.ensure_future(self._scheduler.acquire(self._model, key=key, body_bytes=body_bytes, priority=priority))
         began = time.monotonic()
         try:
             done, _ = await asyncio.wait((waiting,), timeout=ACCEPT_GRACE_S)

@@ -32,6 +32,7 @@ from . import anthropic, loading, responses
 from .appkeys import ENGINE, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
+from .keylimits import KeyGate
 from .routing import target
 from .snapshot import Snapshot
 from .validation import validate_body
@@ -53,6 +54,7 @@ class OpenAIRoutes:
     def add_to(self, app: web.Application) -> None:
         self._snapshot, self._scheduler, self._engine = app[SNAPSHOT], app[SCHEDULER], app[ENGINE]
         self._metrics, self._tokenize_failures = app[OPERATIONS].metrics, app[TOKENIZE_FAILURES]
+        self._key_gate = KeyGate(self._metrics.key_usage)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/v1/{model}/models", self.list_models_path_form)
@@ -119,7 +121,8 @@ class OpenAIRoutes:
         status = 500
         code: str | None = "internal_error"
         try:
-            response = await self._proxy(request, record)
+            with self._key_gate.admit(request[PRINCIPAL]):
+                response = await self._proxy(request, record)
             status, code = response.status, record.stream_error
             return response
         except ApiError as error:
@@ -133,7 +136,7 @@ class OpenAIRoutes:
             raise
         finally:
             now = time.monotonic()
-            self._metrics.request_done(record.model, status, started, record, now)
+            self._metrics.request_finished(request[PRINCIPAL].name, status, started, record, now)
             if self._snapshot.current.config.log.requests:
                 log_request(request[PRINCIPAL].name, record, status, code, now - started)
 
@@ -172,7 +175,8 @@ class OpenAIRoutes:
                 feed = self._loading_feed(request, model, route.path, headers)
             queued = time.monotonic()
             try:
-                runner = await self._wait_for(model.name, request[PRINCIPAL].name, len(raw), feed)
+                principal = request[PRINCIPAL]
+                runner = await self._wait_for(model.name, principal.name, len(raw), feed, principal.limits.priority)
             except ApiError as error:
                 if feed is None or feed.response is None:
                     raise
@@ -234,11 +238,13 @@ class OpenAIRoutes:
             await feed.tell_headers(capped)
         return fitted
 
-    async def _wait_for(self, model: str, key: str, body_bytes: int, feed: loading.LoadingFeed | None) -> ModelRunner | None:
+    async def _wait_for(
+        self, model: str, key: str, body_bytes: int, feed: loading.LoadingFeed | None, priority: int = 0
+    ) -> ModelRunner | None:
         """Wait for the model, telling a stream's client why (``feed``); None when that client left."""
         if feed is not None:
-            return await feed.acquire(key=key, body_bytes=body_bytes)
-        return await self._scheduler.acquire(model, key=key, body_bytes=body_bytes)
+            return await feed.acquire(key=key, body_bytes=body_bytes, priority=priority)
+        return await self._scheduler.acquire(model, key=key, body_bytes=body_bytes, priority=priority)
 
 
 def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..adminjson import CatalogDoc, CatalogEntry, PrepareDoc
+from ..adminjson import CatalogDoc, CatalogEntry, PrepareDoc, UsageDoc
 from ..config import ModelConfig
+from ..config.keys import KEY_NAME
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..observe.metrics import CONTENT_TYPE
 from ..runtime.containerlogs import Backlog, LogFollower
@@ -38,6 +39,7 @@ class OpsRoutes:
         app.router.add_get("/api/models/{model}/logs", self.logs)
         app.router.add_post("/api/prepare", self.prepare)
         app.router.add_get("/api/history", self.history)
+        app.router.add_get("/api/usage", self.usage)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -229,3 +231,18 @@ class OpsRoutes:
         limit = self._int(request, "limit", 20, 1, 1000)
         data = await self._ops.history.query(name, days, limit)
         return web.json_response(data)
+
+    # -- usage per key ------------------------------------------------------------------------------
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Requests, tokens, errors and queue wait per key name, model and day (``sparkctl usage``)."""
+        name = request.query.get("model") or None
+        if name is not None:
+            name = self._configured(name).name
+        key = request.query.get("key") or None
+        if key is not None and not KEY_NAME.match(key):
+            raise BadRequest(f"query parameter key must be a key name from the keys file, found {shown(key)}", code="invalid_parameter")
+        days = self._int(request, "days", 7, 1, 3660)
+        await self._ops.flush_key_usage()  # what the last seconds counted shows too
+        answer: UsageDoc = {"days": days, "key": key, "model": name, "rows": await self._ops.history.key_usage(key, name, days)}
+        return web.json_response(answer)

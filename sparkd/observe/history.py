@@ -8,7 +8,9 @@ What the seed's ``gpu-monitor`` tried to collect in a CSV, kept across restarts:
   the requests it served, and the peak memory seen while it ran (host memory in
   use, which on a DGX Spark's unified memory includes the GPU's; the container's
   own memory from Podman; GPU memory where nvidia-smi reports it);
-* ``usage_daily``: requests, errors and tokens per model per day.
+* ``usage_daily``: requests, errors and tokens per model per day;
+* ``usage_keys_daily``: requests, errors, tokens and queue wait per key name, model and day
+  (the key's name from the keys file, never the key).
 
 sqlite3 blocks, so the database lives in one dedicated thread (a single-worker
 executor): the event loop only queues work for it (writes are fire-and-forget,
@@ -29,7 +31,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ..adminjson import DailyRow, HistoryDoc, LoadRow, ModelHistory, SessionRow
+from ..adminjson import DailyRow, HistoryDoc, KeyUsageRow, LoadRow, ModelHistory, SessionRow
 from ..scheduler.events import Adopted, Event, FootprintMeasured, LoadFinished, Transitioned
 from ..scheduler.footprint import Footprint
 from ..scheduler.state import ModelState
@@ -84,6 +86,17 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, model)
+);
+CREATE TABLE IF NOT EXISTS usage_keys_daily (
+    day TEXT NOT NULL,               -- local date, YYYY-MM-DD
+    key TEXT NOT NULL,               -- the key's name in the keys file (never the key), or anonymous
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    queue_wait_s REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key, model)
 );
 """
 
@@ -166,6 +179,7 @@ class History:
             db.execute("DELETE FROM loads WHERE started_at < ?", (horizon,))
             db.execute("DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?", (horizon,))
             db.execute("DELETE FROM usage_daily WHERE day < ?", (time.strftime("%Y-%m-%d", time.localtime(horizon)),))
+            db.execute("DELETE FROM usage_keys_daily WHERE day < ?", (time.strftime("%Y-%m-%d", time.localtime(horizon)),))
         except BaseException:
             db.close()
             raise
@@ -324,6 +338,47 @@ class History:
         assert self._db is not None
         for row_id in self._open.values():
             self._db.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (now, row_id))
+
+    async def flush_key_usage(self, rows: list[KeyUsageRow]) -> None:
+        """Add per key, model and day counts (``KeyUsage.drain``) to the days' rows."""
+        if self.problem is None and rows:
+            await self._run(self._guarded, self._flush_keys_sync, rows)
+
+    def _flush_keys_sync(self, rows: list[KeyUsageRow]) -> None:
+        assert self._db is not None
+        with self._db:  # one transaction
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO usage_keys_daily (day, key, model, requests, errors, prompt_tokens, completion_tokens, "
+                "queue_wait_s) VALUES (:day, :key, :model, :requests, :errors, :prompt_tokens, :completion_tokens, "
+                ":queue_wait_s) ON CONFLICT (day, key, model) DO UPDATE SET requests = requests + excluded.requests, "
+                "errors = errors + excluded.errors, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "queue_wait_s = queue_wait_s + excluded.queue_wait_s",
+                rows,
+            )
+
+    async def key_usage(self, key: str | None = None, model: str | None = None, days: int = 30) -> list[KeyUsageRow]:
+        """Per key, model and day for the last ``days`` days (today included), newest first."""
+        if self.problem is not None:
+            return []
+        return await self._run(self._key_usage_sync, key, model, days, time.time())
+
+    def _key_usage_sync(self, key: str | None, model: str | None, days: int, now: float) -> list[KeyUsageRow]:
+        assert self._db is not None
+        # Constant query with bound values only; a NULL :key or :model matches every one.
+        params = {"key": key, "model": model,
+                  "since_day": time.strftime("%Y-%m-%d", time.localtime(now - (days - 1) * 86400))}
+        return [
+            {"day": d, "key": k, "model": m, "requests": q, "errors": e, "prompt_tokens": p, "completion_tokens": c,
+             "queue_wait_s": round(w, 3)}
+            for d, k, m, q, e, p, c, w in self._db.execute(
+                "SELECT day, key, model, requests, errors, prompt_tokens, completion_tokens, queue_wait_s "
+                "FROM usage_keys_daily WHERE (:key IS NULL OR key = :key) AND (:model IS NULL OR model = :model) "
+                "AND day >= :since_day ORDER BY day DESC, key, model",
+                params,
+            )
+        ]
 
     # -- reading ----------------------------------------------------------------------
 

@@ -10,13 +10,20 @@ Two kinds of figures:
   nothing.
 
 Every label value is a configured model name, an HTTP status code or a fixed
-word, never client input, so the number of series stays bounded.
+word, never client input, so the number of series stays bounded.  The per-key
+series (``sparkd_key_*``) are labelled by key *name*, only for the names of the
+keys file (and the fixed ``anonymous`` and ``admin-socket`` callers): a name it
+does not hold (a peer's forwarded request, say) never creates a series.
+
+``request_finished`` is the one entry point for a finished request's usage: the
+per-model and per-key counters, and the per-key usage the history and the key
+limits read (``KeyUsage``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +43,7 @@ from ..engine.usage import RequestRecord
 from ..hardware.memory import parse_meminfo
 from ..scheduler.events import Event, LoadFinished, Transitioned, swap_target
 from ..scheduler.state import ModelState
+from .keyusage import KeyUsage, UsageCounts
 
 if TYPE_CHECKING:
     from ..hardware.memory import MemoryGauge
@@ -44,14 +52,22 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
+FIXED_CALLERS = frozenset({"anonymous", "admin-socket"})
+"""Callers without a key in the keys file that still get their own series."""
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 LOAD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900, 1800)
 
 
 class Metrics:
-    def __init__(self, scheduler: Scheduler, memory: MemoryGauge | None = None, meminfo: str = "/proc/meminfo") -> None:
+    def __init__(
+        self, scheduler: Scheduler, memory: MemoryGauge | None = None, meminfo: str = "/proc/meminfo",
+        known_keys: Callable[[], frozenset[str]] | None = None,
+    ) -> None:
+        """``known_keys``: the key names of the keys file in force (a reload changes them)."""
         self.scheduler = scheduler
+        self._known_keys = known_keys or frozenset
+        self.key_usage = KeyUsage()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -69,6 +85,18 @@ class Metrics:
         self.tokens = Counter(
             "sparkd_tokens", "Tokens the engines reported in their usage (kind: prompt or completion)", ["model", "kind"],
             registry=r,
+        )
+        self.key_requests = Counter(
+            "sparkd_key_requests", "Requests by key name (never the key), model and outcome (ok or error)",
+            ["key", "model", "outcome"], registry=r,
+        )
+        self.key_tokens = Counter(
+            "sparkd_key_tokens", "Tokens the engines reported, by key name, model and kind (prompt or completion)",
+            ["key", "model", "kind"], registry=r,
+        )
+        self.key_queue_wait = Counter(
+            "sparkd_key_queue_wait_seconds", "Seconds requests waited for their model, by key name and model",
+            ["key", "model"], registry=r,
         )
         self.starts = Counter("sparkd_container_starts", "Model container starts", ["model"], registry=r)
         self.stops = Counter("sparkd_container_stops", "Model containers stopped", ["model"], registry=r)
@@ -156,6 +184,25 @@ class Metrics:
             completion_tokens.inc(completion)
             pending[2] += prompt
             pending[3] += completion
+
+    def request_finished(self, key: str, status: int, started: float, record: RequestRecord, now: float) -> None:
+        """The one place a finished request's usage is counted: per model (``request_done``), per key name
+        (the ``sparkd_key_*`` series, for known names only) and in ``key_usage`` (history, daily limits).
+
+        ``key``: the caller's key name, never the key; ``started``/``now``: time.monotonic().
+        """
+        self.request_done(record.model, status, started, record, now)
+        prompt, completion = record.usage or (0, 0)
+        error = status >= 400 or record.stream_error is not None
+        self.key_usage.record(key, record.model, UsageCounts(1, int(error), prompt, completion, record.queued_s))
+        if key not in FIXED_CALLERS and key not in self._known_keys():
+            return  # not a name of the keys file: no series of its own
+        self.key_requests.labels(key, record.model, "error" if error else "ok").inc()
+        if record.usage is not None:
+            self.key_tokens.labels(key, record.model, "prompt").inc(prompt)
+            self.key_tokens.labels(key, record.model, "completion").inc(completion)
+        if record.queued_s:
+            self.key_queue_wait.labels(key, record.model).inc(record.queued_s)
 
     def take_usage(self, model: str) -> list[int] | None:
         """Hand one model's counts to the history now (its session is ending)."""

@@ -97,15 +97,17 @@ class StatusHub:
 
 class Operations:
     def __init__(
-        self, config: Callable[[], Config], scheduler: Scheduler, runtime: PodmanRuntime, memory: MemoryGauge
+        self, config: Callable[[], Config], scheduler: Scheduler, runtime: PodmanRuntime, memory: MemoryGauge,
+        known_keys: Callable[[], frozenset[str]] | None = None,
     ) -> None:
-        """``config``: the configuration in force (a reload replaces it)."""
+        """``config``: the configuration in force (a reload replaces it); ``known_keys``: the names of
+        the keys file in force (the per-key metrics series)."""
         self._config = config
         self._scheduler = scheduler
         self._runtime = runtime
         self._memory = memory
         self.started_at = time.time()
-        self.metrics = Metrics(scheduler, memory)
+        self.metrics = Metrics(scheduler, memory, known_keys=known_keys)
         self.history = History(Path(config().server.state_dir) / "history.sqlite3", pending_usage=self.metrics.take_usage)
         self.hub = StatusHub()
         self.socket_path = Path(config().server.runtime_dir) / SOCKET_NAME
@@ -122,6 +124,7 @@ class Operations:
         """Before adoption: open the history so adopted models continue their sessions, and admission
         knows the footprints measured before."""
         await self.history.open()
+        self.metrics.key_usage.remember_today(await self.history.key_usage(days=1))
         for name, footprint in (await self.history.footprints()).items():
             self._scheduler.remember_footprint(name, footprint)
 
@@ -160,6 +163,7 @@ class Operations:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.history.flush_key_usage(self.metrics.key_usage.drain())
         await self.history.close(self.metrics.drain_usage())
         self._sampler.submit(self._close_podman)
         await asyncio.to_thread(self._sampler.shutdown, True)  # a stats call may still run: not on the loop
@@ -186,6 +190,7 @@ class Operations:
             },
             "recent": list(self.hub.recent)[-30:],
             "failures": list(self.hub.failures),
+            "usage_today": self.metrics.key_usage.today(),
         }
 
     # -- background loops -----------------------------------------------------------------
@@ -195,6 +200,11 @@ class Operations:
             await asyncio.sleep(FLUSH_EVERY_S)
             usage = self.metrics.drain_usage()
             await self.history.flush(usage)
+            await self.flush_key_usage()
+
+    async def flush_key_usage(self) -> None:
+        """Write the per-key usage counted since the last flush (before a read of the history wants it)."""
+        await self.history.flush_key_usage(self.metrics.key_usage.drain())
 
     async def _sample_loop(self) -> None:
         """Peak memory while models run: host memory in use, each container's, the GPU's."""

@@ -1,9 +1,12 @@
-"""The wait queue: requests that cannot be served yet, grouped by model, in FIFO order.
+"""The wait queue: requests that cannot be served yet, grouped by model, by priority, then FIFO.
 
 Requests for the same model wait together in one group, placed where the group's
 first request arrived, so ``A B A B A B`` needs one swap, not five.  A request
 for a model whose group already waits joins that group; a model with no waiting
-group starts a new one at the back.
+group starts a new one at the back.  A group's priority is the highest of its
+waiters' (their keys' ``priority``): groups of a higher priority come first, groups
+of one priority in the order they began, so when the GPU changes hands the most
+important waiter is served first and equals are first come, first served.
 
 The queue also bounds what waiting costs: the number of waiters, the bytes of
 request bodies they hold (memory: a waiter keeps its body until it is served),
@@ -43,6 +46,8 @@ class Waiter:
     key: str | None = None
     """The caller's key name (the anonymous principal has one too); None is not counted per key."""
     body_bytes: int = 0
+    priority: int = 0
+    """The caller's key's ``priority``: higher is served first when the GPU changes hands."""
     future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -104,8 +109,14 @@ class WaitQueue:
         return list(group)
 
     def models(self) -> list[str]:
-        """Models with waiting requests, the longest-waiting group first."""
-        return list(self._groups)
+        """Models with waiting requests: the highest priority first, the longest-waiting group first among equals."""
+        # sorted() is stable and the dict keeps the groups in the order they began.
+        return sorted(self._groups, key=lambda model: -self.priority(model))
+
+    def priority(self, model: str) -> int:
+        """The highest priority among ``model``'s waiters (0 when none waits)."""
+        group = self._groups.get(model)
+        return max((waiter.priority for waiter in group), default=0) if group else 0
 
     def depth(self, model: str) -> int:
         group = self._groups.get(model)

@@ -17,6 +17,7 @@ from ..engine.progress import LoadProgress
 from ..runtime.spec import ContainerSpec
 from .events import Cause
 from .footprint import Footprint
+from .quantum import Quantum
 from .state import ModelState
 
 
@@ -67,6 +68,13 @@ class ModelRunner:
     """Measured footprints above the configured claims, with the config line to change."""
     unified_memory: bool = False
     """The GPU allocates from system memory (set by the scheduler when it makes the runner)."""
+    quantum: Quantum | None = None
+    """The swap quantum it got when it last became ready for waiting requests (``quantum.py``)."""
+    handed_at: float | None = None
+    """time.monotonic() when the GPU was promised to its current load: the holders began draining for
+    it, or it was admitted (the start of its swap, and of its quantum)."""
+    last_swap_s: float | None = None
+    """How long its last swap-in took: from ``handed_at`` until it was ready (the cost its quantum pays for)."""
 
     @property
     def name(self) -> str:

@@ -60,6 +60,7 @@ from .events import (
 from .footprint import Footprint, claim_warning
 from .lease import Eviction, Holder, Lease, plan
 from .outcomes import Adoption, Failed, Slept, Started, StopFailed, Stopped, Woke
+from .quantum import Quantum, protected_until, quantum_length
 from .queue import (
     KeyQueueFull,
     QueueBytesFull,
@@ -107,6 +108,11 @@ class Scheduler:
         """Set once running containers are adopted: before that a start could collide with adoption."""
         self.gpu_missing: str | None = None
         """Why the GPU devices look unavailable (no CDI spec), if they do: GPU utility models wait."""
+        self._pump_timer: asyncio.TimerHandle | None = None
+        """Pumps again when a swap quantum that holds a waiter back may end (``_pump_at``)."""
+        self._pump_timer_at = 0.0
+        self._handing: tuple[str, float] | None = None
+        """The model the holders drain for, and since when (time.monotonic()): where its swap began."""
         for model in config.enabled_models():
             self.runners[model.name] = self._new_runner(model)
 
@@ -248,11 +254,12 @@ class Scheduler:
         runner.in_flight += 1
         return runner
 
-    async def acquire(self, name: str, *, key: str | None = None, body_bytes: int = 0) -> ModelRunner:
+    async def acquire(self, name: str, *, key: str | None = None, body_bytes: int = 0, priority: int = 0) -> ModelRunner:
         """Wait until model ``name`` is ready and count one request in flight on it.
 
         ``key`` (the caller's key name) and ``body_bytes`` (what the request holds while it
-        waits) count against the queue's per-key and body-bytes limits.
+        waits) count against the queue's per-key and body-bytes limits; ``priority`` (its
+        key's) orders the queue when the GPU changes hands.
         """
         ready = self.acquire_now(name)
         if ready is not None:
@@ -262,10 +269,10 @@ class Scheduler:
             raise ServiceUnavailable("sparkd is shutting down and takes no new requests; retry shortly", retry_after=5)
         if not self._serving.is_set():
             await self._serving.wait()
-            return await self.acquire(name, key=key, body_bytes=body_bytes)
+            return await self.acquire(name, key=key, body_bytes=body_bytes, priority=priority)
         if self.config.lifecycle.policy == "reject":
             self._refuse_if_busy(runner)
-        waiter = Waiter(name, key=key, body_bytes=body_bytes)
+        waiter = Waiter(name, key=key, body_bytes=body_bytes, priority=priority)
         try:
             self.queue.push(waiter)
         except KeyQueueFull:
@@ -325,8 +332,8 @@ class Scheduler:
     def release(self, runner: ModelRunner) -> None:
         runner.in_flight -= 1
         runner.last_used = time.monotonic()
-        if runner.in_flight == 0 and runner.state is not S.READY:
-            self.pump()
+        if runner.in_flight == 0 and (runner.state is not S.READY or len(self.queue)):
+            self.pump()  # a waiter may now evict it (its swap quantum counts it out of work soon)
 
     # -- decisions -------------------------------------------------------------------
 
@@ -369,14 +376,65 @@ class Scheduler:
                 ))
             else:
                 head = name
-                victims = {e.name: e for e in decision.evictions}
+                held_until = self._held_by_quantum([e.name for e in decision.evictions], self.queue.priority(name))
+                if held_until is None:
+                    victims = {e.name: e for e in decision.evictions}
+                    if self._handing is None or self._handing[0] != name:
+                        self._handing = (name, time.monotonic())
+                else:
+                    self._pump_at(held_until)  # it waits; nobody overtakes it meanwhile
+                    self._handing = None  # no swap under way: its swap begins when the quantum lets it
         self._call_off_swaps(victims)
         if head is not None:
             self._evict(victims, head)
         self._carry_out_operator_requests()
         if head is None:
+            self._handing = None
             self._keep_utility_models()
             self._restart_lost_models()
+
+    def _held_by_quantum(self, names: list[str], priority: int) -> float | None:
+        """When the swap quantum of a model among ``names`` (READY ones) may stop keeping a waiter of
+        ``priority`` back: the time to decide again; None when none holds it (or the policy is fifo)."""
+        if self.config.lifecycle.swap_policy != "quantum":
+            return None
+        now = time.monotonic()
+        held = [
+            until
+            for runner in (self.runners[name] for name in names)
+            if runner.state is S.READY
+            and (until := protected_until(
+                runner.quantum, now=now, in_flight=runner.in_flight, queued=self.queue.depth(runner.name),
+                last_used=runner.last_used, challenger_priority=priority,
+            )) is not None
+        ]
+        return min(held) if held else None
+
+    def _pump_at(self, when: float) -> None:
+        """Pump again at ``when`` (time.monotonic()), unless an earlier pump is due anyway."""
+        timer = self._pump_timer
+        if timer is not None and not timer.cancelled() and self._pump_timer_at <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._pump_timer_at = when
+        self._pump_timer = asyncio.get_running_loop().call_later(max(0.0, when - time.monotonic()) + 0.01, self._timed_pump)
+
+    def _timed_pump(self) -> None:
+        self._pump_timer = None
+        if not self._closing:
+            self.pump()
+
+    def quantum_of(self, runner: ModelRunner) -> float | None:
+        """The swap quantum ``runner`` has, or would get now: max(min_uptime_s, swap_cost_factor x its
+        last swap-in's cost, or its load ETA before one)."""
+        lifecycle = self.config.lifecycle
+        if lifecycle.swap_policy != "quantum":
+            return None
+        if runner.quantum is not None:
+            return runner.quantum.length_s
+        measured = runner.last_swap_s if runner.last_swap_s is not None else self.lifecycle.load_times.eta(runner.name)
+        return quantum_length(lifecycle.min_uptime_s, lifecycle.swap_cost_factor, measured)
 
     def _call_off_swaps(self, victims: dict[str, Eviction]) -> None:
         """A model draining for a swap that is needed no more serves again."""
@@ -454,6 +512,10 @@ class Scheduler:
         holds the last load slot (``gpu.concurrent_loads``), the model waits for it to end."""
         if not self._load_slot_free():
             return False
+        handing = self._handing
+        runner.handed_at = handing[1] if handing is not None and handing[0] == runner.name else time.monotonic()
+        if handing is not None and handing[0] == runner.name:
+            self._handing = None
         if runner.state is S.SLEEPING:
             if self._move(runner, S.SLEEPING, S.WAKING, cause):
                 self._spawn(runner, self._run_wake(runner, cause))
@@ -633,7 +695,28 @@ class Scheduler:
         self._record_load(runner, outcome)
         if self._move(runner, loading, S.READY, cause):
             self._emit(LoadFinished(runner.name, kind, began, outcome.took, "ready", cause.describe(S.READY)))
+            self._begin_quantum(runner, outcome.took)
             self._grant(runner)
+
+    def _begin_quantum(self, runner: ModelRunner, took: float) -> None:
+        """A model that became ready for waiting requests gets its swap quantum (none without waiters),
+        counted from the start of its swap, long enough for the swap it cost (``quantum.py``)."""
+        now = time.monotonic()
+        began = runner.handed_at if runner.handed_at is not None else now - took
+        # A holder's long answer drained meanwhile is not a cost of the swap: at most a stop and a reclaim are.
+        longest = took + self.config.lifecycle.stop_timeout_s + self.config.gpu.reclaim_timeout_s
+        runner.handed_at, runner.last_swap_s = None, min(max(took, now - began), longest)
+        began = now - runner.last_swap_s
+        lifecycle = self.config.lifecycle
+        if lifecycle.swap_policy != "quantum" or not self.queue.depth(runner.name):
+            runner.quantum = None
+            return
+        length = quantum_length(lifecycle.min_uptime_s, lifecycle.swap_cost_factor, runner.last_swap_s)
+        runner.quantum = Quantum(length, began + length, self.queue.priority(runner.name))
+        log.info(
+            "swap_quantum_began", model=runner.name, quantum_s=round(length, 3), swap_s=round(runner.last_swap_s, 3),
+            left_s=round(began + length - now, 3), priority=runner.quantum.priority,
+        )
 
     def _stop(self, runner: ModelRunner, cause: Cause) -> None:
         """Stop the model; STOPPING at once, so no request slips in before the task runs."""
@@ -905,6 +988,8 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
     elif state in (S.STARTING, S.WAKING):
         runner.progress = None
         runner.load_began = now
+    if state not in (S.READY, S.DRAINING):
+        runner.quantum = None
     elif state in (S.STOPPED, S.FAILED):
         _forget_stale_footprint(runner)  # its container, of an older spec, is gone
         runner.endpoint = None

@@ -51,7 +51,16 @@ def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall
         "stale_spec": runner.stale_spec,
         "container": runner.spec.name,
         "port": runner.endpoint.port if runner.endpoint else None,
+        "quantum_s": _rounded(scheduler.quantum_of(runner)),
+        "quantum_left_s": (
+            round(max(0.0, runner.quantum.until - now), 1)
+            if runner.quantum is not None and runner.state is ModelState.READY and runner.quantum.until > now else None
+        ),
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
 
 
 def snapshot(scheduler: Scheduler) -> StatusSnapshot:
@@ -66,6 +75,11 @@ def snapshot(scheduler: Scheduler) -> StatusSnapshot:
             "holders": dict(lease.holders),
         },
         "queue": {"depth": len(scheduler.queue), "limit": scheduler.queue.limit, "models": scheduler.queue.models()},
+        "swap": {
+            "policy": scheduler.config.lifecycle.swap_policy,
+            "cost_factor": scheduler.config.lifecycle.swap_cost_factor,
+            "min_uptime_s": scheduler.config.lifecycle.min_uptime_s,
+        },
     }
 
 

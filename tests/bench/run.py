@@ -3,7 +3,8 @@
 
 Names: proxy, coldstart, swap, stampede, waiting_body (none = these, in that order),
 recreate (the real vLLM image of tests/images/build.py real-vllm: minutes of CPU
-compiling, so only when named) and soak (100 000 mixed requests: only when named).  Each benchmark
+compiling, so only when named), soak (100 000 mixed requests: only when named) and
+contention (two clients, two models, one GPU: the swap quantum against FIFO; only when named).  Each benchmark
 starts its own real sparkd daemon against real Podman and the fake engine image,
 prints what it measured, and ends with one ``RESULT <name> <value> <unit>`` line per
 figure.  See tests/bench/README.md for what each figure means and the targets.
@@ -40,6 +41,7 @@ BENCHMARKS = {
     "waiting_body": "waiting_body_bench",
     "recreate": "recreate_bench",
     "soak": "soak_bench",
+    "contention": "contention_bench",
 }
 DEFAULT = ["proxy", "coldstart", "swap", "stampede", "waiting_body"]
 

@@ -121,6 +121,25 @@ function render(status) {
   renderModels(status);
   renderFailures(status);
   renderEvents(status);
+  renderSwap(status);
+  renderUsage(status);
+}
+
+function renderSwap(status) {
+  const swap = status.swap;
+  if (!swap) return;
+  const quanta = status.models.filter((model) => model.quantum_left_s != null)
+    .map((model) => model.name + " keeps the GPU " + duration(model.quantum_left_s) + " more while it has work");
+  $("swap-text").textContent = "swaps: policy " + swap.policy + " · swap_cost_factor " + swap.cost_factor +
+    " · min_uptime " + duration(swap.min_uptime_s) + (quanta.length ? " · " + quanta.join(", ") : "");
+}
+
+function renderUsage(status) {
+  const rows = (status.usage_today || []).map((row) => el("tr", { "data-key": row.key },
+    el("td", {}, row.key), el("td", {}, row.model), el("td", { class: "num" }, String(row.requests)),
+    el("td", { class: "num" }, String(row.errors)), el("td", { class: "num" }, String(row.prompt_tokens)),
+    el("td", { class: "num" }, String(row.completion_tokens)), el("td", { class: "num" }, duration(row.queue_wait_s))));
+  $("usage-rows").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "7", class: "muted" }, "no requests today"))]));
 }
 
 function renderLease(status) {
