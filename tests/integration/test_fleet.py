@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from harness import Sparkd, engine_model, write_keys
+from opskit import ctl
 
 pytestmark = pytest.mark.podman
 
@@ -33,11 +34,14 @@ RESTRICTED = "sk-sparkd-fleet-restricted-0123456789"
 FAST_POLL = {"heartbeat_s": 0.3, "lease_timeout_s": 3, "devices": []}
 
 
-def fleet(sparkd_factory: Any, engine_image: str, tmp_path: Path, *, a_models: dict[str, Any] | None = None) -> tuple[Sparkd, Sparkd]:
+def fleet(
+    sparkd_factory: Any, engine_image: str, tmp_path: Path, *, a_models: dict[str, Any] | None = None, poll: dict[str, Any] | None = None,
+    b_models: dict[str, Any] | None = None,
+) -> tuple[Sparkd, Sparkd]:
     """Node B serving "coder" and "shared"; node A with B as a peer and "shared" allowed on both."""
     b = sparkd_factory(
-        {"coder": engine_model(engine_image), "shared": engine_model(engine_image)},
-        {"gpu": {"memory_budget": 0.94}, "cluster": {**FAST_POLL, "name": "spark-b"}},
+        {"coder": engine_model(engine_image), "shared": engine_model(engine_image), **(b_models or {})},
+        {"gpu": {"memory_budget": 0.94}, "cluster": {**(poll or FAST_POLL), "name": "spark-b"}},
         name="b",
     )
     b.settings["server"] = {"instance": b.prefix + "b", "anonymous": "off"}
@@ -54,7 +58,7 @@ def fleet(sparkd_factory: Any, engine_image: str, tmp_path: Path, *, a_models: d
         a_models if a_models is not None else {"shared": engine_model(engine_image, nodes=["local", "b"], parallel="none")},
         {
             "gpu": {"memory_budget": 0.94},
-            "cluster": {**FAST_POLL, "name": "spark-a"},
+            "cluster": {**(poll or FAST_POLL), "name": "spark-a"},
             # The test daemons listen on loopback without TLS: insecure = true says so.
             "peers": {"b": {"url": b.base_url, "key_file": str(key_file), "address": "127.0.0.1", "insecure": True}},
         },
@@ -146,6 +150,11 @@ async def test_a_model_only_on_b_is_answered_through_a_streaming_too(sparkd_fact
         assert {"name": coder, "state": "ready"} in peer["models"]
         placement = a_status["fleet"]["placements"][coder]
         assert placement["node"] == "b" and placement["reason"] in ("ready on b", "loading on b", "fits on b without evicting another model")
+        # sparkctl status on A: the peer, reachable, its version and what it runs.
+        code, out, _ = await ctl(a, "status")
+        assert code == 0, out
+        assert re.search(rf"peer b \(http://127\.0\.0\.1:\d+\): reachable, sparkd \S+, checked .* ago; runs: .*{coder} ready", out), out
+        assert f"{coder} placed on b: " in out
     # A never made a container for it: the model ran on B only.
     assert a.container("coder") not in {c.name for c in podman.containers.list(all=True)}
     # The peer logged the request under the client's key name, forwarded by A's peer key.
@@ -225,7 +234,27 @@ async def test_b_stopped_a_names_b_or_serves_what_it_may_itself(sparkd_factory, 
         assert a_status["fleet"]["placements"][shared]["node"] == "local"
         listed = await models_of(a, session)
         assert listed[coder]["state"] == "unreachable" and listed[shared]["node"] == "spark-a"
+        code, out, _ = await ctl(a, "status")
+        assert code == 0 and re.search(r"peer b \(http://127\.0\.0\.1:\d+\): unreachable: ", out), out
 
+
+async def test_a_peer_that_goes_away_unnoticed_falls_back_to_the_next_allowed_node(sparkd_factory, engine_image, tmp_path):
+    """A still believes B has the model ready (its next poll is far off): the forward fails, A serves it itself."""
+    a, b = fleet(sparkd_factory, engine_image, tmp_path, poll={"heartbeat_s": 60, "lease_timeout_s": 120, "devices": []})
+    await b.start()
+    shared = a.model("shared")
+    assert (await b.admin("POST", f"/api/models/{shared}/start"))[0] == 200
+    await a.start()
+    async with aiohttp.ClientSession() as session:
+        entry = await wait_listed(a, session, shared, lambda entry: {"node": "b", "state": "ready"} in entry["nodes"])
+        assert entry["node"] == "b"
+        await b.stop()
+        status, body = await chat(a, session, ALICE, shared, "fallback")
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"].startswith("fallback")
+    placement = (await a.status())["fleet"]["placements"][shared]
+    assert placement["node"] == "local" and "b unreachable at" in placement["reason"], placement
+    assert "event=peer_forward_failed peer=b" in a.logs()
 
 async def test_a_peer_that_refuses_is_a_503_naming_it(sparkd_factory, engine_image, tmp_path):
     a, b = fleet(sparkd_factory, engine_image, tmp_path, a_models={"coder": engine_model(engine_image, nodes=["b"])})
@@ -249,7 +278,13 @@ async def test_a_peer_that_refuses_is_a_503_naming_it(sparkd_factory, engine_ima
 
 
 async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path(sparkd_factory, engine_image, tmp_path):
-    a, b = fleet(sparkd_factory, engine_image, tmp_path)
+    # B also configures a model it lets node "a" run only: a request forwarded to B for it is not forwarded again.
+    a, b = fleet(sparkd_factory, engine_image, tmp_path, b_models={"elsewhere": engine_model(engine_image, nodes=["spark-a"])})
+    a_key = tmp_path / "peer-a.key"
+    a_key.write_text("sk-sparkd-not-a-key-of-a-0123456789\n")
+    a_key.chmod(0o600)
+    b.settings["peers"] = {"spark-a": {"url": a.base_url, "key_file": str(a_key), "address": "127.0.0.1", "insecure": True}}
+    b.write_config()
     await b.start()
     await a.start()
     coder, shared = a.model("coder"), a.model("shared")
@@ -284,6 +319,10 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         async with session.post(forward_path, json={**request, "model": "not-a-model"},
                                 headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "alice"}) as response:
             assert response.status == 404
+        # A forwarded request is never forwarded again: B does not run "elsewhere" itself.
+        async with session.post(forward_path, json={**request, "model": b.model("elsewhere")},
+                                headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "alice"}) as response:
+            assert response.status == 503 and (await response.json())["error"]["code"] == "not_served_here"
         # A name that is no key name is refused, not logged.
         async with session.post(forward_path, json=request,
                                 headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "al ice"}) as response:
