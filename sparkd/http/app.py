@@ -114,7 +114,9 @@ def build_app(
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Anthropic clients read errors in Anthropic's shape only (the auth refusals too).
-    render = anthropic.error_response if anthropic.is_anthropic_path(request.path) else ApiError.response
+    # (A request a peer forwarded, /api/fleet/v1/..., is answered in the shape its client expects.)
+    anthropic_path = anthropic.is_anthropic_path(request.path.removeprefix(FORWARD_PREFIX))
+    render = anthropic.error_response if anthropic_path else ApiError.response
     try:
         return await handler(request)
     except ApiError as error:

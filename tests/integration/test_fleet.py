@@ -31,6 +31,7 @@ ALICE = "sk-sparkd-fleet-alice-0123456789"
 """A user key on node A that may use every model."""
 RESTRICTED = "sk-sparkd-fleet-restricted-0123456789"
 """A user key on node A restricted to the model "shared"."""
+FORWARD_MESSAGES = "{}/api/fleet/v1/messages"
 FAST_POLL = {"heartbeat_s": 0.3, "lease_timeout_s": 3, "devices": []}
 
 
@@ -139,6 +140,11 @@ async def test_a_model_only_on_b_is_answered_through_a_streaming_too(sparkd_fact
             choice["delta"].get("content") or "" for event in events[:-1] for choice in json.loads(event)["choices"]
         )
         assert content.startswith("stream me")
+        # The Messages API too (an Anthropic client sends its key as x-api-key).
+        anthropic = {"model": coder, "max_tokens": 16, "messages": [{"role": "user", "content": "anthropic hi"}]}
+        async with session.post(a.base_url + "/v1/messages", json=anthropic, headers={"x-api-key": ALICE}) as response:
+            reply = await response.json()
+            assert response.status == 200 and reply["type"] == "message", reply
         # B's status shows the model it runs; A's shows B and what B runs.
         b_status = await b.model_status("coder")
         assert b_status["state"] == "ready"
@@ -159,14 +165,14 @@ async def test_a_model_only_on_b_is_answered_through_a_streaming_too(sparkd_fact
     assert a.container("coder") not in {c.name for c in podman.containers.list(all=True)}
     # The peer logged the request under the client's key name, forwarded by A's peer key.
     b_lines = request_lines(b, coder)
-    assert len(b_lines) == 2 and all("key=alice" in line and "via=node-a" in line and "status=200" in line for line in b_lines), b_lines
+    assert len(b_lines) == 3 and all("key=alice" in line and "via=node-a" in line and "status=200" in line for line in b_lines), b_lines
     # The entry node's request path counted it: its request_done line and its usage history.
     a_lines = request_lines(a, coder)
-    assert len(a_lines) == 2 and all("key=alice" in line and "status=200" in line for line in a_lines), a_lines
+    assert len(a_lines) == 3 and all("key=alice" in line and "status=200" in line for line in a_lines), a_lines
     assert re.search(r"completion_tokens=\d+", a_lines[-1]) and "completion_tokens=None" not in a_lines[-1]
     await a.stop()
     requests, tokens = usage_of(a, coder)
-    assert requests == 2 and tokens > 0
+    assert requests == 3 and tokens > 0
     # Per-key usage (issue 17, branch fair) counts these through the same request_done path, under "alice".
 
 
@@ -319,6 +325,10 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         async with session.post(forward_path, json={**request, "model": "not-a-model"},
                                 headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "alice"}) as response:
             assert response.status == 404
+        # A forwarded Messages API request gets its errors in Anthropic's shape, as its client expects.
+        async with session.post(FORWARD_MESSAGES.format(b.base_url), json={"model": "not-a-model", "max_tokens": 5, "messages": []},
+                                headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "alice"}) as response:
+            assert response.status == 404 and (await response.json())["type"] == "error"
         # A forwarded request is never forwarded again: B does not run "elsewhere" itself.
         async with session.post(forward_path, json={**request, "model": b.model("elsewhere")},
                                 headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "alice"}) as response:
