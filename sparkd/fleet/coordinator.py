@@ -79,7 +79,9 @@ class Fleet:
             return Candidate(LOCAL, None, False, reachable=False, error="disabled here")
         lease = self._scheduler.lease
         fits = lease.fits(runner.load_claim) and (model.lifecycle != "exclusive" or not lease.holders)
-        return Candidate(LOCAL, runner.state.value, fits or runner.name in lease.holders)
+        # A failed model in its back-off would only refuse: it is no better than any node that must queue.
+        held = runner.name in lease.holders
+        return Candidate(LOCAL, runner.state.value, (fits or held) and runner.state.value != "failed")
 
     def peer_candidate(self, node: str, model: str) -> Candidate:
         state = self.watch.states.get(node)

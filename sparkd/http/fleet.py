@@ -63,6 +63,8 @@ async def forward_elsewhere(
     fleet: Fleet, request: web.Request, current: Snapshot, raw: bytes, payload: dict[str, Any], record: RequestRecord
 ) -> web.StreamResponse | None:
     """The answer of the peer that serves the request's model; None when this node serves it."""
+    if not fleet.peers:
+        return None  # without peers every model runs here (a nodes list may name only peers)
     principal = request[PRINCIPAL]
     name, path = requested(request.match_info["tail"], payload.get("model"))
     if not isinstance(name, str):
@@ -111,7 +113,10 @@ def where(fleet: Fleet, current: Snapshot, model: ModelConfig) -> dict[str, Any]
     node = ready[0] if ready else placed.node if placed else nodes[0]
     return {
         "node": this_node(current.config) if node == "local" else node,
-        "nodes": [{"node": c.node, "state": c.state if c.reachable else "unreachable"} for c in fleet_model.nodes],
+        "nodes": [
+            {"node": this_node(current.config) if c.node == "local" else c.node, "state": c.state if c.reachable else "unreachable"}
+            for c in fleet_model.nodes
+        ],
     }
 
 
