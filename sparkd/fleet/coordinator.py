@@ -147,7 +147,7 @@ class Fleet:
             except PeerFailed as failure:
                 log.warning("peer_forward_failed", peer=failure.peer, model=model.name, reason=failure.reason)
                 if not failure.reachable:
-                    self.watch.mark_unreachable(failure.peer, failure.reason)
+                    self.watch.mark_unreachable(failure.peer, f"peer {failure.peer} {failure.reason}")
                 failures.append(failure)
                 continue
             self._placed(model.name, choice, failures)
@@ -163,7 +163,7 @@ class Fleet:
 
     def _unavailable(self, model: FleetModel, failures: list[PeerFailed]) -> ServiceUnavailable:
         reasons = [f"peer {f.peer} {f.reason}" for f in failures]
-        reasons += [f"peer {c.node} is unreachable: {c.error}" for c in model.nodes if not c.reachable and c.node != LOCAL]
+        reasons += [c.error for c in model.nodes if not c.reachable and c.node != LOCAL]  # each names its peer
         nodes = ", ".join(c.node for c in model.nodes)
         retry = min((f.retry_after for f in failures if f.retry_after is not None), default=5.0)
         return ServiceUnavailable(
