@@ -40,6 +40,7 @@ BENCHMARKS = {
     "waiting_body": "waiting_body_bench",
     "recreate": "recreate_bench",
     "soak": "soak_bench",
+    "fleet": "fleet_bench",
 }
 DEFAULT = ["proxy", "coldstart", "swap", "stampede", "waiting_body"]
 
