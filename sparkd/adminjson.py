@@ -142,9 +142,45 @@ class WorkerLeaseView(TypedDict):
     releasing: bool
 
 
+class PeerModelView(TypedDict):
+    name: str
+    state: str
+
+
+class PeerView(TypedDict):
+    """A peer sparkd as this node last saw it (``sparkd/fleet/peerwatch.py``)."""
+
+    name: str
+    url: str
+    reachable: bool | None
+    """None until its first answer."""
+    version: str | None
+    node: str | None
+    error: str | None
+    age_s: float | None
+    models: list[PeerModelView]
+    """What it runs itself, with the state there."""
+
+
+class PlacementView(TypedDict):
+    node: str
+    reason: str
+    at: float
+
+
+class FleetView(TypedDict):
+    node: str
+    """This node's name (``cluster.name``, else ``local``)."""
+    peers: list[PeerView]
+    placements: dict[str, PlacementView]
+    """The last node each model of several nodes was served on, and why."""
+
+
 class StatusDoc(StatusSnapshot):
     worker_leases: list[WorkerLeaseView]
     """What this node runs for other nodes' heads."""
+    fleet: FleetView | None
+    """The peers and where models were placed; None on a node without peers."""
 
 
 # -- live status ---------------------------------------------------------------------------

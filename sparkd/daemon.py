@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -28,12 +28,13 @@ from aiohttp import web
 
 from . import logsetup
 from .cluster.head import HeadCoordinator
-from .cluster.peers import PeerClient, PeerError, load_peers, warn_insecure
+from .cluster.peers import Peer, PeerClient, PeerError, load_peers, warn_insecure
 from .cluster.workers import WorkerLeases
 from .config import Config, ConfigError, load_config, parse_listen
 from .config.keys import KeysFileError, keys_of
 from .engine.client import EngineClient
 from .fixups.context import TokenizeFailures
+from .fleet.coordinator import Fleet
 from .hardware import cdi
 from .hardware.memory import MemoryGauge
 from .http.app import build_app
@@ -88,6 +89,7 @@ class Services:
     workers: WorkerLeases
     ops: Operations
     memory: MemoryGauge
+    fleet: Fleet
 
 
 class Daemon:
@@ -152,7 +154,8 @@ class Daemon:
         with startup_step("reading the load times", "move the file aside; sparkd starts a new one"):
             await asyncio.to_thread(load_times.load)
         scheduler: Scheduler  # built after the coordinator, which reports lost workers to it
-        coordinator = await _head_coordinator(stack, config, lambda model, reason: scheduler.model_lost(model, reason))
+        peers, peer_client = await _peers(stack, config)
+        coordinator = HeadCoordinator(config, peers, peer_client, lambda model, reason: scheduler.model_lost(model, reason)) if peers else None
         lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator)
         scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)
         workers = WorkerLeases(scheduler)
@@ -165,14 +168,17 @@ class Daemon:
             await ops.open()
         except HistoryUnavailable as error:
             raise StartupError(str(error)) from error
-        return Services(runtime, engine, scheduler, workers, ops, memory)
+        fleet = Fleet(lambda: self.config, scheduler, peers, peer_client)
+        await fleet.start()
+        stack.push_async_callback(fleet.close)
+        return Services(runtime, engine, scheduler, workers, ops, memory, fleet)
 
     async def _listen(self, stack: AsyncExitStack, services: Services, config: Config) -> list[Listener]:
         """Bind every ``server.listen`` address and the admin socket."""
         app = build_app(
             self.snapshot, scheduler=services.scheduler, engine=services.engine, runtime=services.runtime,
             operations=services.ops, workers=services.workers, tokenize_failures=self.tokenize_failures,
-            reconciled=self.reconciled,
+            reconciled=self.reconciled, fleet=services.fleet,
         )
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=5, keepalive_timeout=config.server.keepalive_timeout_s,
@@ -368,10 +374,8 @@ def _take_gpu_lock(stack: AsyncExitStack, config: Config) -> None:
     stack.callback(lock.release)
 
 
-async def _head_coordinator(
-    stack: AsyncExitStack, config: Config, lost: Callable[[str, str], None]
-) -> HeadCoordinator | None:
-    """The coordinator of the models this node heads across its peers, or None without peers."""
+async def _peers(stack: AsyncExitStack, config: Config) -> tuple[dict[str, Peer], PeerClient]:
+    """The peers with their keys, and the client that calls them (worker leases, the fleet)."""
     try:
         peers = await asyncio.to_thread(load_peers, config.peers)
     except PeerError as error:
@@ -379,7 +383,7 @@ async def _head_coordinator(
     warn_insecure(config.peers)
     peer_client = PeerClient()
     stack.push_async_callback(peer_client.close)
-    return HeadCoordinator(config, peers, peer_client, lost) if peers else None
+    return peers, peer_client
 
 
 def _warn_needs_restart(old: Config, new: Config) -> None:

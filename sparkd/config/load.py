@@ -305,6 +305,8 @@ def _check_queue(config: Config, add: Add) -> None:
 
 def _check_peers(config: Config, add: Add) -> None:
     for name, peer in config.peers.items():
+        if name == config.cluster.name:
+            add(f"{key_path('peers', name)}", f"a peer other than this node (cluster.name is {name!r})", describe(name))
         if PEER_URL.match(peer.url) and peer.url.startswith("http://") and not peer.insecure:
             add(
                 f"{key_path('peers', name)}.url",
@@ -386,7 +388,11 @@ def _check_port(model: ModelConfig, ports: dict[int, str], listen_ports: set[int
 def _check_nodes(config: Config, model: ModelConfig, model_add: Add, add: Add) -> None:
     if not model.nodes:
         return
-    unknown = [n for n in model.nodes if n != LOCAL_NODE and n not in config.peers]
+    this_node = {LOCAL_NODE, config.cluster.name} - {""}
+    unknown = [n for n in model.nodes if n not in this_node and n not in config.peers]
+    if not model.spans and (model.parallel == "none" or LOCAL_NODE not in model.nodes):
+        _check_placement_nodes(config, model, unknown, model_add)
+        return
     if unknown or LOCAL_NODE not in model.nodes or len(set(model.nodes)) != len(model.nodes):
         model_add(
             "nodes",
@@ -397,6 +403,22 @@ def _check_nodes(config: Config, model: ModelConfig, model_add: Add, add: Add) -
         model_add("port", "a host port (a multi-node model's head runs on the host network)", "nothing")
     if len(model.nodes) > 1 and not config.cluster.address:
         add("cluster.address", f"this node's cluster-network address (model {model.name} spans nodes)", "an empty string")
+
+
+def _check_placement_nodes(config: Config, model: ModelConfig, unknown: list[str], model_add: Add) -> None:
+    """Nodes that may each run the model whole: this node (``local`` or ``cluster.name``) and peers, each once."""
+    names = [LOCAL_NODE if n == config.cluster.name else n for n in model.nodes]
+    if unknown or len(set(names)) != len(names):
+        peers = ", ".join(sorted(config.peers)) or "none configured"
+        model_add(
+            "nodes",
+            f"distinct node names that may run the model: {LOCAL_NODE!r} (this node"
+            + (f", also called {config.cluster.name!r}" if config.cluster.name else "")
+            + f") or the name of a [peers.<name>] table (peers: {peers})",
+            describe(list(model.nodes)) + (
+                f" (unknown: {', '.join(unknown)}; add a [peers.<name>] table for each, or remove it)" if unknown else " (a node twice)"
+            ),
+        )
 
 
 def _check_names(model: ModelConfig, names: dict[str, str], model_add: Add) -> None:

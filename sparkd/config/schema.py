@@ -91,6 +91,7 @@ ContainerDirectory = Check(
 SleepLevel = Check(lambda level: level in (1, 2), "1 (weights offloaded to CPU memory) or 2 (weights discarded)")
 LeaseTimeoutCap = Check(lambda value: value <= MAX_LEASE_TIMEOUT_S, f"at most {MAX_LEASE_TIMEOUT_S:.0f} seconds")
 
+OptionalNodeName = Annotated[str, matches(r"^$|" + MODEL_NAME.pattern, "a node name of letters, digits, '.', '_' or '-'")]
 QueuePolicy = Literal["queue", "reject"]
 LifecycleClass = Literal["normal", "exclusive", "utility", "pinned"]
 ToolSupport = Literal["full", "none", "force-required"]
@@ -100,7 +101,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 MemoryProbe = Literal["auto", "nvidia-smi", "meminfo", "none"]
 AnonymousAccess = Literal["off", "loopback", "any"]
 SwapPolicy = Literal["quantum", "fifo"]
-Parallelism = Literal["tensor", "pipeline"]
+Parallelism = Literal["tensor", "pipeline", "none"]
 VLLM_API_PATHS = (
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/models",
     "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/score", "/v1/rerank", "/v1/classify", "/v1/pooling",
@@ -300,9 +301,11 @@ class ModelConfig:
     api_paths: Annotated[tuple[str, ...], Each(ApiPath)] = VLLM_API_PATHS
     """The API paths the model's engine serves: others are refused before the engine (and shown in /v1/models)."""
     nodes: tuple[str, ...] = ()
-    """Nodes a model spans (``["local", "<peer>", ...]``): vLLM over a Ray cluster, one worker per peer."""
+    """Nodes a model spans (``["local", "<peer>", ...]``): vLLM over a Ray cluster, one worker per peer;
+    with ``parallel = "none"`` (or without ``local``) the nodes that may each run it whole (``sparkd/fleet``)."""
     parallel: Parallelism = "tensor"
-    """How a multi-node model is split: ``--tensor-parallel-size N`` or ``--pipeline-parallel-size N``."""
+    """How a multi-node model is split: ``--tensor-parallel-size N`` or ``--pipeline-parallel-size N``;
+    ``none``: not split, ``nodes`` are placement candidates."""
     worker_image: str | None = None
     """Image the peers' Ray workers run (default: ``image``); a peer whose ``[workers.<model>]`` names another refuses."""
     idle_stop_s: Annotated[float | None, PositiveSeconds] = None
@@ -318,6 +321,11 @@ class ModelConfig:
     UIs display (a key's own ``loading_feedback`` wins)."""
     source: str = ""
     """The file the model's table came from (not a TOML key): warnings name the line to change there."""
+
+    @property
+    def spans(self) -> bool:
+        """Runs across its ``nodes`` at once (a head here, Ray workers on the peers), not whole on one of them."""
+        return len(self.nodes) > 1 and self.parallel != "none" and "local" in self.nodes
 
 
 @dataclass(frozen=True)
@@ -411,6 +419,8 @@ class ClusterConfig:
     """A worker lease whose head sent no heartbeat for this long is released (and vice versa); at most 300 s."""
     max_leases_per_head: PositiveInt = 4
     """Worker leases one head (one peer key) may hold on this node at a time."""
+    name: OptionalNodeName = ""
+    """This node's name in ``[models.x] nodes`` lists (besides ``local``), so the nodes of a fleet can share drop-ins."""
 
 
 @dataclass(frozen=True)

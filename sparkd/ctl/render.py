@@ -13,6 +13,7 @@ from ..adminjson import (
     LiveStatus,
     ModelStatus,
     PrepareDoc,
+    StatusDoc,
     StatusSnapshot,
     UsageDoc,
 )
@@ -127,6 +128,28 @@ def status(data: StatusSnapshot) -> str:
             continue
         out.append(f"\n{model['name']} failed {duration(failure.get('age_s'))} ago: {failure['message']}")
         out.extend(f"  | {line}" for line in failure.get("log_lines", [])[-8:])
+    return "\n".join(out)
+
+
+def status_with_fleet(data: StatusDoc) -> str:
+    """``sparkctl status``: the status, then the peers (reachable, version, what they run) and where
+    this node placed each model of several nodes."""
+    fleet_view = data.get("fleet")
+    if not fleet_view:
+        return status(data)
+    out = [status(data), f"\nfleet: this node is {fleet_view['node']}"]
+    for peer in fleet_view["peers"]:
+        if peer["reachable"] is None:
+            out.append(f"peer {peer['name']} ({peer['url']}): not asked yet")
+            continue
+        if not peer["reachable"]:
+            out.append(f"peer {peer['name']} ({peer['url']}): unreachable: {peer['error']}")
+            continue
+        runs = ", ".join(f"{m['name']} {m['state']}" for m in peer["models"]) or "no models"
+        out.append(f"peer {peer['name']} ({peer['url']}): reachable, sparkd {peer['version']}, "
+                   f"checked {duration(peer['age_s'])} ago; runs: {runs}")
+    for model, placed in fleet_view["placements"].items():
+        out.append(f"{model} placed on {placed['node']}: {placed['reason']}")
     return "\n".join(out)
 
 

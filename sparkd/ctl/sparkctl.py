@@ -38,7 +38,7 @@ DEFAULT_CONFIG = "/etc/sparkd/sparkd.toml"
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     data = client.get_json("/api/status")
-    emit(args, data, render.status)
+    emit(args, data, render.status_with_fleet)
     return 0
 
 

@@ -11,7 +11,7 @@ or a header is refused with a 400 before any connection to the engine exists.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -39,6 +39,8 @@ _NOT_FORWARDED = frozenset(
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
         "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Type", "Content-Encoding", "Authorization",
         "X-Api-Key", "Cookie", "Origin", "Referer", "Expect",
+        # Who a forwarded request is for: only sparkd sets these, toward a peer (sparkd/fleet/onbehalf.py).
+        "X-Sparkd-Key-Name", "X-Sparkd-Forwarded-By",
     )
 )
 JSON = "application/json"
@@ -102,8 +104,13 @@ def engine_headers(client_headers: Iterable[tuple[str, str]], endpoint: Endpoint
     return headers
 
 
-def engine_request(path: str, raw_path: str, client_headers: Iterable[tuple[str, str]], endpoint: Endpoint) -> EngineRequest:
-    """The validated request for ``endpoint``: its URL (raw query kept) and headers, or a 400."""
+def engine_request(
+    path: str, raw_path: str, client_headers: Iterable[tuple[str, str]], endpoint: Endpoint,
+    own_headers: Mapping[str, str] | None = None,
+) -> EngineRequest:
+    """The validated request for ``endpoint``: its URL (raw query kept) and headers, or a 400.
+    ``own_headers``: sparkd's own (a forwarded request's key name), added after the client's are checked."""
     target = engine_target(path, raw_path)
     headers = engine_headers(client_headers, endpoint, json_body=True)
+    headers.update(own_headers or {})
     return EngineRequest(url=URL(endpoint.base_url + target, encoded=True), headers=headers)

@@ -73,6 +73,8 @@ async def forward(
     last_words: LastWords | None = None,
     prepared: web.StreamResponse | None = None,
     rewrite: StreamRewrite | None = None,
+    own_headers: Mapping[str, str] | None = None,
+    raw_relay: bool = True,
 ) -> web.StreamResponse:
     """Send the JSON ``body`` to the engine at ``path`` and relay its answer to the client.
 
@@ -83,18 +85,22 @@ async def forward(
     stream, already sent its 200 and headers (it waited for its model): the engine's
     status and headers are not relayed, its body follows, and an answer that is not a
     stream becomes an error event in it.  ``rewrite``: what the stream's events need
-    changed to follow what ``prepared`` was sent (it takes the read-by-read relay).
+    changed to follow what ``prepared`` was sent (it takes the read-by-read relay).  ``own_headers``:
+    sparkd's own headers for the upstream (a peer sparkd's, ``sparkd/fleet``).  ``raw_relay``: False for
+    an upstream the raw relay cannot reach (a peer behind TLS).  Redirects are never followed.
     """
     ending = StreamEnding(model, path, last_words, record)
-    outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint)
+    outbound = engine_request(path, request.raw_path, request.headers.items(), endpoint, own_headers)
     task = asyncio.current_task()
     assert task is not None
     watch = StallWatch(limits, task)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s or None)
     try:
-        if streaming and request.version >= HttpVersion11 and rewrite is None:
+        if streaming and request.version >= HttpVersion11 and rewrite is None and raw_relay:
             return await _forward_raw(request, endpoint, outbound, body, ending, watch, limits, extra_headers, record, prepared)
-        async with session.request(request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout) as upstream:
+        async with session.request(
+            request.method, outbound.url, data=body, headers=outbound.headers, timeout=timeout, allow_redirects=False
+        ) as upstream:
             if upstream.content_type == SSE and (prepared is None or upstream.status == 200):
                 relayed = await _relay(request, upstream, watch, ending, extra_headers, record, prepared, rewrite)
                 watch.close()  # the answer is complete: leaving the upstream context must not time out

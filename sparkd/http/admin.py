@@ -7,25 +7,27 @@ from aiohttp import web
 from ..adminjson import StatusDoc
 from ..errors import ModelDisabled
 from ..scheduler.status import snapshot
-from .appkeys import SCHEDULER, SNAPSHOT, WORKERS
+from .appkeys import FLEET, SCHEDULER, SNAPSHOT, WORKERS
 
 
 class AdminRoutes:
     def add_to(self, app: web.Application) -> None:
         self._snapshot, self._scheduler, self._workers = app[SNAPSHOT], app[SCHEDULER], app[WORKERS]
+        self._fleet = app[FLEET]
         app.router.add_get("/api/status", self.status)
         app.router.add_post("/api/models/{model}/{action:start|stop|sleep|wake}", self.act)
 
     async def status(self, request: web.Request) -> web.Response:
         status: StatusDoc = {
-            **snapshot(self._scheduler), "worker_leases": [lease.view() for lease in self._workers.leases()]
+            **snapshot(self._scheduler), "worker_leases": [lease.view() for lease in self._workers.leases()],
+            "fleet": self._fleet.view() if self._fleet.peers else None,
         }
         coordinator = self._scheduler.lifecycle.cluster
         if coordinator is not None:
             models = self._snapshot.current.config.models
             for model in status["models"]:
                 config = models.get(model["name"])
-                if config is not None and len(config.nodes) > 1:
+                if config is not None and config.spans:
                     model["nodes"] = coordinator.nodes_view(config)
         return web.json_response(status)
 

@@ -27,6 +27,9 @@ from ..errors import (
     Unauthorized,
 )
 from ..fixups.context import TokenizeFailures
+from ..fleet.coordinator import Fleet
+from ..fleet.onbehalf import on_behalf
+from ..fleet.relay import FORWARD_PREFIX
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
@@ -34,6 +37,7 @@ from . import anthropic, cors
 from .admin import AdminRoutes
 from .appkeys import (
     ENGINE,
+    FLEET,
     OPERATIONS,
     RECONCILED,
     RUNTIME,
@@ -54,6 +58,7 @@ from .auth import (
 )
 from .cluster import LEASE_PATH, VERSION_PATH, ClusterRoutes
 from .connections import watch_requests
+from .fleet import FleetRoutes
 from .health import HealthRoutes
 from .openai import OpenAIRoutes
 from .operator import OpsRoutes
@@ -80,6 +85,7 @@ def build_app(
     workers: WorkerLeases,
     tokenize_failures: TokenizeFailures,
     reconciled: asyncio.Event,
+    fleet: Fleet,
 ) -> web.Application:
     """The application; each route takes the services it uses from the app's keys (``appkeys.py``)."""
     app = web.Application(
@@ -92,9 +98,12 @@ def build_app(
     )
     app[SNAPSHOT], app[SCHEDULER], app[ENGINE], app[RUNTIME] = snapshot, scheduler, engine, runtime
     app[OPERATIONS], app[WORKERS], app[TOKENIZE_FAILURES], app[RECONCILED] = operations, workers, tokenize_failures, reconciled
+    app[FLEET] = fleet
     app.on_response_prepare.append(cors.on_response_prepare)
     HealthRoutes().add_to(app)
-    OpenAIRoutes().add_to(app)
+    openai_routes = OpenAIRoutes()
+    openai_routes.add_to(app)
+    FleetRoutes(openai_routes.proxy).add_to(app)
     AdminRoutes().add_to(app)
     ClusterRoutes().add_to(app)
     OpsRoutes().add_to(app)
@@ -105,7 +114,9 @@ def build_app(
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Anthropic clients read errors in Anthropic's shape only (the auth refusals too).
-    render = anthropic.error_response if anthropic.is_anthropic_path(request.path) else ApiError.response
+    # (A request a peer forwarded, /api/fleet/v1/..., is answered in the shape its client expects.)
+    anthropic_path = anthropic.is_anthropic_path(request.path.removeprefix(FORWARD_PREFIX))
+    render = anthropic.error_response if anthropic_path else ApiError.response
     try:
         return await handler(request)
     except ApiError as error:
@@ -152,7 +163,7 @@ def auth_middleware(snapshot: SnapshotHolder) -> Middleware:
         except (Unauthorized, Forbidden) as refusal:
             log.info("auth_refused", reason=refusal.code, remote=request.remote, path=shown(request.path))
             raise
-        request[PRINCIPAL] = principal
+        request[PRINCIPAL] = on_behalf(principal, request.headers)
         return await handler(request)
 
     return middleware
@@ -170,6 +181,8 @@ def route_access(request: web.Request) -> tuple[frozenset[str], str]:
         paths.append(resource.canonical)
     if any(path == LEASE_PATH or path.startswith(LEASE_PATH + "/") for path in paths):
         return PEER_ROLES, "a worker lease"
+    if any(path.startswith(FORWARD_PREFIX + "/") for path in paths):
+        return PEER_ROLES, "the fleet API (requests forwarded by a peer sparkd)"
     if VERSION_PATH in paths:
         return VERSION_ROLES, "the version endpoint"
     if any(path.startswith(("/api/", "/metrics")) for path in paths):

@@ -9,6 +9,7 @@ from aiohttp import web
 from ..cluster.workers import WorkerLeases
 from ..engine.client import EngineClient
 from ..fixups.context import TokenizeFailures
+from ..fleet.coordinator import Fleet
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
@@ -23,3 +24,5 @@ WORKERS = web.AppKey("workers", WorkerLeases)
 TOKENIZE_FAILURES = web.AppKey("tokenize_failures", TokenizeFailures)
 RECONCILED = web.AppKey("reconciled", asyncio.Event)
 """Set once the containers an earlier sparkd left running are adopted: ``/readyz`` says ready from then on."""
+FLEET = web.AppKey("fleet", Fleet)
+"""The other nodes of the fleet: where a model runs, and forwarding requests there (``sparkd/fleet``)."""

@@ -71,19 +71,28 @@ class Principal:
     """How this key's streams show a model's loading; None = the model's ``loading_feedback``."""
     limits: KeyLimits = field(default_factory=KeyLimits)
     """The key's ``max_concurrent``, ``tokens_per_day`` and ``priority`` (none for keyless callers)."""
+    via: str | None = None
+    """A request a peer forwarded: the name of that peer's key (``name`` is the client's key at the entry node)."""
 
     def feedback_for(self, model: ModelConfig) -> LoadingFeedback:
         return self.loading_feedback or model.loading_feedback
 
     def may_use(self, model: ModelConfig) -> bool:
+        return self.may_use_named(model.name, model.aliases)
+
+    def may_use_named(self, name: str, aliases: Iterable[str] = ()) -> bool:
+        """May use the model called ``name`` (with ``aliases``), wherever it runs."""
         allowed = self.models
-        return allowed is None or model.name in allowed or not allowed.isdisjoint(model.aliases)
+        return allowed is None or name in allowed or not allowed.isdisjoint(aliases)
 
     def check_model(self, model: ModelConfig) -> None:
-        if not self.may_use(model):
+        self.check_model_named(model.name, model.aliases)
+
+    def check_model_named(self, name: str, aliases: Iterable[str] = ()) -> None:
+        if not self.may_use_named(name, aliases):
             allowed = ", ".join(sorted(self.models or ())) or "none"
             raise Forbidden(
-                f"the key {self.name!r} may not use model {model.name}; it may use: {allowed}. "
+                f"the key {self.name!r} may not use model {name}; it may use: {allowed}. "
                 "Ask the operator to add the model to the key's models list in the keys file",
                 code="model_not_allowed",
             )

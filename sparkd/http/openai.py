@@ -29,9 +29,10 @@ from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups
 from . import anthropic, loading, responses
-from .appkeys import ENGINE, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
+from .appkeys import ENGINE, FLEET, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
+from .fleet import fleet_models, forward_elsewhere, where
 from .keylimits import KeyGate
 from .routing import target
 from .snapshot import Snapshot
@@ -55,6 +56,7 @@ class OpenAIRoutes:
         self._snapshot, self._scheduler, self._engine = app[SNAPSHOT], app[SCHEDULER], app[ENGINE]
         self._metrics, self._tokenize_failures = app[OPERATIONS].metrics, app[TOKENIZE_FAILURES]
         self._key_gate = KeyGate(self._metrics.key_usage)
+        self._fleet = app[FLEET]
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/v1/{model}/models", self.list_models_path_form)
@@ -77,6 +79,7 @@ class OpenAIRoutes:
             "tools": current.fixups_of(model).tools,
             "profile": model.profile or DEFAULT_PROFILE,
             "endpoints": list(model.api_paths),
+            **where(self._fleet, current, model),
         }
         if model.notes:
             entry["notes"] = list(model.notes)
@@ -94,7 +97,8 @@ class OpenAIRoutes:
         return web.json_response(
             {
                 "object": "list",
-                "data": [self._model_entry(current, m.name) for m in usable if m.enabled],
+                "data": [self._model_entry(current, m.name) for m in usable if m.enabled]
+                + fleet_models(self._fleet, principal, self._created),
                 # Off models stay out of "data" so clients do not offer them; their reasons are here.
                 "unavailable": [self._model_entry(current, m.name) for m in usable if not m.enabled],
             }
@@ -138,13 +142,21 @@ class OpenAIRoutes:
             now = time.monotonic()
             self._metrics.request_finished(request[PRINCIPAL].name, status, started, record, now)
             if self._snapshot.current.config.log.requests:
-                log_request(request[PRINCIPAL].name, record, status, code, now - started)
+                log_request(request[PRINCIPAL].name, record, status, code, now - started, via=request[PRINCIPAL].via)
 
     async def _proxy(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         raw = await read_body(request, self._snapshot.current.config.server)
         # A reload may land while the body arrives: resolve against the configuration of now.
         current = self._snapshot.current
         payload = parse_json_object(raw)
+        elsewhere = await forward_elsewhere(self._fleet, request, current, raw, payload, record)
+        if elsewhere is not None:
+            return elsewhere
+        return await self._serve_here(request, record, current, raw, payload)
+
+    async def _serve_here(
+        self, request: web.Request, record: RequestRecord, current: Snapshot, raw: bytes, payload: dict[str, Any]
+    ) -> web.StreamResponse:
         route = target(current.directory, request.match_info["tail"], payload.get("model"))
         model = route.model
         record.model, record.path = model.name, route.path
@@ -247,8 +259,9 @@ class OpenAIRoutes:
         return await self._scheduler.acquire(model, key=key, body_bytes=body_bytes, priority=priority)
 
 
-def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float) -> None:
-    """The one log line of an inference request; its key's name only, never the key."""
+def log_request(key: str, record: RequestRecord, status: int, code: str | None, duration_s: float, via: str | None = None) -> None:
+    """The one log line of an inference request; its key's name only, never the key (``via``: the peer
+    key that forwarded it, ``key`` then being the client's key name at the entry node)."""
     usage = record.usage
     fields: dict[str, Any] = {
         "key": key, "model": record.model, "path": record.path, "status": status,
@@ -257,6 +270,8 @@ def log_request(key: str, record: RequestRecord, status: int, code: str | None, 
     }
     if code is not None or status >= 400:
         fields["code"] = code
+    if via is not None:
+        fields["via"] = via
     log.info("request_done", **fields)
 
 

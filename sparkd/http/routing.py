@@ -78,21 +78,27 @@ def target(directory: ModelDirectory, tail: str, body_model: object) -> Target:
     Only the engine endpoints in ``PROXIED_ROOTS`` are forwarded: anything else is a
     404 here and never reaches an engine.
     """
+    name, path = requested(tail, body_model)
+    return Target(model=directory.resolve(name), path=path)
+
+
+def requested(tail: str, body_model: object) -> tuple[object, str]:
+    """The model name a request for ``/v1/<tail>`` asks for (not yet looked up) and its engine path,
+    or a 400/404 for a path sparkd does not forward."""
     segments = tail.split("/")
     for segment in segments:
         if not _SEGMENT.match(segment) or segment in (".", ".."):
             raise NotFound(f"no such endpoint: /v1/{shown(tail)}", code="unknown_endpoint")
     if len(segments) >= 2 and segments[0] not in ENDPOINT_ROOTS:
-        model = directory.resolve(segments[0])
         _check_endpoint(segments[1:], tail)
-        return Target(model=model, path="/v1/" + "/".join(segments[1:]))
+        return segments[0], "/v1/" + "/".join(segments[1:])
     _check_endpoint(segments, tail)
     if body_model is None:
         raise BadRequest(
             "the request names no model: set 'model' in the JSON body, or use the path form /v1/<model>/...",
             code="missing_model",
         )
-    return Target(model=directory.resolve(body_model), path="/v1/" + tail)
+    return body_model, "/v1/" + tail
 
 
 def _check_endpoint(segments: list[str], tail: str) -> None:

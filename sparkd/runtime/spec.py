@@ -175,7 +175,7 @@ def render(config: Config, model: ModelConfig, role: str | None = None) -> Conta
         cache_root=f"{config.server.state_dir.rstrip('/')}/{ENGINE_CACHE_DIR}",
         caches=tuple(config.engine_cache.paths) if model.engine_cache else (),
     )
-    role = role or ("head" if len(model.nodes) > 1 else None)
+    role = role or ("head" if model.spans else None)
     if role is not None:
         fields = for_cluster(fields, config, model, role)
     fields["ulimits"] = tuple(sorted(fields["ulimits"].items()))

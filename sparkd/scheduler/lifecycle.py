@@ -86,7 +86,7 @@ class Lifecycle:
         try:
             await self.memory.wait_for(runner.load_claim, self.config.gpu.reclaim_timeout_s)
             await self._drop_page_cache(runner)
-            if len(runner.config.nodes) > 1:
+            if runner.config.spans:
                 await self._acquire_workers(runner)
             info = await self._create_and_start(runner)
             endpoint = self._endpoint(runner, info)
@@ -129,7 +129,7 @@ class Lifecycle:
         await self.cluster.acquire(runner.config)
 
     async def release_workers(self, runner: ModelRunner, reason: str) -> None:
-        if self.cluster is not None and len(runner.config.nodes) > 1:
+        if self.cluster is not None and runner.config.spans:
             await self.cluster.release(runner.name, reason)
 
     async def adopt(self, runner: ModelRunner, info: ContainerInfo) -> Adoption | NotAdoptable:

@@ -42,7 +42,7 @@ async def adopt_running(scheduler: Scheduler) -> None:
             leftovers.append((info, "no enabled model of that name"))
         elif info.spec_hash != runner.spec.spec_hash:
             leftovers.append((info, "made from an older spec"))
-        elif len(runner.config.nodes) > 1:
+        elif runner.config.spans:
             leftovers.append((info, "a multi-node model: its worker leases did not survive the restart"))
         elif not ledger.fits(runner.claim):
             leftovers.append((info, "beyond the GPU budget"))

@@ -920,7 +920,7 @@ class Scheduler:
 
     async def stop_multi_node(self) -> None:
         """Stop the models that span nodes (``on_shutdown = "keep"`` cannot keep their worker leases)."""
-        spanning = [r for r in self.runners.values() if len(r.config.nodes) > 1 and r.state is not S.STOPPED]
+        spanning = [r for r in self.runners.values() if r.config.spans and r.state is not S.STOPPED]
         await self._cancel_tasks([r.task for r in spanning if r.task is not None])
         await asyncio.gather(*(self._shutdown_stop(r, Shutdown("sparkd is stopping")) for r in spanning))
 

@@ -42,6 +42,7 @@ BENCHMARKS = {
     "recreate": "recreate_bench",
     "soak": "soak_bench",
     "contention": "contention_bench",
+    "fleet": "fleet_bench",
 }
 DEFAULT = ["proxy", "coldstart", "swap", "stampede", "waiting_body"]
 

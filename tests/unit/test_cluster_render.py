@@ -115,7 +115,7 @@ def test_worker_spec_on_the_peer(config, peer_config):
     [
         ('[models.bad]\nimage = "x"\nnodes = ["local", "nowhere"]\nport = 1\n', "models.bad.nodes"),
         ('[models.bad]\nimage = "x"\nnodes = ["local", "spark2"]\n', "models.bad.port: expected a host port"),
-        ('[models.bad]\nimage = "x"\nnodes = ["spark2"]\nport = 2\n', "models.bad.nodes"),
+        ('[models.bad]\nimage = "x"\nnodes = ["spark2", "spark2"]\nport = 2\n', "models.bad.nodes"),
         ('[peers.local]\nurl = "https://x:1"\nkey_file = "k"\naddress = "a"\n', "peers.local"),
         ('[peers.p3]\nurl = "ftp://x"\nkey_file = "k"\naddress = "a"\n', "peers.p3.url"),
     ],

@@ -214,7 +214,6 @@ image = "i"
 gpu_memory = -1
 ''',
         [
-            "D/sparkd.toml: cluster.address: expected this node's cluster-network address (model a spans nodes), found an empty string",
             "D/sparkd.toml: cluster.address: expected this node's cluster-network address (model d spans nodes), found an empty string",
             "D/sparkd.toml: models.a.aliases: expected names of letters, digits, '.', '_' or '-', found string 'bad name'",
             "D/sparkd.toml: models.a.api_paths[0]: expected an API path such as /v1/chat/completions, found string '/v1/x/'",
@@ -224,7 +223,8 @@ gpu_memory = -1
             'D/sparkd.toml: models.a.idle_stop_s: expected a positive number of seconds, found number 0.0',
             'D/sparkd.toml: models.a.image: expected an image reference, e.g. localhost/sparkd/vllm-gb10:v1, found an empty string',
             'D/sparkd.toml: models.a.max_model_len: expected a positive number of tokens, found integer 0',
-            "D/sparkd.toml: models.a.nodes: expected distinct node names: 'local' (this node, the head) and [peers.<name>] entries, found array ['p', 'p'] (unknown: p, p)",
+            # Without "local" the nodes are placement candidates (issue 18), not a span: no head address needed.
+            "D/sparkd.toml: models.a.nodes: expected distinct node names that may run the model: 'local' (this node) or the name of a [peers.<name>] table (peers: none configured), found array ['p', 'p'] (unknown: p, p; add a [peers.<name>] table for each, or remove it)",
             'D/sparkd.toml: models.a.port: expected a port within 1-65535, found integer 70000',
             "D/sparkd.toml: models.a.profile: expected one of the profiles coder-force-tools, default, gemma, llama, passthrough, qwen3-next, small-no-tools, thinking, thinking-off, vision (or a [profiles.<name>] table); no profile means 'default', found string 'nope'",
             "D/sparkd.toml: models.a.readiness_path: expected an absolute URL path such as /health, found string 'health'",
