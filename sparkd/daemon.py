@@ -54,6 +54,7 @@ from .scheduler.scheduler import Scheduler
 from .scheduler.stall import watch_for_stalls
 from .scheduler.status import status_line
 from .scheduler.watch import watch_serving_engines
+from .weights.service import WeightService
 
 log = structlog.get_logger("sparkd")
 
@@ -88,6 +89,7 @@ class Services:
     workers: WorkerLeases
     ops: Operations
     memory: MemoryGauge
+    weights: WeightService | None = None
 
 
 class Daemon:
@@ -153,7 +155,9 @@ class Daemon:
             await asyncio.to_thread(load_times.load)
         scheduler: Scheduler  # built after the coordinator, which reports lost workers to it
         coordinator = await _head_coordinator(stack, config, lambda model, reason: scheduler.model_lost(model, reason))
-        lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator)
+        weights = WeightService(config)
+        stack.push_async_callback(weights.close)
+        lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator, weights=weights)
         scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)
         workers = WorkerLeases(scheduler)
         scheduler.subscribe(lambda _event: self._publish_status(scheduler))
@@ -163,14 +167,14 @@ class Daemon:
             await ops.open()
         except HistoryUnavailable as error:
             raise StartupError(str(error)) from error
-        return Services(runtime, engine, scheduler, workers, ops, memory)
+        return Services(runtime, engine, scheduler, workers, ops, memory, weights)
 
     async def _listen(self, stack: AsyncExitStack, services: Services, config: Config) -> list[Listener]:
         """Bind every ``server.listen`` address and the admin socket."""
         app = build_app(
             self.snapshot, scheduler=services.scheduler, engine=services.engine, runtime=services.runtime,
             operations=services.ops, workers=services.workers, tokenize_failures=self.tokenize_failures,
-            reconciled=self.reconciled,
+            reconciled=self.reconciled, weights=services.weights,
         )
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=5, keepalive_timeout=config.server.keepalive_timeout_s,

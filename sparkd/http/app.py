@@ -30,6 +30,7 @@ from ..fixups.context import TokenizeFailures
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
+from ..weights.service import WeightService
 from . import anthropic, cors
 from .admin import AdminRoutes
 from .appkeys import (
@@ -40,6 +41,7 @@ from .appkeys import (
     SCHEDULER,
     SNAPSHOT,
     TOKENIZE_FAILURES,
+    WEIGHTS,
     WORKERS,
 )
 from .auth import (
@@ -60,6 +62,7 @@ from .operator import OpsRoutes
 from .page import PAGE_PATHS, PageRoutes
 from .routing import shown
 from .snapshot import SnapshotHolder
+from .weights import WeightRoutes
 
 log = structlog.get_logger("sparkd.http")
 
@@ -80,6 +83,7 @@ def build_app(
     workers: WorkerLeases,
     tokenize_failures: TokenizeFailures,
     reconciled: asyncio.Event,
+    weights: WeightService | None = None,
 ) -> web.Application:
     """The application; each route takes the services it uses from the app's keys (``appkeys.py``)."""
     app = web.Application(
@@ -92,6 +96,7 @@ def build_app(
     )
     app[SNAPSHOT], app[SCHEDULER], app[ENGINE], app[RUNTIME] = snapshot, scheduler, engine, runtime
     app[OPERATIONS], app[WORKERS], app[TOKENIZE_FAILURES], app[RECONCILED] = operations, workers, tokenize_failures, reconciled
+    app[WEIGHTS] = weights or WeightService(snapshot.current.config)
     app.on_response_prepare.append(cors.on_response_prepare)
     HealthRoutes().add_to(app)
     OpenAIRoutes().add_to(app)
@@ -99,6 +104,7 @@ def build_app(
     ClusterRoutes().add_to(app)
     OpsRoutes().add_to(app)
     PageRoutes().add_to(app)
+    WeightRoutes().add_to(app)
     return app
 
 

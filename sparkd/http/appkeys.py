@@ -12,6 +12,7 @@ from ..fixups.context import TokenizeFailures
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
+from ..weights.service import WeightService
 from .snapshot import SnapshotHolder
 
 SNAPSHOT = web.AppKey("snapshot", SnapshotHolder)
@@ -23,3 +24,5 @@ WORKERS = web.AppKey("workers", WorkerLeases)
 TOKENIZE_FAILURES = web.AppKey("tokenize_failures", TokenizeFailures)
 RECONCILED = web.AppKey("reconciled", asyncio.Event)
 """Set once the containers an earlier sparkd left running are adopted: ``/readyz`` says ready from then on."""
+WEIGHTS = web.AppKey("weights", WeightService)
+"""The weight pulls (``sparkctl pull``) and the presence of each model's weights."""
