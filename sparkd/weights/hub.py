@@ -1,19 +1,36 @@
 """The hub, through huggingface_hub: a repository's file list with sizes, and one file into a cache.
 
 Blocking calls (huggingface_hub is synchronous): the daemon runs them in worker
-threads only.  A download resumes a file's ``.incomplete`` blob left by an earlier,
-interrupted one.
+threads only.  A file is written where huggingface_hub's cache layout keeps it
+(``blobs/<etag>``, linked from ``snapshots/<commit>/<name>``), so vLLM and
+``huggingface_hub`` itself find it offline.  sparkd downloads into its own
+``blobs/<etag>.incomplete`` and resumes it with a ``Range`` request after an
+interrupted pull: huggingface_hub's own downloads start each file over in a new
+temporary file, which would cost a 60 GB model's transfer again.  A file whose
+ETag is a SHA-256 (the hub's large files) is checked against it before it is used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers
 
+from .cache import repo_folder
 from .selection import RepoFile
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ETAG = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
+"""An ETag becomes a file name in the cache: anything else from the hub is refused."""
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 class HubError(Exception):
@@ -24,6 +41,29 @@ class HubError(Exception):
 class Listing:
     commit: str
     files: list[RepoFile]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def link(blob: Path, pointer: Path) -> None:
+    """``snapshots/<commit>/<name>`` -> ``blobs/<etag>``, relative, as huggingface_hub makes them."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    temporary = pointer.with_name(pointer.name + ".sparkd-link")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(os.path.relpath(blob, pointer.parent))
+    temporary.replace(pointer)
+
+
+def write_ref(cache: Path, repo: str, revision: str, commit: str) -> None:
+    refs = cache / repo_folder(repo) / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / revision).write_text(commit)
 
 
 @dataclass(frozen=True)
@@ -47,8 +87,44 @@ class HubClient:
         return Listing(commit=info.sha or revision, files=files)
 
     def download(self, repo: str, name: str, commit: str, cache: Path) -> Path:
+        """The file in ``cache`` (downloaded, or resumed from an earlier pull's partial blob); its snapshot path."""
+        pointer = cache / repo_folder(repo) / "snapshots" / commit / name
+        if pointer.exists():
+            return pointer
         try:
-            path = hf_hub_download(repo, name, revision=commit, cache_dir=cache, token=self.token, endpoint=self.endpoint)
+            self._fetch(repo, name, commit, cache, pointer)
+        except HubError:
+            raise
         except Exception as error:  # noqa: BLE001 - as in listing: any failure of one file fails the pull, with its reason
             raise HubError(f"could not download {name} of {repo}: {error}") from None
-        return Path(str(path))
+        return pointer
+
+    def _fetch(self, repo: str, name: str, commit: str, cache: Path, pointer: Path) -> None:
+        url = hf_hub_url(repo, name, revision=commit, endpoint=self.endpoint)
+        metadata = get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint)
+        etag = metadata.etag or ""
+        if not ETAG.match(etag):
+            raise HubError(f"the hub sent no usable ETag for {name} of {repo} ({etag[:40]!r}); try again later")
+        blob = cache / repo_folder(repo) / "blobs" / etag
+        if not blob.exists():
+            self._transfer(metadata.location, blob, metadata.size, name)
+            if SHA256.match(etag) and _sha256(blob.with_name(etag + ".incomplete")) != etag:
+                blob.with_name(etag + ".incomplete").unlink()
+                raise HubError(f"{name} of {repo} arrived corrupted (its SHA-256 is not the hub's); pull it again")
+            blob.with_name(etag + ".incomplete").replace(blob)
+        link(blob, pointer)
+
+    def _transfer(self, location: str, blob: Path, size: int | None, name: str) -> None:
+        partial = blob.with_name(blob.name + ".incomplete")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        # The token goes to the hub only, never to the storage host a file's location may redirect to.
+        same_host = urlsplit(location).hostname == urlsplit(self.endpoint or DEFAULT_ENDPOINT).hostname
+        headers = build_hf_headers(token=self.token if same_host else False)
+        with partial.open("ab") as handle:
+            resume = handle.tell()
+            if size is not None and resume > size:
+                handle.truncate(0)
+                resume = 0
+            http_get(location, handle, resume_size=resume, headers=headers, expected_size=size, displayed_filename=name)
+        if size is not None and partial.stat().st_size != size:
+            raise HubError(f"{name}: the hub sent {partial.stat().st_size} of its {size} bytes; pull again to resume")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .cache import COMPLETION_FILE, CacheDirs, repo_folder, snapshot
 from .disk import check_space
-from .hub import HubClient, Listing
+from .hub import HubClient, Listing, write_ref
 from .selection import RepoFile, index_file, is_weight, select_files
 
 
@@ -61,6 +61,8 @@ def missing_bytes(steps: list[tuple[RepoFile, Path]], repo: str) -> int:
 def pull(model: str, hub: HubClient, dirs: CacheDirs, repo: str, reserve: int, counters: PullCounters) -> None:
     """Pull ``repo`` into ``dirs``; raises ``HubError``, ``DiskTooSmall`` or ``PullCancelled``."""
     listing = hub.listing(repo)
+    for cache in dirs.all():
+        write_ref(cache, repo, "main", listing.commit)
     steps = plan(hub, dirs, repo, listing)
     counters.steps = steps
     counters.total_bytes = sum(f.size for f, _ in steps)
