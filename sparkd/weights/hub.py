@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils._headers import build_hf_headers
 
 from .cache import repo_folder
 from .selection import RepoFile
