@@ -13,6 +13,7 @@ decoys in formats vLLM does not need, which a pull must leave alone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -65,6 +66,8 @@ class StandInHub:
     cut_after: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, file or api path, Range header) of every request."""
+    rate_bps: float | None = None
+    """Bytes per second at most for a file's content (a transfer slow enough to watch its progress)."""
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
     _digests: dict[str, str] = field(default_factory=dict)
@@ -137,9 +140,11 @@ class StandInHub:
                     assert request.transport is not None
                     request.transport.abort()  # the connection drops mid-file
                     return response
-                chunk = handle.read(min(1 << 20, stop - offset if stop > offset else 1 << 20))
+                chunk = handle.read(min(1 << 20, stop - offset))
                 await response.write(chunk)
                 offset += len(chunk)
+                if self.rate_bps:
+                    await asyncio.sleep(len(chunk) / self.rate_bps)
         await response.write_eof()
         return response
 

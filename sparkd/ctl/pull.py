@@ -16,7 +16,7 @@ from .adminclient import Client, CtlError, model_path
 from .render import human_bytes
 
 POLL_S = 0.5
-PLAIN_EVERY_S = 5.0
+PLAIN_EVERY_S = 2.0
 BAR_WIDTH = 30
 
 
