@@ -54,6 +54,7 @@ from .scheduler.scheduler import Scheduler
 from .scheduler.stall import watch_for_stalls
 from .scheduler.status import status_line
 from .scheduler.watch import watch_serving_engines
+from .weights.peers import PeerPulls
 from .weights.service import WeightService
 
 log = structlog.get_logger("sparkd")
@@ -156,6 +157,8 @@ class Daemon:
         scheduler: Scheduler  # built after the coordinator, which reports lost workers to it
         coordinator = await _head_coordinator(stack, config, lambda model, reason: scheduler.model_lost(model, reason))
         weights = WeightService(config)
+        if coordinator is not None:
+            weights.peer_pull = PeerPulls(coordinator.peers, coordinator.client).follow
         stack.push_async_callback(weights.close)
         lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator, weights=weights)
         scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)

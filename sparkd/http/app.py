@@ -30,6 +30,7 @@ from ..fixups.context import TokenizeFailures
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
+from ..weights.peers import WORKER_WEIGHTS_PATH
 from ..weights.service import WeightService
 from . import anthropic, cors
 from .admin import AdminRoutes
@@ -176,6 +177,8 @@ def route_access(request: web.Request) -> tuple[frozenset[str], str]:
         paths.append(resource.canonical)
     if any(path == LEASE_PATH or path.startswith(LEASE_PATH + "/") for path in paths):
         return PEER_ROLES, "a worker lease"
+    if any(path.startswith(WORKER_WEIGHTS_PATH + "/") for path in paths):
+        return PEER_ROLES, "a worker's weights"
     if VERSION_PATH in paths:
         return VERSION_ROLES, "the version endpoint"
     if any(path.startswith(("/api/", "/metrics")) for path in paths):

@@ -142,7 +142,11 @@ class WeightService:
 
     def start(self, name: str) -> PullJob:
         """The model's running pull, or a new one; raises ``WeightsUnavailable`` for a model it cannot pull."""
-        model = self.model(name)
+        return self.start_model(self.model(name))
+
+    def start_model(self, model: ModelConfig) -> PullJob:
+        """As ``start``, for a model table of its own (a peer's worker of a head's model, ``peers``)."""
+        name = model.name
         job = self.jobs.get(name)
         if job is not None and job.state == "pulling":
             return job

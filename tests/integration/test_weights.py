@@ -245,7 +245,7 @@ async def test_first_request_waits_through_the_pull_and_the_real_vllm_answers(
     comments: list[str] = []
 
     async def ask() -> tuple[int, str]:
-        payload = {"model": name, "stream": True, "max_tokens": 16,
+        payload = {"model": name, "stream": True, "max_tokens": 24, "temperature": 0,
                    "messages": [{"role": "user", "content": "What is the capital of France?"}]}
         async with aiohttp.ClientSession() as session:
             async with session.post(sparkd.base_url + "/v1/chat/completions", json=payload,
