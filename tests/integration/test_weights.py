@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 import realvllm
-from harness import REPO, Sparkd, engine_model
+from harness import REPO, Sparkd, engine_model, free_port, write_keys
 from opskit import ctl, socket_path
 from standin_hub import StandInHub, file_digest, model_files, snapshot_file
 
@@ -278,3 +278,77 @@ async def test_first_request_waits_through_the_pull_and_the_real_vllm_answers(
     assert "HF_HUB_OFFLINE=1" in podman_env.splitlines()
     print(f"first request answered after {took:.0f} s (pull at {hub.rate_bps / 1e6:.0f} MB/s, then the engine's load); "
           f"comments while pulling: {downloading[:2]}")
+
+
+PEER_KEY = "sk-sparkd-peer-weights-0123456789"
+PEER_ADMIN_KEY = "sk-sparkd-peer-weights-admin-01234"
+
+
+def two_nodes(sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path) -> tuple[Sparkd, Sparkd]:
+    """Node b, whose [workers] table mounts its own cache, and a head whose model spans local + b."""
+    peer = sparkd_factory({}, {**weights_settings(hub), "cluster": {"address": "127.0.0.1", "devices": []}}, name="peer")
+    peer.settings["workers"] = {
+        peer.model("big"): {"image": engine_image, "gpu": False, "gpu_memory": 0.5,
+                            "volumes": [f"{tmp_path / 'hf-b'}:/root/.cache/huggingface"]},
+    }
+    peer.settings["server"] = {"instance": peer.prefix + "b", "anonymous": "off"}
+    peer.write_config()
+    write_keys(peer.workdir / "keys.toml", {"head-a": {"key": PEER_KEY, "role": "peer"},
+                                            "ops": {"key": PEER_ADMIN_KEY, "role": "admin"}})
+    peer.admin_key = PEER_ADMIN_KEY
+    key_file = tmp_path / "peer-b.key"
+    key_file.write_text(PEER_KEY + "\n")
+    key_file.chmod(0o600)
+    big = pulled_model(engine_image, tmp_path / "hf-a", claim=0.5, nodes=["local", "b"], port=free_port())
+    head = sparkd_factory({"big": big}, {
+        **weights_settings(hub), "cluster": {"address": "127.0.0.1", "devices": []},
+        "peers": {"b": {"url": peer.base_url, "key_file": str(key_file), "address": "127.0.0.1", "insecure": True}},
+    }, name="head")
+    return head, peer
+
+
+async def test_a_two_node_models_pull_fills_both_nodes_caches(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    head, peer = two_nodes(sparkd_factory, engine_image, hub, tmp_path)
+    await peer.start()
+    await head.start()
+    hub.rate_bps = 60e6
+    name = head.model("big")
+    watched: list[dict[str, Any]] = []
+    pulling = asyncio.create_task(ctl(head, "pull", name, timeout=180))
+    while not pulling.done():
+        watched += [p for p in await pulls(head) if p["state"] == "pulling"]
+        await asyncio.sleep(0.3)
+    code, out, err = await pulling
+    assert code == 0, out + err + head.logs()[-2000:]
+    assert f"{name}: done" in out and f"{name}@b: done" in out, out
+    # Both progresses while it ran: the head's own and the peer's, in one pull.
+    both = [p for p in watched if p["peers"] and p["peers"][0].get("done_bytes")]
+    assert both, watched
+    assert both[-1]["peers"][0]["node"] == "b" and both[-1]["peers"][0]["total_bytes"] > 0
+    for cache in (tmp_path / "hf-a", tmp_path / "hf-b"):
+        assert file_digest(snapshot_file(cache / "hub", REPO_ID, WEIGHTS)) == hub.digest(WEIGHTS), cache
+        assert snapshot_file(cache / "hub", REPO_ID, "config.json").exists()
+    # Each node downloaded its own copy.
+    assert len(hub.downloads(WEIGHTS)) == 2
+    [on_peer] = (await peer.admin("GET", "/api/pulls"))[1]["pulls"]
+    assert on_peer["state"] == "done" and on_peer["model"] == name
+
+
+async def test_a_peer_refuses_bad_weight_requests(sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path) -> None:
+    head, peer = two_nodes(sparkd_factory, engine_image, hub, tmp_path)
+    await peer.start()
+    path = f"{peer.base_url}/api/worker-weights/{head.model('big')}"
+    good = {"repo": REPO_ID, "hub_path": "/root/.cache/huggingface/hub", "weights_path": "/root/.cache/huggingface/hub"}
+    async with aiohttp.ClientSession() as session:
+        async def post(body: Any, key: str = PEER_KEY, url: str = path) -> tuple[int, Any]:
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+                return response.status, await response.json()
+
+        assert (await post({**good, "repo": "../../etc"}))[1]["error"]["code"] == "invalid_repo"
+        assert (await post({**good, "hub_path": "/root/../../etc"}))[1]["error"]["code"] == "invalid_path"
+        assert (await post({**good, "weights_path": "relative/dir"}))[1]["error"]["code"] == "invalid_path"
+        assert (await post(good, url=f"{peer.base_url}/api/worker-weights/not-a-worker"))[0] == 404
+        assert (await post(good, key=PEER_ADMIN_KEY))[0] == 403  # the peer API is for heads' peer keys
+    assert not hub.requests
