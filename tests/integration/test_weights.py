@@ -26,7 +26,7 @@ import pytest
 
 import realvllm
 from harness import REPO, Sparkd, engine_model, free_port, write_keys
-from opskit import ctl, socket_path
+from opskit import CHROMIUM, Browser, ctl, socket_path
 from standin_hub import StandInHub, file_digest, model_files, snapshot_file
 
 pytestmark = pytest.mark.podman
@@ -352,3 +352,34 @@ async def test_a_peer_refuses_bad_weight_requests(sparkd_factory: Any, engine_im
         assert (await post(good, url=f"{peer.base_url}/api/worker-weights/not-a-worker"))[0] == 404
         assert (await post(good, key=PEER_ADMIN_KEY))[0] == 403  # the peer API is for heads' peer keys
     assert not hub.requests
+
+
+async def test_a_running_pull_shows_in_sparkctl_status_and_on_the_status_page(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} missing: tests/setup/host.sh installs it")
+    sparkd = sparkd_factory({"m": pulled_model(engine_image, tmp_path / "hf")}, weights_settings(hub))
+    admin = "sk-test-weights-admin-0123456789ab"
+    write_keys(sparkd.workdir / "keys.toml", {"ops": {"key": admin, "role": "admin"}})
+    await sparkd.start()
+    name = sparkd.model("m")
+    hub.rate_bps = 15e6
+    status, body = await sparkd.admin("POST", f"/api/models/{name}/pull")
+    assert status == 202 and body["model"] == name and body["state"] == "pulling", body
+    async with Browser() as browser:
+        await browser.goto(sparkd.base_url + "/")
+        await browser.wait_until("!document.getElementById('auth').hidden")
+        await browser.evaluate(
+            f"document.getElementById('auth-key').value = {json.dumps(admin)};"
+            "document.getElementById('auth-form').requestSubmit()"
+        )
+        shown = await browser.wait_until(
+            "(t => t && t.includes('/s') && t)(document.querySelector('#pulls .progress-text')?.textContent)", timeout=20,
+        )
+        assert shown.startswith(f"{name}: ") and " MB of 272.6 MB" in shown, shown
+        assert await browser.evaluate("document.getElementById('pulls-section').hidden") is False
+    code, out, _ = await ctl(sparkd, "status")
+    assert code == 0 and "weights being pulled:" in out, out
+    line = next(line for line in out.splitlines() if line.strip().startswith(f"{name}:") and "%" in line)
+    assert " of 272.6 MB" in line and "left" in line, line
