@@ -66,6 +66,8 @@ class StandInHub:
     cut_after: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, file or api path, Range header) of every request."""
+    token: str | None = None
+    """A gated repository: every request needs ``Authorization: Bearer <token>`` (else 401, as the hub answers)."""
     rate_bps: float | None = None
     """Bytes per second at most for a file's content (a transfer slow enough to watch its progress)."""
     port: int = field(default_factory=free_port)
@@ -101,8 +103,17 @@ class StandInHub:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def refused(self, request: web.Request) -> web.Response | None:
+        if self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}":
+            return None
+        return web.json_response({"error": "Access to this model is restricted."}, status=401,
+                                 headers={"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted"})
+
     async def model_info(self, request: web.Request) -> web.Response:
         self.requests.append(("GET", request.path, None))
+        refused = self.refused(request)
+        if refused is not None:
+            return refused
         siblings = []
         for name in self.files():
             size = (self.root / name).stat().st_size
@@ -116,6 +127,9 @@ class StandInHub:
     async def resolve(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         self.requests.append((request.method, name, request.headers.get("Range")))
+        refused = self.refused(request)
+        if refused is not None:
+            return refused
         path = self.root / name
         if name not in self.files():
             return web.json_response({"error": "Entry not found"}, status=404, headers={"X-Error-Code": "EntryNotFound"})

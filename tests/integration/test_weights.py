@@ -383,3 +383,66 @@ async def test_a_running_pull_shows_in_sparkctl_status_and_on_the_status_page(
     assert code == 0 and "weights being pulled:" in out, out
     line = next(line for line in out.splitlines() if line.strip().startswith(f"{name}:") and "%" in line)
     assert " of 272.6 MB" in line and "left" in line, line
+
+
+async def test_a_gated_repository_takes_the_token_from_an_owner_only_file(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "hf-token"
+    sparkd = sparkd_factory({"m": pulled_model(engine_image, tmp_path / "hf")}, weights_settings(hub, token_file=str(token_file)))
+    await sparkd.start()
+    name = sparkd.model("m")
+    hub.token = "hf_test_token_0123456789"
+
+    code, out, _ = await ctl(sparkd, "pull", name)  # no token file: the hub refuses, sparkd says what to do
+    assert code == 1 and "is gated" in out and "weights.token_file" in out, out
+    token_file.write_text(hub.token + "\n")
+    token_file.chmod(0o644)
+    code, out, _ = await ctl(sparkd, "pull", name)
+    assert code == 1, out
+    assert f"the hub token file {token_file} cannot be used" in out and f"chmod 600 {token_file}" in out, out
+    assert hub.token not in out + sparkd.logs()
+    token_file.chmod(0o600)
+    code, out, _ = await ctl(sparkd, "pull", name, timeout=120)
+    assert code == 0 and f"{name}: done" in out, out
+    assert hub.token not in sparkd.logs()
+
+
+async def test_pull_all_enabled_takes_every_enabled_model_with_weights(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    sparkd = sparkd_factory({
+        "one": pulled_model(engine_image, tmp_path / "hf"),
+        "off": pulled_model(engine_image, tmp_path / "hf-off", enabled=False, disabled_reason="test"),
+        "plain": engine_model(engine_image),
+    }, weights_settings(hub))
+    await sparkd.start()
+    code, out, _ = await ctl(sparkd, "pull", "--all-enabled", timeout=120)
+    assert code == 0 and f"{sparkd.model('one')}: done" in out, out
+    assert sparkd.model("off") not in out and sparkd.model("plain") not in out
+    assert not (tmp_path / "hf-off").exists()
+    code, out, err = await ctl(sparkd, "pull", sparkd.model("plain"))
+    assert code == 1 and "names no hf_model" in err, out + err
+    code, out, err = await ctl(sparkd, "pull")
+    assert code == 2 and "--all-enabled" in err, out + err
+
+
+async def test_the_start_timeout_does_not_count_the_download(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    # A pull of about 9 s at this rate, then an engine that loads in 1 s, under a start timeout of 4 s.
+    sparkd = sparkd_factory(
+        {"m": pulled_model(engine_image, tmp_path / "hf", start_timeout_s=4.0, env={"FAKE_LOAD_DELAY": "1"})},
+        weights_settings(hub),
+    )
+    await sparkd.start()
+    hub.rate_bps = 30e6
+    began = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        status, body = await sparkd.chat(session, "m", "after the pull")
+    took = time.monotonic() - began
+    assert status == 200, (body, sparkd.logs()[-2000:])
+    assert took > 6.0, took  # the request did wait through the whole pull...
+    [load] = [line for line in sparkd.logs().splitlines() if "event=load_finished" in line]
+    assert "outcome=ready" in load  # ...and the start, timed from the container's launch, fit its 4 s
+    print(f"request answered after {took:.1f} s: the pull, then {load.split('took_s=')[1].split()[0]} s of load")
