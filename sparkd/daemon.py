@@ -54,7 +54,7 @@ from .scheduler.scheduler import Scheduler
 from .scheduler.stall import watch_for_stalls
 from .scheduler.status import status_line
 from .scheduler.watch import watch_serving_engines
-from .weights.peers import PeerPulls
+from .weights.peerpulls import PeerPulls
 from .weights.service import WeightService
 
 log = structlog.get_logger("sparkd")

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..private_files import PrivateFileError, read_private_file
-from . import pull, render
+from . import pulls, render
 from .adminclient import DEFAULT_SOCKET, Client, CtlError, Target, model_path
 
 DEFAULT_CONFIG = "/etc/sparkd/sparkd.toml"
@@ -39,7 +39,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     data = client.get_json("/api/status")
     emit(args, data, render.status)
     if not args.json:
-        pulling = pull.status_lines(client)
+        pulling = pulls.status_lines(client)
         if pulling:
             print("\nweights being pulled:\n" + "\n".join("  " + line for line in pulling))
     return 0
@@ -228,7 +228,7 @@ HANDLERS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "top": cmd_top,
     "prepare": cmd_prepare,
     "history": cmd_history,
-    "pull": pull.cmd_pull,
+    "pull": pulls.cmd_pull,
 }
 
 

@@ -30,7 +30,7 @@ from ..fixups.context import TokenizeFailures
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
-from ..weights.peers import WORKER_WEIGHTS_PATH
+from ..weights.peerpulls import WORKER_WEIGHTS_PATH
 from ..weights.service import WeightService
 from . import anthropic, cors
 from .admin import AdminRoutes

@@ -11,7 +11,7 @@ from aiohttp import web
 from .. import __version__
 from ..cluster.workers import WorkerRequest
 from ..errors import ModelDisabled, NotFound
-from ..weights.peers import WORKER_WEIGHTS_PATH, PeerWeightRequest
+from ..weights.peerpulls import WORKER_WEIGHTS_PATH, PeerWeightRequest
 from ..weights.service import WeightsUnavailable
 from .appkeys import SNAPSHOT, WEIGHTS, WORKERS
 from .auth import PRINCIPAL

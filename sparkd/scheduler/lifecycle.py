@@ -26,7 +26,7 @@ from ..runtime.containerlogs import LogFollower
 from ..runtime.containers import ContainerInfo
 from ..runtime.failures import PortInUse, RuntimeFailure
 from ..runtime.podman import PodmanRuntime
-from ..weights.progress import pull_progress
+from ..weights.loadstage import pull_progress
 from ..weights.service import PullJob, WeightService, WeightsUnavailable
 from .contract import ProgressSink
 from .guard import LoadWatch, Tripped, guard_message

@@ -39,7 +39,7 @@ class PullJob:
     model: str
     repo: str
     node: str = "local"
-    state: PullState = "pulling"
+    outcome: PullState = "pulling"
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     done_bytes: int = 0
@@ -62,7 +62,7 @@ class PullJob:
 
     @property
     def eta_s(self) -> float | None:
-        if self.state != "pulling" or not self.rate_bps or not self.total_bytes:
+        if self.outcome != "pulling" or not self.rate_bps or not self.total_bytes:
             return None
         return max(0.0, (self.total_bytes - self.done_bytes) / self.rate_bps)
 
@@ -78,7 +78,7 @@ class PullJob:
     def view(self) -> dict[str, Any]:
         eta = self.eta_s
         return {
-            "model": self.model, "repo": self.repo, "node": self.node, "state": self.state,
+            "model": self.model, "repo": self.repo, "node": self.node, "state": self.outcome,
             "phase": self.counters.phase, "file": self.counters.current,
             "files": self.counters.files, "files_done": self.counters.files_done,
             "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
@@ -138,7 +138,7 @@ class WeightService:
         return await asyncio.to_thread(read)
 
     def running(self) -> list[PullJob]:
-        return [job for job in self.jobs.values() if job.state == "pulling"]
+        return [job for job in self.jobs.values() if job.outcome == "pulling"]
 
     def start(self, name: str) -> PullJob:
         """The model's running pull, or a new one; raises ``WeightsUnavailable`` for a model it cannot pull."""
@@ -148,7 +148,7 @@ class WeightService:
         """As ``start``, for a model table of its own (a peer's worker of a head's model, ``peers``)."""
         name = model.name
         job = self.jobs.get(name)
-        if job is not None and job.state == "pulling":
+        if job is not None and job.outcome == "pulling":
             return job
         try:
             dirs = cache_dirs(model)
@@ -165,7 +165,7 @@ class WeightService:
     async def wait(self, job: PullJob) -> None:
         """Until the pull ends; raises ``WeightsUnavailable`` with its failure."""
         await job.finished.wait()
-        if job.state == "failed":
+        if job.outcome == "failed":
             raise WeightsUnavailable(job.error or f"the pull of model {job.model} failed")
 
     async def _run(self, model: ModelConfig, dirs: CacheDirs, job: PullJob) -> None:
@@ -177,10 +177,10 @@ class WeightService:
             if peers is not None:
                 await peers
         except (HubError, DiskTooSmall, TokenFileError, WeightsUnavailable, PullCancelled) as error:
-            job.state, job.error = "failed", str(error)
+            job.outcome, job.error = "failed", str(error)
             log.error("weights_pull_failed", model=job.model, repo=job.repo, error=str(error))
         else:
-            job.state = "done"
+            job.outcome = "done"
             log.info("weights_pull_done", model=job.model, repo=job.repo, bytes=job.total_bytes,
                      took_s=round(time.monotonic() - began, 1))
         finally:
