@@ -13,10 +13,13 @@ ETag is a SHA-256 (the hub's large files) is checked against it before it is use
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
@@ -35,6 +38,24 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 
 class HubError(Exception):
     """The hub refused or could not be reached; the message says which repository and what to do."""
+
+
+class PullCancelled(Exception):
+    """The daemon stops: a download ends at its next write (its partial file stays, to be resumed)."""
+
+
+class StoppableFile(io.FileIO):
+    """A partial blob opened for appending whose writes end the download once ``stop`` is set, so a
+    worker thread never holds the daemon's shutdown for the rest of a 30 GB file."""
+
+    def __init__(self, path: Path, stop: threading.Event) -> None:
+        super().__init__(path, "ab")
+        self._stop = stop
+
+    def write(self, data: Any) -> int:
+        if self._stop.is_set():
+            raise PullCancelled(str(self.name))
+        return super().write(data)
 
 
 @dataclass(frozen=True)
@@ -69,7 +90,9 @@ def write_ref(cache: Path, repo: str, revision: str, commit: str) -> None:
 @dataclass(frozen=True)
 class HubClient:
     endpoint: str | None
-    token: str | None
+    token: str | None = field(default=None, repr=False)
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set when the daemon stops: the running download ends at its next write."""
 
     def listing(self, repo: str, revision: str = "main") -> Listing:
         try:
@@ -93,7 +116,7 @@ class HubClient:
             return pointer
         try:
             self._fetch(repo, name, commit, cache, pointer)
-        except HubError:
+        except (HubError, PullCancelled):
             raise
         except Exception as error:  # noqa: BLE001 - as in listing: any failure of one file fails the pull, with its reason
             raise HubError(f"could not download {name} of {repo}: {error}") from None
@@ -120,7 +143,7 @@ class HubClient:
         # The token goes to the hub only, never to the storage host a file's location may redirect to.
         same_host = urlsplit(location).hostname == urlsplit(self.endpoint or DEFAULT_ENDPOINT).hostname
         headers = build_hf_headers(token=self.token if same_host else False)
-        with partial.open("ab") as handle:
+        with StoppableFile(partial, self.stop) as handle:
             resume = handle.tell()
             if size is not None and resume > size:
                 handle.truncate(0)

@@ -7,13 +7,12 @@ without a manifest of sparkd's own, and a cache vLLM filled itself reads the sam
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import COMPLETION_FILE, CacheDirs, repo_folder, snapshot
 from .disk import check_space
-from .hub import HubClient, Listing, write_ref
+from .hub import HubClient, Listing, PullCancelled, write_ref
 from .selection import RepoFile, index_file, is_weight, select_files
 
 
@@ -27,11 +26,6 @@ class PullCounters:
     phase: str = "listing"
     current: str = ""
     steps: list[tuple[RepoFile, Path]] = field(default_factory=list)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class PullCancelled(Exception):
-    pass
 
 
 def plan(hub: HubClient, dirs: CacheDirs, repo: str, listing: Listing) -> list[tuple[RepoFile, Path]]:
@@ -71,7 +65,7 @@ def pull(model: str, hub: HubClient, dirs: CacheDirs, repo: str, reserve: int, c
     check_space(model, dirs.weights, missing_bytes(steps, repo), reserve)
     counters.phase = "downloading"
     for f, cache in steps:
-        if counters.cancelled.is_set():
+        if hub.stop.is_set():
             raise PullCancelled(model)
         counters.current = f.name
         hub.download(repo, f.name, listing.commit, cache)

@@ -8,6 +8,7 @@ counts what an interrupted earlier pull left to resume.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,8 +20,8 @@ import structlog
 from ..config import Config, ModelConfig
 from .cache import CacheDirs, NoHostCache, Presence, cache_dirs, presence
 from .disk import DiskTooSmall
-from .hub import HubClient, HubError
-from .pull import PullCancelled, PullCounters, done_bytes, pull
+from .hub import HubClient, HubError, PullCancelled
+from .pull import PullCounters, done_bytes, pull
 from .token import TokenFileError, read_token
 
 log = structlog.get_logger("sparkd.weights")
@@ -46,6 +47,8 @@ class PullJob:
     rate_bps: float | None = None
     error: str | None = None
     counters: PullCounters = field(default_factory=PullCounters)
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Ends the pull's download at its next write (the daemon stops)."""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     listeners: list[Callable[[PullJob], None]] = field(default_factory=list)
     samples: deque[tuple[float, int]] = field(default_factory=deque)
@@ -193,7 +196,7 @@ class WeightService:
     async def _pull_here(self, model: ModelConfig, dirs: CacheDirs, job: PullJob) -> None:
         weights = self.config.weights
         token = await asyncio.to_thread(read_token, weights.token_file)
-        hub = HubClient(endpoint=weights.endpoint or None, token=token)
+        hub = HubClient(endpoint=weights.endpoint or None, token=token, stop=job.stop)
         assert model.hf_model is not None
         worker = asyncio.ensure_future(
             asyncio.to_thread(pull, model.name, hub, dirs, model.hf_model, weights.reserve_bytes, job.counters)
@@ -205,7 +208,7 @@ class WeightService:
                     job.record(time.monotonic(), await asyncio.to_thread(done_bytes, job.counters.steps, job.repo))
                 self._tell(job)
         except asyncio.CancelledError:
-            job.counters.cancelled.set()
+            job.stop.set()
             raise
         worker.result()
 
@@ -215,7 +218,7 @@ class WeightService:
 
     async def close(self) -> None:
         for job in self.running():
-            job.counters.cancelled.set()
+            job.stop.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

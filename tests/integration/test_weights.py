@@ -446,3 +446,34 @@ async def test_the_start_timeout_does_not_count_the_download(
     [load] = [line for line in sparkd.logs().splitlines() if "event=load_finished" in line]
     assert "outcome=ready" in load  # ...and the start, timed from the container's launch, fit its 4 s
     print(f"request answered after {took:.1f} s: the pull, then {load.split('took_s=')[1].split()[0]} s of load")
+
+
+async def test_a_daemon_stopped_mid_pull_exits_promptly_and_the_next_one_resumes(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    cache = tmp_path / "hf"
+    sparkd = sparkd_factory({"m": pulled_model(engine_image, cache)}, weights_settings(hub))
+    await sparkd.start()
+    name = sparkd.model("m")
+    hub.rate_bps = 10e6  # about 27 s for the whole file: the stop comes long before its end
+    assert (await sparkd.admin("POST", f"/api/models/{name}/pull"))[0] == 202
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        [pull] = await pulls(sparkd)
+        if pull["done_bytes"] > 20_000_000:
+            break
+        await asyncio.sleep(0.2)
+    began = time.monotonic()
+    assert await sparkd.stop(timeout=20) == 0
+    stopped_in = time.monotonic() - began
+    [partial] = (cache / "hub" / "models--test-org--smollm2-135m" / "blobs").glob("*.incomplete")
+    kept = partial.stat().st_size
+    assert kept > 0
+    print(f"stopped mid-pull in {stopped_in:.1f} s, {kept} bytes kept to resume")
+
+    hub.rate_bps = None
+    await sparkd.start()
+    code, out, _ = await ctl(sparkd, "pull", name, timeout=120)
+    assert code == 0, out
+    assert hub.downloads(WEIGHTS)[-1] == f"bytes={kept}-"
+    assert file_digest(snapshot_file(cache / "hub", REPO_ID, WEIGHTS)) == hub.digest(WEIGHTS)
