@@ -31,6 +31,7 @@ from .cache import repo_folder
 from .selection import RepoFile
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 ETAG = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
 """An ETag becomes a file name in the cache: anything else from the hub is refused."""
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -106,8 +107,12 @@ class HubClient:
             raise HubError(f"repository {repo} (revision {revision}) is not on the hub, or needs a token") from None
         except Exception as error:  # noqa: BLE001 - the hub client raises its own, its HTTP library's and OS errors: each is this pull's failure
             raise HubError(f"could not list repository {repo} on the hub: {error}") from None
+        commit = info.sha or ""
+        if not COMMIT.match(commit):
+            # It names a folder of the cache: anything but a commit hash from the hub is refused.
+            raise HubError(f"the hub answered no commit hash for {repo} ({commit[:60]!r}); check weights.endpoint")
         files = [RepoFile(s.rfilename, s.size or 0) for s in info.siblings or []]
-        return Listing(commit=info.sha or revision, files=files)
+        return Listing(commit=commit, files=files)
 
     def download(self, repo: str, name: str, commit: str, cache: Path) -> Path:
         """The file in ``cache`` (downloaded, or resumed from an earlier pull's partial blob); its snapshot path."""

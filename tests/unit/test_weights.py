@@ -128,3 +128,49 @@ def test_token_file(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     path.write_text("")
     assert read_token(str(path)) is None
+
+
+def test_a_download_stage_says_its_own_eta() -> None:
+    from sparkd.engine.progress import DOWNLOAD_PHASE, LoadProgress
+    from sparkd.http.loading import WaitView, describe_wait
+    from sparkd.scheduler.state import ModelState
+
+    pulling = LoadProgress(DOWNLOAD_PHASE, 0.45, "pulling org/tiny: 1.2 GB of 2.7 GB, 50.0 MB/s", eta_s=30.0)
+    view = WaitView("m", ModelState.STARTING, pulling, busy_for_s=25.0, usual_load_s=95.0)
+    # The download's ETA from its rate, not the model's usual load time.
+    assert describe_wait(view) == "sparkd: loading m, downloading weights 45%, about 30 s left"
+
+
+def test_pull_job_rate_and_eta_from_the_last_seconds() -> None:
+    from sparkd.weights.service import PullJob
+
+    job = PullJob(model="m", repo="org/tiny")
+    job.counters.total_bytes = 1_000_000_000
+    job.record(100.0, 0)
+    assert job.rate_bps is None and job.eta_s is None  # no rate before a second has passed
+    job.record(102.0, 100_000_000)
+    assert job.rate_bps == 50_000_000 and job.eta_s == 18.0 and job.fraction == 0.1
+    for second in range(3, 30):
+        job.record(100.0 + second, 100_000_000 + (second - 2) * 10_000_000)
+    assert job.rate_bps == pytest.approx(10_000_000)  # the window forgets the fast start
+    job.outcome = "done"
+    assert job.eta_s is None
+
+
+def test_an_hf_model_engine_runs_with_the_hub_offline(tmp_path: Path) -> None:
+    from sparkd.config import Config
+    from sparkd.runtime.spec import render
+
+    assert render(Config(), model(tmp_path)).env["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in render(Config(), ModelConfig(name="m", image="i")).env
+
+
+def test_a_hub_answer_without_a_commit_hash_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sparkd.weights import hub
+
+    answer = SimpleNamespace(sha="../../../etc", siblings=[])
+    monkeypatch.setattr(hub.HfApi, "model_info", lambda *args, **kwargs: answer)
+    with pytest.raises(hub.HubError, match="no commit hash"):
+        hub.HubClient(endpoint="http://127.0.0.1:9").listing("org/tiny")
