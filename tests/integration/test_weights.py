@@ -439,8 +439,18 @@ async def test_the_start_timeout_does_not_count_the_download(
     hub.rate_bps = 30e6
     began = time.monotonic()
     async with aiohttp.ClientSession() as session:
-        status, body = await sparkd.chat(session, "m", "after the pull")
+        asking = asyncio.create_task(sparkd.chat(session, "m", "after the pull"))
+        seen: list[dict[str, Any]] = []
+        while not asking.done():
+            model = await sparkd.model_status("m")
+            if (model.get("progress") or {}).get("phase") == "downloading weights":
+                seen.append(model)
+            await asyncio.sleep(0.3)
+        status, body = await asking
     took = time.monotonic() - began
+    # The status shows the download as the start's stage, with an ETA from its rate.
+    timed = [m for m in seen if m["eta_s"] is not None]
+    assert timed and all(m["eta_s"] > m["loading_for_s"] for m in timed), seen
     assert status == 200, (body, sparkd.logs()[-2000:])
     assert took > 6.0, took  # the request did wait through the whole pull...
     [load] = [line for line in sparkd.logs().splitlines() if "event=load_finished" in line]
