@@ -13,7 +13,7 @@ only: sparkctl imports it, and starts fast.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 # -- status ------------------------------------------------------------------------------
 
@@ -312,6 +312,15 @@ class HistoryDoc(TypedDict):
 # -- catalog and prepare -----------------------------------------------------------------------
 
 
+class WeightsDoc(TypedDict):
+    """A model's weights in the cache (models with ``hf_model`` only)."""
+
+    weights: str
+    """complete, partial or absent."""
+    weights_bytes: int
+    weights_repo: str
+
+
 class CatalogEntry(TypedDict):
     name: str
     enabled: bool
@@ -334,6 +343,7 @@ class CatalogEntry(TypedDict):
     hf_model: str | None
     notes: list[str]
     container: str
+    weights: NotRequired[WeightsDoc]
 
 
 class CatalogDoc(TypedDict):

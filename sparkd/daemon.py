@@ -55,6 +55,8 @@ from .scheduler.scheduler import Scheduler
 from .scheduler.stall import watch_for_stalls
 from .scheduler.status import status_line
 from .scheduler.watch import watch_serving_engines
+from .weights.peerpulls import PeerPulls
+from .weights.service import WeightService
 
 log = structlog.get_logger("sparkd")
 
@@ -90,6 +92,7 @@ class Services:
     ops: Operations
     memory: MemoryGauge
     fleet: Fleet
+    weights: WeightService | None = None
 
 
 class Daemon:
@@ -156,7 +159,11 @@ class Daemon:
         scheduler: Scheduler  # built after the coordinator, which reports lost workers to it
         peers, peer_client = await _peers(stack, config)
         coordinator = HeadCoordinator(config, peers, peer_client, lambda model, reason: scheduler.model_lost(model, reason)) if peers else None
-        lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator)
+        weights = WeightService(config)
+        if coordinator is not None:
+            weights.peer_pull = PeerPulls(coordinator.peers, coordinator.client).follow
+        stack.push_async_callback(weights.close)
+        lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator, weights=weights)
         scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)
         workers = WorkerLeases(scheduler)
         scheduler.subscribe(lambda _event: self._publish_status(scheduler))
@@ -171,14 +178,14 @@ class Daemon:
         fleet = Fleet(lambda: self.config, scheduler, peers, peer_client)
         await fleet.start()
         stack.push_async_callback(fleet.close)
-        return Services(runtime, engine, scheduler, workers, ops, memory, fleet)
+        return Services(runtime, engine, scheduler, workers, ops, memory, fleet, weights)
 
     async def _listen(self, stack: AsyncExitStack, services: Services, config: Config) -> list[Listener]:
         """Bind every ``server.listen`` address and the admin socket."""
         app = build_app(
             self.snapshot, scheduler=services.scheduler, engine=services.engine, runtime=services.runtime,
             operations=services.ops, workers=services.workers, tokenize_failures=self.tokenize_failures,
-            reconciled=self.reconciled, fleet=services.fleet,
+            reconciled=self.reconciled, fleet=services.fleet, weights=services.weights,
         )
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=5, keepalive_timeout=config.server.keepalive_timeout_s,

@@ -73,6 +73,9 @@ class FakeLifecycle(ModelLifecycle):
     def starts(self, name: str | None = None) -> int:
         return sum(1 for action, model in self.timeline if action == "start" and (name is None or model == name))
 
+    async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        return None  # the fake engines load no weights
+
     async def launch(self, runner: ModelRunner) -> Launched | Failed:
         self.running.add(runner.name)
         self._record("start", runner.name)

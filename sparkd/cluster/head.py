@@ -64,6 +64,12 @@ class HeadCoordinator:
         self._held: dict[str, list[HeldLease]] = {}
         self._heartbeats: dict[str, asyncio.Task[None]] = {}
 
+
+    @property
+    def client(self) -> PeerClient:
+        """The client of the peer API, for other calls to the same peers (the weights of a multi-node model)."""
+        return self._client
+
     def peer_nodes(self, model: ModelConfig) -> list[str]:
         return [node for node in model.nodes if node != LOCAL]
 

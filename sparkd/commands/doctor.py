@@ -22,6 +22,8 @@ from .. import __version__, encodingfiles
 from ..cluster.peers import PeerError, in_clear_text, load_peers
 from ..config import Config, parse_listen
 from ..hardware import cdi
+from ..weights.cache import NoHostCache, cache_dirs, presence
+from ..weights.disk import human
 
 MIN_FREE_DISK_GB = 50
 
@@ -136,6 +138,34 @@ def check_disk(config: Config) -> list[Check]:
     ]
 
 
+def check_weights(config: Config) -> list[Check]:
+    """Enabled models whose weights (``hf_model``) are not complete in the cache their container mounts."""
+    missing, present = [], 0
+    for model in config.enabled_models():
+        if not model.hf_model:
+            continue
+        try:
+            found = presence(cache_dirs(model), model.hf_model)
+        except NoHostCache as error:
+            missing.append((model.name, str(error)))
+            continue
+        if found.state == "complete":
+            present += 1
+        else:
+            detail = found.state + (f", {human(found.size)} so far" if found.size else "")
+            missing.append((model.name, f"{model.name} ({model.hf_model}: {detail})"))
+    if not missing:
+        return [Check("weights", True, f"the weights of {present} enabled models are in the cache")] if present else []
+    names = " ".join(name for name, _ in missing)
+    pulls = "they are pulled before their first start" if config.lifecycle.auto_pull else "lifecycle.auto_pull is off: their requests get a 503"
+    return [
+        Check(
+            "weights", False, f"enabled models without their weights: {'; '.join(text for _, text in missing)} ({pulls})",
+            f"sudo sparkctl pull {names}", warning=config.lifecycle.auto_pull,
+        )
+    ]
+
+
 def check_listen(config: Config) -> list[Check]:
     checks = []
     for address in config.server.listen:
@@ -230,6 +260,7 @@ def check_peers(config: Config) -> list[Check]:
 
 CHECKS: tuple[Callable[[Config], list[Check]], ...] = (
     check_podman, check_gpu, check_images, check_encodings, check_disk, check_listen, check_peers,
+    check_weights,
 )
 
 

@@ -30,6 +30,7 @@ from .schema import (
     PeerConfig,
     PodmanConfig,
     ServerConfig,
+    WeightsConfig,
     WorkerConfig,
 )
 from .validate import ConfigError, Problem, build, describe, key_path
@@ -54,6 +55,7 @@ SECTIONS = {
     "defaults": ContainerDefaults,
     "cluster": ClusterConfig,
     "engine_cache": EngineCacheConfig,
+    "weights": WeightsConfig,
 }
 # Sections made of named tables ([peers.<name>]), besides [models.<name>].
 NAMED_TABLES = {"peers": PeerConfig, "workers": WorkerConfig}

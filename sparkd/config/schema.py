@@ -205,6 +205,9 @@ class LifecycleConfig:
     (``scheduler/quantum.py``); "fifo": the next waiting model evicts it once its requests are done."""
     swap_cost_factor: AtLeastZeroFloat = 4.0
     """The quantum is max(min_uptime_s, swap_cost_factor x the model's measured load time)."""
+    auto_pull: bool = True
+    """A start of a model whose weights (``hf_model``) are not in the cache pulls them first; false: the
+    request is a 503 naming ``sparkctl pull MODEL``."""
 
 
 @dataclass(frozen=True)
@@ -424,6 +427,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class WeightsConfig:
+    """``sparkctl pull`` and the pulls before a start: where the hub is, its token, the disk kept free."""
+
+    token_file: str = "/etc/sparkd/hf-token"  # noqa: S105 - the path of the token file, not a token
+    """The Hugging Face token for gated repositories (owner-only, like the keys file); a missing file = no token."""
+    reserve_bytes: AtLeastZeroInt = 10 * 1024 * MIB
+    """Bytes a pull leaves free on the cache's filesystem: a pull that would take more is refused before it starts."""
+    endpoint: str = ""
+    """The hub's address (empty: huggingface_hub's own, or ``HF_ENDPOINT``): a mirror or a test hub."""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -437,6 +452,7 @@ class Config:
     """Fixup profiles by name: the built-in ones plus the ``[profiles.<name>]`` tables."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     engine_cache: EngineCacheConfig = field(default_factory=EngineCacheConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     workers: dict[str, WorkerConfig] = field(default_factory=dict)
     images: dict[str, ImageConfig] = field(default_factory=dict)

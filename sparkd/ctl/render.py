@@ -192,6 +192,9 @@ def models(data: CatalogDoc) -> str:
             notes.append(f"  {model['name']}: {note}")
         if model.get("aliases"):
             notes.append(f"  {model['name']}: aliases: {', '.join(model['aliases'])}")
+        weights = model.get("weights")
+        if weights:
+            notes.append(f"  {model['name']}: weights: {weights['weights']}, {human_bytes(weights['weights_bytes'])} ({weights['weights_repo']})")
     out = table(["MODEL", "AVAILABILITY", "LIFECYCLE", "CLAIM", "CONTEXT", "STATE", "IMAGE"], rows, right=(3, 4))
     return out + ("\n\nnotes:\n" + "\n".join(notes) if notes else "")
 
@@ -324,3 +327,12 @@ def recent(data: LiveStatus, count: int = 8) -> str:
         reason = f" ({event['reason']})" if event.get("reason") else ""
         lines.append(f"  {when}  {event['model']}: {event['from']} -> {event['to']}{reason}")
     return "\n".join(lines)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import __version__
 from ..private_files import PrivateFileError, read_private_file
-from . import render
+from . import pulls, render
 from .adminclient import DEFAULT_SOCKET, Client, CtlError, Target, model_path
 
 DEFAULT_CONFIG = "/etc/sparkd/sparkd.toml"
@@ -39,6 +39,10 @@ DEFAULT_CONFIG = "/etc/sparkd/sparkd.toml"
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     data = client.get_json("/api/status")
     emit(args, data, render.status_with_fleet)
+    if not args.json:
+        pulling = pulls.status_lines(client)
+        if pulling:
+            print("\nweights being pulled:\n" + "\n".join("  " + line for line in pulling))
     return 0
 
 
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("-n", "--iterations", type=int, default=0, metavar="N", help="stop after N refreshes (default: never)")
     prepare = add("prepare", "create the containers of the enabled (or named) models ahead of time and check their images")
     prepare.add_argument("models", nargs="*", metavar="model")
+    pulling = add("pull", "download models' weights into the cache their containers mount (resumable), with progress")
+    pulling.add_argument("models", nargs="*", metavar="model")
+    pulling.add_argument("--all-enabled", action="store_true", help="every enabled model that names an hf_model")
     history = add("history", "load times, sessions, requests and tokens per day, peak memory")
     history.add_argument("model", nargs="?")
     history.add_argument("--days", type=int, default=30, help="per-day usage for this many days (default 30)")
@@ -238,6 +245,7 @@ HANDLERS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "history": cmd_history,
     "usage": cmd_usage,
+    "pull": pulls.cmd_pull,
 }
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+DOWNLOAD_PHASE = "downloading weights"
 # Ordered: the first pattern that matches a line names its phase.
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Not vLLM's config line, which names "download_dir=None" whether anything downloads or not.
-    ("downloading weights", re.compile(r"(?i)\bdownloading\b|fetching \d+ files|download(ed)? (weights|model)")),
+    (DOWNLOAD_PHASE, re.compile(r"(?i)\bdownloading\b|fetching \d+ files|download(ed)? (weights|model)")),
     ("loading weights", re.compile(r"(?i)loading (safetensors )?checkpoint shards|loading weights|load_tensors|llama_model_load")),
     # Not "Enforce eager set, disabling torch.compile": vLLM prints that when it compiles nothing.
     ("compiling", re.compile(
@@ -30,6 +31,8 @@ class LoadProgress:
     fraction: float | None
     """Completion of the current phase in [0, 1], when the engine printed one."""
     line: str
+    eta_s: float | None = None
+    """Seconds left by the step's own measure (a weights download's rate), when it has one."""
 
     def describe(self) -> str:
         if self.fraction is None:

@@ -33,6 +33,8 @@ from ..fleet.relay import FORWARD_PREFIX
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
+from ..weights.peerpulls import WORKER_WEIGHTS_PATH
+from ..weights.service import WeightService
 from . import anthropic, cors
 from .admin import AdminRoutes
 from .appkeys import (
@@ -44,6 +46,7 @@ from .appkeys import (
     SCHEDULER,
     SNAPSHOT,
     TOKENIZE_FAILURES,
+    WEIGHTS,
     WORKERS,
 )
 from .auth import (
@@ -65,6 +68,7 @@ from .operator import OpsRoutes
 from .page import PAGE_PATHS, PageRoutes
 from .routing import shown
 from .snapshot import SnapshotHolder
+from .weights import WeightRoutes
 
 log = structlog.get_logger("sparkd.http")
 
@@ -86,6 +90,7 @@ def build_app(
     tokenize_failures: TokenizeFailures,
     reconciled: asyncio.Event,
     fleet: Fleet,
+    weights: WeightService | None = None,
 ) -> web.Application:
     """The application; each route takes the services it uses from the app's keys (``appkeys.py``)."""
     app = web.Application(
@@ -99,6 +104,7 @@ def build_app(
     app[SNAPSHOT], app[SCHEDULER], app[ENGINE], app[RUNTIME] = snapshot, scheduler, engine, runtime
     app[OPERATIONS], app[WORKERS], app[TOKENIZE_FAILURES], app[RECONCILED] = operations, workers, tokenize_failures, reconciled
     app[FLEET] = fleet
+    app[WEIGHTS] = weights or WeightService(snapshot.current.config)
     app.on_response_prepare.append(cors.on_response_prepare)
     HealthRoutes().add_to(app)
     openai_routes = OpenAIRoutes()
@@ -108,6 +114,7 @@ def build_app(
     ClusterRoutes().add_to(app)
     OpsRoutes().add_to(app)
     PageRoutes().add_to(app)
+    WeightRoutes().add_to(app)
     return app
 
 
@@ -183,6 +190,8 @@ def route_access(request: web.Request) -> tuple[frozenset[str], str]:
         return PEER_ROLES, "a worker lease"
     if any(path.startswith(FORWARD_PREFIX + "/") for path in paths):
         return PEER_ROLES, "the fleet API (requests forwarded by a peer sparkd)"
+    if any(path.startswith(WORKER_WEIGHTS_PATH + "/") for path in paths):
+        return PEER_ROLES, "a worker's weights"
     if VERSION_PATH in paths:
         return VERSION_ROLES, "the version endpoint"
     if any(path.startswith(("/api/", "/metrics")) for path in paths):

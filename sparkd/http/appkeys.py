@@ -13,6 +13,7 @@ from ..fleet.coordinator import Fleet
 from ..observe.operations import Operations
 from ..runtime.podman import PodmanRuntime
 from ..scheduler.scheduler import Scheduler
+from ..weights.service import WeightService
 from .snapshot import SnapshotHolder
 
 SNAPSHOT = web.AppKey("snapshot", SnapshotHolder)
@@ -26,3 +27,5 @@ RECONCILED = web.AppKey("reconciled", asyncio.Event)
 """Set once the containers an earlier sparkd left running are adopted: ``/readyz`` says ready from then on."""
 FLEET = web.AppKey("fleet", Fleet)
 """The other nodes of the fleet: where a model runs, and forwarding requests there (``sparkd/fleet``)."""
+WEIGHTS = web.AppKey("weights", WeightService)
+"""The weight pulls (``sparkctl pull``) and the presence of each model's weights."""

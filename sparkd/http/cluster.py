@@ -10,9 +10,13 @@ from aiohttp import web
 
 from .. import __version__
 from ..cluster.workers import WorkerRequest
-from .appkeys import SNAPSHOT, WORKERS
+from ..errors import ModelDisabled, NotFound
+from ..weights.peerpulls import WORKER_WEIGHTS_PATH, PeerWeightRequest
+from ..weights.service import WeightsUnavailable
+from .appkeys import SNAPSHOT, WEIGHTS, WORKERS
 from .auth import PRINCIPAL
 from .openai import parse_json_object
+from .routing import shown
 
 VERSION_PATH = "/api/version"
 LEASE_PATH = "/api/worker-leases"
@@ -28,6 +32,9 @@ class ClusterRoutes:
         app.router.add_post(LEASE_PATH, self.grant)
         app.router.add_post(LEASE_PATH + "/{lease}/heartbeat", self.heartbeat)
         app.router.add_delete(LEASE_PATH + "/{lease}", self.release)
+        self._weights = app[WEIGHTS]
+        app.router.add_post(WORKER_WEIGHTS_PATH + "/{model}", self.pull_weights)
+        app.router.add_get(WORKER_WEIGHTS_PATH + "/{model}", self.weights_progress)
 
     async def version(self, request: web.Request) -> web.Response:
         config = self._snapshot.current.config
@@ -51,3 +58,20 @@ class ClusterRoutes:
     async def release(self, request: web.Request) -> web.Response:
         await self._workers.release(request.match_info["lease"], "released by its head", request[PRINCIPAL].name)
         return web.json_response({"released": request.match_info["lease"]})
+
+    async def pull_weights(self, request: web.Request) -> web.Response:
+        """A head's model spans this node: pull its weights into the cache this node's worker mounts."""
+        config = self._snapshot.current.config
+        asked = PeerWeightRequest.parse(request.match_info["model"], parse_json_object(await request.read()), config,
+                                        request[PRINCIPAL].name)
+        try:
+            job = self._weights.start_model(asked.model_table(config))
+        except WeightsUnavailable as error:
+            raise ModelDisabled(str(error), code="weights_unavailable") from None
+        return web.json_response(job.view(), status=202)
+
+    async def weights_progress(self, request: web.Request) -> web.Response:
+        job = self._weights.jobs.get(request.match_info["model"])
+        if job is None or request.match_info["model"] not in self._snapshot.current.config.workers:
+            raise NotFound(f"no pull of {shown(request.match_info['model'])} on this node", code="pull_unknown")
+        return web.json_response(job.view())

@@ -50,7 +50,7 @@ from multidict import CIMultiDict
 
 from ..config.schema import LoadingFeedback
 from ..engine.finale import error_event, is_anthropic
-from ..engine.progress import LoadProgress
+from ..engine.progress import DOWNLOAD_PHASE, LoadProgress
 from ..engine.usage import RequestRecord
 from ..errors import ApiError
 from ..scheduler.state import ModelState
@@ -121,8 +121,13 @@ def wait_view(scheduler: Scheduler, name: str, now_wall: float) -> WaitView:
     return WaitView(
         model=name, state=runner.state, progress=runner.progress, busy_for_s=busy_for,
         usual_load_s=scheduler.lifecycle.load_times.eta(name), holders=holders,
-        container_running=runner.state is not S.STARTING or runner.started_at is not None,
+        container_running=runner.state is not S.STARTING or runner.started_at is not None or _pulling(runner.progress),
     )
+
+
+def _pulling(progress: LoadProgress | None) -> bool:
+    """A start pulling its weights: its headers need not wait for a container (the pull may take an hour)."""
+    return progress is not None and progress.phase == DOWNLOAD_PHASE
 
 
 def _duration(seconds: float) -> str:
@@ -132,6 +137,8 @@ def _duration(seconds: float) -> str:
 
 
 def _time_left(view: WaitView) -> str:
+    if view.progress is not None and view.progress.eta_s is not None:
+        return f"about {_duration(view.progress.eta_s)} left"  # a download's own ETA, from its rate
     elapsed = view.busy_for_s or 0.0
     if view.usual_load_s is None:
         return f"{_duration(elapsed)} so far"  # never loaded here: no ETA rather than an invented one

@@ -29,7 +29,7 @@ from ..engine.usage import RequestRecord
 from ..errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
 from ..fixups import DEFAULT_PROFILE, Fixups
 from . import anthropic, loading, responses
-from .appkeys import ENGINE, FLEET, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES
+from .appkeys import ENGINE, FLEET, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES, WEIGHTS
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
 from .fleet import fleet_models, forward_elsewhere, where
@@ -57,6 +57,7 @@ class OpenAIRoutes:
         self._metrics, self._tokenize_failures = app[OPERATIONS].metrics, app[TOKENIZE_FAILURES]
         self._key_gate = KeyGate(self._metrics.key_usage)
         self._fleet = app[FLEET]
+        self._weights = app[WEIGHTS]
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/v1/{model}/models", self.list_models_path_form)
@@ -97,18 +98,25 @@ class OpenAIRoutes:
         return web.json_response(
             {
                 "object": "list",
-                "data": [self._model_entry(current, m.name) for m in usable if m.enabled]
+                "data": await self._with_weights([self._model_entry(current, m.name) for m in usable if m.enabled])
                 + fleet_models(self._fleet, principal, self._created),
                 # Off models stay out of "data" so clients do not offer them; their reasons are here.
                 "unavailable": [self._model_entry(current, m.name) for m in usable if not m.enabled],
             }
         )
 
+    async def _with_weights(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each entry with its weights' presence and size (extra fields: the OpenAI shape stays valid)."""
+        models = self._snapshot.current.config.models
+        presences = await self._weights.presences([models[e["id"]] for e in entries if e["id"] in models])
+        return [{**entry, **presences.get(entry["id"], {})} for entry in entries]
+
     async def get_model(self, request: web.Request) -> web.Response:
         current = self._snapshot.current
         model = current.directory.resolve(request.match_info["model"])
         request[PRINCIPAL].check_model(model)
-        return web.json_response(self._model_entry(current, model.name))
+        [entry] = await self._with_weights([self._model_entry(current, model.name)])
+        return web.json_response(entry)
 
     async def list_models_path_form(self, request: web.Request) -> web.Response:
         current = self._snapshot.current

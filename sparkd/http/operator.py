@@ -21,7 +21,7 @@ from ..observe.metrics import CONTENT_TYPE
 from ..runtime.containerlogs import Backlog, LogFollower
 from ..runtime.failures import RuntimeFailure
 from ..runtime.spec import container_name
-from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT
+from .appkeys import OPERATIONS, RUNTIME, SCHEDULER, SNAPSHOT, WEIGHTS
 from .routing import shown
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -33,6 +33,7 @@ COALESCE_S = 0.05
 class OpsRoutes:
     def add_to(self, app: web.Application) -> None:
         self._snapshot, self._scheduler, self._runtime, self._ops = app[SNAPSHOT], app[SCHEDULER], app[RUNTIME], app[OPERATIONS]
+        self._weights = app[WEIGHTS]
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/models", self.models)
@@ -118,6 +119,11 @@ class OpsRoutes:
                     "container": runner.spec.name if runner else container_name(name, config.server.instance),
                 }
             )
+        presences = await self._weights.presences(list(config.models.values()))
+        for entry in entries:
+            found = presences.get(entry["name"])
+            if found is not None:
+                entry["weights"] = {"weights": found["weights"], "weights_bytes": found["weights_bytes"], "weights_repo": found["weights_repo"]}
         catalog: CatalogDoc = {"models": entries}
         return web.json_response(catalog)
 

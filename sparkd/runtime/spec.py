@@ -153,6 +153,9 @@ def render(config: Config, model: ModelConfig, role: str | None = None) -> Conta
     env = dict(model.env)
     if model.sleep_mode:
         env.setdefault(SLEEP_MODE_ENV, "1")
+    if model.hf_model:
+        # sparkd pulls these weights before every start (weights.service): the engine never needs the hub.
+        env.setdefault("HF_HUB_OFFLINE", "1")
     if model.encodings:
         source = encodingfiles.directory(config.server.state_dir)
         mounts += [Mount(str(source / e.file), f"{encodingfiles.CONTAINER_DIR}/{e.file}", read_only=True) for e in encodingfiles.ENCODINGS]

@@ -45,6 +45,10 @@ class ModelLifecycle(Protocol):
         """A reload's configuration, for the actions that begin from now on."""
         ...
 
+    async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        """Before ``launch``: the model's weights in its cache (pulled first when absent), or why not."""
+        ...
+
     async def launch(self, runner: ModelRunner) -> Launched | Failed:
         """Bring the model's container up; ``await_ready`` follows."""
         ...

@@ -26,6 +26,8 @@ from ..runtime.containerlogs import LogFollower
 from ..runtime.containers import ContainerInfo
 from ..runtime.failures import PortInUse, RuntimeFailure
 from ..runtime.podman import PodmanRuntime
+from ..weights.loadstage import pull_progress
+from ..weights.service import PullJob, WeightService, WeightsUnavailable
 from .contract import ProgressSink
 from .guard import LoadWatch, Tripped, guard_message
 from .loadtimes import LoadTimes
@@ -72,13 +74,54 @@ class Lifecycle:
     load_times: LoadTimes
     cluster: HeadCoordinator | None = None
     """Worker leases on the peers, for models that span several nodes."""
+    weights: WeightService | None = None
+    """The weight pulls a start waits for (models with ``hf_model``)."""
 
     def apply_config(self, config: Config) -> None:
         self.config = config
         if self.cluster is not None:
             self.cluster.config = config
+        if self.weights is not None:
+            self.weights.apply_config(config)
 
     # -- start ----------------------------------------------------------------
+
+    async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        """Before ``launch``: the model's weights in its cache, pulled first when absent (``lifecycle.auto_pull``).
+
+        Its own step, so the start timeout, which counts from ``launch``, never counts a download.
+        """
+        if self.weights is None or not runner.config.hf_model:
+            return None
+        try:
+            found = await self.weights.presence(runner.config)
+        except WeightsUnavailable as error:
+            return Failed(str(error), needs_operator=True, code="weights_unavailable")
+        if found is None or found.state == "complete":
+            return None
+        if not self.config.lifecycle.auto_pull:
+            return Failed(
+                f"model {runner.name}: its weights ({runner.config.hf_model}) are {found.state} in the cache and "
+                f"lifecycle.auto_pull is off; run `sparkctl pull {runner.name}` and ask again",
+                needs_operator=True, code="weights_missing",
+            )
+        try:
+            job = self.weights.start(runner.name)
+        except WeightsUnavailable as error:
+            return Failed(str(error), needs_operator=True, code="weights_unavailable")
+
+        def report(pulled: PullJob) -> None:
+            on_progress(pull_progress(pulled))
+
+        job.listeners.append(report)
+        try:
+            await self.weights.wait(job)
+        except WeightsUnavailable as error:
+            return Failed(f"model {runner.name}: its weights could not be pulled: {error}", needs_operator=True,
+                          code="weights_pull_failed")
+        finally:
+            job.listeners.remove(report)
+        return None
 
     async def launch(self, runner: ModelRunner) -> Launched | Failed:
         """Bring the model's container up (create or re-create it, start it); ``await_ready`` follows."""

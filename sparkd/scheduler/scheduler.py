@@ -667,6 +667,10 @@ class Scheduler:
             self.pump()
 
     async def _run_start(self, runner: ModelRunner, cause: Cause) -> None:
+        no_weights = await self.lifecycle.ensure_weights(runner, self._progress(runner))
+        if no_weights is not None:
+            self._finish_load(runner, S.STARTING, cause, no_weights)
+            return
         launched = await self.lifecycle.launch(runner)
         if isinstance(launched, Failed):
             self._finish_load(runner, S.STARTING, cause, launched)

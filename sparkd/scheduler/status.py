@@ -18,6 +18,9 @@ def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall
     progress = runner.progress
     failure = runner.failure
     eta = scheduler.lifecycle.load_times.eta(runner.name)
+    if progress is not None and progress.eta_s is not None and runner.state is ModelState.STARTING:
+        # A start pulling its weights: the download's time left, then its usual load (when it has one).
+        eta = max(0.0, now_wall - runner.start_requested_at) + progress.eta_s + (eta or 0.0)
     return {
         "name": runner.name,
         "state": runner.state.value,

@@ -264,4 +264,42 @@ setInterval(() => {
   render(moved);
 }, 1000);
 
+// -- weight pulls (sparkctl pull, or a start pulling first): polled, they are not scheduler events --
+
+function megabytes(bytes) {
+  return (bytes / 1e6).toFixed(1) + " MB";
+}
+
+function pullText(pull) {
+  const who = pull.model + (pull.node && pull.node !== "local" ? " on " + pull.node : "");
+  if (pull.state === "failed") return who + ": failed: " + pull.error;
+  if (pull.state === "done") return who + ": done, " + megabytes(pull.total_bytes || 0);
+  let text = who + ": " + megabytes(pull.done_bytes || 0) + " of " + megabytes(pull.total_bytes || 0);
+  if (pull.rate_bps) text += " · " + megabytes(pull.rate_bps) + "/s";
+  if (pull.eta_s !== null && pull.eta_s !== undefined) text += " · ETA " + duration(pull.eta_s);
+  return text;
+}
+
+function pullRow(pull) {
+  const fraction = pull.state === "done" ? 1 : (pull.total_bytes ? Math.min(1, (pull.done_bytes || 0) / pull.total_bytes) : 0);
+  const bar = el("div", { class: "progress" }, el("div", { style: { width: (fraction * 100).toFixed(1) + "%" } }));
+  return el("div", { "data-pull": pull.model + "@" + (pull.node || "local") }, bar, el("span", { class: "progress-text" }, pullText(pull)));
+}
+
+async function refreshPulls() {
+  try {
+    const response = await fetch("/api/pulls", { headers: authHeaders(), cache: "no-store" });
+    if (!response.ok) return;
+    const running = (await response.json()).pulls.filter((pull) => pull.state === "pulling");
+    const rows = [];
+    for (const pull of running) rows.push(pullRow(pull), ...(pull.peers || []).map(pullRow));
+    $("pulls").replaceChildren(...rows);
+    $("pulls-section").hidden = rows.length === 0;
+  } catch (error) {
+    // The live status shows the connection's trouble; the next poll tries again.
+  }
+}
+
+setInterval(refreshPulls, 2000);
+
 connect();
