@@ -992,14 +992,14 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
     elif state in (S.STARTING, S.WAKING):
         runner.progress = None
         runner.load_began = now
-    if state not in (S.READY, S.DRAINING):
-        runner.quantum = None
     elif state in (S.STOPPED, S.FAILED):
         _forget_stale_footprint(runner)  # its container, of an older spec, is gone
         runner.endpoint = None
         runner.started_at = None
         runner.ready_at = None
         runner.progress = None
+    if state not in (S.READY, S.DRAINING):
+        runner.quantum = None
     if state is S.FAILED and isinstance(cause, FailureCause):
         runner.failure = Failure(cause.message, cause.log_lines, monotonic, needs_operator=cause.needs_operator, code=cause.code)
         runner.consecutive_failures += 1

@@ -552,3 +552,16 @@ async def test_an_operator_stop_calls_off_a_pending_wedge_restart(fake):
     await scheduler.stop_model("c", 5)
     await asyncio.sleep(0.1)
     assert scheduler.runners["a"].state is ModelState.STOPPED and fake.starts("a") == 1
+
+
+async def test_a_stopped_or_failed_model_keeps_no_endpoint_nor_start_time(fake):
+    scheduler = serving(Scheduler(config_with([model("a", 0.5)]), fake))
+    await serve(scheduler, "a")
+    runner = scheduler.runners["a"]
+    assert runner.endpoint is not None and runner.ready_at is not None
+    await scheduler.stop_model("a", 5)
+    assert (runner.endpoint, runner.started_at, runner.ready_at, runner.progress) == (None, None, None, None)
+    await serve(scheduler, "a")
+    scheduler.model_lost("a", "stopped by the memory guard", code="memory_guard")
+    await wait_for(lambda: runner.state is ModelState.FAILED)
+    assert (runner.endpoint, runner.started_at, runner.ready_at) == (None, None, None)
