@@ -84,6 +84,8 @@ class HolderView:
     name: str
     state: ModelState
     in_flight: int
+    quantum_left_s: float | None = None
+    """How long its swap quantum still keeps it, while it has work (None: none does)."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,12 @@ def wait_view(scheduler: Scheduler, name: str, now_wall: float) -> WaitView:
         busy_for = max(0.0, now_wall - runner.start_requested_at)
     elif runner.state is S.WAKING:
         busy_for = max(0.0, now_wall - runner.state_since)
+    now = time.monotonic()
     holders = tuple(
-        HolderView(other.name, other.state, other.in_flight)
+        HolderView(
+            other.name, other.state, other.in_flight,
+            other.quantum.until - now if other.quantum is not None and other.quantum.until > now else None,
+        )
         for other in (scheduler.runners.get(held) for held in scheduler.lease.holders if held != name)
         if other is not None
     )
@@ -156,6 +162,8 @@ def _holder_text(holder: HolderView) -> str:
         return f"{holder.name} to stop"
     if holder.state in (S.STARTING, S.WAKING):
         return f"{holder.name} to finish loading"
+    if holder.state is S.READY and holder.quantum_left_s is not None:
+        return f"{holder.name}, whose swap quantum keeps the GPU up to {_duration(holder.quantum_left_s)} more while it has work"
     return f"{holder.name} to free the GPU"
 
 

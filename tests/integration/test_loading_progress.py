@@ -237,7 +237,8 @@ async def test_refusals_decided_at_once_keep_their_status_and_a_queue_timeout_af
             "a": engine_model(engine_image, claim=0.8, env={"FAKE_HOLD_AFTER_CHUNK": "2"}),
             "b": engine_model(engine_image, claim=0.8),
         },
-        {**BUDGET, "lifecycle": {"queue_timeout_s": 3, "queue_size": 2}},
+        # FIFO swaps: b's waiters drain a at once (the swap quantum would keep a while it has work).
+        {**BUDGET, "lifecycle": {"queue_timeout_s": 3, "queue_size": 2, "swap_policy": "fifo"}},
     )
     key = sparkd.add_user_key()
     await sparkd.start()

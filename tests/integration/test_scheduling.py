@@ -69,7 +69,8 @@ async def test_running_stream_finishes_before_the_swap(sparkd_factory, engine_im
             "a": engine_model(engine_image, claim=0.8, env={"FAKE_TOKEN_RATE": "20", "FAKE_TOKENS": "20"}),
             "b": engine_model(engine_image, claim=0.8),
         },
-        BUDGET,
+        # FIFO swaps: b's request drains a at once (the swap quantum would keep a while it has work).
+        {**BUDGET, "lifecycle": {"swap_policy": "fifo"}},
     )
     await sparkd.start()
     body = {"model": sparkd.model("a"), "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 20}

@@ -330,3 +330,12 @@ def test_check_config_lists_a_bad_limit_of_the_keys_file(tmp_path):
     keys.write_text(f'[keys.bob]\nkey = "{KEY}"\ntokens_per_day = 1000\npriority = 5\n')
     result = check()
     assert result.returncode == 0, result.stderr
+
+
+def test_a_stream_waiting_behind_a_quantum_is_told_so():
+    from sparkd.http.loading import HolderView, WaitView, describe_wait
+
+    view = WaitView("b", ModelState.STOPPED, holders=(HolderView("a", ModelState.READY, 1, quantum_left_s=7.4),))
+    assert describe_wait(view) == "sparkd: b is queued, waiting for a, whose swap quantum keeps the GPU up to 7 s more while it has work"
+    plain = WaitView("b", ModelState.STOPPED, holders=(HolderView("a", ModelState.READY, 0),))
+    assert describe_wait(plain) == "sparkd: b is queued, waiting for a to free the GPU"
