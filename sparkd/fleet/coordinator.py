@@ -86,7 +86,10 @@ class Fleet:
     def peer_candidate(self, node: str, model: str) -> Candidate:
         state = self.watch.states.get(node)
         if state is None:
-            return Candidate(node, None, False, reachable=False, error="not a configured peer")
+            return Candidate(
+                node, None, False, reachable=False,
+                error=f"peer {node} is not one this sparkd started with (a reload cannot add peers: restart sparkd)",
+            )
         remote = state.models.get(model)
         if state.reachable is False:
             return Candidate(node, None, False, reachable=False, error=state.error)
@@ -95,7 +98,7 @@ class Fleet:
     def configured(self, model: ModelConfig) -> FleetModel | None:
         """A model of this node's configuration that may run on peers; None: it runs here only."""
         nodes = candidates(model, self._config())
-        if not nodes or not self.peers:
+        if not nodes:
             return None
         found = [self.local_candidate(model) if node == LOCAL else self.peer_candidate(node, model.name) for node in nodes]
         return FleetModel(model.name, model.aliases, model.api_paths, found)

@@ -22,7 +22,7 @@ from ..config.keys import PEER
 from ..engine.usage import RequestRecord
 from ..errors import NotFound, ServiceUnavailable
 from ..fleet.coordinator import Fleet, FleetModel
-from ..fleet.nodes import candidates, runs_here, this_node
+from ..fleet.nodes import runs_here, this_node
 from ..fleet.relay import FORWARD_PREFIX
 from .appkeys import FLEET, SCHEDULER, SNAPSHOT
 from .auth import PRINCIPAL, Principal
@@ -63,8 +63,8 @@ async def forward_elsewhere(
     fleet: Fleet, request: web.Request, current: Snapshot, raw: bytes, payload: dict[str, Any], record: RequestRecord
 ) -> web.StreamResponse | None:
     """The answer of the peer that serves the request's model; None when this node serves it."""
-    if not fleet.peers:
-        return None  # without peers every model runs here (a nodes list may name only peers)
+    if not fleet.peers and not current.config.peers:
+        return None  # without peers every model runs here (a nodes list names peers only)
     principal = request[PRINCIPAL]
     name, path = requested(request.match_info["tail"], payload.get("model"))
     if not isinstance(name, str):
@@ -103,16 +103,15 @@ def _fleet_model(fleet: Fleet, configured: ModelConfig | None, name: str) -> Fle
 
 def where(fleet: Fleet, current: Snapshot, model: ModelConfig) -> dict[str, Any]:
     """``/v1/models`` fields of a configured model: the node it runs on (or would), and each candidate's state."""
-    nodes = candidates(model, current.config)
-    if not nodes or not fleet.peers:
-        return {"node": this_node(current.config)}
     fleet_model = fleet.configured(model)
-    assert fleet_model is not None
+    if fleet_model is None:
+        return {"node": this_node(current.config)}
     placed = fleet.placements.get(model.name)
-    ready = [c.node for c in fleet_model.nodes if c.state == "ready"]
-    node = ready[0] if ready else placed.node if placed else nodes[0]
+    ready = [c for c in fleet_model.nodes if c.state == "ready"]
+    there = ready[0] if ready else next((c for c in fleet_model.nodes if placed and c.node == placed.node), fleet_model.nodes[0])
     return {
-        "node": this_node(current.config) if node == "local" else node,
+        "node": this_node(current.config) if there.node == "local" else there.node,
+        "state": there.state if there.reachable else "unreachable",
         "nodes": [
             {"node": this_node(current.config) if c.node == "local" else c.node, "state": c.state if c.reachable else "unreachable"}
             for c in fleet_model.nodes

@@ -33,6 +33,7 @@ from ..errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from ..fleet.nodes import runs_here
 from ..runtime.eventstream import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
 from .contract import ModelLifecycle
@@ -103,7 +104,7 @@ class Scheduler:
         """Set once running containers are adopted: before that a start could collide with adoption."""
         self.gpu_missing: str | None = None
         """Why the GPU devices look unavailable (no CDI spec), if they do: GPU utility models wait."""
-        for model in config.enabled_models():
+        for model in local_models(config):
             self.runners[model.name] = self._new_runner(model)
 
     def _new_runner(self, model: ModelConfig) -> ModelRunner:
@@ -157,7 +158,7 @@ class Scheduler:
         self.lifecycle.apply_config(config)
         self.lease.budget = config.gpu.memory_budget
         self.queue.limits = queue_limits(config)
-        enabled = {m.name: m for m in config.enabled_models()}
+        enabled = {m.name: m for m in local_models(config)}
         for name, runner in list(self.runners.items()):
             if name in self._transient:
                 continue
@@ -872,6 +873,12 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
     if state is S.FAILED and isinstance(cause, FailureCause):
         runner.failure = Failure(cause.message, cause.log_lines, monotonic, needs_operator=cause.needs_operator, code=cause.code)
         runner.consecutive_failures += 1
+
+
+def local_models(config: Config) -> list[ModelConfig]:
+    """The enabled models this node may run itself: not those whose ``nodes`` name only other Sparks
+    (requests for them are forwarded, ``sparkd/fleet``)."""
+    return [m for m in config.enabled_models() if runs_here(m, config)]
 
 
 def queue_limits(config: Config) -> QueueLimits:

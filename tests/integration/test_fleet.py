@@ -269,6 +269,12 @@ async def test_a_peer_that_refuses_is_a_503_naming_it(sparkd_factory, engine_ima
     coder = a.model("coder")
     async with aiohttp.ClientSession() as session:
         await wait_listed(a, session, coder, lambda entry: entry["nodes"] == [{"node": "b", "state": "stopped"}])
+        # A configures it to run on B only: A's scheduler has no such model and will not start it here.
+        assert coder not in {m["name"] for m in (await a.status())["models"]}
+        status, body = await a.admin("POST", f"/api/models/{coder}/start")
+        assert status == 409 and body["error"]["code"] == "not_served_here", body
+        status, body = await chat(a, session, ALICE, coder, "configured on a, run by b")
+        assert status == 200 and body["choices"][0]["message"]["content"].startswith("configured on a"), body
         # B revokes A's peer key: B refuses, A says so and names B.
         write_keys(b.workdir / "keys.toml", {"ops": {"key": B_ADMIN, "role": "admin"}})
         b.reload()
