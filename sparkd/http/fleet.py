@@ -23,6 +23,7 @@ from ..engine.usage import RequestRecord
 from ..errors import NotFound, ServiceUnavailable
 from ..fleet.coordinator import Fleet, FleetModel
 from ..fleet.nodes import runs_here, this_node
+from ..fleet.placement import Candidate
 from ..fleet.relay import FORWARD_PREFIX
 from .appkeys import FLEET, SCHEDULER, SNAPSHOT
 from .auth import PRINCIPAL, Principal
@@ -109,14 +110,18 @@ def where(fleet: Fleet, current: Snapshot, model: ModelConfig) -> dict[str, Any]
     placed = fleet.placements.get(model.name)
     ready = [c for c in fleet_model.nodes if c.state == "ready"]
     there = ready[0] if ready else next((c for c in fleet_model.nodes if placed and c.node == placed.node), fleet_model.nodes[0])
+    here = this_node(current.config)
     return {
-        "node": this_node(current.config) if there.node == "local" else there.node,
-        "state": there.state if there.reachable else "unreachable",
-        "nodes": [
-            {"node": this_node(current.config) if c.node == "local" else c.node, "state": c.state if c.reachable else "unreachable"}
-            for c in fleet_model.nodes
-        ],
+        "node": here if there.node == "local" else there.node,
+        "state": _state(there),
+        "nodes": [{"node": here if c.node == "local" else c.node, "state": _state(c)} for c in fleet_model.nodes],
     }
+
+
+def _state(candidate: Candidate) -> str:
+    if not candidate.reachable:
+        return "unreachable"
+    return candidate.state or "unknown"  # a peer not asked yet
 
 
 def fleet_models(fleet: Fleet, principal: Principal, created: int) -> list[dict[str, Any]]:
