@@ -23,6 +23,7 @@ from ..engine.usage import RequestRecord
 from ..errors import NotFound, ServiceUnavailable
 from ..fleet.coordinator import Fleet, FleetModel
 from ..fleet.nodes import runs_here, this_node
+from ..fleet.peerwatch import RemoteModel
 from ..fleet.placement import Candidate
 from ..fleet.relay import FORWARD_PREFIX
 from .appkeys import FLEET, SCHEDULER, SNAPSHOT
@@ -126,15 +127,29 @@ def _state(candidate: Candidate) -> str:
 
 def fleet_models(fleet: Fleet, principal: Principal, created: int) -> list[dict[str, Any]]:
     """``/v1/models`` entries for the models only peers serve, in OpenAI's shape plus ``node`` and ``state``."""
-    entries = []
-    for name, (remote, nodes) in sorted(fleet.remote_models().items()):
-        if not principal.may_use_named(name, remote.aliases):
-            continue
-        ready = [peer for peer, state in nodes if state == "ready"]
-        node, state = (ready[0], "ready") if ready else nodes[0]
-        entries.append({
-            "id": name, "object": "model", "created": created, "owned_by": "sparkd", "state": state, "node": node,
-            "nodes": [{"node": peer, "state": peer_state} for peer, peer_state in nodes],
-            "max_model_len": remote.max_model_len, "aliases": list(remote.aliases), "endpoints": list(remote.endpoints),
-        })
-    return entries
+    return [
+        _remote_entry(name, remote, nodes, created)
+        for name, (remote, nodes) in sorted(fleet.remote_models().items())
+        if principal.may_use_named(name, remote.aliases)
+    ]
+
+
+def fleet_model_entry(fleet: Fleet, current: Snapshot, principal: Principal, name: str, created: int) -> dict[str, Any] | None:
+    """``GET /v1/models/<name>`` of a model only peers serve (403 when the key may not use it); None otherwise."""
+    if current.directory.lookup(name) is not None:
+        return None
+    for model_name, (remote, nodes) in fleet.remote_models().items():
+        if name == model_name or name in remote.aliases:
+            principal.check_model_named(model_name, remote.aliases)
+            return _remote_entry(model_name, remote, nodes, created)
+    return None
+
+
+def _remote_entry(name: str, remote: RemoteModel, nodes: list[tuple[str, str]], created: int) -> dict[str, Any]:
+    ready = [peer for peer, state in nodes if state == "ready"]
+    node, state = (ready[0], "ready") if ready else nodes[0]
+    return {
+        "id": name, "object": "model", "created": created, "owned_by": "sparkd", "state": state, "node": node,
+        "nodes": [{"node": peer, "state": peer_state} for peer, peer_state in nodes],
+        "max_model_len": remote.max_model_len, "aliases": list(remote.aliases), "endpoints": list(remote.endpoints),
+    }

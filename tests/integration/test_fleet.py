@@ -188,6 +188,7 @@ async def test_the_openai_sdk_lists_and_uses_the_fleets_models(sparkd_factory, e
     listed = {model.id: model for model in (await client.models.list()).data}
     assert {a.model("shared"), coder} <= set(listed)
     assert listed[coder].model_extra["node"] == "b" and listed[a.model("shared")].model_extra["node"] in ("spark-a", "b")
+    assert (await client.models.retrieve(coder)).model_extra["node"] == "b"
     reply = await client.chat.completions.create(model=coder, messages=[{"role": "user", "content": "sdk hello"}])
     assert reply.choices[0].message.content.startswith("sdk hello")
     await client.close()
@@ -304,6 +305,8 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         await wait_listed(a, session, coder, lambda entry: entry["node"] == "b")
         # Through A: the key's model list is enforced at the entry node, before anything reaches B.
         assert coder not in await models_of(a, session, RESTRICTED)
+        async with session.get(f"{a.base_url}/v1/models/{coder}", headers={"Authorization": f"Bearer {RESTRICTED}"}) as response:
+            assert response.status == 403
         status, body = await chat(a, session, RESTRICTED, coder)
         assert status == 403 and body["error"]["code"] == "model_not_allowed", body
         for path_form in (f"/v1/{coder}/chat/completions",):
