@@ -93,6 +93,11 @@ class Fleet:
         remote = state.models.get(model)
         if state.reachable is False:
             return Candidate(node, None, False, reachable=False, error=state.error)
+        if remote is None and state.reachable:
+            return Candidate(
+                node, None, False, reachable=False,
+                error=f"peer {node} does not serve model {model} (not in its list of the models it runs for this node's key)",
+            )
         return Candidate(node, remote.state if remote else None, remote.fits if remote else False)
 
     def configured(self, model: ModelConfig) -> FleetModel | None:

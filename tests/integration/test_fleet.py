@@ -264,7 +264,9 @@ async def test_a_peer_that_goes_away_unnoticed_falls_back_to_the_next_allowed_no
     assert "event=peer_forward_failed peer=b" in a.logs()
 
 async def test_a_peer_that_refuses_is_a_503_naming_it(sparkd_factory, engine_image, tmp_path):
-    a, b = fleet(sparkd_factory, engine_image, tmp_path, a_models={"coder": engine_model(engine_image, nodes=["b"])})
+    a, b = fleet(sparkd_factory, engine_image, tmp_path, a_models={
+        "coder": engine_model(engine_image, nodes=["b"]), "ghost": engine_model(engine_image, nodes=["b"]),
+    })
     await b.start()
     await a.start()
     coder = a.model("coder")
@@ -276,6 +278,9 @@ async def test_a_peer_that_refuses_is_a_503_naming_it(sparkd_factory, engine_ima
         assert status == 409 and body["error"]["code"] == "not_served_here", body
         status, body = await chat(a, session, ALICE, coder, "configured on a, run by b")
         assert status == 200 and body["choices"][0]["message"]["content"].startswith("configured on a"), body
+        # A model A sends to B that B does not serve: a 503 saying so, without a try.
+        status, body = await chat(a, session, ALICE, a.model("ghost"))
+        assert status == 503 and f"peer b does not serve model {a.model('ghost')}" in body["error"]["message"], body
         # B revokes A's peer key: B refuses, A says so and names B.
         write_keys(b.workdir / "keys.toml", {"ops": {"key": B_ADMIN, "role": "admin"}})
         b.reload()
