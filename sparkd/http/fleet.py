@@ -23,7 +23,7 @@ from ..engine.usage import RequestRecord
 from ..errors import NotFound, ServiceUnavailable
 from ..fleet.coordinator import Fleet, FleetModel
 from ..fleet.nodes import runs_here, this_node
-from ..fleet.peerwatch import RemoteModel
+from ..fleet.peerwatch import MODELS_PATH, RemoteModel
 from ..fleet.placement import Candidate
 from ..fleet.relay import FORWARD_PREFIX
 from .appkeys import FLEET, SCHEDULER, SNAPSHOT
@@ -31,8 +31,6 @@ from .auth import PRINCIPAL, Principal
 from .routing import requested
 from .snapshot import Snapshot
 from .validation import validate_body
-
-MODELS_PATH = FORWARD_PREFIX + "/models"
 
 
 class FleetRoutes:
