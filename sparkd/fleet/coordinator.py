@@ -86,16 +86,24 @@ class Fleet:
     def peer_candidate(self, node: str, model: str) -> Candidate:
         state = self.watch.states.get(node)
         if state is None:
-            return Candidate(node, None, False, reachable=False, error="not a configured peer")
+            return Candidate(
+                node, None, False, reachable=False,
+                error=f"peer {node} is not one this sparkd started with (a reload cannot add peers: restart sparkd)",
+            )
         remote = state.models.get(model)
         if state.reachable is False:
             return Candidate(node, None, False, reachable=False, error=state.error)
+        if remote is None and state.reachable:
+            return Candidate(
+                node, None, False, reachable=False,
+                error=f"peer {node} does not serve model {model} (not in its list of the models it runs for this node's key)",
+            )
         return Candidate(node, remote.state if remote else None, remote.fits if remote else False)
 
     def configured(self, model: ModelConfig) -> FleetModel | None:
         """A model of this node's configuration that may run on peers; None: it runs here only."""
         nodes = candidates(model, self._config())
-        if not nodes or not self.peers:
+        if not nodes:
             return None
         found = [self.local_candidate(model) if node == LOCAL else self.peer_candidate(node, model.name) for node in nodes]
         return FleetModel(model.name, model.aliases, model.api_paths, found)

@@ -19,7 +19,6 @@ from ..http.auth import Principal
 KEY_NAME_HEADER = "X-Sparkd-Key-Name"
 FORWARDED_BY_HEADER = "X-Sparkd-Forwarded-By"
 """The entry node's name for itself (logged by the peer)."""
-FLEET_HEADERS = (KEY_NAME_HEADER, FORWARDED_BY_HEADER)
 
 
 def on_behalf(principal: Principal, headers: Mapping[str, str]) -> Principal:

@@ -18,10 +18,12 @@ import structlog
 from ..adminjson import PeerView
 from ..cluster.peers import Peer, PeerClient, PeerError
 from ..config.values import MODEL_NAME
+from .relay import FORWARD_PREFIX
 
 log = structlog.get_logger("sparkd.fleet")
 
-MODELS_PATH = "/api/fleet/models"
+MODELS_PATH = FORWARD_PREFIX + "/models"
+"""A peer's list of the models it runs itself (``http/fleet.py``)."""
 MAX_MODELS = 1000
 MAX_STATE = 32
 
@@ -107,19 +109,18 @@ class PeerWatch:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def refresh(self, peer: Peer) -> PeerState:
+    async def refresh(self, peer: Peer) -> None:
         state = self.states[peer.name]
         try:
             body = await self._client.call(peer, "GET", MODELS_PATH, timeout=max(2.0, self._interval * 2))
         except PeerError as error:
             self.mark_unreachable(peer.name, str(error))
-            return state
+            return
         version, node, models = parse_models(body)
         if state.reachable is not True:
             log.info("peer_reachable", peer=peer.name, version=version, models=len(models))
         state.reachable, state.version, state.node, state.models, state.error = True, version, node, models, ""
         state.checked_at = time.monotonic()
-        return state
 
     def mark_unreachable(self, name: str, reason: str) -> None:
         state = self.states[name]

@@ -54,7 +54,3 @@ def rank(candidates: list[Candidate]) -> list[Choice]:
     take(lambda c: c.node == LOCAL, lambda _c: "this node's policy: it queues or swaps here")
     take(lambda _c: True, lambda c: f"the first reachable node allowed ({c.node}): it queues or swaps there")
     return ranked
-
-
-def unreachable(candidates: list[Candidate]) -> list[Candidate]:
-    return [c for c in candidates if not c.reachable]

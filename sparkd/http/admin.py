@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..adminjson import StatusDoc
-from ..errors import ModelDisabled
+from ..errors import Conflict, ModelDisabled
 from ..scheduler.status import snapshot
 from .appkeys import FLEET, SCHEDULER, SNAPSHOT, WORKERS
 
@@ -34,6 +34,12 @@ class AdminRoutes:
     async def act(self, request: web.Request) -> web.Response:
         current = self._snapshot.current
         model = current.directory.resolve(request.match_info["model"])
+        if model.name not in self._scheduler.runners:
+            raise Conflict(
+                f"model {model.name} does not run on this node (its nodes are {', '.join(model.nodes)}): "
+                "start or stop it with sparkctl on the node that runs it",
+                code="not_served_here",
+            )
         action = request.match_info["action"]
         scheduler = self._scheduler
         timeout = current.config.lifecycle.start_timeout_s

@@ -4,7 +4,7 @@
 - CORS (``cors.py``): answers preflights, refuses origins off the allowlist;
 - errors: every error becomes OpenAI's JSON shape (Anthropic's on the Messages API routes, ``anthropic.py``);
 - auth (``auth.py``): who is calling, and whether their role may use the route: ``/v1/*`` user or
-  admin, ``/api/*`` and ``/metrics`` admin, worker leases peer (the status page's shell at ``/`` is
+  admin, ``/api/*`` and ``/metrics`` admin, worker leases and the fleet API peer (the status page's shell at ``/`` is
   static and public: its data comes from ``/api/events``).
 """
 

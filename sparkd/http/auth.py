@@ -22,7 +22,8 @@ Who a request is (``identify``), in this order:
 
 What a principal may reach (``authorize``): ``/v1/*`` needs role ``user`` or
 ``admin``; ``/api/*`` and ``/metrics`` need ``admin``; the worker-lease routes
-need ``peer``; ``/api/version`` takes ``admin`` or ``peer``.
+and the fleet API (``/api/fleet/...``: requests another sparkd forwards, ``sparkd/fleet``) need
+``peer``; ``/api/version`` takes ``admin`` or ``peer``.
 
 A keyless request over TCP must name the server by address or as ``localhost``
 in ``Host`` (``hosts.py``): under another name it may come from a web page that

@@ -22,15 +22,15 @@ from ..config.keys import PEER
 from ..engine.usage import RequestRecord
 from ..errors import NotFound, ServiceUnavailable
 from ..fleet.coordinator import Fleet, FleetModel
-from ..fleet.nodes import candidates, runs_here, this_node
+from ..fleet.nodes import runs_here, this_node
+from ..fleet.peerwatch import MODELS_PATH, RemoteModel
+from ..fleet.placement import Candidate
 from ..fleet.relay import FORWARD_PREFIX
 from .appkeys import FLEET, SCHEDULER, SNAPSHOT
 from .auth import PRINCIPAL, Principal
 from .routing import requested
 from .snapshot import Snapshot
 from .validation import validate_body
-
-MODELS_PATH = FORWARD_PREFIX + "/models"
 
 
 class FleetRoutes:
@@ -63,8 +63,8 @@ async def forward_elsewhere(
     fleet: Fleet, request: web.Request, current: Snapshot, raw: bytes, payload: dict[str, Any], record: RequestRecord
 ) -> web.StreamResponse | None:
     """The answer of the peer that serves the request's model; None when this node serves it."""
-    if not fleet.peers:
-        return None  # without peers every model runs here (a nodes list may name only peers)
+    if not fleet.peers and not current.config.peers:
+        return None  # without peers every model runs here (a nodes list names peers only)
     principal = request[PRINCIPAL]
     name, path = requested(request.match_info["tail"], payload.get("model"))
     if not isinstance(name, str):
@@ -103,34 +103,51 @@ def _fleet_model(fleet: Fleet, configured: ModelConfig | None, name: str) -> Fle
 
 def where(fleet: Fleet, current: Snapshot, model: ModelConfig) -> dict[str, Any]:
     """``/v1/models`` fields of a configured model: the node it runs on (or would), and each candidate's state."""
-    nodes = candidates(model, current.config)
-    if not nodes or not fleet.peers:
-        return {"node": this_node(current.config)}
     fleet_model = fleet.configured(model)
-    assert fleet_model is not None
+    if fleet_model is None:
+        return {"node": this_node(current.config)}
     placed = fleet.placements.get(model.name)
-    ready = [c.node for c in fleet_model.nodes if c.state == "ready"]
-    node = ready[0] if ready else placed.node if placed else nodes[0]
+    ready = [c for c in fleet_model.nodes if c.state == "ready"]
+    there = ready[0] if ready else next((c for c in fleet_model.nodes if placed and c.node == placed.node), fleet_model.nodes[0])
+    here = this_node(current.config)
     return {
-        "node": this_node(current.config) if node == "local" else node,
-        "nodes": [
-            {"node": this_node(current.config) if c.node == "local" else c.node, "state": c.state if c.reachable else "unreachable"}
-            for c in fleet_model.nodes
-        ],
+        "node": here if there.node == "local" else there.node,
+        "state": _state(there),
+        "nodes": [{"node": here if c.node == "local" else c.node, "state": _state(c)} for c in fleet_model.nodes],
     }
+
+
+def _state(candidate: Candidate) -> str:
+    if not candidate.reachable:
+        return "unreachable"
+    return candidate.state or "unknown"  # a peer not asked yet
 
 
 def fleet_models(fleet: Fleet, principal: Principal, created: int) -> list[dict[str, Any]]:
     """``/v1/models`` entries for the models only peers serve, in OpenAI's shape plus ``node`` and ``state``."""
-    entries = []
-    for name, (remote, nodes) in sorted(fleet.remote_models().items()):
-        if not principal.may_use_named(name, remote.aliases):
-            continue
-        ready = [peer for peer, state in nodes if state == "ready"]
-        node, state = (ready[0], "ready") if ready else nodes[0]
-        entries.append({
-            "id": name, "object": "model", "created": created, "owned_by": "sparkd", "state": state, "node": node,
-            "nodes": [{"node": peer, "state": peer_state} for peer, peer_state in nodes],
-            "max_model_len": remote.max_model_len, "aliases": list(remote.aliases), "endpoints": list(remote.endpoints),
-        })
-    return entries
+    return [
+        _remote_entry(name, remote, nodes, created)
+        for name, (remote, nodes) in sorted(fleet.remote_models().items())
+        if principal.may_use_named(name, remote.aliases)
+    ]
+
+
+def fleet_model_entry(fleet: Fleet, current: Snapshot, principal: Principal, name: str, created: int) -> dict[str, Any] | None:
+    """``GET /v1/models/<name>`` of a model only peers serve (403 when the key may not use it); None otherwise."""
+    if current.directory.lookup(name) is not None:
+        return None
+    for model_name, (remote, nodes) in fleet.remote_models().items():
+        if name == model_name or name in remote.aliases:
+            principal.check_model_named(model_name, remote.aliases)
+            return _remote_entry(model_name, remote, nodes, created)
+    return None
+
+
+def _remote_entry(name: str, remote: RemoteModel, nodes: list[tuple[str, str]], created: int) -> dict[str, Any]:
+    ready = [peer for peer, state in nodes if state == "ready"]
+    node, state = (ready[0], "ready") if ready else nodes[0]
+    return {
+        "id": name, "object": "model", "created": created, "owned_by": "sparkd", "state": state, "node": node,
+        "nodes": [{"node": peer, "state": peer_state} for peer, peer_state in nodes],
+        "max_model_len": remote.max_model_len, "aliases": list(remote.aliases), "endpoints": list(remote.endpoints),
+    }

@@ -32,7 +32,7 @@ from . import anthropic, loading, responses
 from .appkeys import ENGINE, FLEET, OPERATIONS, SCHEDULER, SNAPSHOT, TOKENIZE_FAILURES, WEIGHTS
 from .auth import PRINCIPAL
 from .endpoints import is_missing_route, serves, unsupported
-from .fleet import fleet_models, forward_elsewhere, where
+from .fleet import fleet_model_entry, fleet_models, forward_elsewhere, where
 from .keylimits import KeyGate
 from .routing import target
 from .snapshot import Snapshot
@@ -113,6 +113,9 @@ class OpenAIRoutes:
 
     async def get_model(self, request: web.Request) -> web.Response:
         current = self._snapshot.current
+        remote = fleet_model_entry(self._fleet, current, request[PRINCIPAL], request.match_info["model"], self._created)
+        if remote is not None:
+            return web.json_response(remote)
         model = current.directory.resolve(request.match_info["model"])
         request[PRINCIPAL].check_model(model)
         [entry] = await self._with_weights([self._model_entry(current, model.name)])

@@ -33,6 +33,7 @@ from ..errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from ..fleet.nodes import runs_here
 from ..runtime.eventstream import ContainerEvent
 from ..runtime.spec import ContainerSpec, render
 from .contract import ModelLifecycle
@@ -113,7 +114,7 @@ class Scheduler:
         self._pump_timer_at = 0.0
         self._handing: tuple[str, float] | None = None
         """The model the holders drain for, and since when (time.monotonic()): where its swap began."""
-        for model in config.enabled_models():
+        for model in local_models(config):
             self.runners[model.name] = self._new_runner(model)
 
     def _new_runner(self, model: ModelConfig) -> ModelRunner:
@@ -170,7 +171,7 @@ class Scheduler:
         self.lifecycle.apply_config(config)
         self.lease.budget = config.gpu.memory_budget
         self.queue.limits = queue_limits(config)
-        enabled = {m.name: m for m in config.enabled_models()}
+        enabled = {m.name: m for m in local_models(config)}
         for name, runner in list(self.runners.items()):
             if name in self._transient:
                 continue
@@ -1012,6 +1013,12 @@ RESTARTED_AFTER = frozenset({"engine_wedged"})
 """Codes of ``model_lost`` after which the model is started again on its own: its engine loaded
 and served, then wedged; a restart is what an operator would do.  A memory guard's stop is not
 retried (the same load would trip it again)."""
+
+
+def local_models(config: Config) -> list[ModelConfig]:
+    """The enabled models this node may run itself: not those whose ``nodes`` name only other Sparks
+    (requests for them are forwarded, ``sparkd/fleet``)."""
+    return [m for m in config.enabled_models() if runs_here(m, config)]
 
 
 def queue_limits(config: Config) -> QueueLimits:

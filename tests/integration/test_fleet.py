@@ -7,10 +7,14 @@ ready, falls back or names B when B is gone, and never lets a key reach more tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sqlite3
+import ssl
+import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +192,7 @@ async def test_the_openai_sdk_lists_and_uses_the_fleets_models(sparkd_factory, e
     listed = {model.id: model for model in (await client.models.list()).data}
     assert {a.model("shared"), coder} <= set(listed)
     assert listed[coder].model_extra["node"] == "b" and listed[a.model("shared")].model_extra["node"] in ("spark-a", "b")
+    assert (await client.models.retrieve(coder)).model_extra["node"] == "b"
     reply = await client.chat.completions.create(model=coder, messages=[{"role": "user", "content": "sdk hello"}])
     assert reply.choices[0].message.content.startswith("sdk hello")
     await client.close()
@@ -263,12 +268,23 @@ async def test_a_peer_that_goes_away_unnoticed_falls_back_to_the_next_allowed_no
     assert "event=peer_forward_failed peer=b" in a.logs()
 
 async def test_a_peer_that_refuses_is_a_503_naming_it(sparkd_factory, engine_image, tmp_path):
-    a, b = fleet(sparkd_factory, engine_image, tmp_path, a_models={"coder": engine_model(engine_image, nodes=["b"])})
+    a, b = fleet(sparkd_factory, engine_image, tmp_path, a_models={
+        "coder": engine_model(engine_image, nodes=["b"]), "ghost": engine_model(engine_image, nodes=["b"]),
+    })
     await b.start()
     await a.start()
     coder = a.model("coder")
     async with aiohttp.ClientSession() as session:
         await wait_listed(a, session, coder, lambda entry: entry["nodes"] == [{"node": "b", "state": "stopped"}])
+        # A configures it to run on B only: A's scheduler has no such model and will not start it here.
+        assert coder not in {m["name"] for m in (await a.status())["models"]}
+        status, body = await a.admin("POST", f"/api/models/{coder}/start")
+        assert status == 409 and body["error"]["code"] == "not_served_here", body
+        status, body = await chat(a, session, ALICE, coder, "configured on a, run by b")
+        assert status == 200 and body["choices"][0]["message"]["content"].startswith("configured on a"), body
+        # A model A sends to B that B does not serve: a 503 saying so, without a try.
+        status, body = await chat(a, session, ALICE, a.model("ghost"))
+        assert status == 503 and f"peer b does not serve model {a.model('ghost')}" in body["error"]["message"], body
         # B revokes A's peer key: B refuses, A says so and names B.
         write_keys(b.workdir / "keys.toml", {"ops": {"key": B_ADMIN, "role": "admin"}})
         b.reload()
@@ -298,6 +314,8 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         await wait_listed(a, session, coder, lambda entry: entry["node"] == "b")
         # Through A: the key's model list is enforced at the entry node, before anything reaches B.
         assert coder not in await models_of(a, session, RESTRICTED)
+        async with session.get(f"{a.base_url}/v1/models/{coder}", headers={"Authorization": f"Bearer {RESTRICTED}"}) as response:
+            assert response.status == 403
         status, body = await chat(a, session, RESTRICTED, coder)
         assert status == 403 and body["error"]["code"] == "model_not_allowed", body
         for path_form in (f"/v1/{coder}/chat/completions",):
@@ -308,6 +326,12 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         # The key's own model still works (served wherever placement says).
         status, body = await chat(a, session, RESTRICTED, shared)
         assert status == 200, body
+        # A client of A cannot put another name on its request either: its header never reaches B.
+        async with session.post(a.base_url + "/v1/chat/completions", json={"model": coder, "messages": [{"role": "user", "content": "x"}]},
+                                headers={"Authorization": f"Bearer {ALICE}", "X-Sparkd-Key-Name": "victim"}) as response:
+            assert response.status == 200
+        (line,) = request_lines(b, coder)
+        assert "key=alice" in line and "victim" not in b.logs()
         # Straight to B's peer route: a user key is refused, no key is refused, and a claimed key name
         # from a user key is ignored (usage stays its own).
         forward_path = b.base_url + "/api/fleet/v1/chat/completions"
@@ -318,9 +342,8 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         async with session.post(b.base_url + "/v1/chat/completions", json=request,
                                 headers={"Authorization": f"Bearer {B_USER}", "X-Sparkd-Key-Name": "alice"}) as response:
             assert response.status == 200
-        assert [line for line in request_lines(b, coder) if "key=bob" in line] and not [
-            line for line in request_lines(b, coder) if "key=alice" in line
-        ]
+        assert [line for line in request_lines(b, coder) if "key=bob" in line]
+        assert len([line for line in request_lines(b, coder) if "key=alice" in line]) == 1  # the one through A
         # Even the peer key reaches only what B configures.
         async with session.post(forward_path, json={**request, "model": "not-a-model"},
                                 headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "alice"}) as response:
@@ -337,3 +360,59 @@ async def test_a_restricted_key_cannot_reach_another_model_through_the_peer_path
         async with session.post(forward_path, json=request,
                                 headers={"Authorization": f"Bearer {PEER_KEY}", "X-Sparkd-Key-Name": "al ice"}) as response:
             assert response.status == 400
+
+
+@contextlib.asynccontextmanager
+async def tls_front(tmp_path: Path, port: int) -> AsyncIterator[tuple[str, Path]]:
+    """A TLS terminator on loopback in front of 127.0.0.1:``port`` (as nginx or caddy in front of a peer's
+    sparkd), with a certificate of its own CA: (its https URL, the CA file)."""
+    cert, key = tmp_path / "front.pem", tmp_path / "front.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}", cert
+    finally:
+        server.close()
+
+
+async def test_a_peer_behind_tls_is_polled_and_streams_through_a(sparkd_factory, engine_image, tmp_path):
+    """The production shape: the peer's sparkd behind TLS with a private CA (tls_ca): no raw relay, the
+    aiohttp client relays the stream read by read."""
+    a, b = fleet(sparkd_factory, engine_image, tmp_path)
+    await b.start()
+    async with tls_front(tmp_path, b.port) as (url, ca):
+        peer = {**a.settings["peers"]["b"], "url": url, "tls_ca": str(ca)}
+        peer.pop("insecure")
+        a.settings["peers"] = {"b": peer}
+        a.write_config()
+        await a.start()
+        assert "event=peer_insecure" not in a.logs()
+        coder = a.model("coder")
+        async with aiohttp.ClientSession() as session:
+            await wait_listed(a, session, coder, lambda entry: entry["node"] == "b")
+            payload = {"model": coder, "stream": True, "messages": [{"role": "user", "content": "over tls"}]}
+            async with session.post(a.base_url + "/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {ALICE}"}) as response:
+                assert response.status == 200 and response.content_type == "text/event-stream"
+                text = (await response.read()).decode()
+            assert text.rstrip().endswith("data: [DONE]") and '"content":"over' in text.replace(" ", ""), text[-500:]
+            status, body = await chat(a, session, ALICE, coder, "tls again")
+            assert status == 200 and body["choices"][0]["message"]["content"].startswith("tls again"), body
+    assert len([line for line in request_lines(b, coder) if "key=alice" in line and "via=node-a" in line]) == 2

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sparkd.cli import check_config
 from sparkd.config import ConfigError, load_config
 from sparkd.config.keys import PEER, USER
 from sparkd.ctl.render import status_with_fleet
@@ -136,6 +137,16 @@ def test_nodes_naming_an_unknown_peer_is_a_clear_check_config_error(tmp_path):
     assert len(found) == 1
     assert "models.coder.nodes" in found[0] and "(unknown: spark3; add a [peers.<name>] table for each, or remove it)" in found[0]
     assert "peers: spark2" in found[0] and "also called 'spark1'" in found[0]
+
+
+def test_sparkd_check_config_names_the_unknown_node_and_exits_1(tmp_path, capsys):
+    path = tmp_path / "sparkd.toml"
+    path.write_text(PEERS + '[models.coder]\nimage = "i"\nnodes = ["spark2", "spark9"]\n')
+    assert check_config(path, check_images=False) == 1
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "models.coder.nodes" in err and "unknown: spark9" in err, err
+    path.write_text(PEERS + '[models.coder]\nimage = "i"\nnodes = ["spark2"]\n')
+    assert check_config(path, check_images=False) == 0
 
 
 def test_a_node_twice_and_a_peer_named_like_this_node_are_errors(tmp_path):
