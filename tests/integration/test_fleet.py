@@ -121,6 +121,14 @@ def usage_of(node: Sparkd, model: str) -> tuple[int, int]:
     return int(row[0] or 0), int(row[1] or 0)
 
 
+def keys_of(node: Sparkd, model: str) -> dict[str, int]:
+    """Requests per key name the node's usage per key counted for ``model`` (read after the node stopped)."""
+    path = Path(node.document()["server"]["state_dir"]) / "history.sqlite3"
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT key, SUM(requests) FROM usage_keys_daily WHERE model = ? GROUP BY key", (model,))
+        return {key: int(count) for key, count in rows}
+
+
 async def test_a_model_only_on_b_is_answered_through_a_streaming_too(sparkd_factory, engine_image, podman, tmp_path):
     a, b = fleet(sparkd_factory, engine_image, tmp_path)
     await b.start()
@@ -174,10 +182,17 @@ async def test_a_model_only_on_b_is_answered_through_a_streaming_too(sparkd_fact
     a_lines = request_lines(a, coder)
     assert len(a_lines) == 3 and all("key=alice" in line and "status=200" in line for line in a_lines), a_lines
     assert re.search(r"completion_tokens=\d+", a_lines[-1]) and "completion_tokens=None" not in a_lines[-1]
+    # A's usage per key (issue 17) counts them under the client's key name.
+    code, out, err = await ctl(a, "usage", "--key", "alice", "--json")
+    assert code == 0, err
+    [alice_on_a] = [row for row in json.loads(out)["rows"] if row["model"] == coder]
+    assert alice_on_a["key"] == "alice" and alice_on_a["requests"] == 3 and alice_on_a["completion_tokens"] > 0, alice_on_a
     await a.stop()
     requests, tokens = usage_of(a, coder)
     assert requests == 3 and tokens > 0
-    # Per-key usage (issue 17, branch fair) counts these through the same request_done path, under "alice".
+    # The peer accounts them to the client's key name too, not to the peer key that forwarded them.
+    await b.stop()
+    assert keys_of(b, coder) == {"alice": 3}
 
 
 async def test_the_openai_sdk_lists_and_uses_the_fleets_models(sparkd_factory, engine_image, tmp_path):
