@@ -224,6 +224,12 @@ async def test_auto_pull_off_is_a_503_naming_the_command(sparkd_factory: Any, en
     assert body["error"]["code"] == "weights_missing"
     assert f"run `sparkctl pull {sparkd.model('m')}` and ask again" in body["error"]["message"]
     assert not [r for r in hub.requests if r[0] == "GET"]  # nothing was downloaded behind the operator's back
+    # Once the operator pulls, the next request starts the model.
+    code, out, _ = await ctl(sparkd, "pull", sparkd.model("m"), timeout=120)
+    assert code == 0, out
+    async with aiohttp.ClientSession() as session:
+        status, body = await sparkd.chat(session, "m", "now with weights")
+    assert status == 200, body
 
 
 async def test_first_request_waits_through_the_pull_and_the_real_vllm_answers(
