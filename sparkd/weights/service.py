@@ -182,6 +182,10 @@ class WeightService:
         except (HubError, DiskTooSmall, TokenFileError, WeightsUnavailable, PullCancelled) as error:
             job.outcome, job.error = "failed", str(error)
             log.error("weights_pull_failed", model=job.model, repo=job.repo, error=str(error))
+        except OSError as error:
+            # The cache cannot be written (permissions, a full or read-only filesystem): say where.
+            job.outcome, job.error = "failed", f"could not write the weights of {job.model} into {dirs.weights}: {error}"
+            log.error("weights_pull_failed", model=job.model, repo=job.repo, error=job.error)
         else:
             job.outcome = "done"
             log.info("weights_pull_done", model=job.model, repo=job.repo, bytes=job.total_bytes,
@@ -189,6 +193,8 @@ class WeightService:
         finally:
             if peers is not None and not peers.done():
                 peers.cancel()
+            if job.outcome == "pulling":  # cancelled (the daemon stops) or an error of sparkd's own
+                job.outcome, job.error = "failed", job.error or f"the pull of {job.model} was interrupted; pull again to resume"
             job.finished_at = time.time()
             job.finished.set()
             self._tell(job)

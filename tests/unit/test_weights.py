@@ -174,3 +174,18 @@ def test_a_hub_answer_without_a_commit_hash_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(hub.HfApi, "model_info", lambda *args, **kwargs: answer)
     with pytest.raises(hub.HubError, match="no commit hash"):
         hub.HubClient(endpoint="http://127.0.0.1:9").listing("org/tiny")
+
+
+async def test_a_cache_that_cannot_be_written_fails_the_pull_with_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparkd.config import Config
+    from sparkd.weights import service
+
+    def unwritable(*args: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "hf"))
+
+    monkeypatch.setattr(service, "pull", unwritable)
+    weights = service.WeightService(Config(models={"m": model(tmp_path)}))
+    job = weights.start("m")
+    with pytest.raises(service.WeightsUnavailable, match=r"could not write the weights of m into .*Permission denied"):
+        await weights.wait(job)
+    assert job.outcome == "failed" and weights.running() == []
