@@ -189,3 +189,16 @@ async def test_a_cache_that_cannot_be_written_fails_the_pull_with_where(tmp_path
     with pytest.raises(service.WeightsUnavailable, match=r"could not write the weights of m into .*Permission denied"):
         await weights.wait(job)
     assert job.outcome == "failed" and weights.running() == []
+
+
+def test_a_partial_blob_renamed_while_it_is_counted_counts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparkd.weights import pull
+    from sparkd.weights.cache import CacheDirs
+
+    blobs = tmp_path / repo_folder("org/tiny") / "blobs"
+    blobs.mkdir(parents=True)
+    gone = blobs / "abc.incomplete"  # listed, then renamed by the download before its size is read
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([gone]))
+    steps = [(RepoFile("model.safetensors", 100), tmp_path)]
+    assert pull.done_bytes(steps, "org/tiny") == 0
+    assert presence(CacheDirs(tmp_path, tmp_path), "org/tiny").state == "partial"
