@@ -202,3 +202,16 @@ def test_a_partial_blob_renamed_while_it_is_counted_counts_nothing(tmp_path: Pat
     steps = [(RepoFile("model.safetensors", 100), tmp_path)]
     assert pull.done_bytes(steps, "org/tiny") == 0
     assert presence(CacheDirs(tmp_path, tmp_path), "org/tiny").state == "partial"
+
+
+def test_one_writer_per_partial_blob(tmp_path: Path) -> None:
+    import fcntl
+
+    from sparkd.weights.hub import HubClient, HubError
+
+    blob = tmp_path / "blobs" / ("a" * 64)
+    blob.parent.mkdir()
+    with (tmp_path / "blobs" / (blob.name + ".incomplete")).open("ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(HubError, match="another pull is downloading this file"):
+            HubClient(endpoint="http://127.0.0.1:9")._transfer("http://127.0.0.1:9/x", blob, 10, "model.safetensors")
