@@ -161,7 +161,8 @@ class Daemon:
         coordinator = HeadCoordinator(config, peers, peer_client, lambda model, reason: scheduler.model_lost(model, reason)) if peers else None
         weights = WeightService(config)
         if coordinator is not None:
-            weights.peer_pull = PeerPulls(coordinator.peers, coordinator.client).follow
+            peer_pulls = PeerPulls(coordinator.peers, coordinator.client)
+            weights.peer_pull, weights.peer_presence = peer_pulls.follow, peer_pulls.missing
         stack.push_async_callback(weights.close)
         lifecycle = Lifecycle(config, runtime, engine, memory, load_times, cluster=coordinator, weights=weights)
         scheduler = Scheduler(config, lifecycle, unified_memory=memory.unified)

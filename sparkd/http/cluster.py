@@ -35,6 +35,7 @@ class ClusterRoutes:
         self._weights = app[WEIGHTS]
         app.router.add_post(WORKER_WEIGHTS_PATH + "/{model}", self.pull_weights)
         app.router.add_get(WORKER_WEIGHTS_PATH + "/{model}", self.weights_progress)
+        app.router.add_post(WORKER_WEIGHTS_PATH + "/{model}/presence", self.weights_presence)
 
     async def version(self, request: web.Request) -> web.Response:
         config = self._snapshot.current.config
@@ -75,3 +76,15 @@ class ClusterRoutes:
         if job is None or request.match_info["model"] not in self._snapshot.current.config.workers:
             raise NotFound(f"no pull of {shown(request.match_info['model'])} on this node", code="pull_unknown")
         return web.json_response(job.view())
+
+    async def weights_presence(self, request: web.Request) -> web.Response:
+        """Whether this node's worker cache holds a head's model weights (before the head starts it)."""
+        config = self._snapshot.current.config
+        asked = PeerWeightRequest.parse(request.match_info["model"], parse_json_object(await request.read()), config,
+                                        request[PRINCIPAL].name)
+        try:
+            found = await self._weights.presence(asked.model_table(config))
+        except WeightsUnavailable as error:
+            raise ModelDisabled(str(error), code="weights_unavailable") from None
+        assert found is not None
+        return web.json_response({"model": asked.model, "weights": found.state, "weights_bytes": found.size})

@@ -94,14 +94,14 @@ class Lifecycle:
         if self.weights is None or not runner.config.hf_model:
             return None
         try:
-            found = await self.weights.presence(runner.config)
+            missing = await self.weights.missing(runner.config)
         except WeightsUnavailable as error:
             return Failed(str(error), needs_operator=True, code="weights_unavailable")
-        if found is None or found.state == "complete":
+        if missing is None:
             return None
         if not self.config.lifecycle.auto_pull:
             return Failed(
-                f"model {runner.name}: its weights ({runner.config.hf_model}) are {found.state} in the cache and "
+                f"model {runner.name}: its weights ({runner.config.hf_model}) are {missing} and "
                 f"lifecycle.auto_pull is off; run `sparkctl pull {runner.name}` and ask again",
                 needs_operator=True, code="weights_missing",
             )

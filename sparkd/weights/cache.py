@@ -111,12 +111,20 @@ def weights_complete(folder: Path | None) -> bool:
     return not indexes and any(n.endswith(WEIGHT_FORMATS) for n in names)
 
 
+def file_size(path: Path) -> int:
+    """0 for a file gone meanwhile: a running pull renames its partial blob when the file is complete."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def bytes_on_disk(dirs: CacheDirs, repo: str) -> int:
     total = 0
     for cache in dirs.all():
         blobs = cache / repo_folder(repo) / "blobs"
         if blobs.is_dir():
-            total += sum(p.stat().st_size for p in blobs.iterdir() if p.is_file())
+            total += sum(file_size(p) for p in blobs.iterdir())
     return total
 
 

@@ -12,6 +12,7 @@ ETag is a SHA-256 (the hub's large files) is checked against it before it is use
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -149,6 +150,12 @@ class HubClient:
         same_host = urlsplit(location).hostname == urlsplit(self.endpoint or DEFAULT_ENDPOINT).hostname
         headers = build_hf_headers(token=self.token if same_host else False)
         with StoppableFile(partial, self.stop) as handle:
+            try:
+                # Two models naming one repository share its cache: one writer per partial blob.
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HubError(f"{name}: another pull is downloading this file into {blob.parent} now; "
+                               "pull again once it is done") from None
             resume = handle.tell()
             if size is not None and resume > size:
                 handle.truncate(0)

@@ -82,6 +82,25 @@ class PeerPulls:
     peers: dict[str, Peer]
     client: PeerClient
 
+    async def missing(self, model: ModelConfig) -> list[str]:
+        """The peers of ``model`` whose caches lack its weights, as "<state> on node <peer>".
+
+        An unreachable peer is left out: the start's worker lease then fails with its own, precise message.
+        """
+        hub_path, weights_path = container_paths(model)
+        body = {"repo": model.hf_model, "hub_path": hub_path, "weights_path": weights_path}
+        gaps = []
+        for node in (n for n in model.nodes if n != "local" and n in self.peers):
+            try:
+                seen = await self.client.call(self.peers[node], "POST", f"{WORKER_WEIGHTS_PATH}/{model.name}/presence", body)
+            except PeerError as error:
+                log.warning("weights_peer_presence_unknown", model=model.name, peer=node, error=str(error))
+                continue
+            state = seen.get("weights") if isinstance(seen, dict) else None
+            if state != "complete":
+                gaps.append(f"{state or 'unknown'} on node {node}")
+        return gaps
+
     def follow(self, model: ModelConfig, job: PullJob) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self._all(model, job))
 

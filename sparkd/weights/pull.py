@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import COMPLETION_FILE, CacheDirs, repo_folder, snapshot
+from .cache import COMPLETION_FILE, CacheDirs, file_size, repo_folder, snapshot
 from .disk import check_space
 from .hub import HubClient, Listing, PullCancelled, write_ref
 from .selection import RepoFile, index_file, is_weight, select_files
@@ -79,5 +79,5 @@ def done_bytes(steps: list[tuple[RepoFile, Path]], repo: str) -> int:
     for cache in {cache for _, cache in steps}:
         blobs = cache / repo_folder(repo) / "blobs"
         if blobs.is_dir():
-            done += sum(p.stat().st_size for p in blobs.glob("*.incomplete"))
+            done += sum(file_size(p) for p in blobs.glob("*.incomplete"))
     return done

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,6 +97,8 @@ class WeightService:
     config: Config
     peer_pull: Callable[[ModelConfig, PullJob], asyncio.Task[None]] | None = None
     """Starts and follows the same pull on each peer of a multi-node model (``cluster``), when configured."""
+    peer_presence: Callable[[ModelConfig], Awaitable[list[str]]] | None = None
+    """What the peers of a multi-node model lack of its weights (``["absent on node b"]``), when configured."""
     jobs: dict[str, PullJob] = field(default_factory=dict)
     """The last pull of each model (running, done or failed), as the status shows them."""
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -122,6 +124,15 @@ class WeightService:
         except NoHostCache as error:
             raise WeightsUnavailable(str(error)) from None
         return await asyncio.to_thread(presence, dirs, model.hf_model)
+
+    async def missing(self, model: ModelConfig) -> str | None:
+        """Where the model's weights are not complete ("absent in the cache", "partial on node b"), None when they
+        are complete here and on every peer of its nodes; raises ``WeightsUnavailable`` as ``presence``."""
+        found = await self.presence(model)
+        gaps = [f"{found.state} in the cache"] if found is not None and found.state != "complete" else []
+        if found is not None and self.peer_presence is not None and len(model.nodes) > 1:
+            gaps += await self.peer_presence(model)
+        return "; ".join(gaps) or None
 
     async def presences(self, models: list[ModelConfig]) -> dict[str, dict[str, Any]]:
         """``{"weights": complete|partial|absent, "weights_bytes": n, "weights_repo": repo}`` of each model with
@@ -182,6 +193,10 @@ class WeightService:
         except (HubError, DiskTooSmall, TokenFileError, WeightsUnavailable, PullCancelled) as error:
             job.outcome, job.error = "failed", str(error)
             log.error("weights_pull_failed", model=job.model, repo=job.repo, error=str(error))
+        except OSError as error:
+            # The cache cannot be written (permissions, a full or read-only filesystem): say where.
+            job.outcome, job.error = "failed", f"could not write the weights of {job.model} into {dirs.weights}: {error}"
+            log.error("weights_pull_failed", model=job.model, repo=job.repo, error=job.error)
         else:
             job.outcome = "done"
             log.info("weights_pull_done", model=job.model, repo=job.repo, bytes=job.total_bytes,
@@ -189,6 +204,8 @@ class WeightService:
         finally:
             if peers is not None and not peers.done():
                 peers.cancel()
+            if job.outcome == "pulling":  # cancelled (the daemon stops) or an error of sparkd's own
+                job.outcome, job.error = "failed", job.error or f"the pull of {job.model} was interrupted; pull again to resume"
             job.finished_at = time.time()
             job.finished.set()
             self._tell(job)

@@ -224,6 +224,12 @@ async def test_auto_pull_off_is_a_503_naming_the_command(sparkd_factory: Any, en
     assert body["error"]["code"] == "weights_missing"
     assert f"run `sparkctl pull {sparkd.model('m')}` and ask again" in body["error"]["message"]
     assert not [r for r in hub.requests if r[0] == "GET"]  # nothing was downloaded behind the operator's back
+    # Once the operator pulls, the next request starts the model.
+    code, out, _ = await ctl(sparkd, "pull", sparkd.model("m"), timeout=120)
+    assert code == 0, out
+    async with aiohttp.ClientSession() as session:
+        status, body = await sparkd.chat(session, "m", "now with weights")
+    assert status == 200, body
 
 
 async def test_first_request_waits_through_the_pull_and_the_real_vllm_answers(
@@ -284,7 +290,10 @@ PEER_KEY = "sk-sparkd-peer-weights-0123456789"
 PEER_ADMIN_KEY = "sk-sparkd-peer-weights-admin-01234"
 
 
-def two_nodes(sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path) -> tuple[Sparkd, Sparkd]:
+def two_nodes(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path, head_models: dict[str, Any] | None = None,
+    head_lifecycle: dict[str, Any] | None = None,
+) -> tuple[Sparkd, Sparkd]:
     """Node b, whose [workers] table mounts its own cache, and a head whose model spans local + b."""
     peer = sparkd_factory({}, {**weights_settings(hub), "cluster": {"address": "127.0.0.1", "devices": []}}, name="peer")
     peer.settings["workers"] = {
@@ -300,8 +309,8 @@ def two_nodes(sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path:
     key_file.write_text(PEER_KEY + "\n")
     key_file.chmod(0o600)
     big = pulled_model(engine_image, tmp_path / "hf-a", claim=0.5, nodes=["local", "b"], port=free_port())
-    head = sparkd_factory({"big": big}, {
-        **weights_settings(hub), "cluster": {"address": "127.0.0.1", "devices": []},
+    head = sparkd_factory({"big": big, **(head_models or {})}, {
+        **weights_settings(hub), "cluster": {"address": "127.0.0.1", "devices": []}, "lifecycle": dict(head_lifecycle or {}),
         "peers": {"b": {"url": peer.base_url, "key_file": str(key_file), "address": "127.0.0.1", "insecure": True}},
     }, name="head")
     return head, peer
@@ -487,3 +496,24 @@ async def test_a_daemon_stopped_mid_pull_exits_promptly_and_the_next_one_resumes
     assert code == 0, out
     assert hub.downloads(WEIGHTS)[-1] == f"bytes={kept}-"
     assert file_digest(snapshot_file(cache / "hub", REPO_ID, WEIGHTS)) == hub.digest(WEIGHTS)
+
+
+async def test_a_two_node_model_whose_peer_lacks_its_weights_is_not_started(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    # The head's cache is filled through a single-node model of the same repository; node b's stays empty.
+    head, peer = two_nodes(sparkd_factory, engine_image, hub, tmp_path,
+                           head_models={"single": pulled_model(engine_image, tmp_path / "hf-a")},
+                           head_lifecycle={"auto_pull": False})
+    await peer.start()
+    await head.start()
+    assert (await ctl(head, "pull", head.model("single"), timeout=120))[0] == 0
+    async with aiohttp.ClientSession() as session:
+        status, body = await head.chat(session, "big")
+    assert status == 503 and body["error"]["code"] == "weights_missing", body
+    assert "are absent on node b and lifecycle.auto_pull is off" in body["error"]["message"], body
+    assert not (tmp_path / "hf-b").exists()
+    code, out, _ = await ctl(head, "pull", head.model("big"), timeout=120)
+    assert code == 0 and f"{head.model('big')}@b: done" in out, out
+    assert file_digest(snapshot_file(tmp_path / "hf-b" / "hub", REPO_ID, WEIGHTS)) == hub.digest(WEIGHTS)
+    assert len(hub.downloads(WEIGHTS)) == 2  # the head's copy once (single), node b's once

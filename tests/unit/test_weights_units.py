@@ -174,3 +174,44 @@ def test_a_hub_answer_without_a_commit_hash_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(hub.HfApi, "model_info", lambda *args, **kwargs: answer)
     with pytest.raises(hub.HubError, match="no commit hash"):
         hub.HubClient(endpoint="http://127.0.0.1:9").listing("org/tiny")
+
+
+async def test_a_cache_that_cannot_be_written_fails_the_pull_with_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparkd.config import Config
+    from sparkd.weights import service
+
+    def unwritable(*args: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "hf"))
+
+    monkeypatch.setattr(service, "pull", unwritable)
+    weights = service.WeightService(Config(models={"m": model(tmp_path)}))
+    job = weights.start("m")
+    with pytest.raises(service.WeightsUnavailable, match=r"could not write the weights of m into .*Permission denied"):
+        await weights.wait(job)
+    assert job.outcome == "failed" and weights.running() == []
+
+
+def test_a_partial_blob_renamed_while_it_is_counted_counts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparkd.weights import pull
+    from sparkd.weights.cache import CacheDirs
+
+    blobs = tmp_path / repo_folder("org/tiny") / "blobs"
+    blobs.mkdir(parents=True)
+    gone = blobs / "abc.incomplete"  # listed, then renamed by the download before its size is read
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([gone]))
+    steps = [(RepoFile("model.safetensors", 100), tmp_path)]
+    assert pull.done_bytes(steps, "org/tiny") == 0
+    assert presence(CacheDirs(tmp_path, tmp_path), "org/tiny").state == "partial"
+
+
+def test_one_writer_per_partial_blob(tmp_path: Path) -> None:
+    import fcntl
+
+    from sparkd.weights.hub import HubClient, HubError
+
+    blob = tmp_path / "blobs" / ("a" * 64)
+    blob.parent.mkdir()
+    with (tmp_path / "blobs" / (blob.name + ".incomplete")).open("ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(HubError, match="another pull is downloading this file"):
+            HubClient(endpoint="http://127.0.0.1:9")._transfer("http://127.0.0.1:9/x", blob, 10, "model.safetensors")
