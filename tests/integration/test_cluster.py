@@ -129,7 +129,8 @@ async def test_stopping_the_model_releases_both_sides(sparkd_factory, engine_ima
 
 async def test_busy_peer_model_is_drained_before_the_worker_starts(sparkd_factory, engine_image, podman, tmp_path):
     peer_models = {"p": engine_model(engine_image, claim=0.8, env={"FAKE_TOKEN_RATE": "20", "FAKE_TOKENS": "30"})}
-    head, peer = two_nodes(sparkd_factory, engine_image, tmp_path, peer_models=peer_models)
+    # fifo: the drain begins at once (under the swap quantum it begins once p's quantum is over).
+    head, peer = two_nodes(sparkd_factory, engine_image, tmp_path, peer_models=peer_models, peer_lifecycle={"swap_policy": "fifo"})
     await peer.start()
     await head.start()
     body = {"model": peer.model("p"), "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 30}
