@@ -19,6 +19,7 @@ from fake_runtime import FakeRuntime
 from sparkd.cluster.head import HeadCoordinator
 from sparkd.config import Config
 from sparkd.engine.client import Endpoint
+from sparkd.engine.progress import DOWNLOAD_PHASE, LoadProgress
 from sparkd.runtime.containers import ContainerInfo
 from sparkd.scheduler.contract import ModelLifecycle, ProgressSink
 from sparkd.scheduler.loadtimes import LoadTimes
@@ -38,9 +39,21 @@ from sparkd.scheduler.runner import ModelRunner
 
 @final  # mypy reports a final class that leaves a protocol member out
 class FakeLifecycle(ModelLifecycle):
-    """``failing``: model → the log line its start fails with (a test may add and remove entries)."""
+    """``failing``: model → the log line its start fails with (a test may add and remove entries).
 
-    def __init__(self, tmp: Path, start_delay: float = 0.02, failing: dict[str, str] | None = None) -> None:
+    ``absent``: model → how long pulling its absent weights takes (its weights are present once
+    pulled); ``pull_failing``: models whose pull fails; ``auto_pull``: as ``lifecycle.auto_pull``.
+    Only the models named in ``absent`` have weights to manage.
+    """
+
+    def __init__(
+        self, tmp: Path, start_delay: float = 0.02, failing: dict[str, str] | None = None,
+        absent: dict[str, float] | None = None,
+    ) -> None:
+        self.absent: dict[str, float] = dict(absent or {})
+        self.managed: set[str] = set(self.absent)
+        self.pull_failing: set[str] = set()
+        self.auto_pull = True
         self._runtime = FakeRuntime()
         self._load_times = LoadTimes(tmp / "load-times.json")
         self.start_delay = start_delay
@@ -73,8 +86,42 @@ class FakeLifecycle(ModelLifecycle):
     def starts(self, name: str | None = None) -> int:
         return sum(1 for action, model in self.timeline if action == "start" and (name is None or model == name))
 
+    def manages_weights(self, runner: ModelRunner) -> bool:
+        return runner.name in self.managed
+
+    async def check_weights(self, runner: ModelRunner) -> Failed | bool:
+        await asyncio.sleep(0)  # a look at the cache on disk, in a worker thread
+        if runner.name not in self.absent:
+            return False
+        if not self.auto_pull:
+            return Failed(
+                f"model {runner.name}: its weights are absent and lifecycle.auto_pull is off; "
+                f"run `sparkctl pull {runner.name}` and ask again", needs_operator=True, code="weights_missing",
+            )
+        return True
+
+    async def pull_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        """Sleeps ``absent[model]`` in steps, reporting a download's progress at each."""
+        self._record("pull", runner.name)
+        took = self.absent[runner.name]
+        steps = 10
+        for step in range(steps):
+            left = took * (steps - step) / steps
+            on_progress(LoadProgress(DOWNLOAD_PHASE, step / steps, f"pulling {runner.name}", eta_s=left))
+            await asyncio.sleep(took / steps)
+        if runner.name in self.pull_failing:
+            self._record("pull_failed", runner.name)
+            return Failed(f"model {runner.name}: its weights could not be pulled: the hub answered 500",
+                          needs_operator=True, code="weights_pull_failed")
+        self.absent.pop(runner.name)
+        self._record("pulled", runner.name)
+        return None
+
     async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
-        return None  # the fake engines load no weights
+        needed = await self.check_weights(runner)
+        if isinstance(needed, Failed):
+            return needed
+        return await self.pull_weights(runner, on_progress) if needed else None
 
     async def launch(self, runner: ModelRunner) -> Launched | Failed:
         self.running.add(runner.name)

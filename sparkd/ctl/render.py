@@ -69,12 +69,12 @@ def bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
 
 
 def progress(model: ModelStatus) -> str:
-    """Load progress of a starting (or waking) model: a bar over its ETA, the phase, the ETA left."""
+    """Load progress of a starting, waking or pulling model: a bar over its ETA, the phase, the ETA left."""
     state = model.get("state")
     failure = model.get("failure")
     if state == "failed" and failure:
         return "failed: " + str(failure["message"])[:100]
-    if state not in ("starting", "waking"):
+    if state not in ("starting", "waking", "pulling"):
         return ""
     loading = model.get("loading_for_s")
     eta = model.get("eta_s")

@@ -96,7 +96,7 @@ class WaitView:
     state: ModelState
     progress: LoadProgress | None = None
     busy_for_s: float | None = None
-    """Seconds it has been loading (STARTING) or waking (WAKING)."""
+    """Seconds it has been loading (STARTING), waking (WAKING) or pulling its weights (PULLING)."""
     usual_load_s: float | None = None
     """Its measured load time (the median of its past loads), None when it never loaded."""
     holders: tuple[HolderView, ...] = ()
@@ -113,7 +113,7 @@ def wait_view(scheduler: Scheduler, name: str, now_wall: float) -> WaitView:
     busy_for: float | None = None
     if runner.state is S.STARTING:
         busy_for = max(0.0, now_wall - runner.start_requested_at)
-    elif runner.state is S.WAKING:
+    elif runner.state in (S.WAKING, S.PULLING):
         busy_for = max(0.0, now_wall - runner.state_since)
     now = time.monotonic()
     holders = tuple(
@@ -154,6 +154,12 @@ def _time_left(view: WaitView) -> str:
     return f"taking longer than its usual {_duration(view.usual_load_s)}"
 
 
+def _pull_left(view: WaitView) -> str:
+    if view.progress is not None and view.progress.eta_s is not None:
+        return f"about {_duration(view.progress.eta_s)} left"
+    return f"{_duration(view.busy_for_s or 0.0)} so far"
+
+
 def _holder_text(holder: HolderView) -> str:
     if holder.state is S.DRAINING and holder.in_flight:
         plural = "s" if holder.in_flight != 1 else ""
@@ -173,6 +179,9 @@ def describe_wait(view: WaitView) -> str:
     if view.state is S.STARTING:
         stage = view.progress.describe() if view.progress is not None else "starting its container"
         return f"sparkd: loading {model}, {stage}, {_time_left(view)}"
+    if view.state is S.PULLING:
+        stage = view.progress.describe() if view.progress is not None else "looking up its repository"
+        return f"sparkd: pulling the weights of {model} before it loads, {stage}, {_pull_left(view)}"
     if view.state is S.WAKING:
         return f"sparkd: waking {model} from sleep, {_duration(view.busy_for_s or 0.0)} so far"
     if view.state is S.READY:

@@ -147,7 +147,7 @@ class Metrics:
         self._know(name)
         if state is ModelState.STARTING:
             self.starts.labels(name).inc()
-        elif state is ModelState.STOPPED:
+        elif state is ModelState.STOPPED and event.old is not ModelState.PULLING:  # a pull ended: nothing ran
             self.stops.labels(name).inc()
         elif state is ModelState.FAILED:
             self.failures.labels(name).inc()

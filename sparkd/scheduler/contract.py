@@ -45,6 +45,19 @@ class ModelLifecycle(Protocol):
         """A reload's configuration, for the actions that begin from now on."""
         ...
 
+    def manages_weights(self, runner: ModelRunner) -> bool:
+        """Whether the model has weights sparkd keeps in its cache (``hf_model``), checked before it is admitted."""
+        ...
+
+    async def check_weights(self, runner: ModelRunner) -> Failed | bool:
+        """Whether its weights must be pulled first (True), are present (False), or cannot be had
+        without the operator (``weights_missing`` with ``lifecycle.auto_pull`` off, ``weights_unavailable``)."""
+        ...
+
+    async def pull_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        """Download its weights into the cache (``weights_pull_failed``), the progress told to ``on_progress``."""
+        ...
+
     async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
         """Before ``launch``: the model's weights in its cache (pulled first when absent), or why not."""
         ...

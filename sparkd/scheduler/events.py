@@ -85,6 +85,16 @@ class SwapCalledOff:
 
 
 @dataclass(frozen=True)
+class WeightsPulled:
+    """The model's weights are in its cache now: its start waits for the GPU like any other."""
+
+    repo: str
+
+    def describe(self, state: ModelState) -> str:
+        return f"weights of {self.repo} pulled"
+
+
+@dataclass(frozen=True)
 class Idle:
     """No request for ``seconds`` (the idle limit)."""
 
@@ -141,7 +151,7 @@ class FailureCause:
 
 
 Cause = (
-    Requested | KeepUtility | RestartAfterLoss | Adopted | SwapFor | SwapCalledOff | Idle | OperatorAction | SleepFailed | Shutdown | FailureCause
+    Requested | KeepUtility | RestartAfterLoss | Adopted | SwapFor | SwapCalledOff | WeightsPulled | Idle | OperatorAction | SleepFailed | Shutdown | FailureCause
 )
 
 

@@ -86,25 +86,31 @@ class Lifecycle:
 
     # -- start ----------------------------------------------------------------
 
-    async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
-        """Before ``launch``: the model's weights in its cache, pulled first when absent (``lifecycle.auto_pull``).
+    def manages_weights(self, runner: ModelRunner) -> bool:
+        return self.weights is not None and bool(runner.config.hf_model)
 
-        Its own step, so the start timeout, which counts from ``launch``, never counts a download.
-        """
+    async def check_weights(self, runner: ModelRunner) -> Failed | bool:
+        """True when the model's weights must be pulled (absent or partial, ``lifecycle.auto_pull`` on)."""
         if self.weights is None or not runner.config.hf_model:
-            return None
+            return False
         try:
             missing = await self.weights.missing(runner.config)
         except WeightsUnavailable as error:
             return Failed(str(error), needs_operator=True, code="weights_unavailable")
         if missing is None:
-            return None
+            return False
         if not self.config.lifecycle.auto_pull:
             return Failed(
                 f"model {runner.name}: its weights ({runner.config.hf_model}) are {missing} and "
                 f"lifecycle.auto_pull is off; run `sparkctl pull {runner.name}` and ask again",
                 needs_operator=True, code="weights_missing",
             )
+        return True
+
+    async def pull_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        """Pull the model's weights (joining a pull under way), its progress as a load stage."""
+        if self.weights is None:
+            return None
         try:
             job = self.weights.start(runner.name)
         except WeightsUnavailable as error:
@@ -122,6 +128,18 @@ class Lifecycle:
         finally:
             job.listeners.remove(report)
         return None
+
+    async def ensure_weights(self, runner: ModelRunner, on_progress: ProgressSink) -> Failed | None:
+        """Before ``launch``: the model's weights in its cache, pulled first when absent (``lifecycle.auto_pull``).
+
+        The scheduler pulls them before it admits the model (``check_weights``, ``pull_weights``);
+        this catches weights removed since.  Its own step, so the start timeout, which counts from
+        ``launch``, never counts a download.
+        """
+        needed = await self.check_weights(runner)
+        if isinstance(needed, Failed):
+            return needed
+        return await self.pull_weights(runner, on_progress) if needed else None
 
     async def launch(self, runner: ModelRunner) -> Launched | Failed:
         """Bring the model's container up (create or re-create it, start it); ``await_ready`` follows."""

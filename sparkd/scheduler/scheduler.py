@@ -10,6 +10,10 @@ The scheduler is the only writer of a model's state and of the lease: ``_move``
 moves a model from the state it is expected to be in to a new one, checks the
 move against ``state.ALLOWED``, sets the lease share the new state implies
 (``share_for``) and emits one ``Transitioned`` event.
+
+A model whose weights are not in its cache is PULLING before it is admitted: its
+download holds no lease share and no load slot, so it evicts nothing and the
+other models keep serving and loading meanwhile (``_weights_first``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from .events import (
     SwapCalledOff,
     SwapFor,
     Transitioned,
+    WeightsPulled,
 )
 from .footprint import Footprint, claim_warning
 from .lease import Eviction, Holder, Lease, plan
@@ -82,7 +87,8 @@ STOP_RETRY_FIRST_S = 2.0
 STOP_RETRY_MAX_S = 60.0
 LIVE = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING, S.SLEEPING, S.WAKING})
 """States in which the model's container may run."""
-STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING})
+STOPPABLE = frozenset(set(ModelState) - {S.STOPPED, S.STOPPING, S.PULLING})
+"""States a stop applies to; a pull is no container to stop (cancelling its task ends it)."""
 
 
 class Scheduler:
@@ -114,6 +120,10 @@ class Scheduler:
         self._pump_timer_at = 0.0
         self._handing: tuple[str, float] | None = None
         """The model the holders drain for, and since when (time.monotonic()): where its swap began."""
+        self._checking: set[str] = set()
+        """Models whose cache is being looked at before their admission (``_weights_first``)."""
+        self._weights_present: set[str] = set()
+        """Models whose weights were found in their cache since their last start began: admitted without another look."""
         for model in local_models(config):
             self.runners[model.name] = self._new_runner(model)
 
@@ -171,6 +181,7 @@ class Scheduler:
         self.lifecycle.apply_config(config)
         self.lease.budget = config.gpu.memory_budget
         self.queue.limits = queue_limits(config)
+        self._weights_present.clear()  # a reload may name other repositories
         enabled = {m.name: m for m in local_models(config)}
         for name, runner in list(self.runners.items()):
             if name in self._transient:
@@ -240,7 +251,7 @@ class Scheduler:
     def _progress(self, runner: ModelRunner) -> Callable[[LoadProgress], None]:
         """Where the lifecycle reports a start's load progress read from the engine's log."""
         def report(progress: LoadProgress) -> None:
-            if runner.state is S.STARTING:
+            if runner.state in (S.STARTING, S.PULLING):
                 runner.progress = progress
                 self._emit(Progress(runner.name, progress, time.time()))
         return report
@@ -307,7 +318,7 @@ class Scheduler:
         self.pump()
         timeout = self.config.lifecycle.queue_timeout_s
         try:
-            done, _ = await asyncio.wait((waiter.future,), timeout=timeout)
+            done = await self._wait_queued(waiter, runner, timeout)
         except asyncio.CancelledError:
             self._abandon(waiter, runner)
             raise
@@ -321,6 +332,15 @@ class Scheduler:
             )
         waiter.future.result()  # raises the model's failure, if it failed
         return runner
+
+    async def _wait_queued(self, waiter: Waiter, runner: ModelRunner, timeout: float) -> bool:
+        """Whether the waiter was served (or failed) within ``timeout``.  A download is no stuck queue:
+        while the model pulls its weights the timeout counts anew, so a waiter gives up at most
+        ``timeout`` after the pull ended (a pull that stops making progress fails, and its waiters with it)."""
+        while True:
+            done, _ = await asyncio.wait((waiter.future,), timeout=timeout)
+            if done or runner.state is not S.PULLING:
+                return bool(done)
 
     def _abandon(self, waiter: Waiter, runner: ModelRunner) -> None:
         """The client went away while waiting: leave the queue, or hand back a grant."""
@@ -349,6 +369,9 @@ class Scheduler:
             runner = self.runners[name]
             if runner.state is S.READY:
                 self._grant(runner)
+                continue
+            if self._weights_first(runner):
+                head = head or name  # a quick look at its cache: nobody overtakes it meanwhile
                 continue
             if self._busy(runner) or runner.state not in (S.STOPPED, S.FAILED, S.SLEEPING):
                 continue  # starting, waking, draining or stopping: wait for the change
@@ -393,6 +416,55 @@ class Scheduler:
             self._handing = None
             self._keep_utility_models()
             self._restart_lost_models()
+
+    def _weights_first(self, runner: ModelRunner) -> bool:
+        """True while the model's cache is looked at before its admission: the look begins now (a
+        stopped or failed model with weights to manage, not seen present since its last start) or
+        runs.  Absent weights are pulled then, the model PULLING without lease share or load slot."""
+        if runner.name in self._checking:
+            return True
+        if (
+            self._busy(runner) or runner.state not in (S.STOPPED, S.FAILED) or self._closing
+            or runner.name in self._weights_present or (runner.state is S.FAILED and self._in_backoff(runner))
+            or not self.lifecycle.manages_weights(runner)
+        ):
+            return False
+        self._checking.add(runner.name)
+        self._spawn(runner, self._run_weights(runner))
+        return True
+
+    async def _run_weights(self, runner: ModelRunner) -> None:
+        """Look at the model's cache; pull its weights when absent (PULLING), then let admission run."""
+        try:
+            needed = await self.lifecycle.check_weights(runner)
+        except Exception as error:  # a look that crashed must not be retried at every pump
+            log.error("weights_check_crashed", model=runner.name, error=repr(error), exc_info=error)
+            needed = Failed(f"model {runner.name}: its weights could not be looked at: {error!r}", needs_operator=True,
+                            code="weights_unavailable")
+        finally:
+            self._checking.discard(runner.name)
+        if isinstance(needed, Failed):
+            # Nothing was taken and nothing runs: the waiters are told, the model stays as it was.
+            log.info("request_refused", reason=needed.code, model=runner.name)
+            self._fail_waiters(runner, ModelUnavailable(
+                needed.message, code=needed.code, extra={"log_lines": [], "needs_operator": needed.needs_operator},
+            ))
+            return
+        if needed:
+            if not self._move(runner, frozenset({S.STOPPED, S.FAILED}), S.PULLING, Requested()):
+                return
+            try:
+                failed = await self.lifecycle.pull_weights(runner, self._progress(runner))
+            except asyncio.CancelledError:
+                self._move(runner, S.PULLING, S.STOPPED, Shutdown("its pull was called off"))
+                raise
+            if failed is not None:
+                self._fail(runner, S.PULLING, failed)
+                self._fail_waiters(runner, self._failure_error(runner))
+                return
+            self._move(runner, S.PULLING, S.STOPPED, WeightsPulled(runner.config.hf_model or runner.name))
+            self._forget_if_gone(runner)
+        self._weights_present.add(runner.name)
 
     def _held_by_quantum(self, names: list[str], priority: int) -> float | None:
         """When the swap quantum of a model among ``names`` (READY ones) may stop keeping a waiter of
@@ -522,6 +594,7 @@ class Scheduler:
                 self._spawn(runner, self._run_wake(runner, cause))
             return True
         if self._move(runner, frozenset({S.STOPPED, S.FAILED}), S.STARTING, cause):
+            self._weights_present.discard(runner.name)  # the next start looks again
             runner.start_requested_at = runner.load_began
             runner.died.clear()
             runner.loss = None
@@ -664,6 +737,10 @@ class Scheduler:
             if runner.state in LIVE and not self._closing:
                 self._spawn(runner, self._run_lost(runner, f"model {runner.name}: internal error while {runner.state}: {error!r}"))
                 return  # that task pumps when it ends
+            if runner.state is S.PULLING and self._fail(runner, S.PULLING, Failed(
+                f"model {runner.name}: internal error while pulling its weights: {error!r}", code="weights_pull_failed",
+            )):
+                self._fail_waiters(runner, self._failure_error(runner))
         if not self._closing:
             self.pump()
 
@@ -886,7 +963,7 @@ class Scheduler:
 
     def _refuse_if_busy(self, runner: ModelRunner) -> None:
         """Reject policy: refuse at once (429) when another model would have to go first."""
-        if runner.state in (S.STARTING, S.WAKING):
+        if runner.state in (S.STARTING, S.WAKING, S.PULLING):
             return
         decision = plan(
             runner.name, runner.claim if runner.state is S.SLEEPING else runner.load_claim, runner.config.lifecycle, self.lease.holders.get(runner.name, 0.0),
@@ -901,7 +978,7 @@ class Scheduler:
         return eta if eta is not None else 30.0
 
     def _why_waiting(self, runner: ModelRunner) -> str:
-        if runner.state in (S.STARTING, S.WAKING):
+        if runner.state in (S.STARTING, S.WAKING, S.PULLING):
             return f"it is still {runner.state}" + (f" ({runner.progress.describe()})" if runner.progress else "")
         loading = [r.name for r in self.loading()]
         if loading and not self._load_slot_free():
@@ -943,6 +1020,8 @@ class Scheduler:
 
     async def _shutdown_stop(self, runner: ModelRunner, cause: Cause) -> None:
         """One attempt to stop the model; a stop cancelled half-way (STOPPING already) is finished."""
+        if runner.state in (S.STOPPED, S.PULLING):
+            return  # no container (a pull's task was cancelled, which ended it)
         if runner.state is S.STOPPING or self._move(runner, STOPPABLE, S.STOPPING, cause):
             await self._stop_container(runner, cause, retry=False)
 
@@ -955,9 +1034,9 @@ def share_for(runner: ModelRunner, old: ModelState, state: ModelState, held: flo
     share granted then stays as it was while it serves, even if a reload changed the claim
     since; a sleeping model holds its sleep claim; a stopping one what it held until its
     container is gone; stopped and failed ones nothing (a failed model's container was
-    stopped before it was failed).
+    stopped before it was failed); a pulling one nothing (a download needs no GPU).
     """
-    if state in (S.STOPPED, S.FAILED):
+    if state in (S.STOPPED, S.FAILED, S.PULLING):
         return None
     if state is S.SLEEPING:
         return runner.sleep_claim
@@ -993,6 +1072,8 @@ def _enter(runner: ModelRunner, state: ModelState, cause: Cause, now: float) -> 
     elif state in (S.STARTING, S.WAKING):
         runner.progress = None
         runner.load_began = now
+    elif state is S.PULLING:
+        runner.progress = None
     elif state in (S.STOPPED, S.FAILED):
         _forget_stale_footprint(runner)  # its container, of an older spec, is gone
         runner.endpoint = None

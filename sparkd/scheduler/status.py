@@ -18,9 +18,10 @@ def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall
     progress = runner.progress
     failure = runner.failure
     eta = scheduler.lifecycle.load_times.eta(runner.name)
-    if progress is not None and progress.eta_s is not None and runner.state is ModelState.STARTING:
-        # A start pulling its weights: the download's time left, then its usual load (when it has one).
-        eta = max(0.0, now_wall - runner.start_requested_at) + progress.eta_s + (eta or 0.0)
+    loading_for = _loading_for(runner, now_wall)
+    if progress is not None and progress.eta_s is not None and loading_for is not None:
+        # Pulling its weights: the download's time left, then its usual load (when it has one).
+        eta = loading_for + progress.eta_s + (eta or 0.0)
     return {
         "name": runner.name,
         "state": runner.state.value,
@@ -43,9 +44,7 @@ def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall
             {"phase": progress.phase, "fraction": progress.fraction, "line": progress.line} if progress else None
         ),
         "eta_s": round(eta, 1) if eta is not None else None,
-        "loading_for_s": (
-            round(now_wall - runner.start_requested_at, 1) if runner.state is ModelState.STARTING else None
-        ),
+        "loading_for_s": round(loading_for, 1) if loading_for is not None else None,
         "failure": (
             {"message": failure.message, "log_lines": list(failure.log_lines), "age_s": round(now - failure.at, 1)}
             if failure
@@ -60,6 +59,15 @@ def model_status(scheduler: Scheduler, runner: ModelRunner, now: float, now_wall
             if runner.quantum is not None and runner.state is ModelState.READY and runner.quantum.until > now else None
         ),
     }
+
+
+def _loading_for(runner: ModelRunner, now_wall: float) -> float | None:
+    """Seconds since its start (STARTING) or its pull (PULLING) began; None in other states."""
+    if runner.state is ModelState.STARTING:
+        return max(0.0, now_wall - runner.start_requested_at)
+    if runner.state is ModelState.PULLING:
+        return max(0.0, now_wall - runner.state_since)
+    return None
 
 
 def _rounded(value: float | None) -> float | None:
@@ -94,6 +102,7 @@ def status_line(scheduler: Scheduler) -> str:
     parts = [
         "ready: " + (", ".join(by_state.get(ModelState.READY, [])) or "-"),
         "starting: " + (", ".join(by_state.get(ModelState.STARTING, []) + by_state.get(ModelState.WAKING, [])) or "-"),
+        *(["pulling: " + ", ".join(by_state[ModelState.PULLING])] if ModelState.PULLING in by_state else []),
         f"queued: {len(scheduler.queue)}",
     ]
     failed = by_state.get(ModelState.FAILED)

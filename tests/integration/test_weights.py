@@ -269,13 +269,13 @@ async def test_first_request_waits_through_the_pull_and_the_real_vllm_answers(
     asking = asyncio.create_task(ask())
     while not asking.done():
         model = await sparkd.model_status("m")
-        if model["state"] == "starting" and model.get("progress"):
-            seen.append(model["progress"]["phase"])
+        if model["state"] in ("pulling", "starting") and model.get("progress"):
+            seen.append(f"{model['state']}: {model['progress']['phase']}")
         await asyncio.sleep(0.5)
     status, text = await asking
     took = time.monotonic() - began
     assert status == 200 and "Paris" in text, (status, text, sparkd.logs()[-3000:])
-    assert "downloading weights" in seen, seen
+    assert "pulling: downloading weights" in seen and "starting: downloading weights" not in seen, seen
     downloading = [c for c in comments if "downloading weights" in c]
     assert downloading and any("left" in c for c in downloading), comments
     assert file_digest(snapshot_file(cache / "hub", REPO_ID, WEIGHTS)) == hub.digest(WEIGHTS)
@@ -465,6 +465,47 @@ async def test_the_start_timeout_does_not_count_the_download(
     [load] = [line for line in sparkd.logs().splitlines() if "event=load_finished" in line]
     assert "outcome=ready" in load  # ...and the start, timed from the container's launch, fit its 4 s
     print(f"request answered after {took:.1f} s: the pull, then {load.split('took_s=')[1].split()[0]} s of load")
+
+
+async def test_a_serving_model_keeps_answering_while_another_models_weights_are_pulled(
+    sparkd_factory: Any, engine_image: str, hub: StandInHub, tmp_path: Path,
+) -> None:
+    # m does not fit beside a: its start must evict a, but only once its weights are in.
+    sparkd = sparkd_factory({
+        "a": engine_model(engine_image, claim=0.6),
+        "m": pulled_model(engine_image, tmp_path / "hf", claim=0.6),
+    }, {**weights_settings(hub), "gpu": {"memory_budget": 0.94, "devices": []}})
+    await sparkd.start()
+    a, m = sparkd.model("a"), sparkd.model("m")
+    async with aiohttp.ClientSession() as session:
+        assert (await sparkd.chat(session, "a", "before"))[0] == 200
+        hub.rate_bps = 15e6  # about 18 s for the weights
+        asking = asyncio.create_task(sparkd.chat(session, "m", "after the pull"))
+        answered_during_pull = 0
+        pulling: list[dict[str, Any]] = []
+        while not asking.done():
+            status = await sparkd.status()
+            by_name = {model["name"]: model for model in status["models"]}
+            if by_name[m]["state"] == "pulling":
+                holders = status["lease"]["holders"]
+                assert m not in holders and by_name[m]["holds"] == 0.0, status["lease"]
+                assert by_name[a]["state"] == "ready" and a in holders, by_name[a]
+                pulling.append(by_name[m])
+                code, body = await sparkd.chat(session, "a", "while m pulls")
+                assert code == 200, body
+                answered_during_pull += 1
+            await asyncio.sleep(0.5)
+        code, body = await asking
+    assert code == 200, (body, sparkd.logs()[-2000:])
+    progressing = [p for p in pulling if (p["progress"] or {}).get("phase") == "downloading weights" and p["eta_s"]]
+    assert progressing and answered_during_pull >= 3, (answered_during_pull, pulling[-1:] or None)
+    assert " of 272.6 MB" in progressing[-1]["progress"]["line"], progressing[-1]
+    # Then the usual swap: a made room for m once the pull was over, not before.
+    logs = sparkd.logs()
+    pulled_at = logs.index(f"event=model_stopped model={m} previous=pulling")
+    assert logs.index(f"event=model_draining model={a} previous=ready reason=\"making room for {m}\"") > pulled_at, logs[-3000:]
+    print(f"a answered {answered_during_pull} requests while m's weights were pulled; "
+          f"last pull status: {progressing[-1]['progress']['line']}, ETA {progressing[-1]['eta_s']} s")
 
 
 async def test_a_daemon_stopped_mid_pull_exits_promptly_and_the_next_one_resumes(

@@ -163,7 +163,7 @@ function renderLease(status) {
 }
 
 function progressCell(model) {
-  if (model.state !== "starting" && model.state !== "waking") return "";
+  if (!["starting", "waking", "pulling"].includes(model.state)) return "";
   let fraction = null;
   let text = model.progress ? model.progress.phase : model.state;
   if (model.progress && model.progress.fraction !== null && model.progress.fraction !== undefined) {
