@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from .nodes import LOCAL
 
-LOADING = frozenset({"starting", "waking"})
+LOADING = frozenset({"starting", "waking", "pulling"})
+"""Loading there already; pulling its weights counts too: another node would download them again."""
 
 
 @dataclass(frozen=True)

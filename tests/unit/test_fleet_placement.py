@@ -45,6 +45,8 @@ def test_ready_here_is_served_here_and_waking_counts_as_loading():
     assert rank(nodes(("p1", "ready", True), ("local", "ready", True)))[0].node == "p1"  # the configured order breaks ties
     assert rank(nodes(("local", "ready", True), ("p1", "ready", True)))[0].node == "local"
     assert rank(nodes(("local", "sleeping", False), ("p1", "waking", False)))[0].reason == "loading on p1"
+    # A node pulling the model's weights is loading it: another would download them again.
+    assert rank(nodes(("local", "stopped", True), ("p1", "pulling", False)))[0].reason == "loading on p1"
 
 
 def test_without_any_fit_this_node_queues_when_it_may_else_the_first_peer():
