@@ -17,9 +17,11 @@ class PrivateFileError(Exception):
     """A secret file that cannot be used; the message says why and how to fix it (never its content)."""
 
 
-def read_private_file(path: str | Path) -> bytes:
+def read_private_file(path: str | Path, *, check_owner: bool = True) -> bytes:
     """The bytes of ``path`` once it passes the owner and mode check.
 
+    ``check_owner=False`` skips the owner check, for a reader that only validates the file
+    for the user it is for (``sparkd check-config`` run as root on the daemon's keys file).
     ``FileNotFoundError`` passes through (whether a missing file is fine is the
     caller's decision); every other problem is a ``PrivateFileError``.
     """
@@ -31,7 +33,7 @@ def read_private_file(path: str | Path) -> bytes:
             if not stat.S_ISREG(info.st_mode):
                 raise PrivateFileError("it is not a regular file")
             user = os.geteuid()
-            if info.st_uid != user:
+            if check_owner and info.st_uid != user:
                 raise PrivateFileError(
                     f"it is owned by uid {info.st_uid}, not by the user reading it (uid {user}); a secret must belong "
                     f"to the user it is for: run `chown <that user> {path}` (the user sparkd runs as, or yourself for sparkctl)"

@@ -106,15 +106,16 @@ def keys_of(config: Config) -> tuple[ClientKey, ...]:
     return read_keys_file(config.server.keys_file, required=config.server.anonymous == "off")
 
 
-def read_keys_file(path: str | Path, *, required: bool) -> tuple[ClientKey, ...]:
-    """Read and check the keys file. A missing file holds no keys unless ``required``.
+def read_keys_file(path: str | Path, *, required: bool, check_owner: bool = True) -> tuple[ClientKey, ...]:
+    """Read and check the keys file. A missing file holds no keys unless ``required``;
+    ``check_owner=False``: whoever owns it (``sparkd check-config`` checks it for the daemon's user).
 
     Raises ``KeysFileError`` for a file that is group/world-accessible, unreadable,
     not valid TOML or holds an invalid entry.
     """
     path = Path(path)
     try:
-        raw = read_private_file(path)
+        raw = read_private_file(path, check_owner=check_owner)
     except FileNotFoundError:
         if required:
             raise KeysFileError(

@@ -7,6 +7,7 @@ The same behaviour end to end, on real Podman, is tests/integration/test_fair_sh
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import replace
 
@@ -330,6 +331,15 @@ def test_check_config_lists_a_bad_limit_of_the_keys_file(tmp_path):
     keys.write_text(f'[keys.bob]\nkey = "{KEY}"\ntokens_per_day = 1000\npriority = 5\n')
     result = check()
     assert result.returncode == 0, result.stderr
+    if os.geteuid() == 0:
+        # As installed: owned by the user sparkd runs as, checked by root. Its owner is the daemon's to
+        # check; its mode is not.
+        os.chown(keys, 65534, 65534)
+        result = check()
+        assert result.returncode == 0, result.stderr
+        keys.chmod(0o644)
+        result = check()
+        assert result.returncode == 1 and "chmod 600" in result.stderr, result.stderr
 
 
 def test_a_stream_waiting_behind_a_quantum_is_told_so():
